@@ -1,0 +1,68 @@
+"""Errors raised by the policy engine runtime.
+
+Hierarchy::
+
+    EngineError
+    ├── DefinitionError   a policy-definition.yaml is malformed or fails the meta-schema
+    ├── ConfigError       a route/chain configuration is invalid (carries every problem found)
+    ├── RegistryError     a name + version is unknown, or registered twice
+    ├── ConditionError    a CEL condition does not compile (config time)
+    ├── PolicyError       a policy raised or timed out while handling a request
+    └── ProtocolError     an ext_proc message is malformed or arrives out of order
+
+Every message names the file, route, policy and field involved so that an
+operator can fix the input without reading engine code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ConditionError",
+    "ConfigError",
+    "DefinitionError",
+    "EngineError",
+    "PolicyError",
+    "ProtocolError",
+    "RegistryError",
+]
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class DefinitionError(EngineError):
+    """A policy definition is invalid; the message names the file and the field."""
+
+
+class ConfigError(EngineError):
+    """A configuration is invalid.
+
+    ``errors`` holds every problem found (validation never stops at the first),
+    each a self-contained line such as
+    ``routes[private].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS``.
+    """
+
+    def __init__(self, source: str, errors: Sequence[str]) -> None:
+        self.source = source
+        self.errors = tuple(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"{source}: {len(self.errors)} configuration error(s):\n{lines}")
+
+
+class RegistryError(EngineError):
+    """A policy name + version is missing from, or duplicated in, the registry."""
+
+
+class ConditionError(EngineError):
+    """A CEL condition failed to compile."""
+
+
+class PolicyError(EngineError):
+    """A policy failed while handling a request (raised, timed out, bad return value)."""
+
+
+class ProtocolError(EngineError):
+    """An ext_proc message was malformed or arrived out of order."""
