@@ -7,6 +7,7 @@ Hierarchy::
     ├── ConfigError       a route/chain configuration is invalid (carries every problem found)
     ├── RegistryError     a name + version is unknown, or registered twice
     ├── ConditionError    a CEL condition does not compile (config time)
+    │   └── ConditionEvaluationError  a condition failed at request time (policy is skipped)
     ├── PolicyError       a policy raised or timed out while handling a request
     └── ProtocolError     an ext_proc message is malformed or arrives out of order
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "ConditionError",
+    "ConditionEvaluationError",
     "ConfigError",
     "DefinitionError",
     "EngineError",
@@ -34,7 +36,17 @@ class EngineError(Exception):
 
 
 class DefinitionError(EngineError):
-    """A policy definition is invalid; the message names the file and the field."""
+    """A policy definition is invalid; the message names the file and the field.
+
+    ``errors`` holds every problem found, one self-contained line each (such as
+    ``policies/x/v1.0.0/policy-definition.yaml: phases[0]: 'both' is not one of
+    ['request', 'response']``); the message is those lines joined by newlines.
+    Raising it with a message only is still fine: ``errors`` is then that message.
+    """
+
+    def __init__(self, message: str, errors: Sequence[str] = ()) -> None:
+        self.errors = tuple(errors) if errors else (message,)
+        super().__init__(message)
 
 
 class ConfigError(EngineError):
@@ -58,6 +70,11 @@ class RegistryError(EngineError):
 
 class ConditionError(EngineError):
     """A CEL condition failed to compile."""
+
+
+class ConditionEvaluationError(ConditionError):
+    """A compiled condition failed at request time: a missing key, a wrong type, or a
+    result that is not a bool. The executor logs it and skips that policy."""
 
 
 class PolicyError(EngineError):

@@ -156,7 +156,7 @@ class RequestPolicy(Protocol):
 
     def on_request(
         self, ctx: RequestContext
-    ) -> RequestAction | None | Awaitable[RequestAction | None]: ...
+    ) -> RequestAction | Awaitable[RequestAction | None] | None: ...
 
 
 @runtime_checkable
@@ -165,4 +165,4 @@ class ResponsePolicy(Protocol):
 
     def on_response(
         self, ctx: ResponseContext
-    ) -> ResponseAction | None | Awaitable[ResponseAction | None]: ...
+    ) -> ResponseAction | Awaitable[ResponseAction | None] | None: ...

@@ -29,3 +29,23 @@ def pytest_test(name, srcs, deps = [], data = [], args = [], **kwargs):
         args = args + ["$(rootpath %s)" % src for src in srcs if src.endswith(".py") and src.split("/")[-1].startswith("test_")],
         **kwargs
     )
+
+def pytest_tests(srcs, deps = [], data = [], helpers = [], **kwargs):
+    """One `pytest_test` per `test_<module>.py` in `srcs`, named `<module>_test`.
+
+    Args:
+      srcs: test files, one target each.
+      deps: shared dependencies of every test.
+      data: shared data files.
+      helpers: non-test Python files every test may import (conftest.py, fixtures).
+      **kwargs: passed to every pytest_test.
+    """
+    for src in srcs:
+        module = src.split("/")[-1][len("test_"):-len(".py")]
+        pytest_test(
+            name = module + "_test",
+            srcs = [src] + helpers,
+            deps = deps,
+            data = data,
+            **kwargs
+        )

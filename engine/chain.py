@@ -1,0 +1,419 @@
+"""Compiled policy chains and the executor that runs them for one request.
+
+Reading order for one request: the ext_proc layer takes ``store.current`` once,
+looks up ``snapshot.chain_for(route)``, then calls :func:`run_request` with the
+request headers (and body, if the chain needs it) and later :func:`run_response`.
+Each returns the *net* change against what Envoy sent, which the ext_proc layer
+turns into one mutation.
+
+Execution rules:
+
+* Policies run in configured order. An entry whose condition is false is
+  skipped; a condition that fails at runtime is logged (logger ``engine.chain``)
+  and the entry is skipped.
+* Each action is applied to the context before the next policy runs, so later
+  policies (and their conditions) see earlier rewrites. Within one action:
+  removals first, then sets, then appends (an appended value joins the existing
+  one with ``", "``). Header names are lower-cased.
+* An :class:`~engine.policy.ImmediateResponse` ends the request phase: later
+  policies never run and the upstream is not contacted.
+* A hook that raises, times out (``timeout``, async hooks only) or returns the
+  wrong type is a failure: ``failOpen`` logs and continues; ``failClosed`` answers
+  ``errorStatus`` with ``{"error": "policy <name> <version> failed"}``. Nothing
+  raised by a policy escapes (only the task's own cancellation propagates).
+* The response phase runs the *same configured order* as the request phase, not
+  the reverse. That is our decision: one order is simpler to reason about and
+  matches how operators read the config. ``metadata`` is the same mapping across
+  both phases; the last writer of a key wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+from engine.conditions import Condition, request_data, response_data
+from engine.errors import ConditionEvaluationError, PolicyError
+from engine.policy import (
+    Headers,
+    ImmediateResponse,
+    RequestContext,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
+
+__all__ = [
+    "Chain",
+    "ChainPolicy",
+    "RequestOutcome",
+    "ResponseOutcome",
+    "Snapshot",
+    "run_request",
+    "run_response",
+]
+
+logger: Final = logging.getLogger("engine.chain")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ChainPolicy:
+    """One enabled chain entry, ready to run. ``instance`` may be shared with
+    other entries and snapshots that configure the same (name, version, params)."""
+
+    name: str
+    version: str
+    instance: Any
+    condition: Condition | None = None
+    timeout: float | None = None
+    fail_open: bool = False
+    error_status: int = 500
+    has_request: bool = False
+    has_response: bool = False
+    requires_request_body: bool = False
+    requires_response_body: bool = False
+    instance_key: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Chain:
+    """The policies of one route. ``policies`` holds every enabled entry in order;
+    the phase tuples are the subsets that declare that phase."""
+
+    route: str
+    policies: tuple[ChainPolicy, ...] = ()
+
+    request_policies: tuple[ChainPolicy, ...] = field(init=False)
+    response_policies: tuple[ChainPolicy, ...] = field(init=False)
+    requires_request_body: bool = field(init=False)
+    requires_response_body: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Computed once here so the per-request path reads plain attributes.
+        # A response policy may read the request body, so the body flags look at
+        # every enabled entry, whatever its phases.
+        set_ = object.__setattr__
+        set_(self, "request_policies", tuple(p for p in self.policies if p.has_request))
+        set_(self, "response_policies", tuple(p for p in self.policies if p.has_response))
+        set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
+        set_(self, "requires_response_body", any(p.requires_response_body for p in self.policies))
+
+    @property
+    def has_response_phase(self) -> bool:
+        """Whether Envoy must send the response to the engine at all."""
+        return bool(self.response_policies)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Snapshot:
+    """One immutable, validated configuration: route key -> chain.
+
+    ``version`` counts publications from one source lineage (previous + 1);
+    ``content_hash`` is the sha256 of the canonical configuration document.
+    """
+
+    routes: Mapping[str, Chain]
+    source: str = "<empty>"
+    version: int = 0
+    content_hash: str = ""
+
+    def chain_for(self, route: str) -> Chain | None:
+        return self.routes.get(route)
+
+    def instances(self) -> dict[str, Any]:
+        """``instance_key`` -> policy instance, for reuse by the next snapshot."""
+        return {
+            p.instance_key: p.instance
+            for chain in self.routes.values()
+            for p in chain.policies
+            if p.instance_key
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """Net result of the request phase. ``None`` fields are unchanged.
+
+    When ``immediate`` is set the other fields are irrelevant: answer the client.
+    """
+
+    immediate: ImmediateResponse | None = None
+    set_headers: Mapping[str, str] = field(default_factory=dict)
+    remove_headers: tuple[str, ...] = ()
+    path: str | None = None
+    method: str | None = None
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseOutcome:
+    """Net result of the response phase. ``immediate`` replaces the whole response
+    (only a failClosed failure produces it)."""
+
+    immediate: ImmediateResponse | None = None
+    set_headers: Mapping[str, str] = field(default_factory=dict)
+    remove_headers: tuple[str, ...] = ()
+    status: int | None = None
+    body: bytes | None = None
+
+
+# Shared by every pass-through request, so their mappings must be read-only.
+_NO_CHANGE_REQUEST: Final = RequestOutcome(set_headers=MappingProxyType({}))
+_NO_CHANGE_RESPONSE: Final = ResponseOutcome(set_headers=MappingProxyType({}))
+
+
+# --------------------------------------------------------------------------- executor
+
+
+async def run_request(chain: Chain, ctx: RequestContext) -> RequestOutcome:
+    """Run ``chain``'s request policies against ``ctx`` (mutated in place).
+
+    Never raises for a policy's fault; see the module docstring for the rules.
+    """
+    if not chain.request_policies:
+        return _NO_CHANGE_REQUEST
+    original_headers = dict(ctx.headers)
+    original = (ctx.path, ctx.method, ctx.body)
+    for policy in chain.request_policies:
+        if policy.condition is not None and not _holds(policy, ctx.request_id, request_data, ctx):
+            continue
+        try:
+            action = await _call(policy, policy.instance.on_request, ctx)
+            if action is None:
+                continue
+            if isinstance(action, ImmediateResponse):
+                _check_immediate(action)
+                return RequestOutcome(immediate=action)
+            if not isinstance(action, RequestModifications):
+                raise PolicyError(f"returned {type(action).__name__}, not a RequestAction")
+            _apply_request(ctx, action)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            failure = _failed(policy, ctx.request_id, "request", None)
+        except Exception as exc:
+            failure = _failed(policy, ctx.request_id, "request", exc)
+        else:
+            continue
+        if failure is not None:
+            return RequestOutcome(immediate=failure)
+    path, method, body = original
+    set_headers, remove_headers = _header_diff(original_headers, ctx.headers)
+    return RequestOutcome(
+        set_headers=set_headers,
+        remove_headers=remove_headers,
+        path=ctx.path if ctx.path != path else None,
+        method=ctx.method if ctx.method != method else None,
+        body=ctx.body if ctx.body != body else None,
+    )
+
+
+async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
+    """Run ``chain``'s response policies (same order as configured) against ``ctx``."""
+    if not chain.response_policies:
+        return _NO_CHANGE_RESPONSE
+    original_headers = dict(ctx.headers)
+    status, body = ctx.status, ctx.body
+    request_id = ctx.request.request_id
+    for policy in chain.response_policies:
+        if policy.condition is not None and not _holds(policy, request_id, response_data, ctx):
+            continue
+        try:
+            action = await _call(policy, policy.instance.on_response, ctx)
+            if action is None:
+                continue
+            if not isinstance(action, ResponseModifications):
+                raise PolicyError(f"returned {type(action).__name__}, not a ResponseAction")
+            _apply_response(ctx, action)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            failure = _failed(policy, request_id, "response", None)
+        except Exception as exc:
+            failure = _failed(policy, request_id, "response", exc)
+        else:
+            continue
+        if failure is not None:
+            return ResponseOutcome(immediate=failure)
+    set_headers, remove_headers = _header_diff(original_headers, ctx.headers)
+    return ResponseOutcome(
+        set_headers=set_headers,
+        remove_headers=remove_headers,
+        status=ctx.status if ctx.status != status else None,
+        body=ctx.body if ctx.body != body else None,
+    )
+
+
+def _holds(
+    policy: ChainPolicy,
+    request_id: str,
+    data: Callable[[_T], Mapping[str, Any]],
+    ctx: _T,
+) -> bool:
+    assert policy.condition is not None
+    try:
+        return policy.condition.evaluate(data(ctx))
+    except ConditionEvaluationError as exc:
+        logger.warning("request %s: skipping policy %s: %s", request_id, policy.label, exc)
+        return False
+
+
+async def _call(policy: ChainPolicy, hook: Callable[[_T], Any], ctx: _T) -> object:
+    result = hook(ctx)
+    if not inspect.isawaitable(result):
+        return result
+    awaitable: Awaitable[object] = result
+    if policy.timeout is None:
+        return await awaitable
+    deadline = asyncio.timeout(policy.timeout)
+    try:
+        async with deadline:
+            return await awaitable
+    except TimeoutError:
+        if deadline.expired():  # ours, not a TimeoutError raised inside the policy
+            raise PolicyError(f"timed out after {policy.timeout:g}s") from None
+        raise
+
+
+def _cancelling() -> bool:
+    """True when the running task itself is being cancelled (client went away,
+    server shutting down): that cancellation must propagate. A CancelledError
+    raised by policy code on its own is just a policy failure."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _failed(
+    policy: ChainPolicy, request_id: str, phase: str, exc: BaseException | None
+) -> ImmediateResponse | None:
+    """Log a policy failure; return the response to send if the policy fails closed."""
+    exc_info: BaseException | None = None
+    if exc is None:
+        reason = "was cancelled"
+    elif isinstance(exc, PolicyError):  # our own diagnosis: no traceback needed
+        reason = f"failed: {exc}"
+    else:
+        exc_info = exc
+        try:
+            reason = f"failed: {type(exc).__name__}: {exc}"
+        except Exception:  # a broken __str__ must not turn a failure into a crash
+            reason = f"failed: {type(exc).__name__}"
+    mode = "failOpen: continuing" if policy.fail_open else "failClosed: rejecting"
+    log = logger.warning if policy.fail_open else logger.error
+    log(
+        "request %s: %s policy %s %s (%s)",
+        request_id,
+        phase,
+        policy.label,
+        reason,
+        mode,
+        exc_info=exc_info,
+    )
+    if policy.fail_open:
+        return None
+    body = json.dumps({"error": f"policy {policy.label} failed"}).encode()
+    return ImmediateResponse(
+        status=policy.error_status,
+        headers={"content-type": "application/json"},
+        body=body,
+    )
+
+
+# --------------------------------------------------------------------------- applying actions
+
+
+def _check_headers(what: str, headers: Mapping[str, str]) -> None:
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise PolicyError(f"{what}: header names and values must be str, got {name!r}")
+
+
+def _check_names(names: tuple[str, ...]) -> None:
+    if not isinstance(names, tuple | list) or not all(isinstance(n, str) for n in names):
+        raise PolicyError(f"remove_headers must be a tuple of str, got {names!r}")
+
+
+def _check_body(body: object) -> None:
+    if body is not None and not isinstance(body, bytes):
+        raise PolicyError(f"body must be bytes, got {type(body).__name__}")
+
+
+def _check_immediate(action: ImmediateResponse) -> None:
+    if isinstance(action.status, bool) or not isinstance(action.status, int):
+        raise PolicyError(f"ImmediateResponse.status must be int, got {action.status!r}")
+    if not 200 <= action.status <= 599:
+        raise PolicyError(f"ImmediateResponse.status {action.status} is not in 200-599")
+    _check_headers("ImmediateResponse.headers", action.headers)
+    if not isinstance(action.body, bytes):
+        raise PolicyError(f"ImmediateResponse.body must be bytes, got {type(action.body).__name__}")
+
+
+def _apply_headers(
+    headers: Headers,
+    set_headers: Mapping[str, str],
+    append_headers: Mapping[str, str],
+    remove_headers: tuple[str, ...],
+) -> None:
+    # Everything is validated before anything changes, so a bad action never
+    # leaves the context half-applied.
+    _check_headers("set_headers", set_headers)
+    _check_headers("append_headers", append_headers)
+    _check_names(remove_headers)
+    for name in remove_headers:
+        headers.pop(name.lower(), None)
+    for name, value in set_headers.items():
+        headers[name.lower()] = value
+    for name, value in append_headers.items():
+        key = name.lower()
+        existing = headers.get(key)
+        headers[key] = value if existing is None else f"{existing}, {value}"
+
+
+def _apply_request(ctx: RequestContext, action: RequestModifications) -> None:
+    _check_body(action.body)
+    for attr in ("path", "method"):
+        value = getattr(action, attr)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise PolicyError(f"{attr} must be a non-empty str, got {value!r}")
+    _apply_headers(ctx.headers, action.set_headers, action.append_headers, action.remove_headers)
+    if action.path is not None:
+        ctx.path = action.path
+    if action.method is not None:
+        ctx.method = action.method
+    if action.body is not None:
+        ctx.body = action.body
+
+
+def _apply_response(ctx: ResponseContext, action: ResponseModifications) -> None:
+    _check_body(action.body)
+    status = action.status
+    if status is not None and (
+        isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599
+    ):
+        raise PolicyError(f"status must be an int in 200-599, got {status!r}")
+    _apply_headers(ctx.headers, action.set_headers, action.append_headers, action.remove_headers)
+    if status is not None:
+        ctx.status = status
+    if action.body is not None:
+        ctx.body = action.body
+
+
+def _header_diff(
+    before: Mapping[str, str], after: Mapping[str, str]
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Net header change: values new or different in ``after``, names gone from it."""
+    set_headers = {name: value for name, value in after.items() if before.get(name) != value}
+    removed = tuple(name for name in before if name not in after)
+    return set_headers, removed

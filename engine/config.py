@@ -1,0 +1,311 @@
+"""Route configuration: YAML (or an already-parsed mapping) -> validated :class:`Snapshot`.
+
+Format::
+
+    routes:
+      <route key>:                 # the key Envoy sends for the route
+        policies:                  # ordered; [] is a pass-through route
+          - name: setHeader
+            version: v1.0.0
+            enabled: true          # default true
+            condition: 'request.path.startsWith("/api/")'   # optional CEL
+            timeout: 500ms         # optional; async hooks only
+            onError: failClosed    # failOpen | failClosed (default)
+            errorStatus: 500       # failClosed status, 400-599 (default 500)
+            parameters: {...}      # validated against the policy definition
+
+Loading happens in two passes, and nothing is published unless both pass:
+
+1. Validate every route and entry (structure, registry lookup, parameters,
+   CEL conditions, durations), collecting *all* errors.
+2. Construct the policy instances. A :class:`~engine.policy.ParameterError` or
+   ``ValueError`` from a constructor, or any other exception, is one more error.
+
+Every error line names route, index, policy and field, e.g.
+``routes[private].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS``.
+They are raised together as one :class:`~engine.errors.ConfigError`.
+
+Instance identity: an instance is keyed by (name, version, canonical JSON of the
+normalised parameters). Entries with the same key, on any route, share one
+instance, and with ``previous`` given an instance with the same key is reused, so
+stateful policies (rate-limit buckets, JWKS caches) survive hot reloads. Disabled
+entries are validated but not constructed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from engine.chain import Chain, ChainPolicy, Snapshot
+from engine.conditions import Condition, compile_condition
+from engine.definition import YamlError, load_yaml, parse_duration
+from engine.errors import ConditionError, ConfigError, RegistryError
+from engine.policy import ParameterError
+from engine.registry import PolicyRegistry, RegisteredPolicy
+
+__all__ = [
+    "ENTRY_FIELDS",
+    "canonical_json",
+    "load_config",
+    "load_config_file",
+]
+
+logger: Final = logging.getLogger("engine.config")
+
+ENTRY_FIELDS: Final = frozenset(
+    {"name", "version", "enabled", "condition", "timeout", "onError", "errorStatus", "parameters"}
+)
+_TOP_FIELDS: Final = frozenset({"routes"})
+_ROUTE_FIELDS: Final = frozenset({"policies"})
+_ON_ERROR: Final = {"failOpen": True, "failClosed": False}
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text of ``value`` (sorted keys, no spaces); non-JSON values use repr."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
+    )
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A chain entry that passed validation, not yet constructed."""
+
+    route: str
+    prefix: str
+    policy: RegisteredPolicy
+    params: dict[str, Any]
+    enabled: bool
+    condition: Condition | None
+    timeout: float | None
+    fail_open: bool
+    error_status: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.policy.name} {self.policy.version} {canonical_json(self.params)}"
+
+
+def _unknown(prefix: str, data: Mapping[Any, Any], allowed: frozenset[str]) -> list[str]:
+    where = f"{prefix}: " if prefix else ""
+    return [f"{where}unknown field {key!r}" for key in data if key not in allowed]
+
+
+def _validate_entry(
+    route: str, index: int, raw: Any, registry: PolicyRegistry, errors: list[str]
+) -> _Entry | None:
+    base = f"routes[{route}].policies[{index}]"
+    if not isinstance(raw, Mapping):
+        errors.append(f"{base}: must be a mapping with 'name' and 'version'")
+        return None
+    errors.extend(_unknown(base, raw, ENTRY_FIELDS))
+    name, version = raw.get("name"), raw.get("version")
+    prefix = base
+    for field_name, value in (("name", name), ("version", version)):
+        if value is None:
+            errors.append(f"{base}: missing field {field_name!r}")
+        elif not isinstance(value, str):
+            errors.append(f"{base}: {field_name}: must be a string, got {value!r}")
+    if isinstance(name, str) and isinstance(version, str):
+        prefix = f"{base} {name} {version}"
+    before = len(errors)
+
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        errors.append(f"{prefix}: enabled: must be true or false, got {enabled!r}")
+
+    condition: Condition | None = None
+    if raw.get("condition") is not None:
+        try:
+            condition = compile_condition(raw["condition"])
+        except ConditionError as exc:
+            errors.append(f"{prefix}: condition: {exc}")
+
+    timeout: float | None = None
+    if raw.get("timeout") is not None:
+        try:
+            timeout = parse_duration(raw["timeout"])
+        except ValueError as exc:
+            errors.append(f"{prefix}: timeout: {exc}")
+        else:
+            if timeout <= 0:
+                errors.append(f"{prefix}: timeout: must be greater than 0")
+
+    on_error = raw.get("onError", "failClosed")
+    if on_error not in _ON_ERROR:
+        errors.append(f"{prefix}: onError: {on_error!r} is not one of failOpen, failClosed")
+
+    status = raw.get("errorStatus", 500)
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        errors.append(f"{prefix}: errorStatus: must be an integer in 400-599, got {status!r}")
+
+    params = raw.get("parameters")
+    if params is None:
+        params = {}
+    elif not isinstance(params, Mapping):
+        errors.append(f"{prefix}: parameters: must be a mapping, got {type(params).__name__}")
+
+    if prefix == base:
+        return None  # without a name and version there is no policy to check against
+    try:
+        policy = registry.get(name, version)  # type: ignore[arg-type]  # both str here
+    except RegistryError as exc:
+        errors.append(f"{prefix}: {exc}")
+        return None
+    normalised: dict[str, Any] = {}
+    if isinstance(params, Mapping):
+        normalised, problems = policy.definition.validate_parameters(params)
+        errors.extend(f"{prefix}: {problem}" for problem in problems)
+    if len(errors) != before:
+        return None
+    return _Entry(
+        route=route,
+        prefix=prefix,
+        policy=policy,
+        params=normalised,
+        enabled=enabled,
+        condition=condition,
+        timeout=timeout,
+        fail_open=_ON_ERROR[on_error],
+        error_status=status,
+    )
+
+
+def _validate(
+    document: Any, registry: PolicyRegistry, errors: list[str]
+) -> dict[str, list[_Entry]]:
+    if document is None:
+        errors.append("configuration is empty (expected a mapping with 'routes')")
+        return {}
+    if not isinstance(document, Mapping):
+        errors.append(f"expected a mapping with 'routes', got {type(document).__name__}")
+        return {}
+    errors.extend(_unknown("", document, _TOP_FIELDS))
+    routes = document.get("routes")
+    if routes is None:
+        errors.append("missing field 'routes'")
+        return {}
+    if not isinstance(routes, Mapping):
+        errors.append(f"routes: must be a mapping of route key -> route, got {routes!r}")
+        return {}
+    chains: dict[str, list[_Entry]] = {}
+    for route, spec in routes.items():
+        if not isinstance(route, str) or not route:
+            errors.append(f"routes[{route!r}]: route key must be a non-empty string")
+            continue
+        where = f"routes[{route}]"
+        if not isinstance(spec, Mapping):
+            errors.append(f"{where}: must be a mapping with a 'policies' list")
+            continue
+        errors.extend(_unknown(where, spec, _ROUTE_FIELDS))
+        policies = spec.get("policies")
+        if policies is None:
+            errors.append(f"{where}: missing field 'policies' (use [] for a pass-through route)")
+            continue
+        if not isinstance(policies, list):
+            errors.append(f"{where}.policies: must be a list, got {type(policies).__name__}")
+            continue
+        entries = [
+            _validate_entry(route, i, raw, registry, errors) for i, raw in enumerate(policies)
+        ]
+        chains[route] = [entry for entry in entries if entry is not None]
+    return chains
+
+
+def _construct(entry: _Entry, errors: list[str]) -> object | None:
+    try:
+        return entry.policy.factory(entry.params)
+    except ParameterError as exc:
+        errors.append(f"{entry.prefix}: {exc.field}: {exc.message}")
+    except ValueError as exc:
+        errors.append(f"{entry.prefix}: {exc}")
+    except Exception as exc:  # a policy bug must reject the config, never crash the engine
+        logger.error("%s: constructor raised", entry.prefix, exc_info=exc)
+        errors.append(f"{entry.prefix}: constructor failed: {type(exc).__name__}: {exc}")
+    return None
+
+
+def load_config(
+    document: str | bytes | Mapping[str, Any],
+    *,
+    source: str,
+    registry: PolicyRegistry,
+    previous: Snapshot | None = None,
+) -> Snapshot:
+    """Validate ``document`` (YAML text or a parsed mapping) and build a :class:`Snapshot`.
+
+    Raises :class:`ConfigError` (named ``source``) carrying every problem found.
+    With ``previous``, instances with the same identity are reused and the new
+    snapshot's ``version`` is ``previous.version + 1``.
+    """
+    if isinstance(document, str | bytes):
+        try:
+            document = load_yaml(document)
+        except YamlError as exc:
+            raise ConfigError(source, [f"YAML syntax error: {exc}"]) from exc
+    errors: list[str] = []
+    validated = _validate(document, registry, errors)
+    if errors:
+        raise ConfigError(source, errors)
+
+    reusable = previous.instances() if previous is not None else {}
+    built: dict[str, object] = {}
+    routes: dict[str, Chain] = {}
+    for route, entries in validated.items():
+        compiled: list[ChainPolicy] = []
+        for entry in entries:
+            if not entry.enabled:
+                continue
+            key = entry.key
+            instance = built.get(key, reusable.get(key))
+            if instance is None:
+                instance = _construct(entry, errors)
+                if instance is None:
+                    continue
+            built[key] = instance
+            definition = entry.policy.definition
+            compiled.append(
+                ChainPolicy(
+                    name=definition.name,
+                    version=definition.version,
+                    instance=instance,
+                    condition=entry.condition,
+                    timeout=entry.timeout,
+                    fail_open=entry.fail_open,
+                    error_status=entry.error_status,
+                    has_request=definition.has_request_phase,
+                    has_response=definition.has_response_phase,
+                    requires_request_body=definition.requires_request_body,
+                    requires_response_body=definition.requires_response_body,
+                    instance_key=key,
+                )
+            )
+        routes[route] = Chain(route=route, policies=tuple(compiled))
+    if errors:
+        raise ConfigError(source, errors)
+    digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()
+    return Snapshot(
+        routes=MappingProxyType(routes),
+        source=source,
+        version=(previous.version + 1) if previous is not None else 1,
+        content_hash=digest,
+    )
+
+
+def load_config_file(
+    path: str | Path, registry: PolicyRegistry, previous: Snapshot | None = None
+) -> Snapshot:
+    """Read ``path`` and :func:`load_config` it; an unreadable file is a ConfigError too."""
+    source = str(path)
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from exc
+    return load_config(text, source=source, registry=registry, previous=previous)

@@ -1,0 +1,378 @@
+"""Policy definitions: the ``policy-definition.yaml`` beside each policy's code.
+
+A definition is pure data. :func:`load_definition` reads one, validates it against
+the meta-schema in ``definition_schema.json`` (every violation is reported at
+once, each naming the file and the field path) and checks that each parameter's
+``default`` satisfies its own spec. The result is a frozen
+:class:`PolicyDefinition` holding one precompiled validator per parameter, so
+:meth:`PolicyDefinition.validate_parameters` costs no schema compilation at
+config time.
+
+Parameter specs are a restricted JSON-schema (Draft 2020-12) fragment plus two
+extensions: ``required: true|false`` on top-level parameters and ``errorMessage``
+(replaces the validator's message for any failure of that parameter). Supported
+formats are ``uri`` (needs a scheme and a host) and ``duration`` (``250ms``,
+``1.5s``, ``2m``, ``1h``).
+
+This module also owns the YAML reading shared by definitions and configuration
+(:func:`load_yaml`): safe loading, duplicate keys rejected, errors with line and
+column.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import ValidationError, best_match
+
+from engine.errors import DefinitionError
+
+__all__ = [
+    "DEFINITION_FILE",
+    "PHASES",
+    "PolicyDefinition",
+    "YamlError",
+    "format_path",
+    "load_definition",
+    "load_yaml",
+    "parse_definition",
+    "parse_duration",
+]
+
+DEFINITION_FILE: Final = "policy-definition.yaml"
+PHASES: Final = ("request", "response")
+
+_DURATION_RE: Final = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_UNITS: Final[Mapping[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class YamlError(ValueError):
+    """A YAML document could not be read; ``str()`` reads ``line L, column C: problem``."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe loader that rejects duplicate mapping keys (PyYAML keeps the last one
+    silently, which hides typos such as a route configured twice)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[tuple[str, str]] = set()
+    for key_node, _ in node.value:
+        # Only plain scalar keys can be compared before construction; merge keys
+        # (``<<``) may legitimately be overridden, so they are not counted.
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            ident = (key_node.tag, key_node.value)
+            if ident in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key_node.value!r}",
+                    key_node.start_mark,
+                )
+            seen.add(ident)
+    loader.flatten_mapping(node)
+    return dict(loader.construct_mapping(node, deep=True))
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """Parse one YAML document safely. Raises :class:`YamlError` naming line and column."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise YamlError(f"{where}{what or 'invalid YAML'}") from exc
+    except yaml.YAMLError as exc:
+        raise YamlError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def parse_duration(text: str) -> float:
+    """``"250ms"`` -> 0.25, ``"1.5s"`` -> 1.5, ``"2m"`` -> 120.0, ``"1h"`` -> 3600.0.
+
+    Raises :class:`ValueError` for anything else (no sign, no spaces, one unit).
+    """
+    match = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (expected e.g. '250ms', '1s', '2m', '1h')")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+_FORMATS = FormatChecker(formats=())
+
+
+@_FORMATS.checks("uri")
+def _is_uri(value: object) -> bool:
+    if not isinstance(value, str):
+        return True  # formats only constrain strings; `type` covers the rest
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return bool(parts.scheme and parts.netloc) and not any(c.isspace() for c in value)
+
+
+@_FORMATS.checks("duration")
+def _is_duration(value: object) -> bool:
+    return not isinstance(value, str) or _DURATION_RE.match(value) is not None
+
+
+# The meta-schema only needs `regex` (is each `pattern` a valid regular expression).
+_META_FORMATS = FormatChecker(formats=("regex",))
+
+
+def _load_meta_validator() -> Draft202012Validator:
+    text = resources.files("engine").joinpath("definition_schema.json").read_text("utf-8")
+    schema = json.loads(text)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=_META_FORMATS)
+
+
+_META_VALIDATOR: Final = _load_meta_validator()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def format_path(parts: Iterable[str | int]) -> str:
+    """``["phases", 0]`` -> ``phases[0]``; ``["limits", "burst"]`` -> ``limits.burst``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _leaf(error: ValidationError) -> ValidationError:
+    """For anyOf/oneOf failures report the most relevant branch, not "is not valid
+    under any of the given schemas"."""
+    while error.validator in ("anyOf", "oneOf") and error.context:
+        error = best_match(error.context)
+    return error
+
+
+def _error_lines(errors: Iterable[ValidationError], prefix: Iterable[str | int] = ()) -> list[str]:
+    lines: list[tuple[str, str]] = []
+    base = list(prefix)
+    for error in errors:
+        leaf = _leaf(error)
+        path = format_path([*base, *leaf.absolute_path])
+        lines.append((path, f"{path}: {leaf.message}" if path else leaf.message))
+    # Sorted by path so that a definition's report is stable between runs.
+    return [line for _, line in sorted(lines, key=lambda item: item[0])]
+
+
+# --------------------------------------------------------------------------- definition
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyDefinition:
+    """One validated ``policy-definition.yaml``.
+
+    Build it with :func:`load_definition` or :func:`parse_definition`, never
+    directly. ``parameters`` holds the raw specs as written; ``parameters_schema``
+    is the equivalent JSON schema of the whole parameter object (for tools and
+    documentation). Treat every mapping here as read-only.
+    """
+
+    name: str
+    version: str
+    description: str
+    phases: frozenset[str]
+    requires_request_body: bool
+    requires_response_body: bool
+    parameters: Mapping[str, Mapping[str, Any]]
+    examples: tuple[Mapping[str, Any], ...]
+    source: str
+    parameters_schema: Mapping[str, Any]
+    _validators: Mapping[str, Draft202012Validator] = field(repr=False)
+
+    @property
+    def has_request_phase(self) -> bool:
+        return "request" in self.phases
+
+    @property
+    def has_response_phase(self) -> bool:
+        return "response" in self.phases
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(name, version)``: the registry key."""
+        return (self.name, self.version)
+
+    def validate_parameters(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Validate configured parameters against this definition.
+
+        Returns ``(normalised, errors)``. ``normalised`` is a deep copy of
+        ``params`` with top-level defaults filled in (it is only meaningful when
+        ``errors`` is empty). ``errors`` lists every problem, each starting with
+        the parameter path: ``jwksUrl must be HTTPS`` (the spec's
+        ``errorMessage``), ``rate: -1 is less than the minimum of 0``,
+        ``missing required parameter(s): a, b``, ``unknown parameter 'foo'``.
+        """
+        given: object = params  # callers may pass any parsed YAML/JSON
+        if not isinstance(given, Mapping):
+            return {}, [f"parameters must be a mapping, not {type(given).__name__}"]
+        errors: list[str] = []
+        missing = sorted(
+            name
+            for name, spec in self.parameters.items()
+            if _is_required(spec) and name not in params
+        )
+        if missing:
+            errors.append(f"missing required parameter(s): {', '.join(missing)}")
+        normalised: dict[str, Any] = {}
+        for name in sorted(params, key=str):
+            value = params[name]
+            validator = self._validators.get(name) if isinstance(name, str) else None
+            if validator is None:
+                errors.append(f"unknown parameter {name!r}")
+                continue
+            problems = list(validator.iter_errors(value))
+            if problems:
+                custom = self.parameters[name].get("errorMessage")
+                if custom is not None:
+                    errors.append(f"{name} {custom}")
+                else:
+                    errors.extend(_error_lines(problems, prefix=[name]))
+                continue
+            normalised[name] = copy.deepcopy(value)
+        for name, spec in self.parameters.items():
+            if name not in normalised and name not in params and "default" in spec:
+                normalised[name] = copy.deepcopy(spec["default"])
+        return normalised, errors
+
+    def check_examples(self) -> list[str]:
+        """Run the definition's ``examples``; return one line per example that does
+        not behave as declared (empty when all pass). Used by generated builder tests."""
+        failures: list[str] = []
+        for index, example in enumerate(self.examples):
+            label = f"examples[{index}] ({example['description']})"
+            _, errors = self.validate_parameters(example["parameters"])
+            if example["valid"] and errors:
+                failures.append(f"{label}: expected valid, got: {'; '.join(errors)}")
+            elif not example["valid"] and not errors:
+                failures.append(f"{label}: expected an error, got none")
+            elif not example["valid"] and "error" in example:
+                expected = example["error"]
+                if not any(expected in error for error in errors):
+                    failures.append(
+                        f"{label}: expected an error containing {expected!r}, "
+                        f"got: {'; '.join(errors)}"
+                    )
+        return failures
+
+
+def _is_required(spec: Mapping[str, Any]) -> bool:
+    # `required: [...]` (the JSON-schema list form on an object-typed parameter)
+    # constrains the object's properties, not whether the parameter is given.
+    return spec.get("required") is True
+
+
+def _value_schema(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON schema of one parameter's value: the spec minus our extensions."""
+    return {
+        k: v
+        for k, v in spec.items()
+        if k != "errorMessage" and not (k == "required" and isinstance(v, bool))
+    }
+
+
+def parse_definition(data: Any, source: str) -> PolicyDefinition:
+    """Validate already-parsed definition data; ``source`` names it in every error.
+
+    Raises :class:`DefinitionError` listing every meta-schema violation and every
+    parameter ``default`` that fails its own spec.
+    """
+    if not isinstance(data, Mapping):
+        kind = "empty" if data is None else type(data).__name__
+        message = f"{source}: expected a mapping at the top level, got {kind}"
+        raise DefinitionError(message, [message])
+    errors = _error_lines(_META_VALIDATOR.iter_errors(data))
+    if errors:
+        lines = [f"{source}: {line}" for line in errors]
+        raise DefinitionError("\n".join(lines), lines)
+
+    specs: dict[str, Mapping[str, Any]] = dict(data.get("parameters") or {})
+    validators: dict[str, Draft202012Validator] = {}
+    problems: list[str] = []
+    for name, spec in specs.items():
+        schema = _value_schema(spec)
+        validator = Draft202012Validator(schema, format_checker=_FORMATS)
+        validators[name] = validator
+        if "default" in spec:
+            if _is_required(spec):
+                problems.append(f"parameters.{name}: a required parameter cannot have a default")
+            problems.extend(
+                _error_lines(
+                    validator.iter_errors(spec["default"]), ["parameters", name, "default"]
+                )
+            )
+    if problems:
+        lines = [f"{source}: {line}" for line in problems]
+        raise DefinitionError("\n".join(lines), lines)
+
+    parameters_schema = {
+        "type": "object",
+        "properties": {name: _value_schema(spec) for name, spec in specs.items()},
+        "required": sorted(n for n, s in specs.items() if _is_required(s)),
+        "additionalProperties": False,
+    }
+    return PolicyDefinition(
+        name=data["name"],
+        version=data["version"],
+        description=data["description"],
+        phases=frozenset(data["phases"]),
+        requires_request_body=bool(data.get("requiresRequestBody", False)),
+        requires_response_body=bool(data.get("requiresResponseBody", False)),
+        parameters=MappingProxyType(specs),
+        examples=tuple(data.get("examples") or ()),
+        source=source,
+        parameters_schema=MappingProxyType(parameters_schema),
+        _validators=MappingProxyType(validators),
+    )
+
+
+def load_definition(path: str | Path) -> PolicyDefinition:
+    """Read and validate ``path`` (a ``policy-definition.yaml``).
+
+    Raises :class:`DefinitionError` naming the file for an unreadable file, a YAML
+    error (with line and column) or any validation problem.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        message = f"{source}: cannot read: {exc.strerror or exc}"
+        raise DefinitionError(message, [message]) from exc
+    except UnicodeDecodeError as exc:
+        message = f"{source}: cannot read: not UTF-8: {exc}"
+        raise DefinitionError(message, [message]) from exc
+    try:
+        data = load_yaml(text)
+    except YamlError as exc:
+        message = f"{source}: {exc}"
+        raise DefinitionError(message, [message]) from exc
+    return parse_definition(data, source)

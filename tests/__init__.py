@@ -1,0 +1,1 @@
+"""Tests of the policy engine (run with pytest from the repository root)."""

@@ -1,0 +1,1 @@
+"""Unit tests of the engine package, one module per engine module."""

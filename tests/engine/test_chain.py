@@ -1,0 +1,315 @@
+"""Tests of engine.chain: the executor's order, short-circuit, failures and net changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from engine.chain import Chain, RequestOutcome, ResponseOutcome, run_request, run_response
+from engine.config import load_config
+from engine.policy import ImmediateResponse, RequestContext
+from engine.registry import PolicyRegistry
+from engine.testing import make_request_context, make_response_context
+from tests.support import registry_from
+
+TEST_POLICIES = (
+    "addHeader",
+    "bodyUpper",
+    "deny",
+    "metadataReader",
+    "raiser",
+    "recorder",
+    "rewrite",
+    "sleeper",
+    "statusSetter",
+)
+
+
+@pytest.fixture(scope="module")
+def registry() -> PolicyRegistry:
+    return registry_from(*TEST_POLICIES)
+
+
+@pytest.fixture
+def calls(registry: PolicyRegistry) -> list[tuple[str, str, dict[str, str]]]:
+    log: list[tuple[str, str, dict[str, str]]] = registry.get("recorder", "v1.0.0").factory.calls  # type: ignore[attr-defined]
+    log.clear()
+    return log
+
+
+def chain_of(registry: PolicyRegistry, *entries: dict[str, Any]) -> Chain:
+    policies = [{"version": "v1.0.0", **entry} for entry in entries]
+    snapshot = load_config(
+        {"routes": {"r": {"policies": policies}}}, source="test", registry=registry
+    )
+    chain = snapshot.chain_for("r")
+    assert chain is not None
+    return chain
+
+
+def add(header: str, value: str, **params: Any) -> dict[str, Any]:
+    return {"name": "addHeader", "parameters": {"header": header, "value": value, **params}}
+
+
+def rec(label: str, **fields: Any) -> dict[str, Any]:
+    return {"name": "recorder", "parameters": {"label": label}, **fields}
+
+
+def failure_body(name: str) -> bytes:
+    return json.dumps({"error": f"policy {name} v1.0.0 failed"}).encode()
+
+
+# --------------------------------------------------------------------------- request phase
+
+
+async def test_empty_chain_passes_through(registry: PolicyRegistry) -> None:
+    ctx = make_request_context(headers={"a": "1"})
+    assert await run_request(chain_of(registry), ctx) == RequestOutcome()
+    assert await run_response(chain_of(registry), make_response_context(ctx)) == ResponseOutcome()
+
+
+async def test_policies_run_in_order_and_see_earlier_changes(
+    registry: PolicyRegistry, calls: list[Any]
+) -> None:
+    chain = chain_of(
+        registry,
+        rec("first"),
+        add("x-a", "1", metadataKey="user"),
+        rec("second"),
+        {"name": "metadataReader", "parameters": {"key": "user"}},
+    )
+    outcome = await run_request(chain, make_request_context(headers={"host": "h"}))
+    assert [(label, headers) for label, _, headers in calls] == [
+        ("first", {"host": "h"}),
+        ("second", {"host": "h", "x-a": "1"}),
+    ]
+    assert outcome == RequestOutcome(set_headers={"x-a": "1", "x-meta-user": "1"})
+
+
+async def test_outcome_is_the_net_change(registry: PolicyRegistry) -> None:
+    chain = chain_of(
+        registry,
+        add("x-same", "s"),  # rewrites an identical value: no net change
+        add("x-temp", "t"),
+        add("x-keep", "2", append=True),
+        {"name": "rewrite", "parameters": {"path": "/v2/x", "removeHeaders": ["x-drop", "x-temp"]}},
+        {"name": "rewrite", "parameters": {"method": "GET"}},  # back to the original method
+    )
+    ctx = make_request_context(method="GET", headers={"x-same": "s", "x-keep": "1", "x-drop": "d"})
+    outcome = await run_request(chain, ctx)
+    assert outcome == RequestOutcome(
+        set_headers={"x-keep": "1, 2"}, remove_headers=("x-drop",), path="/v2/x"
+    )
+    assert ctx.headers == {"x-same": "s", "x-keep": "1, 2"}
+    assert ctx.path == "/v2/x"
+
+
+async def test_immediate_response_stops_the_chain(
+    registry: PolicyRegistry, calls: list[Any]
+) -> None:
+    chain = chain_of(registry, add("x-a", "1"), {"name": "deny"}, rec("after"))
+    outcome = await run_request(chain, make_request_context())
+    assert outcome.immediate == ImmediateResponse(
+        status=401, headers={"content-type": "application/json"}, body=b'{"error": "denied"}'
+    )
+    assert calls == []
+
+
+async def test_conditions_skip_policies(
+    registry: PolicyRegistry, calls: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    chain = chain_of(
+        registry,
+        add("x-a", "1", metadataKey="flag"),
+        rec("api-only", condition='request.path.startsWith("/api/")'),
+        rec("flagged", condition='metadata.flag == "1"'),
+        rec("broken", condition='metadata.absent == "x"'),
+        rec("writes", condition='request.method in ["POST", "PUT", "DELETE"]'),
+    )
+    with caplog.at_level(logging.WARNING, logger="engine.chain"):
+        await run_request(chain, make_request_context(path="/health", request_id="r-9"))
+    assert [label for label, _, _ in calls] == ["flagged"]
+    [record] = caplog.records
+    assert record.name == "engine.chain"
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        "request r-9: skipping policy recorder v1.0.0: condition 'metadata.absent == \"x\"' failed"
+    )
+
+
+@pytest.mark.parametrize("mode", ["raise", "timeout", "badReturn", "badHeader", "cancel"])
+@pytest.mark.parametrize(
+    ("on_error", "status"), [("failClosed", 500), ("failClosed", 503), ("failOpen", None)]
+)
+async def test_request_failures(
+    registry: PolicyRegistry,
+    calls: list[Any],
+    caplog: pytest.LogCaptureFixture,
+    *,
+    mode: str,
+    on_error: str,
+    status: int | None,
+) -> None:
+    failing: dict[str, Any] = {"name": "raiser", "parameters": {"mode": mode}, "onError": on_error}
+    if status is not None:
+        failing["errorStatus"] = status
+    chain = chain_of(registry, add("x-a", "1"), failing, rec("after"))
+    with caplog.at_level(logging.WARNING, logger="engine.chain"):
+        outcome = await run_request(chain, make_request_context(request_id="r-1"))
+    [record] = caplog.records
+    assert record.getMessage().startswith("request r-1: request policy raiser v1.0.0 ")
+    if on_error == "failOpen":
+        assert outcome == RequestOutcome(set_headers={"x-a": "1"})
+        assert [label for label, _, _ in calls] == ["after"]
+        assert record.levelno == logging.WARNING
+    else:
+        assert outcome.immediate == ImmediateResponse(
+            status=status or 500,
+            headers={"content-type": "application/json"},
+            body=failure_body("raiser"),
+        )
+        assert calls == []
+        assert record.levelno == logging.ERROR
+
+
+@pytest.mark.parametrize("on_error", ["failClosed", "failOpen"])
+async def test_timeout(
+    registry: PolicyRegistry, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    slow = {"name": "sleeper", "parameters": {"seconds": 5}, "timeout": "20ms", "onError": on_error}
+    chain = chain_of(registry, slow, add("x-after", "1"))
+    with caplog.at_level(logging.WARNING, logger="engine.chain"):
+        outcome = await asyncio.wait_for(run_request(chain, make_request_context()), timeout=2)
+    assert caplog.messages[0].startswith(
+        "request req-1: request policy sleeper v1.0.0 failed: timed out after 0.02s"
+    )
+    assert caplog.records[0].exc_info is None
+    if on_error == "failOpen":
+        assert outcome == RequestOutcome(set_headers={"x-after": "1"})
+    else:
+        assert outcome.immediate is not None
+        assert outcome.immediate.body == failure_body("sleeper")
+
+
+async def test_fast_async_hook_within_timeout(registry: PolicyRegistry) -> None:
+    chain = chain_of(registry, {"name": "sleeper", "parameters": {"seconds": 0}, "timeout": "1s"})
+    outcome = await run_request(chain, make_request_context())
+    assert outcome == RequestOutcome(set_headers={"x-slept": "yes"})
+
+
+async def test_cancellation_of_the_request_propagates(registry: PolicyRegistry) -> None:
+    chain = chain_of(registry, {"name": "sleeper", "parameters": {"seconds": 5}})
+    task = asyncio.create_task(run_request(chain, make_request_context()))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=2)
+
+
+async def test_body_rewrite(registry: PolicyRegistry) -> None:
+    chain = chain_of(registry, {"name": "bodyUpper"})
+    assert (chain.requires_request_body, chain.requires_response_body) == (True, True)
+    assert (await run_request(chain, make_request_context(body=b"abc"))).body == b"ABC"
+    assert (await run_request(chain, make_request_context(body=None))).body is None
+
+
+# --------------------------------------------------------------------------- response phase
+
+
+def test_chain_phase_split(registry: PolicyRegistry) -> None:
+    chain = chain_of(
+        registry,
+        add("x-a", "1"),
+        {"name": "statusSetter", "parameters": {"status": 201}},
+        rec("both"),
+        {**rec("disabled"), "enabled": False},
+    )
+    assert [p.name for p in chain.request_policies] == ["addHeader", "recorder"]
+    assert [p.name for p in chain.response_policies] == ["statusSetter", "recorder"]
+    assert chain.has_response_phase
+    assert not chain.requires_request_body
+    assert not chain_of(registry, add("x-a", "1")).has_response_phase
+
+
+async def test_response_runs_in_configured_order_and_shares_metadata(
+    registry: PolicyRegistry, calls: list[Any]
+) -> None:
+    chain = chain_of(
+        registry,
+        rec("a"),
+        add("x-a", "1", metadataKey="user"),
+        {"name": "statusSetter", "parameters": {"status": 201, "removeHeader": "server"}},
+        {"name": "metadataReader", "parameters": {"key": "user"}},
+        rec("b"),
+    )
+    request = make_request_context()
+    await run_request(chain, request)
+    response = make_response_context(request, status=200, headers={"server": "up", "x-u": "1"})
+    outcome = await run_response(chain, response)
+    assert [(label, phase) for label, phase, _ in calls] == [
+        ("a", "request"),
+        ("b", "request"),
+        ("a", "response"),
+        ("b", "response"),
+    ]
+    assert calls[-1][2] == {"x-u": "1", "x-meta-user": "1"}
+    assert outcome == ResponseOutcome(
+        set_headers={"x-meta-user": "1"}, remove_headers=("server",), status=201
+    )
+
+
+async def test_response_conditions_see_request_response_and_metadata(
+    registry: PolicyRegistry,
+) -> None:
+    cond = 'response.status == 500 && request.path == "/rewritten" && metadata.m == "1"'
+    chain = chain_of(
+        registry,
+        add("x-a", "1", metadataKey="m"),
+        {"name": "rewrite", "parameters": {"path": "/rewritten"}},
+        {"name": "statusSetter", "parameters": {"status": 502}, "condition": cond},
+    )
+    request = make_request_context(path="/orig")
+    await run_request(chain, request)
+    assert (await run_response(chain, make_response_context(request, status=500))).status == 502
+    assert (await run_response(chain, make_response_context(request, status=200))).status is None
+
+
+@pytest.mark.parametrize("on_error", ["failClosed", "failOpen"])
+async def test_response_failures(registry: PolicyRegistry, on_error: str) -> None:
+    chain = chain_of(
+        registry,
+        {"name": "raiser", "onError": on_error, "errorStatus": 502},
+        {"name": "statusSetter", "parameters": {"status": 201}},
+    )
+    outcome = await run_response(chain, make_response_context())
+    if on_error == "failOpen":
+        assert outcome == ResponseOutcome(status=201)
+    else:
+        assert outcome == ResponseOutcome(
+            immediate=ImmediateResponse(
+                status=502,
+                headers={"content-type": "application/json"},
+                body=failure_body("raiser"),
+            )
+        )
+
+
+async def test_response_body_and_timeout(registry: PolicyRegistry) -> None:
+    chain = chain_of(
+        registry,
+        {"name": "bodyUpper"},
+        {"name": "sleeper", "parameters": {"seconds": 5}, "timeout": "20ms", "onError": "failOpen"},
+    )
+    response = make_response_context(body=b"ok")
+    outcome = await asyncio.wait_for(run_response(chain, response), timeout=2)
+    assert outcome == ResponseOutcome(body=b"OK")
+
+
+async def test_request_context_is_mutated_in_place(registry: PolicyRegistry) -> None:
+    ctx: RequestContext = make_request_context(path="/a")
+    await run_request(chain_of(registry, {"name": "rewrite", "parameters": {"path": "/b"}}), ctx)
+    assert ctx.path == "/b"

@@ -1,0 +1,403 @@
+"""Tests of engine.config: validation messages, snapshot building, instance reuse."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import canonical_json, load_config, load_config_file
+from engine.errors import ConfigError
+from engine.registry import PolicyRegistry
+from tests.support import policy_folder, registry_from, write_policy
+
+JWT_DEFINITION = """
+    name: jwtValidation
+    version: {version}
+    description: Test double of the JWT policy's parameters.
+    phases: [request]
+    parameters:
+      jwksUrl:
+        type: string
+        required: true
+        format: uri
+        pattern: "^https://"
+        errorMessage: must be HTTPS
+      issuer:
+        type: string
+        required: true
+"""
+
+FUSSY_CODE = """
+    class Policy:
+        def __init__(self, params):
+            kind = params.get("fail")
+            if kind == "value":
+                raise ValueError("mode and fail do not mix")
+            if kind == "runtime":
+                raise RuntimeError("cannot open cache")
+
+        def on_request(self, ctx):
+            return None
+"""
+
+FUSSY_DEFINITION = """
+    name: fussy
+    version: v1.0.0
+    description: Constructor fails on demand.
+    phases: [request]
+    parameters:
+      fail: {type: string}
+"""
+
+JWT_OK = {"jwksUrl": "https://idp.example/jwks.json", "issuer": "https://idp.example"}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> PolicyRegistry:
+    root = tmp_path_factory.mktemp("policies")
+    jwt = [
+        write_policy(root, "jwtValidation", v, definition=JWT_DEFINITION.format(version=v))
+        for v in ("v1.0.0", "v2.0.0")
+    ]
+    fussy = write_policy(root, "fussy", definition=FUSSY_DEFINITION, code=FUSSY_CODE)
+    return registry_from(
+        policy_folder("addHeader"), policy_folder("recorder"), policy_folder("sleeper"), fussy, *jwt
+    )
+
+
+def load(registry: PolicyRegistry, routes: dict[str, Any], **kwargs: Any) -> Any:
+    return load_config({"routes": routes}, source="test.yaml", registry=registry, **kwargs)
+
+
+def errors_of(registry: PolicyRegistry, document: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(document, source="test.yaml", registry=registry)
+    assert info.value.source == "test.yaml"
+    return list(info.value.errors)
+
+
+def route(*entries: dict[str, Any]) -> dict[str, Any]:
+    return {"policies": list(entries)}
+
+
+def add_header(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "addHeader",
+        "version": "v1.0.0",
+        "parameters": {"header": "x-a", "value": "1"},
+        **extra,
+    }
+
+
+def test_yaml_config_builds_chains(registry: PolicyRegistry) -> None:
+    text = textwrap.dedent(
+        """
+        routes:
+          public:
+            policies:
+              - name: addHeader
+                version: v1.0.0
+                condition: 'request.path.startsWith("/api/")'
+                timeout: 500ms
+                onError: failOpen
+                errorStatus: 503
+                parameters: {header: x-a, value: "1"}
+              - name: recorder
+                version: v1.0.0
+                enabled: false
+                parameters: {label: disabled}
+          private:
+            policies: []
+        """
+    )
+    snapshot = load_config(text, source="routes.yaml", registry=registry)
+    assert (snapshot.source, snapshot.version) == ("routes.yaml", 1)
+    assert list(snapshot.routes) == ["public", "private"]
+    public = snapshot.chain_for("public")
+    assert public is not None
+    [entry] = public.policies
+    assert (entry.name, entry.version, entry.timeout, entry.fail_open, entry.error_status) == (
+        "addHeader",
+        "v1.0.0",
+        0.5,
+        True,
+        503,
+    )
+    assert entry.condition is not None
+    assert entry.condition.expression == 'request.path.startsWith("/api/")'
+    assert (entry.has_request, entry.has_response) == (True, False)
+    assert entry.instance.append is False  # default filled in before construction
+    private = snapshot.chain_for("private")
+    assert private is not None
+    assert private.policies == ()
+    assert snapshot.chain_for("missing") is None
+
+
+def test_entry_defaults(registry: PolicyRegistry) -> None:
+    snapshot = load(registry, {"r": route(add_header())})
+    [entry] = snapshot.chain_for("r").policies
+    assert (entry.condition, entry.timeout, entry.fail_open, entry.error_status) == (
+        None,
+        None,
+        False,
+        500,
+    )
+
+
+def test_content_hash_is_canonical(registry: PolicyRegistry) -> None:
+    one = load(registry, {"r": route(add_header()), "s": route()})
+    two = load(registry, {"s": route(), "r": route(add_header())})
+    assert one.content_hash == two.content_hash
+    assert one.content_hash != load(registry, {"r": route()}).content_hash
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        pytest.param(
+            {
+                "name": "jwtValidation",
+                "version": "v1.0.0",
+                "parameters": {**JWT_OK, "jwksUrl": "http://x"},
+            },
+            "routes[r].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS",
+            id="parameter",
+        ),
+        pytest.param(
+            {"name": "jwtValidation", "version": "v1.0.0", "parameters": {}},
+            "routes[r].policies[0] jwtValidation v1.0.0: missing required parameter(s): "
+            "issuer, jwksUrl",
+            id="missing-parameters",
+        ),
+        pytest.param(
+            {"name": "jwtValidation", "version": "v3.0.0", "parameters": JWT_OK},
+            "routes[r].policies[0] jwtValidation v3.0.0: policy 'jwtValidation' version v3.0.0 "
+            "is not in this engine (versions available: v1.0.0, v2.0.0)",
+            id="unknown-version",
+        ),
+        pytest.param(
+            {"name": "rateLimit", "version": "v1.0.0"},
+            "routes[r].policies[0] rateLimit v1.0.0: policy 'rateLimit' is not in this engine "
+            "(policies available: addHeader, fussy, jwtValidation, recorder, sleeper)",
+            id="unknown-policy",
+        ),
+        pytest.param(
+            add_header(priority=1),
+            "routes[r].policies[0]: unknown field 'priority'",
+            id="unknown-field",
+        ),
+        pytest.param(
+            add_header(condition="request.path.("),
+            "routes[r].policies[0] addHeader v1.0.0: condition: 1:14: Syntax error: "
+            "no viable alternative at input '.('",
+            id="condition-syntax",
+        ),
+        pytest.param(
+            add_header(condition="requets.path == '/'"),
+            "routes[r].policies[0] addHeader v1.0.0: condition: 1:8: undeclared reference to "
+            "'requets.path' (in container '')",
+            id="condition-undeclared",
+        ),
+        pytest.param(
+            add_header(timeout="soon"),
+            "routes[r].policies[0] addHeader v1.0.0: timeout: 'soon' is not a duration "
+            "(expected e.g. '250ms', '1s', '2m', '1h')",
+            id="timeout",
+        ),
+        pytest.param(
+            add_header(timeout="0ms"),
+            "routes[r].policies[0] addHeader v1.0.0: timeout: must be greater than 0",
+            id="timeout-zero",
+        ),
+        pytest.param(
+            add_header(onError="ignore"),
+            "routes[r].policies[0] addHeader v1.0.0: onError: 'ignore' is not one of failOpen, "
+            "failClosed",
+            id="on-error",
+        ),
+        pytest.param(
+            add_header(errorStatus=200),
+            "routes[r].policies[0] addHeader v1.0.0: errorStatus: must be an integer in 400-599, "
+            "got 200",
+            id="error-status",
+        ),
+        pytest.param(
+            add_header(enabled="no"),
+            "routes[r].policies[0] addHeader v1.0.0: enabled: must be true or false, got 'no'",
+            id="enabled",
+        ),
+        pytest.param(
+            add_header(parameters=["x"]),
+            "routes[r].policies[0] addHeader v1.0.0: parameters: must be a mapping, got list",
+            id="parameters-type",
+        ),
+        pytest.param(
+            {"version": "v1.0.0"}, "routes[r].policies[0]: missing field 'name'", id="no-name"
+        ),
+        pytest.param(
+            {"name": "addHeader", "version": 1},
+            "routes[r].policies[0]: version: must be a string, got 1",
+            id="version-type",
+        ),
+        pytest.param(
+            "addHeader",
+            "routes[r].policies[0]: must be a mapping with 'name' and 'version'",
+            id="entry-type",
+        ),
+        pytest.param(
+            add_header(parameters={"header": "x-a", "value": "a\nb"}),
+            "routes[r].policies[0] addHeader v1.0.0: value: must not contain a newline",
+            id="constructor-parameter-error",
+        ),
+        pytest.param(
+            {"name": "fussy", "version": "v1.0.0", "parameters": {"fail": "value"}},
+            "routes[r].policies[0] fussy v1.0.0: mode and fail do not mix",
+            id="constructor-value-error",
+        ),
+        pytest.param(
+            {"name": "fussy", "version": "v1.0.0", "parameters": {"fail": "runtime"}},
+            "routes[r].policies[0] fussy v1.0.0: constructor failed: RuntimeError: "
+            "cannot open cache",
+            id="constructor-crash",
+        ),
+    ],
+)
+def test_entry_errors(registry: PolicyRegistry, entry: Any, expected: str) -> None:
+    assert errors_of(registry, {"routes": {"r": route(entry)}}) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        pytest.param(None, "configuration is empty (expected a mapping with 'routes')", id="empty"),
+        pytest.param(["routes"], "expected a mapping with 'routes', got list", id="list"),
+        pytest.param({}, "missing field 'routes'", id="no-routes"),
+        pytest.param({"routes": {}, "version": 2}, "unknown field 'version'", id="unknown-top"),
+        pytest.param(
+            {"routes": ["a"]},
+            "routes: must be a mapping of route key -> route, got ['a']",
+            id="routes-list",
+        ),
+        pytest.param(
+            {"routes": {"r": {}}},
+            "routes[r]: missing field 'policies' (use [] for a pass-through route)",
+            id="no-policies",
+        ),
+        pytest.param(
+            {"routes": {"r": {"policies": {}}}},
+            "routes[r].policies: must be a list, got dict",
+            id="policies-type",
+        ),
+        pytest.param(
+            {"routes": {"r": {"policies": [], "x": 1}}},
+            "routes[r]: unknown field 'x'",
+            id="route-field",
+        ),
+        pytest.param(
+            {"routes": {"r": []}},
+            "routes[r]: must be a mapping with a 'policies' list",
+            id="route-type",
+        ),
+        pytest.param(
+            {"routes": {7: route()}},
+            "routes[7]: route key must be a non-empty string",
+            id="route-key",
+        ),
+    ],
+)
+def test_document_errors(registry: PolicyRegistry, document: Any, expected: str) -> None:
+    assert errors_of(registry, document) == [expected]
+
+
+def test_every_error_is_collected(registry: PolicyRegistry) -> None:
+    document = {
+        "routes": {
+            "public": route(add_header(), {**add_header(), "priority": 1}),
+            "private": route(
+                {
+                    "name": "jwtValidation",
+                    "version": "v1.0.0",
+                    "parameters": {"jwksUrl": "http://x"},
+                },
+                add_header(timeout="1x", onError="nope"),
+            ),
+        }
+    }
+    assert errors_of(registry, document) == [
+        "routes[public].policies[1]: unknown field 'priority'",
+        "routes[private].policies[0] jwtValidation v1.0.0: missing required parameter(s): issuer",
+        "routes[private].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS",
+        "routes[private].policies[1] addHeader v1.0.0: timeout: '1x' is not a duration "
+        "(expected e.g. '250ms', '1s', '2m', '1h')",
+        "routes[private].policies[1] addHeader v1.0.0: onError: 'nope' is not one of failOpen, "
+        "failClosed",
+    ]
+
+
+def test_yaml_syntax_error_names_file_and_line(registry: PolicyRegistry, tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("routes:\n  r:\n    policies: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path, registry)
+    assert info.value.source == str(path)
+    assert info.value.errors == (
+        "YAML syntax error: line 4, column 1: while parsing a flow node; "
+        "expected the node content, but found '<stream end>'",
+    )
+    assert str(info.value).startswith(f"{path}: 1 configuration error(s):\n  - YAML syntax error")
+
+
+def test_unreadable_file(registry: PolicyRegistry, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config_file(tmp_path / "missing.yaml", registry)
+    assert info.value.errors == ("cannot read: No such file or directory",)
+
+
+def test_disabled_entries_are_validated_but_not_constructed(registry: PolicyRegistry) -> None:
+    crashing = {"name": "fussy", "version": "v1.0.0", "parameters": {"fail": "runtime"}}
+    snapshot = load(registry, {"r": route({**crashing, "enabled": False})})
+    assert snapshot.chain_for("r").policies == ()
+    invalid = {**add_header(parameters={"header": "X"}), "enabled": False}
+    assert errors_of(registry, {"routes": {"r": route(invalid)}}) == [
+        "routes[r].policies[0] addHeader v1.0.0: missing required parameter(s): value",
+        "routes[r].policies[0] addHeader v1.0.0: header: 'X' does not match '^[a-z0-9-]+$'",
+    ]
+
+
+def test_instances_are_reused_across_reloads(registry: PolicyRegistry) -> None:
+    first = load(
+        registry, {"r": route(add_header(), add_header(parameters={"header": "x-b", "value": "2"}))}
+    )
+    same, changed = first.chain_for("r").policies
+    second = load(
+        registry,
+        {
+            "r": route(add_header(condition="true", timeout="1s")),
+            "s": route(add_header(), add_header(parameters={"header": "x-b", "value": "3"})),
+        },
+        previous=first,
+    )
+    assert second.version == 2
+    [r0] = second.chain_for("r").policies
+    s0, s1 = second.chain_for("s").policies
+    # Identity is (name, version, params): condition/timeout/route do not matter.
+    assert r0.instance is same.instance
+    assert s0.instance is same.instance
+    assert s1.instance is not changed.instance
+    assert s1.instance.value == "3"
+
+
+def test_failed_reload_leaves_previous_untouched(registry: PolicyRegistry) -> None:
+    first = load(registry, {"r": route(add_header())})
+    with pytest.raises(ConfigError):
+        load(registry, {"r": route(add_header(onError="x"))}, previous=first)
+    assert first.chain_for("r").policies[0].instance.value == "1"
+
+
+def test_canonical_json() -> None:
+    assert canonical_json({"b": [1, {"d": 2, "c": "é"}], "a": None}) == (
+        '{"a":null,"b":[1,{"c":"é","d":2}]}'
+    )
