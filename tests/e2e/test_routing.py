@@ -1,0 +1,154 @@
+"""Through a real Envoy: route-based chains, header/path/method rewrites, short-circuit and
+CEL conditions (spec stories 1, 2 and 4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.envoy
+
+
+def add(header: str, value: str, **extra: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"header": header, "value": value}
+    params.update(extra.pop("params", {}))
+    return {"name": "addHeader", "version": "v1.0.0", "parameters": params, **extra}
+
+
+def policy(name: str, **parameters: Any) -> dict[str, Any]:
+    return {"name": name, "version": "v1.0.0", "parameters": parameters}
+
+
+def test_public_and_private_routes_run_different_chains(e2e):
+    e2e.configure(
+        {
+            "public": {"policies": [add("x-chain", "public")]},
+            "private": {"policies": [add("x-chain", "private"), policy("deny")]},
+        }
+    )
+    before = len(e2e.upstream.requests_to("/api/v1/private"))
+    public = e2e.request("/api/v1/public/items")
+    assert public.status == 200
+    assert public.echo["headers"]["x-chain"] == "public"
+    private = e2e.request("/api/v1/private/items")
+    assert private.status == 401
+    assert private.json() == {"error": "denied"}
+    assert len(e2e.upstream.requests_to("/api/v1/private")) == before
+
+
+def test_headers_added_modified_removed_before_upstream(e2e):
+    e2e.configure(
+        {
+            "public": {
+                "policies": [
+                    add("x-new", "added"),
+                    add("x-existing", "modified"),
+                    add("x-list", "second", params={"append": True}),
+                    policy("rewrite", removeHeaders=["x-remove"]),
+                ]
+            }
+        }
+    )
+    reply = e2e.request(
+        "/api/v1/public/h",
+        headers={"x-existing": "original", "x-remove": "gone", "x-list": "first", "x-keep": "k"},
+    )
+    assert reply.status == 200
+    seen = reply.echo["headers"]
+    assert seen["x-new"] == "added"
+    assert seen["x-existing"] == "modified"
+    assert seen["x-list"] == "first, second"
+    assert seen["x-keep"] == "k"
+    assert "x-remove" not in seen
+
+
+def test_path_and_method_rewrites_reach_upstream(e2e):
+    e2e.configure(
+        {
+            "public": {
+                "policies": [policy("rewrite", path="/api/v1/public/rewritten?x=1", method="PUT")]
+            }
+        }
+    )
+    reply = e2e.request("/api/v1/public/original", method="GET")
+    assert reply.status == 200
+    assert (reply.echo["method"], reply.echo["path"]) == ("PUT", "/api/v1/public/rewritten?x=1")
+
+
+def request_labels(e2e) -> list[str]:
+    return [label for label, phase, _ in e2e.recorder_calls() if phase == "request"]
+
+
+def test_short_circuit_stops_chain_and_upstream_per_request(e2e):
+    e2e.configure(
+        {
+            "private": {
+                "policies": [
+                    policy("recorder", label="first"),
+                    {**policy("deny"), "condition": '!("x-token" in request.headers)'},
+                    policy("recorder", label="later"),
+                ]
+            }
+        }
+    )
+    before = len(e2e.upstream.requests_to("/api/v1/private"))
+    denied = e2e.request("/api/v1/private/a")
+    assert denied.status == 401
+    assert request_labels(e2e) == ["first"]
+    assert len(e2e.upstream.requests_to("/api/v1/private")) == before
+
+    # The next request is evaluated afresh: with a token the whole chain runs.
+    allowed = e2e.request("/api/v1/private/a", headers={"x-token": "t"})
+    assert allowed.status == 200
+    assert request_labels(e2e) == ["first", "first", "later"]
+    assert len(e2e.upstream.requests_to("/api/v1/private")) == before + 1
+    # And again without: short-circuited again.
+    assert e2e.request("/api/v1/private/a").status == 401
+
+
+CEL_CHAIN = [
+    add("x-api", "1", condition='request.path.startsWith("/cel/api/")'),
+    add("x-write", "1", condition='request.method in ["POST", "PUT", "DELETE"]'),
+    add("x-flag", "on", params={"metadataKey": "flag"}, condition='request.path.endsWith("/flag")'),
+    add("x-flagged", "1", condition='has(metadata.flag) && metadata.flag == "on"'),
+    add("x-broken", "1", condition='request.headers["x-missing"] == "1"'),
+    add("x-after", "1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        pytest.param("GET", "/cel/api/users", {"x-api"}, id="path-prefix-match"),
+        pytest.param("GET", "/cel/health", set(), id="path-prefix-miss"),
+        pytest.param("POST", "/cel/health", {"x-write"}, id="method-in-list"),
+        pytest.param("DELETE", "/cel/api/x", {"x-api", "x-write"}, id="both"),
+        pytest.param(
+            "GET", "/cel/flag", {"x-flag", "x-flagged"}, id="metadata-from-earlier-policy"
+        ),
+    ],
+)
+def test_cel_conditions(e2e, method, path, expected):
+    e2e.configure({"cel": {"policies": CEL_CHAIN}})
+    reply = e2e.request(path, method=method, body=b"" if method != "GET" else None)
+    assert reply.status == 200
+    headers = reply.echo["headers"]
+    present = {h for h in ("x-api", "x-write", "x-flag", "x-flagged", "x-broken") if h in headers}
+    assert present == expected
+    # A condition failing at runtime (missing header) skips only that policy.
+    assert headers["x-after"] == "1"
+
+
+def test_unknown_route_key_passes_through(e2e):
+    e2e.configure({"public": {"policies": [add("x-chain", "public")]}})
+    reply = e2e.request("/nochain/x", headers={"x-client": "c"})
+    assert reply.status == 200
+    assert reply.echo["headers"]["x-client"] == "c"
+    assert "x-chain" not in reply.echo["headers"]
+
+
+def test_route_name_attribute_is_the_fallback_key(e2e):
+    e2e.configure({"named": {"policies": [add("x-named", "yes")]}})
+    reply = e2e.request("/named/x")
+    assert reply.echo["headers"]["x-named"] == "yes"

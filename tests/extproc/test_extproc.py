@@ -1,0 +1,528 @@
+"""engine.extproc through a real grpc.aio server and client (no Envoy).
+
+Chains are built directly from small in-file policies, so these tests pin the ext_proc
+translation (messages, modes, mutations, stream state machine) independently of config
+loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine import extproc
+from engine.chain import Chain, ChainPolicy, Snapshot
+from engine.extproc import PolicyProcessor
+from engine.extproc_testing import (
+    ExtProcClient,
+    decode,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+)
+from engine.policy import (
+    ImmediateResponse,
+    RequestContext,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
+from engine.server import serve
+from engine.store import ConfigStore
+
+# ----------------------------------------------------------------------------- policies
+
+
+@dataclass
+class Seen:
+    """What policies observed, in order."""
+
+    requests: list[RequestContext] = field(default_factory=list)
+    responses: list[ResponseContext] = field(default_factory=list)
+    bodies: list[bytes | None] = field(default_factory=list)
+
+
+class Recorder:
+    def __init__(self, seen: Seen) -> None:
+        self.seen = seen
+
+    def on_request(self, ctx: RequestContext) -> None:
+        self.seen.requests.append(ctx)
+        self.seen.bodies.append(ctx.body)
+
+
+class ResponseRecorder:
+    def __init__(self, seen: Seen) -> None:
+        self.seen = seen
+
+    def on_response(self, ctx: ResponseContext) -> None:
+        self.seen.responses.append(ctx)
+        self.seen.bodies.append(ctx.body)
+
+
+class Modify:
+    def __init__(self, action: RequestModifications) -> None:
+        self.action = action
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return self.action
+
+
+class Deny:
+    def on_request(self, ctx: RequestContext) -> ImmediateResponse:
+        return ImmediateResponse(401, {"www-authenticate": "Bearer"}, b"denied")
+
+
+class Upper:
+    """Upper-cases the body of whichever phase it runs in."""
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications | None:
+        return RequestModifications(body=ctx.body.upper()) if ctx.body is not None else None
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications | None:
+        return ResponseModifications(body=ctx.body.upper()) if ctx.body is not None else None
+
+
+class MetaWriter:
+    def on_request(self, ctx: RequestContext) -> None:
+        ctx.metadata["user"] = "alice"
+
+
+class Respond:
+    def __init__(self, action: ResponseModifications) -> None:
+        self.action = action
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+        return self.action
+
+
+def entry(instance: object, **flags: Any) -> ChainPolicy:
+    has_request = hasattr(instance, "on_request")
+    has_response = hasattr(instance, "on_response")
+    return ChainPolicy(
+        name=type(instance).__name__,
+        version="v1.0.0",
+        instance=instance,
+        has_request=flags.pop("has_request", has_request),
+        has_response=flags.pop("has_response", has_response),
+        **flags,
+    )
+
+
+def snapshot(**routes: list[ChainPolicy]) -> Snapshot:
+    return Snapshot(
+        routes=MappingProxyType({k: Chain(route=k, policies=tuple(v)) for k, v in routes.items()}),
+        source="test",
+        version=1,
+    )
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Engine:
+    target: str
+    store: ConfigStore
+    processor: PolicyProcessor
+    seen: Seen
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    seen = Seen()
+    store = ConfigStore(snapshot(public=[entry(Recorder(seen))]))
+    processor = PolicyProcessor(store)
+    ports: list[int] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        serve(
+            "127.0.0.1:0",
+            store,
+            grace=0.5,
+            ready=ready,
+            stop=stop,
+            on_bound=ports.append,
+            processor=processor,
+        )
+    )
+    async with asyncio.timeout(5):
+        await ready.wait()
+    try:
+        yield Engine(f"127.0.0.1:{ports[0]}", store, processor, seen)
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+
+
+@pytest.fixture
+async def client(engine: Engine) -> AsyncIterator[ExtProcClient]:
+    async with ExtProcClient(engine.target) as c:
+        yield c
+
+
+def use(engine: Engine, **routes: list[ChainPolicy]) -> None:
+    engine.store.publish(snapshot(**routes), "test")
+
+
+# ----------------------------------------------------------------------------- request phase
+
+
+async def test_header_chain_mutates_at_headers_and_ends_stream(engine, client):
+    action = RequestModifications(
+        set_headers={"x-added": "yes"}, remove_headers=("x-drop",), path="/new", method="POST"
+    )
+    use(engine, public=[entry(Modify(action)), entry(Recorder(engine.seen))])
+    replies = await client.exchange(
+        "public", [request_headers("/old", "GET", {"x-drop": "1"}), response_headers(200)]
+    )
+    assert len(replies) == 1, "no response phase: the server ends the stream after headers"
+    reply = decode(replies[0])
+    assert reply.kind == "request_headers"
+    assert reply.set_headers == {"x-added": "yes", ":path": "/new", ":method": "POST"}
+    assert reply.remove_headers == ["x-drop"]
+    assert reply.modes == {
+        "request_body_mode": "NONE",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+    }
+    ctx = engine.seen.requests[0]
+    assert (ctx.path, ctx.method, ctx.body) == ("/new", "POST", None)
+    assert engine.processor.stats.count("request_headers", "public") == 1
+
+
+async def test_request_context_is_built_like_the_contract_says(engine, client):
+    headers = [
+        ("X-Multi", "a"),
+        ("x-multi", "b"),
+        ("x-request-id", "rid-7"),
+        ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+        ("cookie", "caf\u00e9"),
+    ]
+    await client.exchange("public", [request_headers("/p?q=1", "PUT", headers)])
+    ctx = engine.seen.requests[0]
+    assert ctx.path == "/p?q=1"
+    assert ctx.method == "PUT"
+    assert ctx.route == "public"
+    assert ctx.request_id == "rid-7"
+    assert ctx.client_address == "10.0.0.1"
+    assert ctx.headers["x-multi"] == "a, b"
+    assert ctx.headers["cookie"] == "caf\u00e9"
+    assert not any(name.startswith(":") for name in ctx.headers)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        pytest.param("127.0.0.1:5555", "127.0.0.1", id="ipv4"),
+        pytest.param("[::1]:5555", "::1", id="ipv6"),
+    ],
+)
+async def test_client_address_falls_back_to_source_attribute(engine, client, address, expected):
+    await client.exchange("public", [request_headers("/", attributes={"source.address": address})])
+    assert engine.seen.requests[0].client_address == expected
+
+
+async def test_route_falls_back_to_route_name_attribute(engine, client):
+    replies = await client.exchange(
+        None, [request_headers("/", attributes={"xds.route_name": "public"})]
+    )
+    assert decode(replies[0]).kind == "request_headers"
+    assert engine.seen.requests[0].route == "public"
+
+
+async def test_metadata_key_wins_over_attribute(engine, client):
+    use(engine, public=[], other=[entry(Recorder(engine.seen))])
+    await client.exchange("other", [request_headers("/", attributes={"xds.route_name": "public"})])
+    assert [c.route for c in engine.seen.requests] == ["other"]
+
+
+@pytest.mark.parametrize(
+    "route", [pytest.param("nope", id="unknown"), pytest.param(None, id="missing")]
+)
+async def test_unknown_route_passes_through(engine, client, route, caplog):
+    replies = await client.exchange(route, [request_headers("/x")])
+    reply = decode(replies[0])
+    assert reply.kind == "request_headers"
+    assert reply.set_headers == {}
+    assert reply.modes == {
+        "request_body_mode": "NONE",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+    }
+    assert engine.processor.stats.unknown_routes == 1
+    assert "no policy chain for route key" in caplog.text
+    assert engine.seen.requests == []
+
+
+async def test_immediate_response_ends_stream(engine, client):
+    use(engine, public=[entry(Deny()), entry(Recorder(engine.seen))])
+    replies = await client.exchange("public", [request_headers("/"), response_headers(200)])
+    assert len(replies) == 1
+    reply = decode(replies[0])
+    assert reply.kind == "immediate_response"
+    assert reply.status == 401
+    assert reply.body == b"denied"
+    assert reply.set_headers == {"www-authenticate": "Bearer"}
+    assert engine.seen.requests == []
+
+
+async def test_body_chain_buffers_then_runs_on_body(engine, client):
+    use(
+        engine,
+        public=[
+            entry(Upper(), has_response=False, requires_request_body=True),
+            entry(Modify(RequestModifications(set_headers={"x-after-body": "1"}))),
+            entry(Recorder(engine.seen)),
+        ],
+    )
+    stream = client.open("public")
+    first = decode(await stream.send(request_headers("/", "POST", end_of_stream=False)))
+    assert first.kind == "request_headers"
+    assert first.set_headers == {}
+    assert first.modes == {
+        "request_body_mode": "BUFFERED",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+    }
+    second = decode(await stream.send(request_body(b"hello")))
+    assert second.kind == "request_body"
+    assert second.body == b"HELLO"
+    assert second.set_headers == {"x-after-body": "1", "content-length": "5"}
+    assert await stream.finish() == (grpc.StatusCode.OK, "")
+    assert engine.seen.bodies == [b"HELLO"]
+
+
+async def test_body_chain_without_body_runs_at_headers(engine, client):
+    use(engine, public=[entry(Recorder(engine.seen), requires_request_body=True)])
+    replies = await client.exchange("public", [request_headers("/", end_of_stream=True)])
+    modes = decode(replies[0]).modes
+    assert modes is not None
+    assert modes["request_body_mode"] == "NONE"
+    assert engine.seen.bodies == [None]
+
+
+async def test_body_set_without_buffering_uses_continue_and_replace(engine, client):
+    use(engine, public=[entry(Modify(RequestModifications(body=b"new")))])
+    replies = await client.exchange("public", [request_headers("/", "POST", end_of_stream=False)])
+    reply = decode(replies[0])
+    assert reply.replace
+    assert reply.body == b"new"
+    assert "content-length" not in reply.set_headers
+
+
+# ----------------------------------------------------------------------------- response phase
+
+
+async def test_response_phase_sees_request_as_sent_and_metadata(engine, client):
+    rewrite = RequestModifications(set_headers={"x-up": "1"}, path="/rewritten")
+    use(
+        engine,
+        public=[
+            entry(Modify(rewrite)),
+            entry(MetaWriter()),
+            entry(Respond(ResponseModifications(status=418, set_headers={"x-resp": "r"}))),
+            entry(ResponseRecorder(engine.seen)),
+        ],
+    )
+    stream = client.open("public")
+    first = decode(await stream.send(request_headers("/orig")))
+    assert first.modes == {
+        "request_body_mode": "NONE",
+        "response_header_mode": "SEND",
+        "response_body_mode": "NONE",
+    }
+    second = decode(await stream.send(response_headers(200, {"server": "echo"})))
+    assert second.kind == "response_headers"
+    assert second.set_headers == {"x-resp": "r", ":status": "418"}
+    assert await stream.finish() == (grpc.StatusCode.OK, "")
+    response = engine.seen.responses[0]
+    assert response.status == 418
+    assert response.request.path == "/rewritten"
+    assert response.request.headers["x-up"] == "1"
+    assert response.metadata == {"user": "alice"}
+    assert response.metadata is response.request.metadata
+
+
+async def test_response_body_chain_buffers_only_the_response(engine, client):
+    use(
+        engine,
+        public=[
+            entry(Upper(), has_request=False, requires_response_body=True),
+            entry(Respond(ResponseModifications(status=201))),
+        ],
+    )
+    stream = client.open("public")
+    first = decode(await stream.send(request_headers("/", "POST", end_of_stream=False)))
+    assert first.modes == {
+        "request_body_mode": "NONE",
+        "response_header_mode": "SEND",
+        "response_body_mode": "BUFFERED",
+    }
+    headers_reply = decode(await stream.send(response_headers(200, end_of_stream=False)))
+    assert headers_reply.kind == "response_headers"
+    assert headers_reply.set_headers == {}
+    body_reply = decode(await stream.send(response_body(b"abc")))
+    assert body_reply.kind == "response_body"
+    assert body_reply.body == b"ABC"
+    assert body_reply.set_headers == {":status": "201", "content-length": "3"}
+    assert await stream.finish() == (grpc.StatusCode.OK, "")
+
+
+async def test_snapshot_is_taken_once_per_stream(engine, client):
+    """Copy-on-write: a reload between request and response does not change the chain."""
+    old = Respond(ResponseModifications(set_headers={"x-version": "old"}))
+    new = Respond(ResponseModifications(set_headers={"x-version": "new"}))
+    use(engine, public=[entry(old)])
+    stream = client.open("public")
+    await stream.send(request_headers("/"))
+    use(engine, public=[entry(new)])
+    reply = decode(await stream.send(response_headers(200)))
+    assert reply.set_headers == {"x-version": "old"}
+    await stream.finish()
+    replies = await client.exchange("public", [request_headers("/"), response_headers(200)])
+    assert decode(replies[1]).set_headers == {"x-version": "new"}
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_executor_failure_fails_closed(engine, client, monkeypatch):
+    async def broken(chain: Chain, ctx: RequestContext) -> None:
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(extproc, "run_request", broken)
+    replies = await client.exchange("public", [request_headers("/")])
+    reply = decode(replies[0])
+    assert (reply.kind, reply.status) == ("immediate_response", 500)
+    assert engine.processor.stats.policy_failures == 1
+
+
+EMPTY = external_processor_pb2.ProcessingRequest()
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        pytest.param(
+            [response_headers(200)], "response_headers before request_headers", id="response-first"
+        ),
+        pytest.param([request_body(b"x")], "request_body before request_headers", id="body-first"),
+        pytest.param([EMPTY], "no request/response message set", id="no-oneof"),
+        pytest.param(
+            [request_headers("/", end_of_stream=False), request_headers("/")],
+            "second request_headers",
+            id="second-request-headers",
+        ),
+        pytest.param(
+            [request_headers("/", end_of_stream=False), response_headers(200)],
+            "response_headers while awaiting request_body",
+            id="response-during-body",
+        ),
+        pytest.param(
+            [request_headers("/"), response_body(b"x")],
+            "response_body before response_headers",
+            id="response-body-first",
+        ),
+    ],
+)
+async def test_protocol_errors_abort_only_that_stream(engine, client, messages, problem):
+    use(
+        engine,
+        public=[
+            entry(Recorder(engine.seen), requires_request_body=True),
+            entry(Respond(ResponseModifications(status=200))),
+        ],
+    )
+    healthy = client.open("public")
+    assert await healthy.send(request_headers("/", end_of_stream=False)) is not None
+
+    bad = client.open("public")
+    for message in messages[:-1]:
+        assert await bad.send(message) is not None
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await bad.send(messages[-1])
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in (info.value.details() or "")
+    assert engine.processor.stats.protocol_errors == 1
+
+    # The concurrent stream is unaffected.
+    reply = decode(await healthy.send(request_body(b"ok")))
+    assert reply.kind == "request_body"
+    assert decode(await healthy.send(response_headers(204))).kind == "response_headers"
+    assert await healthy.finish() == (grpc.StatusCode.OK, "")
+
+
+# ----------------------------------------------------------------------------- server
+
+
+async def test_health_reports_serving(engine):
+    async with grpc.aio.insecure_channel(engine.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_waits_for_first_config():
+    store = ConfigStore()
+    ports: list[int] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        serve("127.0.0.1:0", store, grace=0.1, ready=ready, stop=stop, on_bound=ports.append)
+    )
+    try:
+        async with asyncio.timeout(5):
+            await ready.wait()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            check: Callable[[], Any] = lambda: stub.Check(  # noqa: E731
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+            assert (await check()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            store.publish(snapshot(public=[]), "test")
+            await asyncio.sleep(0.05)
+            assert (await check()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+
+
+async def test_stop_drains_in_flight_stream():
+    """Graceful stop: a stream whose policy is still running when stop is requested completes."""
+
+    class Slow:
+        async def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+            await asyncio.sleep(0.3)
+            return ResponseModifications(set_headers={"x-slow": "done"})
+
+    store = ConfigStore(snapshot(public=[entry(Slow())]))
+    ports: list[int] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        serve("127.0.0.1:0", store, grace=3, ready=ready, stop=stop, on_bound=ports.append)
+    )
+    async with asyncio.timeout(5):
+        await ready.wait()
+    async with ExtProcClient(f"127.0.0.1:{ports[0]}") as client:
+        stream = client.open("public")
+        await stream.send(request_headers("/"))
+        pending = asyncio.create_task(stream.send(response_headers(200)))
+        await asyncio.sleep(0.1)
+        stop.set()
+        reply = decode(await pending)
+        assert reply.set_headers == {"x-slow": "done"}
+        assert await stream.finish() == (grpc.StatusCode.OK, "")
+    async with asyncio.timeout(5):
+        await task

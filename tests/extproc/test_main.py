@@ -1,0 +1,161 @@
+"""engine.main: the CLI (--version, --validate) and a real server process (workers, SIGTERM)."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.main import ENGINE_VERSION, main
+from engine.registry import PolicyRegistry
+from tests.e2e.harness import free_port
+from tests.support import registry_from
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VALID = """
+routes:
+  public:
+    policies:
+      - {name: addHeader, version: v1.0.0, parameters: {header: x-a, value: "1"}}
+  private:
+    policies: []
+"""
+
+INVALID = """
+routes:
+  public:
+    policies:
+      - {name: addHeader, version: v9.0.0, parameters: {header: x-a, value: "1"}}
+      - {name: addHeader, version: v1.0.0, parameters: {header: X-BAD, value: "1"}}
+"""
+
+
+def run(argv: list[str], registry: PolicyRegistry) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, registry=registry, build_info={"built": "today"}, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_version_prints_build_info_and_policies():
+    code, out, _ = run(["--version"], registry_from("addHeader", "deny"))
+    assert code == 0
+    assert out.splitlines() == [
+        f"policy-engine {ENGINE_VERSION}",
+        "built: today",
+        "policies: addHeader v1.0.0, deny v1.0.0",
+    ]
+
+
+def test_zero_policy_engine_version():
+    code, out, _ = run(["--version"], PolicyRegistry(()))
+    assert code == 0
+    assert "policies: none" in out
+
+
+def test_validate_ok(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(VALID)
+    assert run(["--config", str(config), "--validate"], registry_from("addHeader")) == (
+        0,
+        "OK: 2 routes\n",
+        "",
+    )
+
+
+def test_validate_prints_every_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(INVALID)
+    code, out, err = run(["--config", str(config), "--validate"], registry_from("addHeader"))
+    assert code == 1
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 2, lines
+    assert "v9.0.0" in lines[0]
+    assert "X-BAD" in lines[1]
+
+
+def test_validate_missing_file(tmp_path):
+    code, _, err = run(
+        ["--config", str(tmp_path / "nope.yaml"), "--validate"], registry_from("addHeader")
+    )
+    assert code == 1
+    assert "cannot read" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param([], id="no-config"),
+        pytest.param(["--config", "x", "--workers", "0"], id="zero-workers"),
+        pytest.param(
+            ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:0"], id="workers-port-0"
+        ),
+    ],
+)
+def test_bad_command_lines_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv, registry=PolicyRegistry(()))
+    assert info.value.code == 2
+
+
+SCRIPT = (
+    "import sys\n"
+    "from engine.main import main\n"
+    "from tests.support import registry_from\n"
+    "sys.exit(main(sys.argv[1:], registry=registry_from('addHeader')))\n"
+)
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("workers", [pytest.param(1, id="one"), pytest.param(2, id="two")])
+def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
+    config = tmp_path / "c.yaml"
+    config.write_text(VALID)
+    port = free_port()
+    argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
+    argv += ["--workers", str(workers), "--grace", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "server did not become SERVING"
+                time.sleep(0.1)
+        if workers > 1:
+            assert len(children(proc.pid)) == workers
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert code == 0, stderr
+        assert "policy-engine" in stderr  # build info logged at start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
