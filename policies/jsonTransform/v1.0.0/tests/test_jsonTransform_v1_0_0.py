@@ -1,0 +1,213 @@
+"""Tests of jsonTransform v1.0.0: paths, set/remove, bad bodies in both phases."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.policy import (
+    ImmediateResponse,
+    ParameterError,
+    RequestContext,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
+from engine.registry import load_policy
+
+FOLDER = Path(__file__).resolve().parents[1]
+POLICY = load_policy(FOLDER)
+
+
+def make(params: dict[str, Any]) -> Any:
+    normalised, errors = POLICY.definition.validate_parameters(params)
+    assert errors == []
+    return POLICY.factory(normalised)
+
+
+def request_ctx(body: bytes | None) -> RequestContext:
+    return RequestContext(
+        headers={"content-type": "application/json"},
+        path="/",
+        method="POST",
+        request_id="req-1",
+        route="t",
+        body=body,
+    )
+
+
+def response_ctx(body: bytes | None) -> ResponseContext:
+    return ResponseContext(
+        request=request_ctx(None), status=200, headers={}, metadata={}, body=body
+    )
+
+
+def test_definition_examples_behave_as_declared() -> None:
+    assert POLICY.definition.check_examples() == []
+
+
+def test_definition_declares_body_needs() -> None:
+    assert POLICY.definition.requires_request_body
+    assert POLICY.definition.requires_response_body
+
+
+@pytest.mark.parametrize(
+    "example",
+    [e for e in POLICY.definition.examples if e["valid"]],
+    ids=lambda e: str(e["description"]),
+)
+def test_valid_examples_construct(example: dict[str, Any]) -> None:
+    make(example["parameters"])
+
+
+@pytest.mark.parametrize(
+    ("ops", "body", "expected"),
+    [
+        pytest.param({"set": {"a": 1}}, {}, {"a": 1}, id="set-top-level"),
+        pytest.param(
+            {"set": {"a.b.c": "x"}},
+            {"a": {"z": 0}},
+            {"a": {"z": 0, "b": {"c": "x"}}},
+            id="set-creates-intermediate-objects",
+        ),
+        pytest.param(
+            {"set": {"a": {"k": [1, None]}}},
+            {"a": 1},
+            {"a": {"k": [1, None]}},
+            id="set-replaces-with-structured-value",
+        ),
+        pytest.param(
+            {"set": {"items.1.id": 7}},
+            {"items": [{"id": 1}, {"id": 2}]},
+            {"items": [{"id": 1}, {"id": 7}]},
+            id="set-array-element-member",
+        ),
+        pytest.param(
+            {"set": {"m.0": "x"}},
+            {"m": {}},
+            {"m": {"0": "x"}},
+            id="digits-are-object-keys-in-objects",
+        ),
+        pytest.param(
+            {"remove": ["secret", "user.hash"]},
+            {"secret": 1, "user": {"hash": "h", "name": "n"}},
+            {"user": {"name": "n"}},
+            id="remove-fields",
+        ),
+        pytest.param(
+            {"remove": ["tags.0"]}, {"tags": ["a", "b"]}, {"tags": ["b"]}, id="remove-array-element"
+        ),
+        pytest.param(
+            {"remove": ["a"], "set": {"a.b": 1}},
+            {"a": "old"},
+            {"a": {"b": 1}},
+            id="remove-runs-before-set",
+        ),
+        pytest.param({"set": {"name": "Zoë"}}, {"name": "x"}, {"name": "Zoë"}, id="unicode"),
+    ],
+)
+def test_request_transformations(ops: dict[str, Any], body: Any, expected: Any) -> None:
+    action = make({"request": ops}).on_request(request_ctx(json.dumps(body).encode()))
+    assert isinstance(action, RequestModifications)
+    assert action.body is not None
+    assert json.loads(action.body) == expected
+    assert action.set_headers == {}  # the engine fixes content-length, not the policy
+
+
+@pytest.mark.parametrize(
+    ("ops", "body"),
+    [
+        pytest.param(
+            {"remove": ["missing", "a.missing", "list.5"]},
+            {"a": {}, "list": [1]},
+            id="remove-missing-paths",
+        ),
+        pytest.param({"set": {"a.b": 1}}, {"a": 5}, id="set-through-a-scalar"),
+        pytest.param({"set": {"list.3": 1}}, {"list": [0]}, id="set-past-array-end"),
+        pytest.param({"set": {"list.x.y": 1}}, {"list": [0]}, id="set-non-index-into-array"),
+    ],
+)
+def test_inapplicable_operations_change_nothing(ops: dict[str, Any], body: Any) -> None:
+    assert make({"request": ops}).on_request(request_ctx(json.dumps(body).encode())) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"not json", "request body is not valid JSON", id="text"),
+        pytest.param(b'{"a": 1', "request body is not valid JSON", id="truncated"),
+        pytest.param(b"\xff\xfe\x00", "request body is not valid JSON", id="binary"),
+        pytest.param(b'{"a": NaN}', "request body is not valid JSON", id="nan"),
+        pytest.param(b"[1, 2]", "request body must be a JSON object, not list", id="array"),
+        pytest.param(b'"text"', "request body must be a JSON object, not str", id="string"),
+        pytest.param(b"[" * 100_000, "request body", id="deeply-nested"),
+    ],
+)
+def test_bad_request_body_is_a_400(body: bytes, message: str) -> None:
+    action = make({"request": {"set": {"a": 1}}}).on_request(request_ctx(body))
+    assert isinstance(action, ImmediateResponse)
+    assert action.status == 400
+    assert action.headers["content-type"] == "application/json"
+    payload = json.loads(action.body)
+    assert payload["error"] == "bad_request"
+    assert message in payload["message"]
+
+
+@pytest.mark.parametrize("body", [None, b""], ids=["absent", "empty"])
+def test_no_body_is_left_alone(body: bytes | None) -> None:
+    policy = make({"request": {"set": {"a": 1}}, "response": {"set": {"a": 1}}})
+    assert policy.on_request(request_ctx(body)) is None
+    assert policy.on_response(response_ctx(body)) is None
+
+
+def test_response_transformation() -> None:
+    policy = make({"response": {"remove": ["user.passwordHash"], "set": {"served": True}}})
+    body = json.dumps({"user": {"id": 1, "passwordHash": "x"}}).encode()
+    action = policy.on_response(response_ctx(body))
+    assert isinstance(action, ResponseModifications)
+    assert action.body is not None
+    assert json.loads(action.body) == {"user": {"id": 1}, "served": True}
+    assert action.status is None
+
+
+def test_non_json_response_passes_unchanged_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = make({"response": {"set": {"a": 1}}})
+    with caplog.at_level(logging.WARNING):
+        assert policy.on_response(response_ctx(b"<html>502 Bad Gateway</html>")) is None
+    assert "left unchanged" in caplog.text
+    assert "req-1" in caplog.text
+
+
+def test_phase_without_operations_is_skipped() -> None:
+    policy = make({"response": {"set": {"a": 1}}})
+    assert policy.on_request(request_ctx(b"not json")) is None
+
+
+def test_configured_values_are_not_shared_between_requests() -> None:
+    policy = make({"request": {"set": {"obj": {"n": 1}, "obj.extra": 2}}})
+    first = policy.on_request(request_ctx(b"{}"))
+    second = policy.on_request(request_ctx(b"{}"))
+    assert json.loads(first.body) == json.loads(second.body) == {"obj": {"n": 1, "extra": 2}}
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        pytest.param({"request": {"set": {"a..b": 1}}}, "request.set.a..b", id="empty-segment"),
+        pytest.param({"request": {"set": {".a": 1}}}, "request.set..a", id="leading-dot"),
+        pytest.param({"response": {"remove": ["a."]}}, "response.remove[0]", id="trailing-dot"),
+        pytest.param({"request": {"set": {"a": float("nan")}}}, "request.set.a", id="nan-value"),
+        pytest.param({}, "request", id="nothing-configured"),
+        pytest.param({"request": {}, "response": {"remove": []}}, "request", id="empty-ops"),
+    ],
+)
+def test_parameter_errors(params: dict[str, Any], field: str) -> None:
+    with pytest.raises(ParameterError) as info:
+        make(params)
+    assert info.value.field == field

@@ -1,0 +1,141 @@
+"""rateLimit v1.0.0: token-bucket rate limiting per client.
+
+Contract:
+
+* Each client identifier gets a bucket holding up to ``burstSize`` tokens
+  (default: ``requestsPerSecond`` rounded up), refilled continuously at
+  ``requestsPerSecond``. A request takes one token; with less than one token left
+  it is answered ``429`` with ``Retry-After`` = seconds until a token is available,
+  rounded up to a whole second (at least 1), and a JSON body.
+* The identifier is the client IP (``keyBy: clientIp``; the port of an
+  ``ip:port`` address is dropped), a request header or a metadata value
+  (``keyBy: header|metadata`` with ``keyName``, e.g. ``jwt.sub`` or
+  ``apiKey.consumer`` written by an earlier policy). Requests that lack the
+  identifier share one bucket, so they are limited together rather than not at all.
+* At most ``maxKeys`` buckets are kept; the least recently used one is evicted.
+  An evicted client starts again with a full bucket.
+* **Several worker processes:** buckets live in this policy instance, in one
+  process's memory. Each engine worker process has its own buckets and workers do
+  not coordinate (distributed coordination is out of scope of the spec), so the
+  effective limit is per worker: with N worker processes a client may get up to N
+  times ``requestsPerSecond`` and N times ``burstSize`` in total, depending on how
+  its requests are spread over the workers.
+* The hook is synchronous and runs on the event loop, so bucket updates need no
+  lock. The clock is injectable (``clock=``, default :func:`time.monotonic`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from engine.policy import ImmediateResponse, ParameterError, RequestContext
+
+__all__ = ["Policy"]
+
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def client_ip(address: str) -> str:
+    """``"10.0.0.1:5123"`` -> ``"10.0.0.1"``, ``"[::1]:80"`` -> ``"::1"``; other text as is."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit():
+        try:
+            return str(ipaddress.ip_address(host.removeprefix("[").removesuffix("]")))
+        except ValueError:
+            pass
+    return address
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, tokens: float, updated: float) -> None:
+        self.tokens = tokens
+        self.updated = updated
+
+
+class Policy:
+    """Token-bucket limiter; see the module docstring for the contract."""
+
+    def __init__(
+        self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = float(params["requestsPerSecond"])
+        burst = params.get("burstSize")
+        self._burst = float(burst if burst is not None else max(1, math.ceil(self._rate)))
+        self._key_by = str(params.get("keyBy", "clientIp"))
+        key_name = params.get("keyName")
+        if self._key_by == "clientIp":
+            if key_name is not None:
+                raise ParameterError("keyName", "only applies when keyBy is header or metadata")
+            self._key_name = ""
+        elif key_name is None:
+            raise ParameterError("keyName", f"must be set when keyBy is {self._key_by}")
+        elif self._key_by == "header":
+            if _TOKEN.fullmatch(key_name) is None:
+                raise ParameterError("keyName", f"{key_name!r} is not a valid header name")
+            self._key_name = key_name.lower()
+        else:
+            self._key_name = key_name
+        self._max_keys = int(params.get("maxKeys", 10000))
+        self._clock = clock
+        self._buckets: OrderedDict[str | None, _Bucket] = OrderedDict()
+
+    def _identifier(self, ctx: RequestContext) -> str | None:
+        if self._key_by == "clientIp":
+            value: object = client_ip(ctx.client_address) if ctx.client_address else None
+        elif self._key_by == "header":
+            value = ctx.headers.get(self._key_name)
+        else:
+            value = ctx.metadata.get(self._key_name)
+        if value is None or value == "":
+            return None
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+    def _bucket(self, key: str | None, now: float) -> _Bucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self._burst, now)
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            elapsed = max(0.0, now - bucket.updated)
+            bucket.tokens = min(self._burst, bucket.tokens + elapsed * self._rate)
+            bucket.updated = now
+        return bucket
+
+    def on_request(self, ctx: RequestContext) -> ImmediateResponse | None:
+        """Take a token from the client's bucket, or answer 429 when there is none."""
+        bucket = self._bucket(self._identifier(ctx), self._clock())
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return None
+        # Rounded before ceil so float noise (2.0000000001) does not add a second.
+        retry_after = max(1, math.ceil(round((1.0 - bucket.tokens) / self._rate, 6)))
+        body = {
+            "error": "too_many_requests",
+            "message": "rate limit exceeded",
+            "retryAfterSeconds": retry_after,
+        }
+        return ImmediateResponse(
+            status=429,
+            headers={"retry-after": str(retry_after), "content-type": "application/json"},
+            body=json.dumps(body).encode(),
+        )
+
+    @property
+    def bucket_count(self) -> int:
+        """Number of buckets currently kept (for tests and debugging)."""
+        return len(self._buckets)
