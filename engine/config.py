@@ -90,7 +90,14 @@ class _Entry:
 
     @property
     def key(self) -> str:
-        return f"{self.policy.name} {self.policy.version} {canonical_json(self.params)}"
+        """Identity of the policy instance this entry gets.
+
+        Per route: two routes with identical rate-limit parameters must not share
+        buckets. Stable across reloads, so an unchanged entry keeps its instance
+        (and its state: buckets, JWKS cache) when the file is edited elsewhere.
+        """
+        params = canonical_json(self.params)
+        return f"{self.route} {self.policy.name} {self.policy.version} {params}"
 
 
 def _unknown(prefix: str, data: Mapping[Any, Any], allowed: frozenset[str]) -> list[str]:

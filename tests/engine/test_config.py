@@ -383,11 +383,21 @@ def test_instances_are_reused_across_reloads(registry: PolicyRegistry) -> None:
     assert second.version == 2
     [r0] = second.chain_for("r").policies
     s0, s1 = second.chain_for("s").policies
-    # Identity is (name, version, params): condition/timeout/route do not matter.
+    # Identity is (route, name, version, params): condition/timeout do not matter,
+    # the route does (per-route state such as rate-limit buckets is never shared).
     assert r0.instance is same.instance
-    assert s0.instance is same.instance
+    assert s0.instance is not same.instance
     assert s1.instance is not changed.instance
     assert s1.instance.value == "3"
+
+
+def test_identical_entries_on_two_routes_get_their_own_instances(
+    registry: PolicyRegistry,
+) -> None:
+    snapshot = load(registry, {"a": route(add_header()), "b": route(add_header())})
+    [a0] = snapshot.chain_for("a").policies
+    [b0] = snapshot.chain_for("b").policies
+    assert a0.instance is not b0.instance
 
 
 def test_failed_reload_leaves_previous_untouched(registry: PolicyRegistry) -> None:
