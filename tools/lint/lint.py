@@ -4,7 +4,10 @@ Run by the `lint_test` targets (tools/lint/defs.bzl) under `bazel test`, so a
 lint or type error fails the test command like any failing test. Settings come
 from the repository's pyproject.toml, the same file plain `ruff`/`mypy` read.
 
-Usage: lint.py --ruff-wheel WHEEL [--no-mypy] FILE...
+Usage: lint.py --ruff-wheel WHEEL [--no-mypy] [--mypy-base DIR] FILE...
+
+``--mypy-base DIR`` adds DIR to mypy's package bases (MYPYPATH), for folders whose
+path holds a name that is not a Python identifier (a policy's ``v1.0.0``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ruff-wheel", type=Path, required=True)
     parser.add_argument("--no-mypy", action="store_true")
+    parser.add_argument("--mypy-base", action="append", default=[])
     parser.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     files = sorted(set(args.files))
@@ -55,6 +59,11 @@ def main(argv: list[str]) -> int:
 
         if not args.no_mypy:
             print(f"$ mypy ... ({len(files)} files)", flush=True)
+            if args.mypy_base:
+                # explicit_package_bases (pyproject.toml) reads bases from MYPYPATH.
+                os.environ["MYPYPATH"] = os.pathsep.join(
+                    os.path.abspath(base) for base in args.mypy_base
+                )
             out, err, status = api.run(
                 [
                     "--config-file",

@@ -1,0 +1,1 @@
+"""The policy engine builder: manifest -> validated policies -> generated Bazel package."""

