@@ -32,6 +32,16 @@ def _run(
     )
 
 
+def _system_tools_without_bazel(tmp_path: Path) -> Path:
+    """/usr/bin as links, minus any real Bazel (under `bazel test` one is on PATH)."""
+    tools = tmp_path / "system-bin"
+    tools.mkdir()
+    for program in Path("/usr/bin").iterdir():
+        if not program.name.startswith("bazel"):
+            (tools / program.name).symlink_to(program)
+    return tools
+
+
 @pytest.fixture
 def base_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"BAZEL_REAL", "CI"}}
@@ -66,7 +76,8 @@ def test_bazel_on_path_is_used_when_new_enough(
     )
     # Too old a Bazel means provisioning a root: forbid it, so the launcher stops
     # with its own error instead of debootstrapping.
-    env = {**base_env, "PATH": f"{bindir}:/usr/bin:/bin", "POLICY_ENGINE_NO_PROVISION": "1"}
+    env = {**base_env, "PATH": f"{bindir}:{_system_tools_without_bazel(tmp_path)}"}
+    env["POLICY_ENGINE_NO_PROVISION"] = "1"
     result = _run([str(REPO / "tools/bazel"), "info"], env)
     if used:
         assert result.stdout == "path bazel: info\n"
