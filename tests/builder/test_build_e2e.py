@@ -1,9 +1,12 @@
 """End to end: `bazel run //builder:build` with a policy written outside the repository.
 
-Runs Bazel itself, so it is not a Bazel test target (a test action cannot start
-the Bazel that runs it). Run it from the repository root:
+Runs Bazel itself, which a `bazel test` action cannot do (the Bazel running it holds
+the workspace lock), so its target is manual and runs with `bazel run`, which releases
+the lock first (tools/test does this):
 
-    POLICY_ENGINE_BUILDER_E2E=1 /work/venv/bin/pytest tests/builder/test_build_e2e.py
+    tools/bazel run //tests/builder:build_e2e_test
+
+(or POLICY_ENGINE_BUILDER_E2E=1 pytest tests/builder/test_build_e2e.py from the root).
 
 The custom policy lives in pytest's tmp folder under /tmp (tools/bazel mounts the
 host's /tmp in its root). The built engine binary then serves a request through a
