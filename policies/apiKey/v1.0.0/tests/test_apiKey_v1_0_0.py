@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from engine.policy import (
     RequestModifications,
 )
 from engine.registry import load_policy
+from engine.testing import construct, example_id, make_request_context, valid_examples
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
@@ -28,29 +30,17 @@ KEYS = [
 ]
 
 
-def make(params: dict[str, Any]) -> Any:
-    normalised, errors = POLICY.definition.validate_parameters(params)
-    assert errors == []
-    return POLICY.factory(normalised)
-
-
 def ctx(headers: dict[str, str] | None = None, path: str = "/v1/items") -> RequestContext:
-    return RequestContext(
-        headers=headers or {}, path=path, method="GET", request_id="r1", route="t"
-    )
+    return make_request_context(headers=headers, path=path)
 
 
 def test_definition_examples_behave_as_declared() -> None:
     assert POLICY.definition.check_examples() == []
 
 
-@pytest.mark.parametrize(
-    "example",
-    [e for e in POLICY.definition.examples if e["valid"]],
-    ids=lambda e: str(e["description"]),
-)
-def test_valid_examples_construct(example: dict[str, Any]) -> None:
-    make(example["parameters"])
+@pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
+def test_valid_examples_construct(example: Mapping[str, Any]) -> None:
+    construct(POLICY, example["parameters"])
 
 
 @pytest.mark.parametrize(
@@ -65,7 +55,7 @@ def test_valid_key_records_consumer_and_strips_header(
     headers: dict[str, str], consumer: str
 ) -> None:
     request = ctx(headers)
-    action = make({"keys": KEYS}).on_request(request)
+    action = construct(POLICY, {"keys": KEYS}).on_request(request)
     assert action == RequestModifications(remove_headers=("x-api-key",))
     assert request.metadata == {"apiKey.consumer": consumer}
 
@@ -89,7 +79,7 @@ def test_valid_key_records_consumer_and_strips_header(
 )
 def test_rejections(headers: dict[str, str], status: int, error: str) -> None:
     request = ctx(headers)
-    action = make({"keys": KEYS}).on_request(request)
+    action = construct(POLICY, {"keys": KEYS}).on_request(request)
     assert isinstance(action, ImmediateResponse)
     assert action.status == status
     assert action.headers["content-type"] == "application/json"
@@ -103,8 +93,8 @@ def test_rejections(headers: dict[str, str], status: int, error: str) -> None:
 
 def test_custom_header_metadata_key_and_no_strip() -> None:
     request = ctx({"x-token": PLAIN})
-    policy = make(
-        {"name": "X-Token", "keys": KEYS, "metadataKey": "consumer.id", "stripKey": False}
+    policy = construct(
+        POLICY, {"name": "X-Token", "keys": KEYS, "metadataKey": "consumer.id", "stripKey": False}
     )
     assert policy.on_request(request) is None
     assert request.metadata == {"consumer.id": "alice"}
@@ -121,7 +111,7 @@ def test_custom_header_metadata_key_and_no_strip() -> None:
 )
 def test_query_key_is_found_and_stripped(path: str, stripped: str) -> None:
     request = ctx(path=path)
-    action = make({"in": "query", "name": "api_key", "keys": KEYS}).on_request(request)
+    action = construct(POLICY, {"in": "query", "name": "api_key", "keys": KEYS}).on_request(request)
     assert action == RequestModifications(path=stripped)
     assert request.metadata == {"apiKey.consumer": "alice"}
 
@@ -136,7 +126,9 @@ def test_query_key_is_found_and_stripped(path: str, stripped: str) -> None:
     ],
 )
 def test_query_rejections(path: str, status: int) -> None:
-    action = make({"in": "query", "name": "api_key", "keys": KEYS}).on_request(ctx(path=path))
+    action = construct(POLICY, {"in": "query", "name": "api_key", "keys": KEYS}).on_request(
+        ctx(path=path)
+    )
     assert isinstance(action, ImmediateResponse)
     assert action.status == status
     if status == 401:
@@ -144,7 +136,7 @@ def test_query_rejections(path: str, status: int) -> None:
 
 
 def test_query_key_in_header_is_ignored() -> None:
-    policy = make({"in": "query", "name": "x-api-key", "keys": KEYS})
+    policy = construct(POLICY, {"in": "query", "name": "x-api-key", "keys": KEYS})
     action = policy.on_request(ctx({"x-api-key": PLAIN}))
     assert isinstance(action, ImmediateResponse)
     assert action.status == 401
@@ -184,7 +176,7 @@ def test_query_key_in_header_is_ignored() -> None:
 )
 def test_key_config_rejections(keys: list[dict[str, str]], field: str, message: str) -> None:
     with pytest.raises(ParameterError) as info:
-        make({"keys": keys})
+        construct(POLICY, {"keys": keys})
     assert info.value.field == field
     assert message in info.value.message
 
@@ -207,5 +199,5 @@ def test_every_key_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", counting)
-    make({"keys": KEYS}).on_request(ctx({"x-api-key": PLAIN}))
+    construct(POLICY, {"keys": KEYS}).on_request(ctx({"x-api-key": PLAIN}))
     assert len(calls) == len(KEYS)  # no early exit on the first (matching) key

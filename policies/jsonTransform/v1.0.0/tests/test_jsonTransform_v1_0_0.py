@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +19,26 @@ from engine.policy import (
     ResponseModifications,
 )
 from engine.registry import load_policy
+from engine.testing import (
+    construct,
+    example_id,
+    make_request_context,
+    make_response_context,
+    valid_examples,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
 
 
-def make(params: dict[str, Any]) -> Any:
-    normalised, errors = POLICY.definition.validate_parameters(params)
-    assert errors == []
-    return POLICY.factory(normalised)
-
-
 def request_ctx(body: bytes | None) -> RequestContext:
-    return RequestContext(
-        headers={"content-type": "application/json"},
-        path="/",
-        method="POST",
-        request_id="req-1",
-        route="t",
-        body=body,
+    return make_request_context(
+        headers={"content-type": "application/json"}, method="POST", body=body
     )
 
 
 def response_ctx(body: bytes | None) -> ResponseContext:
-    return ResponseContext(
-        request=request_ctx(None), status=200, headers={}, metadata={}, body=body
-    )
+    return make_response_context(request_ctx(None), body=body)
 
 
 def test_definition_examples_behave_as_declared() -> None:
@@ -55,13 +50,9 @@ def test_definition_declares_body_needs() -> None:
     assert POLICY.definition.requires_response_body
 
 
-@pytest.mark.parametrize(
-    "example",
-    [e for e in POLICY.definition.examples if e["valid"]],
-    ids=lambda e: str(e["description"]),
-)
-def test_valid_examples_construct(example: dict[str, Any]) -> None:
-    make(example["parameters"])
+@pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
+def test_valid_examples_construct(example: Mapping[str, Any]) -> None:
+    construct(POLICY, example["parameters"])
 
 
 @pytest.mark.parametrize(
@@ -111,7 +102,7 @@ def test_valid_examples_construct(example: dict[str, Any]) -> None:
     ],
 )
 def test_request_transformations(ops: dict[str, Any], body: Any, expected: Any) -> None:
-    action = make({"request": ops}).on_request(request_ctx(json.dumps(body).encode()))
+    action = construct(POLICY, {"request": ops}).on_request(request_ctx(json.dumps(body).encode()))
     assert isinstance(action, RequestModifications)
     assert action.body is not None
     assert json.loads(action.body) == expected
@@ -132,7 +123,8 @@ def test_request_transformations(ops: dict[str, Any], body: Any, expected: Any) 
     ],
 )
 def test_inapplicable_operations_change_nothing(ops: dict[str, Any], body: Any) -> None:
-    assert make({"request": ops}).on_request(request_ctx(json.dumps(body).encode())) is None
+    policy = construct(POLICY, {"request": ops})
+    assert policy.on_request(request_ctx(json.dumps(body).encode())) is None
 
 
 @pytest.mark.parametrize(
@@ -148,7 +140,7 @@ def test_inapplicable_operations_change_nothing(ops: dict[str, Any], body: Any) 
     ],
 )
 def test_bad_request_body_is_a_400(body: bytes, message: str) -> None:
-    action = make({"request": {"set": {"a": 1}}}).on_request(request_ctx(body))
+    action = construct(POLICY, {"request": {"set": {"a": 1}}}).on_request(request_ctx(body))
     assert isinstance(action, ImmediateResponse)
     assert action.status == 400
     assert action.headers["content-type"] == "application/json"
@@ -159,13 +151,15 @@ def test_bad_request_body_is_a_400(body: bytes, message: str) -> None:
 
 @pytest.mark.parametrize("body", [None, b""], ids=["absent", "empty"])
 def test_no_body_is_left_alone(body: bytes | None) -> None:
-    policy = make({"request": {"set": {"a": 1}}, "response": {"set": {"a": 1}}})
+    policy = construct(POLICY, {"request": {"set": {"a": 1}}, "response": {"set": {"a": 1}}})
     assert policy.on_request(request_ctx(body)) is None
     assert policy.on_response(response_ctx(body)) is None
 
 
 def test_response_transformation() -> None:
-    policy = make({"response": {"remove": ["user.passwordHash"], "set": {"served": True}}})
+    policy = construct(
+        POLICY, {"response": {"remove": ["user.passwordHash"], "set": {"served": True}}}
+    )
     body = json.dumps({"user": {"id": 1, "passwordHash": "x"}}).encode()
     action = policy.on_response(response_ctx(body))
     assert isinstance(action, ResponseModifications)
@@ -177,7 +171,7 @@ def test_response_transformation() -> None:
 def test_non_json_response_passes_unchanged_and_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    policy = make({"response": {"set": {"a": 1}}})
+    policy = construct(POLICY, {"response": {"set": {"a": 1}}})
     with caplog.at_level(logging.WARNING):
         assert policy.on_response(response_ctx(b"<html>502 Bad Gateway</html>")) is None
     assert "left unchanged" in caplog.text
@@ -185,12 +179,12 @@ def test_non_json_response_passes_unchanged_and_is_logged(
 
 
 def test_phase_without_operations_is_skipped() -> None:
-    policy = make({"response": {"set": {"a": 1}}})
+    policy = construct(POLICY, {"response": {"set": {"a": 1}}})
     assert policy.on_request(request_ctx(b"not json")) is None
 
 
 def test_configured_values_are_not_shared_between_requests() -> None:
-    policy = make({"request": {"set": {"obj": {"n": 1}, "obj.extra": 2}}})
+    policy = construct(POLICY, {"request": {"set": {"obj": {"n": 1}, "obj.extra": 2}}})
     first = policy.on_request(request_ctx(b"{}"))
     second = policy.on_request(request_ctx(b"{}"))
     assert json.loads(first.body) == json.loads(second.body) == {"obj": {"n": 1, "extra": 2}}
@@ -209,5 +203,5 @@ def test_configured_values_are_not_shared_between_requests() -> None:
 )
 def test_parameter_errors(params: dict[str, Any], field: str) -> None:
     with pytest.raises(ParameterError) as info:
-        make(params)
+        construct(POLICY, params)
     assert info.value.field == field

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,29 +11,21 @@ import pytest
 
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 from engine.registry import load_policy
+from engine.testing import (
+    FakeClock,
+    construct,
+    example_id,
+    make_request_context,
+    valid_examples,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
 
 
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make(params: dict[str, Any], clock: FakeClock | None = None) -> Any:
-    normalised, errors = POLICY.definition.validate_parameters(params)
-    assert errors == []
-    factory: Any = POLICY.factory
-    return factory(normalised, clock=clock or FakeClock())
+def make(params: Mapping[str, Any], clock: FakeClock | None = None) -> Any:
+    """The policy for ``params``, on ``clock`` (a fresh fake clock by default)."""
+    return construct(POLICY, params, clock=clock or FakeClock(1000.0))
 
 
 def ctx(
@@ -40,15 +33,7 @@ def ctx(
     headers: dict[str, str] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> RequestContext:
-    return RequestContext(
-        headers=headers or {},
-        path="/",
-        method="GET",
-        request_id="r",
-        route="t",
-        metadata=metadata if metadata is not None else {},
-        client_address=client,
-    )
+    return make_request_context(headers=headers, metadata=metadata, client_address=client)
 
 
 def allowed(policy: Any, request: RequestContext) -> bool:
@@ -61,12 +46,8 @@ def test_definition_examples_behave_as_declared() -> None:
     assert POLICY.definition.check_examples() == []
 
 
-@pytest.mark.parametrize(
-    "example",
-    [e for e in POLICY.definition.examples if e["valid"]],
-    ids=lambda e: str(e["description"]),
-)
-def test_valid_examples_construct(example: dict[str, Any]) -> None:
+@pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
+def test_valid_examples_construct(example: Mapping[str, Any]) -> None:
     make(example["parameters"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -9,46 +10,38 @@ import pytest
 
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 from engine.registry import load_policy
+from engine.testing import construct, example_id, make_request_context, valid_examples
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
 
 
-def make(params: dict[str, Any]) -> Any:
-    normalised, errors = POLICY.definition.validate_parameters(params)
-    assert errors == []
-    return POLICY.factory(normalised)
-
-
 def request_ctx() -> RequestContext:
-    return RequestContext(headers={}, path="/anything", method="POST", request_id="r1", route="t")
+    return make_request_context(path="/anything", method="POST")
 
 
 def test_definition_examples_behave_as_declared() -> None:
     assert POLICY.definition.check_examples() == []
 
 
-@pytest.mark.parametrize(
-    "example",
-    [e for e in POLICY.definition.examples if e["valid"]],
-    ids=lambda e: str(e["description"]),
-)
-def test_valid_examples_construct(example: dict[str, Any]) -> None:
-    make(example["parameters"])
+@pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
+def test_valid_examples_construct(example: Mapping[str, Any]) -> None:
+    construct(POLICY, example["parameters"])
 
 
 def test_defaults_answer_200_with_empty_body() -> None:
-    action = make({}).on_request(request_ctx())
+    action = construct(POLICY, {}).on_request(request_ctx())
     assert action == ImmediateResponse(status=200, headers={}, body=b"")
 
 
 def test_configured_response_is_returned() -> None:
-    policy = make(
+    policy = construct(
+        POLICY,
         {
             "status": 503,
             "headers": {"Content-Type": "text/html; charset=utf-8", "retry-after": "120"},
             "body": "<h1>Wartung läuft</h1>",
-        }
+        },
     )
     action = policy.on_request(request_ctx())
     assert isinstance(action, ImmediateResponse)
@@ -84,7 +77,7 @@ def test_configured_response_is_returned() -> None:
 )
 def test_header_rejections(headers: dict[str, str], field: str, message: str) -> None:
     with pytest.raises(ParameterError) as info:
-        make({"headers": headers})
+        construct(POLICY, {"headers": headers})
     assert info.value.field == field
     assert message in info.value.message
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,38 +12,32 @@ from engine.policy import (
     ParameterError,
     RequestContext,
     RequestModifications,
-    ResponseContext,
     ResponseModifications,
 )
 from engine.registry import load_policy
+from engine.testing import (
+    construct,
+    example_id,
+    make_request_context,
+    make_response_context,
+    valid_examples,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
 
 
-def make(params: dict[str, Any]) -> Any:
-    normalised, errors = POLICY.definition.validate_parameters(params)
-    assert errors == []
-    return POLICY.factory(normalised)
-
-
 def request_ctx() -> RequestContext:
-    return RequestContext(
-        headers={"x-existing": "1"}, path="/", method="GET", request_id="r1", route="test"
-    )
+    return make_request_context(headers={"x-existing": "1"})
 
 
 def test_definition_examples_behave_as_declared() -> None:
     assert POLICY.definition.check_examples() == []
 
 
-@pytest.mark.parametrize(
-    "example",
-    [e for e in POLICY.definition.examples if e["valid"]],
-    ids=lambda e: str(e["description"]),
-)
-def test_valid_examples_construct(example: dict[str, Any]) -> None:
-    make(example["parameters"])
+@pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
+def test_valid_examples_construct(example: Mapping[str, Any]) -> None:
+    construct(POLICY, example["parameters"])
 
 
 @pytest.mark.parametrize(
@@ -119,14 +114,15 @@ def test_valid_examples_construct(example: dict[str, Any]) -> None:
 )
 def test_config_rejections(params: dict[str, Any], field: str, message: str) -> None:
     with pytest.raises(ParameterError) as info:
-        make(params)
+        construct(POLICY, params)
     assert info.value.field == field
     assert message in info.value.message
 
 
 def test_request_operations_are_lower_cased() -> None:
-    policy = make(
-        {"request": {"set": {"X-Env": "staging"}, "append": {"Via": "pe"}, "remove": ["X-Secret"]}}
+    policy = construct(
+        POLICY,
+        {"request": {"set": {"X-Env": "staging"}, "append": {"Via": "pe"}, "remove": ["X-Secret"]}},
     )
     action = policy.on_request(request_ctx())
     assert isinstance(action, RequestModifications)
@@ -136,8 +132,10 @@ def test_request_operations_are_lower_cased() -> None:
 
 
 def test_response_operations() -> None:
-    policy = make({"response": {"set": {"cache-control": "no-store"}, "remove": ["server"]}})
-    ctx = ResponseContext(request=request_ctx(), status=200, headers={"server": "x"}, metadata={})
+    policy = construct(
+        POLICY, {"response": {"set": {"cache-control": "no-store"}, "remove": ["server"]}}
+    )
+    ctx = make_response_context(request_ctx(), headers={"server": "x"})
     action = policy.on_response(ctx)
     assert isinstance(action, ResponseModifications)
     assert dict(action.set_headers) == {"cache-control": "no-store"}
@@ -157,18 +155,18 @@ def test_response_operations() -> None:
 def test_phase_without_operations_returns_none(
     params: dict[str, Any], request_changes: bool, response_changes: bool
 ) -> None:
-    policy = make(params)
-    ctx = ResponseContext(request=request_ctx(), status=200, headers={}, metadata={})
+    policy = construct(POLICY, params)
+    ctx = make_response_context(request_ctx())
     assert (policy.on_request(request_ctx()) is not None) is request_changes
     assert (policy.on_response(ctx) is not None) is response_changes
 
 
 def test_empty_value_is_allowed() -> None:
-    action = make({"request": {"set": {"x-empty": ""}}}).on_request(request_ctx())
+    action = construct(POLICY, {"request": {"set": {"x-empty": ""}}}).on_request(request_ctx())
     assert dict(action.set_headers) == {"x-empty": ""}
 
 
 def test_configured_mapping_cannot_be_mutated_through_the_action() -> None:
-    action = make({"request": {"set": {"x-a": "1"}}}).on_request(request_ctx())
+    action = construct(POLICY, {"request": {"set": {"x-a": "1"}}}).on_request(request_ctx())
     with pytest.raises(TypeError):
         action.set_headers["x-b"] = "2"
