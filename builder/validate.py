@@ -60,14 +60,21 @@ class ValidatedPolicy:
         return self.definition.key
 
 
+def _parse(path: Path) -> ast.Module | str:
+    """``path`` parsed as Python (Starlark parses as Python too), or the problem."""
+    try:
+        return ast.parse(path.read_text("utf-8"), filename=str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{path}: cannot read: {exc}"
+    except SyntaxError as exc:
+        return f"{path}: line {exc.lineno}: syntax error: {exc.msg}"
+
+
 def check_build_file(path: Path) -> list[str]:
     """Problems of a policy's ``BUILD.bazel``: it must parse and call ``policy_library``."""
-    try:
-        tree = ast.parse(path.read_text("utf-8"), filename=str(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        return [f"{path}: cannot read: {exc}"]
-    except SyntaxError as exc:
-        return [f"{path}: line {exc.lineno}: syntax error: {exc.msg}"]
+    tree = _parse(path)
+    if isinstance(tree, str):
+        return [tree]
     calls = [
         node
         for node in ast.walk(tree)
@@ -105,12 +112,9 @@ def _init_problem(init: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
 
 def check_policy_code(path: Path, phases: Sequence[str]) -> list[str]:
     """Static contract check of ``policy.py`` for a definition declaring ``phases``."""
-    try:
-        tree = ast.parse(path.read_text("utf-8"), filename=str(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        return [f"{path}: cannot read: {exc}"]
-    except SyntaxError as exc:
-        return [f"{path}: line {exc.lineno}: syntax error: {exc.msg}"]
+    tree = _parse(path)
+    if isinstance(tree, str):
+        return [tree]
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Policy"]
     if not classes:
         return [f"{path}: Policy: no top-level class named 'Policy'"]

@@ -297,17 +297,8 @@ class _Stream:
             return _INTERNAL_ERROR
         if outcome.immediate is not None:
             return outcome.immediate
-        # Keep ctx equal to the request as sent upstream (idempotent if the executor already
-        # applied the changes in place): the response phase sees it as ResponseContext.request.
-        for name in outcome.remove_headers:
-            ctx.headers.pop(name, None)
-        ctx.headers.update(outcome.set_headers)
-        if outcome.path is not None:
-            ctx.path = outcome.path
-        if outcome.method is not None:
-            ctx.method = outcome.method
-        if outcome.body is not None:
-            ctx.body = outcome.body
+        # run_request applied every change to ctx in place, so ctx is now the request as
+        # sent upstream: the response phase sees it as ResponseContext.request.
         return outcome
 
     # -- response phase ------------------------------------------------------------------
