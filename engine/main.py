@@ -118,8 +118,8 @@ def main(
         try:
             snapshot = load_config_file(args.config, registry)
         except ConfigError as exc:
-            for line in exc.errors:
-                print(line, file=err)
+            for line in exc.errors:  # each names route, policy and field; we add the file
+                print(f"{exc.source}: {line}", file=err)
             return 1
         except (OSError, EngineError) as exc:
             print(str(exc), file=err)

@@ -78,6 +78,7 @@ def test_validate_prints_every_error(tmp_path):
     assert out == ""
     lines = err.splitlines()
     assert len(lines) == 2, lines
+    assert all(line.startswith(f"{config}: routes[") for line in lines), lines
     assert "v9.0.0" in lines[0]
     assert "X-BAD" in lines[1]
 
