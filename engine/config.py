@@ -47,8 +47,7 @@ from engine.chain import Chain, ChainPolicy, Snapshot
 from engine.conditions import Condition, compile_condition
 from engine.definition import YamlError, load_yaml, parse_duration
 from engine.errors import ConditionError, ConfigError, RegistryError
-from engine.policy import ParameterError
-from engine.registry import PolicyRegistry, RegisteredPolicy
+from engine.registry import PolicyRegistry, RegisteredPolicy, instantiate
 
 __all__ = [
     "ENTRY_FIELDS",
@@ -227,16 +226,10 @@ def _validate(
 
 
 def _construct(entry: _Entry, errors: list[str]) -> object | None:
-    try:
-        return entry.policy.factory(entry.params)
-    except ParameterError as exc:
-        errors.append(f"{entry.prefix}: {exc.field}: {exc.message}")
-    except ValueError as exc:
-        errors.append(f"{entry.prefix}: {exc}")
-    except Exception as exc:  # a policy bug must reject the config, never crash the engine
-        logger.error("%s: constructor raised", entry.prefix, exc_info=exc)
-        errors.append(f"{entry.prefix}: constructor failed: {type(exc).__name__}: {exc}")
-    return None
+    instance, error = instantiate(entry.policy, entry.params)
+    if error:
+        errors.append(f"{entry.prefix}: {error}")
+    return instance
 
 
 def load_config(

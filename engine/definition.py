@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,6 +43,7 @@ __all__ = [
     "PHASES",
     "PolicyDefinition",
     "YamlError",
+    "example_failures",
     "format_path",
     "load_definition",
     "load_yaml",
@@ -265,24 +266,34 @@ class PolicyDefinition:
         return normalised, errors
 
     def check_examples(self) -> list[str]:
-        """Run the definition's ``examples``; return one line per example that does
-        not behave as declared (empty when all pass). Used by generated builder tests."""
+        """Run the definition's ``examples`` against the parameter schema; return one
+        line per example that does not behave as declared (empty when all pass).
+
+        Schema only: :meth:`engine.registry.RegisteredPolicy.check_examples` also runs
+        the policy's constructor, which may reject what a schema cannot express.
+        """
         failures: list[str] = []
         for index, example in enumerate(self.examples):
-            label = f"examples[{index}] ({example['description']})"
             _, errors = self.validate_parameters(example["parameters"])
-            if example["valid"] and errors:
-                failures.append(f"{label}: expected valid, got: {'; '.join(errors)}")
-            elif not example["valid"] and not errors:
-                failures.append(f"{label}: expected an error, got none")
-            elif not example["valid"] and "error" in example:
-                expected = example["error"]
-                if not any(expected in error for error in errors):
-                    failures.append(
-                        f"{label}: expected an error containing {expected!r}, "
-                        f"got: {'; '.join(errors)}"
-                    )
+            failures += example_failures(index, example, errors)
         return failures
+
+
+def example_failures(index: int, example: Mapping[str, Any], errors: Sequence[str]) -> list[str]:
+    """The verdict on one example, given the errors its parameters produced."""
+    label = f"examples[{index}] ({example['description']})"
+    if example["valid"] and errors:
+        return [f"{label}: expected valid, got: {'; '.join(errors)}"]
+    if not example["valid"] and not errors:
+        return [f"{label}: expected an error, got none"]
+    expected = example.get("error")
+    if (
+        not example["valid"]
+        and expected is not None
+        and not any(expected in error for error in errors)
+    ):
+        return [f"{label}: expected an error containing {expected!r}, got: {'; '.join(errors)}"]
+    return []
 
 
 def _is_required(spec: Mapping[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import inspect
+import logging
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,18 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from engine.definition import DEFINITION_FILE, PolicyDefinition, load_definition
+from engine.definition import (
+    DEFINITION_FILE,
+    PolicyDefinition,
+    example_failures,
+    load_definition,
+)
 from engine.errors import RegistryError
+from engine.policy import ParameterError
 
 __all__ = [
     "POLICY_MODULE",
     "PolicyRegistry",
     "RegisteredPolicy",
+    "instantiate",
     "load_policy",
     "package_name",
 ]
 
 POLICY_MODULE: Final = "policy.py"
+_log: Final = logging.getLogger("engine.registry")
 _ROOT_PACKAGE: Final = "policy_engine_policies"
 
 
@@ -58,6 +67,36 @@ class RegisteredPolicy:
     @property
     def version(self) -> str:
         return self.definition.version
+
+    def check_examples(self) -> list[str]:
+        """Run the definition's ``examples`` through the whole config-time path:
+        the parameter schema, then the constructor (which may reject, with a
+        :class:`~engine.policy.ParameterError`, what a schema cannot express).
+        Returns one line per example that does not behave as declared."""
+        failures: list[str] = []
+        for index, example in enumerate(self.definition.examples):
+            params, errors = self.definition.validate_parameters(example["parameters"])
+            if not errors:
+                _, error = instantiate(self, params)
+                errors = [error] if error else []
+            failures += example_failures(index, example, errors)
+        return failures
+
+
+def instantiate(policy: RegisteredPolicy, params: Mapping[str, Any]) -> tuple[object | None, str]:
+    """Construct ``policy`` with already validated ``params``: (instance, "") or
+    (None, the rejection as ``field: message``). Never raises for the policy's fault:
+    a constructor that crashes is reported, so a policy bug rejects a config instead
+    of taking the engine down."""
+    try:
+        return policy.factory(params), ""
+    except ParameterError as exc:
+        return None, f"{exc.field}: {exc.message}"
+    except ValueError as exc:
+        return None, str(exc)
+    except Exception as exc:
+        _log.error("%s %s: constructor raised", policy.name, policy.version, exc_info=exc)
+        return None, f"constructor failed: {type(exc).__name__}: {exc}"
 
 
 def _version_key(version: str) -> tuple[int, ...]:

@@ -178,7 +178,7 @@ class ValidationTest(unittest.TestCase):
     def test_examples(self) -> None:
         for policy in load_registry():
             with self.subTest(policy=f"{{policy.name}} {{policy.version}}"):
-                failures = policy.definition.check_examples()
+                failures = policy.check_examples()
                 self.assertEqual(failures, [], "\\n".join(failures))
                 print(f"ok {{policy.name}} {{policy.version}}: "
                       f"{{len(policy.definition.examples)}} examples", file=sys.stderr)

@@ -235,3 +235,52 @@ def test_registered_policy_is_frozen() -> None:
     with pytest.raises(AttributeError):
         entry.content_hash = "x"  # type: ignore[misc]
     assert isinstance(entry, RegisteredPolicy)
+
+
+FUSSY_DEFINITION = """
+    name: fussy
+    version: v1.0.0
+    description: a constructor that rejects what its schema cannot express
+    phases: [request]
+    parameters:
+      low: {type: integer, required: true}
+      high: {type: integer, required: true}
+    examples:
+      - description: ordered
+        parameters: {low: 1, high: 2}
+        valid: true
+      - description: reversed (only the constructor can tell)
+        parameters: {low: 2, high: 1}
+        valid: false
+        error: "high: must be greater than low"
+      - description: reversed but declared valid
+        parameters: {low: 3, high: 1}
+        valid: true
+"""
+
+FUSSY_CODE = """
+    from engine.policy import ParameterError
+
+
+    class Policy:
+        def __init__(self, params):
+            if params["high"] <= params["low"]:
+                raise ParameterError("high", "must be greater than low")
+
+        def on_request(self, ctx):
+            return None
+"""
+
+
+def test_check_examples_runs_the_constructor_too(tmp_path: Path) -> None:
+    policy = load_policy(
+        write_policy(tmp_path, "fussy", definition=FUSSY_DEFINITION, code=FUSSY_CODE)
+    )
+    # The schema alone accepts every example; the constructor rejects two of them.
+    assert policy.definition.check_examples() == [
+        "examples[1] (reversed (only the constructor can tell)): expected an error, got none"
+    ]
+    assert policy.check_examples() == [
+        "examples[2] (reversed but declared valid): expected valid, got: "
+        "high: must be greater than low"
+    ]

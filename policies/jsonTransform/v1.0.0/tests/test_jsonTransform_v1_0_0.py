@@ -42,7 +42,7 @@ def response_ctx(body: bytes | None) -> ResponseContext:
 
 
 def test_definition_examples_behave_as_declared() -> None:
-    assert POLICY.definition.check_examples() == []
+    assert POLICY.check_examples() == []
 
 
 def test_definition_declares_body_needs() -> None:

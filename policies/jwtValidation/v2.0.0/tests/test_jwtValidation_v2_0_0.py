@@ -34,7 +34,7 @@ def policy() -> RegisteredPolicy:
 
 
 def test_definition_examples_behave_as_declared() -> None:
-    assert POLICY.definition.check_examples() == []
+    assert POLICY.check_examples() == []
 
 
 @pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)

@@ -43,7 +43,7 @@ def allowed(policy: Any, request: RequestContext) -> bool:
 
 
 def test_definition_examples_behave_as_declared() -> None:
-    assert POLICY.definition.check_examples() == []
+    assert POLICY.check_examples() == []
 
 
 @pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)

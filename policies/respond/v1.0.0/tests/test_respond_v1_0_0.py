@@ -21,7 +21,7 @@ def request_ctx() -> RequestContext:
 
 
 def test_definition_examples_behave_as_declared() -> None:
-    assert POLICY.definition.check_examples() == []
+    assert POLICY.check_examples() == []
 
 
 @pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
