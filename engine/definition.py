@@ -22,9 +22,10 @@ column.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import yaml
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from engine.errors import DefinitionError
@@ -136,6 +137,51 @@ def _is_uri(value: object) -> bool:
 @_FORMATS.checks("duration")
 def _is_duration(value: object) -> bool:
     return not isinstance(value, str) or _DURATION_RE.match(value) is not None
+
+
+def _end_anchored(pattern: str) -> str:
+    """``pattern`` with each ``$`` anchor (outside a character class) made ``\\Z``.
+
+    JSON Schema patterns are ECMA-262 regular expressions, where ``$`` matches only at
+    the end of the input. Python's ``$`` also matches before a final newline, so
+    ``^[a-z]+$`` would accept ``"token\\n"``: exactly the header-injection input a
+    parameter pattern is meant to stop.
+    """
+    out: list[str] = []
+    in_class = escaped = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        elif char == "$" and not in_class:
+            out.append(r"\Z")
+            continue
+        out.append(char)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(_end_anchored(pattern))
+
+
+def _pattern_keyword(
+    validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    if isinstance(instance, str) and _compiled_pattern(pattern).search(instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# Parameter schemas: Draft 2020-12 with ECMA-262 semantics for `$` in `pattern`.
+# (jsonschema's `extend` is unannotated; the result is a Draft 2020-12 validator class.)
+_ParameterValidator: Final[type[Draft202012Validator]] = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, {"pattern": _pattern_keyword}
+)
 
 
 # The meta-schema only needs `regex` (is each `pattern` a valid regular expression).
@@ -331,7 +377,7 @@ def parse_definition(data: Any, source: str) -> PolicyDefinition:
     problems: list[str] = []
     for name, spec in specs.items():
         schema = _value_schema(spec)
-        validator = Draft202012Validator(schema, format_checker=_FORMATS)
+        validator = _ParameterValidator(schema, format_checker=_FORMATS)
         validators[name] = validator
         if "default" in spec:
             if _is_required(spec):

@@ -424,3 +424,44 @@ def test_load_yaml_errors(text: str, expected: str) -> None:
 def test_load_yaml_allows_merge_keys() -> None:
     text = "base: &b {x: 1, y: 2}\nderived:\n  <<: *b\n  y: 3\n"
     assert load_yaml(text)["derived"] == {"x": 1, "y": 3}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "matches"),
+    [
+        ("^[a-z-]+$", "x-key", True),
+        # Python's `$` alone would accept a trailing newline; JSON Schema's (ECMA) does not.
+        ("^[a-z-]+$", "x-key\n", False),
+        ("^[a-z-]+$", "x-key\r\n", False),
+        ("^[$a-z]+$", "$ab", True),  # `$` inside a class is a character
+        (r"^cost\$$", "cost$", True),  # an escaped `$` is a character
+        (r"^cost\$$", "cost$\n", False),
+        ("^(a|b$)", "b\n", False),
+        ("^https://", "https://x\n", True),  # no `$`: a prefix check, as in ECMA
+    ],
+    ids=[
+        "plain",
+        "trailing-lf",
+        "trailing-crlf",
+        "dollar-in-class",
+        "escaped-dollar",
+        "escaped-dollar-then-lf",
+        "dollar-in-group",
+        "no-anchor",
+    ],
+)
+def test_pattern_dollar_means_end_of_input(pattern: str, value: str, matches: bool) -> None:
+    definition = parse_definition(
+        {
+            "name": "p",
+            "version": "v1.0.0",
+            "description": "pattern semantics",
+            "phases": ["request"],
+            "parameters": {"v": {"type": "string", "pattern": pattern}},
+        },
+        "p.yaml",
+    )
+    _, errors = definition.validate_parameters({"v": value})
+    assert (errors == []) == matches, errors
+    if not matches:
+        assert errors == [f"v: {value!r} does not match {pattern!r}"]
