@@ -99,6 +99,9 @@ class Chain:
     response_policies: tuple[ChainPolicy, ...] = field(init=False)
     requires_request_body: bool = field(init=False)
     requires_response_body: bool = field(init=False)
+    needs_response: bool = field(init=False)
+    """Whether Envoy must send the response at all: a response policy, or an entry
+    that reads the response body."""
 
     def __post_init__(self) -> None:
         # Computed once here so the per-request path reads plain attributes.
@@ -109,10 +112,11 @@ class Chain:
         set_(self, "response_policies", tuple(p for p in self.policies if p.has_response))
         set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
         set_(self, "requires_response_body", any(p.requires_response_body for p in self.policies))
+        set_(self, "needs_response", self.has_response_phase or self.requires_response_body)
 
     @property
     def has_response_phase(self) -> bool:
-        """Whether Envoy must send the response to the engine at all."""
+        """Whether the chain has response policies (see also :attr:`needs_response`)."""
         return bool(self.response_policies)
 
 

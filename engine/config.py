@@ -145,7 +145,7 @@ def _validate_entry(
                 errors.append(f"{prefix}: timeout: must be greater than 0")
 
     on_error = raw.get("onError", "failClosed")
-    if on_error not in _ON_ERROR:
+    if not isinstance(on_error, str) or on_error not in _ON_ERROR:  # a list is unhashable
         errors.append(f"{prefix}: onError: {on_error!r} is not one of failOpen, failClosed")
 
     status = raw.get("errorStatus", 500)

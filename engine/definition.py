@@ -50,6 +50,7 @@ __all__ = [
     "load_yaml",
     "parse_definition",
     "parse_duration",
+    "version_key",
 ]
 
 DEFINITION_FILE: Final = "policy-definition.yaml"
@@ -104,6 +105,8 @@ def load_yaml(text: str | bytes) -> Any:
         raise YamlError(f"{where}{what or 'invalid YAML'}") from exc
     except yaml.YAMLError as exc:
         raise YamlError(str(exc)) from exc
+    except RecursionError as exc:  # PyYAML composes nested nodes recursively
+        raise YamlError("nested too deeply (more levels than the YAML reader supports)") from exc
 
 
 # --------------------------------------------------------------------------- formats
@@ -118,6 +121,11 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"{text!r} is not a duration (expected e.g. '250ms', '1s', '2m', '1h')")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Sort key of a meta-schema-valid version: ``"v1.10.0"`` -> ``(1, 10, 0)``."""
+    return tuple(int(part) for part in version[1:].split("."))
 
 
 _FORMATS = FormatChecker(formats=())

@@ -50,6 +50,7 @@ Errors
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -251,19 +252,18 @@ class _Stream:
             metadata={},
             client_address=_client_address(headers, message),
         )
-        wants_response = chain.has_response_phase or chain.requires_response_body
         if chain.requires_request_body and not http.end_of_stream:
             self.phase = _Phase.REQUEST_BODY
             return pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(),
-                mode_override=_modes(chain, request_body=True, response=wants_response),
+                mode_override=_modes(chain, request_body=True),
             )
-        mode = _modes(chain, request_body=False, response=wants_response)
+        mode = _modes(chain, request_body=False)
         outcome = await self._run_request()
         if isinstance(outcome, ImmediateResponse):
             self.phase = _Phase.DONE
             return _immediate(outcome)
-        self.phase = _Phase.RESPONSE_HEADERS if wants_response else _Phase.DONE
+        self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
         common = _common_request(outcome, body_buffered=False)
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=common), mode_override=mode
@@ -277,9 +277,7 @@ class _Stream:
         if isinstance(outcome, ImmediateResponse):
             self.phase = _Phase.DONE
             return _immediate(outcome)
-        chain = self.chain
-        wants_response = chain.has_response_phase or chain.requires_response_body
-        self.phase = _Phase.RESPONSE_HEADERS if wants_response else _Phase.DONE
+        self.phase = _Phase.RESPONSE_HEADERS if self.chain.needs_response else _Phase.DONE
         common = _common_request(outcome, body_buffered=True)
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
@@ -360,13 +358,20 @@ _INTERNAL_ERROR: Final = ImmediateResponse(
 )
 
 
-def _modes(chain: Chain, *, request_body: bool, response: bool) -> Any:
-    """The full mode override for ``chain`` (every body mode set: omitted ones merge as NONE)."""
-    return _Mode(
+# Every mode override a request can get, built once: (request body, response, response body).
+_MODES: Final = {
+    (request_body, response, response_body): _Mode(
         request_body_mode=_Mode.BUFFERED if request_body else _Mode.NONE,
         response_header_mode=_Mode.SEND if response else _Mode.SKIP,
-        response_body_mode=_Mode.BUFFERED if chain.requires_response_body else _Mode.NONE,
+        response_body_mode=_Mode.BUFFERED if response_body else _Mode.NONE,
     )
+    for request_body, response, response_body in itertools.product((False, True), repeat=3)
+}
+
+
+def _modes(chain: Chain, *, request_body: bool) -> Any:
+    """The full mode override for ``chain`` (every body mode set: omitted ones merge as NONE)."""
+    return _MODES[(request_body, chain.needs_response, chain.requires_response_body)]
 
 
 def _decode(raw: bytes) -> str:

@@ -82,6 +82,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--config is required")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not args.poll_interval > 0:  # 0 would poll in a busy loop; `not >` also rejects nan
+        parser.error("--poll-interval must be greater than 0")
+    if not args.grace >= 0:
+        parser.error("--grace must be 0 or more")
     if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
         parser.error("--workers > 1 needs a fixed port (port 0 would give each worker its own)")
     return args

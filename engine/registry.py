@@ -29,6 +29,7 @@ from engine.definition import (
     PolicyDefinition,
     example_failures,
     load_definition,
+    version_key,
 )
 from engine.errors import RegistryError
 from engine.policy import ParameterError
@@ -99,11 +100,6 @@ def instantiate(policy: RegisteredPolicy, params: Mapping[str, Any]) -> tuple[ob
         return None, f"constructor failed: {type(exc).__name__}: {exc}"
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    # Versions passed the meta-schema (v<major>.<minor>.<patch>): sort numerically.
-    return tuple(int(part) for part in version[1:].split("."))
-
-
 class PolicyRegistry:
     """Immutable map of ``(name, version)`` -> :class:`RegisteredPolicy`.
 
@@ -131,7 +127,7 @@ class PolicyRegistry:
         for name, version in by_key:
             versions.setdefault(name, []).append(version)
         self._versions = {
-            name: sorted(found, key=_version_key) for name, found in sorted(versions.items())
+            name: sorted(found, key=version_key) for name, found in sorted(versions.items())
         }
         self._by_key = by_key
 

@@ -38,6 +38,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from engine.chain import Snapshot
 from engine.extproc import PolicyProcessor
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
 
@@ -98,9 +99,14 @@ async def serve(
             await _set_health(health, serving=True)
         else:  # SERVING from the first publish on (the listener runs on this loop)
             await _set_health(health, serving=False)
-            remove_listener = store.add_listener(
-                lambda _: _spawn(tasks, _set_health(health, serving=True))
-            )
+
+            def on_first_publish(_: Snapshot) -> None:
+                # Once is enough: staying registered would spawn (and keep) one task per reload.
+                if remove_listener is not None:
+                    remove_listener()
+                _spawn(tasks, _set_health(health, serving=True))
+
+            remove_listener = store.add_listener(on_first_publish)
         await server.start()
         if source is not None:
             tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
@@ -165,21 +171,30 @@ def serve_workers(
     Must be called before the calling process creates any gRPC object.
     """
     pids: list[int] = []
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                asyncio.run(run_worker())
-                code = 0
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        pids.append(pid)
+    try:
+        for index in range(workers):
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    asyncio.run(run_worker())
+                    code = 0
+                except BaseException:
+                    log.exception("worker %d failed", index)
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            pids.append(pid)
+    except BaseException:
+        # A fork failed (or Ctrl-C came) before supervision began: the workers already
+        # started would outlive us, still serving the port. Stop and reap them first.
+        _signal_all(set(pids), signal.SIGTERM)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        raise
     log.info("started %d workers: %s", workers, pids)
     return _supervise(pids, grace=grace)
 

@@ -184,6 +184,16 @@ class FileConfigSource:
             for line in exc.errors:
                 logger.error("%s: %s", self.path, line)
             return False
+        except Exception as exc:  # a loader bug must not end reloads (run() would die)
+            logger.error(
+                "config reload from %s failed (%s: %s); keeping version %d",
+                self.path,
+                type(exc).__name__,
+                exc,
+                self.store.current.version,
+                exc_info=exc,
+            )
+            return False
         self._publish(snapshot)
         logger.info("config reloaded from %s: %d routes", self.path, len(snapshot.routes))
         return True

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.private.content_hash import content_hash
-from engine.definition import DEFINITION_FILE, load_definition
+from engine.definition import DEFINITION_FILE, load_definition, version_key
 from engine.errors import DefinitionError
 
 __all__ = ["build_info", "main", "render_main", "render_registry", "render_test"]
@@ -189,10 +189,6 @@ if __name__ == "__main__":
 """
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version[1:].split("."))
-
-
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     for flag in ("params", "target", "package", "name", "builder-version", "manifest"):
@@ -219,7 +215,7 @@ def main(argv: Sequence[str]) -> int:
             continue
         digest = content_hash(files.items())
         policies.append((definition.name, definition.version, folder, digest))
-    policies.sort(key=lambda row: (row[0], _version_key(row[1])))
+    policies.sort(key=lambda row: (row[0], version_key(row[1])))
     keys = [(name, version) for name, version, _, _ in policies]
     errors.extend(
         f"policy {k[0]!r} version {k[1]} is listed twice"

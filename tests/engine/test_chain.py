@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from engine.chain import Chain, RequestOutcome, ResponseOutcome, run_request, run_response
+from engine.chain import (
+    Chain,
+    ChainPolicy,
+    RequestOutcome,
+    ResponseOutcome,
+    run_request,
+    run_response,
+)
 from engine.config import load_config
 from engine.policy import ImmediateResponse, RequestContext
 from engine.registry import PolicyRegistry
@@ -233,6 +240,19 @@ def test_chain_phase_split(registry: PolicyRegistry) -> None:
     assert chain.has_response_phase
     assert not chain.requires_request_body
     assert not chain_of(registry, add("x-a", "1")).has_response_phase
+
+
+def test_needs_response_is_computed_once_per_chain() -> None:
+    """Envoy must send the response for a response policy, or for any entry that reads
+    the response body (whatever its phases): decided at config load, not per request."""
+    request_only = ChainPolicy("a", "v1.0.0", object(), has_request=True)
+    reads_response_body = ChainPolicy(
+        "b", "v1.0.0", object(), has_request=True, requires_response_body=True
+    )
+    responder = ChainPolicy("c", "v1.0.0", object(), has_response=True)
+    assert not Chain("r", (request_only,)).needs_response
+    assert Chain("r", (request_only, reads_response_body)).needs_response
+    assert Chain("r", (responder,)).needs_response
 
 
 async def test_response_runs_in_configured_order_and_shares_metadata(

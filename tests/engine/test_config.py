@@ -219,6 +219,12 @@ def test_content_hash_is_canonical(registry: PolicyRegistry) -> None:
             id="on-error",
         ),
         pytest.param(
+            add_header(onError=["failOpen"]),
+            "routes[r].policies[0] addHeader v1.0.0: onError: ['failOpen'] is not one of "
+            "failOpen, failClosed",
+            id="on-error-list",
+        ),
+        pytest.param(
             add_header(errorStatus=200),
             "routes[r].policies[0] addHeader v1.0.0: errorStatus: must be an integer in 400-599, "
             "got 200",

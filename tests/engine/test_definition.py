@@ -15,6 +15,7 @@ from engine.definition import (
     load_yaml,
     parse_definition,
     parse_duration,
+    version_key,
 )
 from engine.errors import DefinitionError
 from tests.support import POLICIES_DIR
@@ -377,6 +378,12 @@ def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
+def test_version_key_sorts_numerically() -> None:
+    versions = ["v1.10.0", "v2.0.0", "v1.9.3", "v1.9.10"]
+    assert sorted(versions, key=version_key) == ["v1.9.3", "v1.9.10", "v1.10.0", "v2.0.0"]
+    assert version_key("v1.2.3") == (1, 2, 3)
+
+
 @pytest.mark.parametrize("text", ["", "1", "-1s", "1 s", "1d", "s", "1.s", 5], ids=repr)
 def test_parse_duration_rejects(text: Any) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
@@ -412,8 +419,9 @@ def test_check_examples_reports_misbehaving_examples() -> None:
         ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
         ("a: [1\n", "line 2, column 1: while parsing a flow sequence; expected ',' or ']'"),
         ("a: !!python/name:os.system x\n", "line 1, column 4: could not determine a constructor"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
     ],
-    ids=["duplicate-key", "syntax", "unclosed", "unsafe-tag"],
+    ids=["duplicate-key", "syntax", "unclosed", "unsafe-tag", "too-deep"],
 )
 def test_load_yaml_errors(text: str, expected: str) -> None:
     with pytest.raises(YamlError) as info:

@@ -206,3 +206,29 @@ async def test_run_polls_until_cancelled(source: FileConfigSource, config_file: 
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_unexpected_load_failure_keeps_old_snapshot_and_polling(
+    source: FileConfigSource,
+    config_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loader bug (anything but ConfigError) rejects that file; it must not end reloads."""
+    first = source.load_initial()
+
+    def broken(*args: object, **kwargs: object) -> Snapshot:
+        raise RuntimeError("loader bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("engine.store.load_config", broken)
+        write(config_file, TWO_ROUTES)
+        with caplog.at_level(logging.ERROR, logger="engine.store"):
+            assert source.check_once() is False
+    assert source.store.current is first
+    assert caplog.messages == [
+        f"config reload from {config_file} failed (RuntimeError: loader bug); keeping version 1"
+    ]
+    write(config_file, TWO_ROUTES + "  other:\n    policies: []\n")
+    assert source.check_once() is True
+    assert source.store.current.version == 2

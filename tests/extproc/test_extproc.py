@@ -8,6 +8,8 @@ loading.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -18,7 +20,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import extproc
+from engine import extproc, server
 from engine.chain import Chain, ChainPolicy, Snapshot
 from engine.extproc import PolicyProcessor
 from engine.extproc_testing import (
@@ -497,6 +499,68 @@ async def test_health_waits_for_first_config():
         stop.set()
         async with asyncio.timeout(5):
             await task
+
+
+async def test_health_listener_is_dropped_after_first_config():
+    """Only the first publish flips health to SERVING: later reloads must not keep
+    spawning (and retaining) one health task each for the server's whole life."""
+    calls: list[int] = []
+
+    class CountingStore(ConfigStore):
+        def add_listener(self, listener: Callable[[Snapshot], None]) -> Callable[[], None]:
+            def counted(snap: Snapshot) -> None:
+                calls.append(snap.version)
+                listener(snap)
+
+            return super().add_listener(counted)
+
+    store = CountingStore()
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve("127.0.0.1:0", store, grace=0.1, ready=ready, stop=stop))
+    try:
+        async with asyncio.timeout(5):
+            await ready.wait()
+        for version in (1, 2, 3):
+            store.publish(Snapshot(routes=MappingProxyType({}), version=version), "test")
+            await asyncio.sleep(0.01)
+        assert calls == [1]
+    finally:
+        stop.set()
+        async with asyncio.timeout(5):
+            await task
+
+
+def test_mode_overrides_are_prebuilt():
+    """No ProcessingMode is built per request: each combination exists once."""
+    chain = Chain(route="r")
+    first = extproc._modes(chain, request_body=True)
+    assert extproc._modes(chain, request_body=True) is first
+    assert extproc._modes(chain, request_body=False) is not first
+
+
+def test_serve_workers_stops_started_workers_when_a_fork_fails(monkeypatch):
+    """No orphans: workers already forked are stopped and reaped before the error surfaces."""
+    forks: list[int | Exception] = [4242, 4343, OSError(11, "Resource temporarily unavailable")]
+    killed: list[tuple[int, int]] = []
+    reaped: list[int] = []
+
+    def fork() -> int:
+        result = forks.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        reaped.append(pid)
+        return pid, 0
+
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        server.serve_workers(3, lambda: asyncio.sleep(0), grace=0.1)
+    assert sorted(killed) == [(4242, signal.SIGTERM), (4343, signal.SIGTERM)]
+    assert sorted(reaped) == [4242, 4343]
 
 
 async def test_stop_drains_in_flight_stream():

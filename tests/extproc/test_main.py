@@ -99,6 +99,10 @@ def test_validate_missing_file(tmp_path):
         pytest.param(
             ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:0"], id="workers-port-0"
         ),
+        pytest.param(["--config", "x", "--poll-interval", "0"], id="poll-interval-0"),
+        pytest.param(["--config", "x", "--poll-interval", "-1"], id="poll-interval-negative"),
+        pytest.param(["--config", "x", "--grace", "-1"], id="grace-negative"),
+        pytest.param(["--config", "x", "--grace", "nan"], id="grace-nan"),
     ],
 )
 def test_bad_command_lines_exit_2(argv, capsys):
