@@ -105,7 +105,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--validate-only", action="store_true", help="validate the manifest and exit"
     )
     parser.add_argument("--no-test", action="store_true", help="skip the generated validation test")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.push and "@" in args.push.rsplit("/", 1)[-1]:
+        parser.error(f"--push takes REGISTRY/REPO[:TAG], not a digest: {args.push}")
+    return args
 
 
 def _outputs(package: GeneratedPackage, image: bool) -> list[str]:

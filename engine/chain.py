@@ -67,7 +67,8 @@ _T = TypeVar("_T")
 @dataclass(frozen=True, slots=True, eq=False)
 class ChainPolicy:
     """One enabled chain entry, ready to run. ``instance`` may be shared with
-    other entries and snapshots that configure the same (name, version, params)."""
+    other entries of the same route and with later snapshots that configure the same
+    (route, name, version, params)."""
 
     name: str
     version: str

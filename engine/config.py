@@ -25,11 +25,11 @@ Every error line names route, index, policy and field, e.g.
 ``routes[private].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS``.
 They are raised together as one :class:`~engine.errors.ConfigError`.
 
-Instance identity: an instance is keyed by (name, version, canonical JSON of the
-normalised parameters). Entries with the same key, on any route, share one
-instance, and with ``previous`` given an instance with the same key is reused, so
-stateful policies (rate-limit buckets, JWKS caches) survive hot reloads. Disabled
-entries are validated but not constructed.
+Instance identity: an instance is keyed by (route, name, version, canonical JSON
+of the normalised parameters). Entries with the same key share one instance (two
+routes never do: rate-limit buckets are per route), and with ``previous`` given an
+instance with the same key is reused, so stateful policies (rate-limit buckets,
+JWKS caches) survive hot reloads. Disabled entries are validated but not constructed.
 """
 
 from __future__ import annotations

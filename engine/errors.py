@@ -63,6 +63,10 @@ class ConfigError(EngineError):
         lines = "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(f"{source}: {len(self.errors)} configuration error(s):\n{lines}")
 
+    def lines(self) -> list[str]:
+        """Each error prefixed with the source (the file): what operators are shown."""
+        return [f"{self.source}: {error}" for error in self.errors]
+
 
 class RegistryError(EngineError):
     """A policy name + version is missing from, or duplicated in, the registry."""

@@ -419,17 +419,22 @@ def _strip_port(address: str) -> str:
 
 
 def _client_address(headers: Mapping[str, str], message: pb.ProcessingRequest) -> str:
-    """x-envoy-external-address, else the first x-forwarded-for hop, else ``source.address``."""
-    external = headers.get("x-envoy-external-address")
-    if external:
-        return external.strip()
-    forwarded = headers.get("x-forwarded-for")
-    if forwarded:
-        return forwarded.split(",", 1)[0].strip()
+    """The client's address as Envoy established it, never as the client claims it.
+
+    ``source.address`` (a request attribute: configure ``request_attributes:
+    [source.address]``) is Envoy's downstream remote address, which already honours
+    its ``use_remote_address`` / ``xff_num_trusted_hops`` settings. Without it, the
+    *last* ``x-forwarded-for`` hop (the one Envoy appended) is used: the first hops
+    are written by the client, so keying a rate limit on them would let every
+    client pick its own bucket.
+    """
     if ATTRIBUTES_KEY in message.attributes:
         fields = message.attributes[ATTRIBUTES_KEY].fields
         if "source.address" in fields:
             return _strip_port(str(fields["source.address"].string_value))
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip()
     return ""
 
 

@@ -122,8 +122,8 @@ def main(
         try:
             snapshot = load_config_file(args.config, registry)
         except ConfigError as exc:
-            for line in exc.errors:  # each names route, policy and field; we add the file
-                print(f"{exc.source}: {line}", file=err)
+            for line in exc.lines():
+                print(line, file=err)
             return 1
         except (OSError, EngineError) as exc:
             print(str(exc), file=err)
@@ -144,9 +144,8 @@ def main(
     try:
         source.load_initial()
     except ConfigError as exc:
-        log.error("invalid configuration %s:", args.config)
-        for line in exc.errors:
-            log.error("  %s", line)
+        for line in exc.lines():
+            log.error("%s", line)
         return 1
     except (OSError, EngineError) as exc:
         log.error("cannot load configuration: %s", exc)

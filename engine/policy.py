@@ -80,7 +80,9 @@ class RequestContext:
     The engine applies each policy's modifications to this context before the
     next policy runs, so later policies see earlier rewrites.
     ``body`` is ``None`` unless the chain declared that it needs the request body
-    (``requiresRequestBody``) and the request has one.
+    (``requiresRequestBody``) and the request has one. ``client_address`` is the
+    client's IP as Envoy established it (its ``source.address``), never a value the
+    client wrote into ``x-forwarded-for``; empty when unknown.
     """
 
     headers: Headers

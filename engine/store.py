@@ -181,8 +181,8 @@ class FileConfigSource:
                 len(exc.errors),
                 self.store.current.version,
             )
-            for line in exc.errors:
-                logger.error("%s: %s", self.path, line)
+            for line in exc.lines():
+                logger.error("%s", line)
             return False
         except Exception as exc:  # a loader bug must not end reloads (run() would die)
             logger.error(

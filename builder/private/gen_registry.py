@@ -77,7 +77,13 @@ def build_info(
     else:
         epoch_text = env.get("SOURCE_DATE_EPOCH") or "0"
         revision = "unstamped"
-    epoch = int(epoch_text)
+    try:
+        epoch = int(epoch_text)
+    except ValueError:
+        raise SystemExit(
+            f"gen_registry: the build time must be whole seconds since 1970 "
+            f"(SOURCE_DATE_EPOCH or the stamp's BUILD_TIMESTAMP), got {epoch_text!r}"
+        ) from None
     info = {
         "target": target,
         "builder_version": builder_version,
@@ -102,6 +108,7 @@ def render_registry(
 from pathlib import Path
 from typing import Final
 
+from engine.errors import RegistryError
 from engine.registry import PolicyRegistry, load_policy
 
 __all__ = ["BUILD_INFO", "POLICIES", "load_registry"]
@@ -125,7 +132,7 @@ def load_registry() -> PolicyRegistry:
         policy = load_policy(_ROOT / folder, content_hash=digest)
         if policy.definition.key != (name, version):
             found = " ".join(policy.definition.key)
-            raise RuntimeError(f"{{folder}}: expected {{name}} {{version}}, found {{found}}")
+            raise RegistryError(f"{{folder}}: expected {{name}} {{version}}, found {{found}}")
         loaded.append(policy)
     return PolicyRegistry(loaded)
 """

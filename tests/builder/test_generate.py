@@ -270,3 +270,11 @@ def test_generator_rejects_duplicates(
             sample_root, ["policies/setHeader/v1.0.0", "policies/setHeader/v1.0.0"], "generated/d"
         )
     assert "listed twice" in capsys.readouterr().err
+
+
+def test_bad_source_date_epoch_is_a_clear_error(
+    sample_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(SystemExit, match=r"SOURCE_DATE_EPOCH.*got 'yesterday'"):
+        _generate_registry(sample_root, ["policies/setHeader/v1.0.0"], "generated/f")

@@ -278,3 +278,10 @@ def test_fake_bazel_would_notice(tmp_path: Path, fake_bazel: Path) -> None:
     assert fake_bazel.read_text().splitlines()[0].startswith("build //generated/")
     assert any((tmp_path / "ws" / "generated").iterdir())
     assert os.environ["POLICY_ENGINE_BAZEL"] == str(tmp_path / "bazel")
+
+
+def test_push_to_a_digest_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build.main(["--push", "127.0.0.1:5000/engine@sha256:" + "0" * 64])
+    assert exited.value.code == 2
+    assert "--push takes REGISTRY/REPO[:TAG], not a digest" in capsys.readouterr().err

@@ -217,7 +217,8 @@ async def test_request_context_is_built_like_the_contract_says(engine, client):
     assert ctx.method == "PUT"
     assert ctx.route == "public"
     assert ctx.request_id == "rid-7"
-    assert ctx.client_address == "10.0.0.1"
+    # The last hop is the one Envoy appended; earlier hops are the client's own claims.
+    assert ctx.client_address == "10.0.0.2"
     assert ctx.headers["x-multi"] == "a, b"
     assert ctx.headers["cookie"] == "caf\u00e9"
     assert not any(name.startswith(":") for name in ctx.headers)
@@ -230,8 +231,12 @@ async def test_request_context_is_built_like_the_contract_says(engine, client):
         pytest.param("[::1]:5555", "::1", id="ipv6"),
     ],
 )
-async def test_client_address_falls_back_to_source_attribute(engine, client, address, expected):
-    await client.exchange("public", [request_headers("/", attributes={"source.address": address})])
+async def test_client_address_is_the_source_attribute(engine, client, address, expected):
+    # A spoofed x-forwarded-for does not win over what Envoy saw.
+    spoofed = [("x-forwarded-for", "6.6.6.6"), ("x-envoy-external-address", "6.6.6.6")]
+    await client.exchange(
+        "public", [request_headers("/", headers=spoofed, attributes={"source.address": address})]
+    )
     assert engine.seen.requests[0].client_address == expected
 
 
