@@ -30,7 +30,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 import grpc
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 _HEALTH_SERVICES: Final = ("", EXT_PROC_SERVICE)
 _WORKER_KILL_AFTER: Final = 5.0  # seconds past the grace period before SIGKILL
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 async def serve(
@@ -171,6 +172,10 @@ def serve_workers(
     Must be called before the calling process creates any gRPC object.
     """
     pids: list[int] = []
+    # A stop signal that arrives while we fork must not kill the parent before it can
+    # forward the signal (the workers would be orphaned): hold SIGTERM/SIGINT until
+    # supervision has its handlers, then deliver them there.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         for index in range(workers):
             pid = os.fork()
@@ -179,6 +184,7 @@ def serve_workers(
                 try:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                     asyncio.run(run_worker())
                     code = 0
                 except BaseException:
@@ -188,18 +194,21 @@ def serve_workers(
                     os._exit(code)
             pids.append(pid)
     except BaseException:
-        # A fork failed (or Ctrl-C came) before supervision began: the workers already
-        # started would outlive us, still serving the port. Stop and reap them first.
+        # A fork failed before supervision began: the workers already started would
+        # outlive us, still serving the port. Stop and reap them first.
         _signal_all(set(pids), signal.SIGTERM)
         for pid in pids:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     log.info("started %d workers: %s", workers, pids)
-    return _supervise(pids, grace=grace)
+    return _supervise(pids, grace=grace, mask=mask)
 
 
-def _supervise(pids: Sequence[int], *, grace: float) -> int:
+def _supervise(pids: Sequence[int], *, grace: float, mask: Iterable[int]) -> int:
+    """Wait for the workers; forward SIGTERM/SIGINT to them. ``mask`` is the signal mask
+    to restore once the forwarding handlers are in place (pending signals arrive then)."""
     alive = set(pids)
     requested = False
     failed = False
@@ -210,7 +219,8 @@ def _supervise(pids: Sequence[int], *, grace: float) -> int:
         requested = True
         _signal_all(alive, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         while alive:
             pid, status = os.waitpid(-1, os.WNOHANG)

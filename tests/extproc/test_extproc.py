@@ -568,6 +568,44 @@ def test_serve_workers_stops_started_workers_when_a_fork_fails(monkeypatch):
     assert sorted(reaped) == [4242, 4343]
 
 
+def test_serve_workers_forwards_a_stop_signal_that_arrives_while_forking(monkeypatch):
+    """SIGTERM during the fork loop is held, then forwarded to every worker (none orphaned)."""
+    forked = iter([4242, 4343])
+    killed: list[tuple[int, int]] = []
+    early: list[int] = []
+    polls = 0
+
+    def fork() -> int:
+        pid = next(forked)
+        if pid == 4343:  # a stop request lands between the two forks
+            signal.raise_signal(signal.SIGTERM)
+        return pid
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        nonlocal polls
+        polls += 1
+        stopped = {p for p, sig in killed if sig == signal.SIGTERM}
+        for candidate in (4242, 4343):
+            # A worker exits once told to stop (or, so the test ends, after 20 polls).
+            if (candidate in stopped or polls > 20) and candidate not in exited:
+                exited.add(candidate)
+                return candidate, 0
+        return 0, 0
+
+    exited: set[int] = set()
+    monkeypatch.setattr(os, "fork", fork)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: early.append(sig))
+    try:
+        code = server.serve_workers(2, lambda: asyncio.sleep(0), grace=0.1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert early == [], "the signal reached the parent before it could forward it"
+    assert sorted(killed) == [(4242, signal.SIGTERM), (4343, signal.SIGTERM)]
+    assert code == 0
+
+
 async def test_stop_drains_in_flight_stream():
     """Graceful stop: a stream whose policy is still running when stop is requested completes."""
 
