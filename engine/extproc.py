@@ -53,9 +53,9 @@ import enum
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -72,6 +72,8 @@ from engine.policy import ImmediateResponse, RequestContext, ResponseContext
 if TYPE_CHECKING:
     from engine.chain import Chain, RequestOutcome, ResponseOutcome
     from engine.store import ConfigStore
+
+_Outcome = TypeVar("_Outcome", "RequestOutcome", "ResponseOutcome")
 
 __all__ = [
     "ATTRIBUTES_KEY",
@@ -285,19 +287,9 @@ class _Stream:
         """Run the request policies; return the net outcome or the response to send now."""
         assert self.request is not None
         assert self.chain is not None
-        ctx = self.request
-        try:
-            outcome = await run_request(self.chain, ctx)
-        except Exception:
-            # The executor contains policy failures; reaching here is an engine bug. Fail closed.
-            self._processor.stats.policy_failures += 1
-            log.exception("request chain failed for route %r", self.route)
-            return _INTERNAL_ERROR
-        if outcome.immediate is not None:
-            return outcome.immediate
-        # run_request applied every change to ctx in place, so ctx is now the request as
-        # sent upstream: the response phase sees it as ResponseContext.request.
-        return outcome
+        # run_request applies every change to the context in place, so self.request becomes
+        # the request as sent upstream: the response phase sees it as ResponseContext.request.
+        return await self._guarded("request", run_request(self.chain, self.request))
 
     # -- response phase ------------------------------------------------------------------
 
@@ -337,15 +329,19 @@ class _Stream:
     async def _run_response(self) -> ResponseOutcome | ImmediateResponse:
         assert self.response is not None
         assert self.chain is not None
+        return await self._guarded("response", run_response(self.chain, self.response))
+
+    async def _guarded(self, phase: str, run: Awaitable[_Outcome]) -> _Outcome | ImmediateResponse:
+        """The outcome of one phase, or the response to send now: the policies' own
+        immediate response, or a 500 if the executor itself failed."""
         try:
-            outcome = await run_response(self.chain, self.response)
+            outcome = await run
         except Exception:
+            # The executor contains policy failures; reaching here is an engine bug. Fail closed.
             self._processor.stats.policy_failures += 1
-            log.exception("response chain failed for route %r", self.route)
+            log.exception("%s chain failed for route %r", phase, self.route)
             return _INTERNAL_ERROR
-        if outcome.immediate is not None:
-            return outcome.immediate
-        return outcome
+        return outcome.immediate if outcome.immediate is not None else outcome
 
 
 # -- message helpers (pure functions) -----------------------------------------------------
