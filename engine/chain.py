@@ -17,6 +17,9 @@ Execution rules:
   one with ``", "``). Header names are lower-cased.
 * An :class:`~engine.policy.ImmediateResponse` ends the request phase: later
   policies never run and the upstream is not contacted.
+* Header names must be RFC 9110 tokens; header values, path and method must not contain
+  CR, LF or NUL and must encode as UTF-8. An action breaking that is the policy's failure
+  (below), so the reply to Envoy can always be built.
 * A hook that raises, times out (``timeout``, async hooks only) or returns the
   wrong type is a failure: ``failOpen`` logs and continues; ``failClosed`` answers
   ``errorStatus`` with ``{"error": "policy <name> <version> failed"}``. Nothing
@@ -33,6 +36,7 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -339,15 +343,47 @@ def _failed(
 # --------------------------------------------------------------------------- applying actions
 
 
+# RFC 9110 token characters: anything else (space, ':', CR, LF, NUL, non-ASCII) is not a
+# header name Envoy accepts; pseudo-headers change through path/method/status instead.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_CHARS: Final = re.compile("[\r\n\x00]")
+
+
+def _check_text(what: str, text: object) -> None:
+    """Reject a header value (or path, method) Envoy could not carry unchanged.
+
+    CR/LF/NUL would split or truncate the header; a lone surrogate cannot be encoded as
+    UTF-8, so the reply to Envoy could not even be built. Checking here, where the action
+    is applied, names the policy and makes it that policy's failure (failOpen/failClosed).
+    """
+    if not isinstance(text, str):
+        raise PolicyError(f"{what}: must be str, got {type(text).__name__}")
+    if _BAD_CHARS.search(text):
+        raise PolicyError(f"{what}: {text!r} contains CR, LF or NUL")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PolicyError(f"{what}: {text!r} cannot be encoded as UTF-8") from None
+
+
+def _check_name(what: str, name: object) -> None:
+    if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+        raise PolicyError(f"{what}: {name!r} is not a valid header name")
+
+
 def _check_headers(what: str, headers: Mapping[str, str]) -> None:
+    if not isinstance(headers, Mapping):
+        raise PolicyError(f"{what}: must be a mapping, got {type(headers).__name__}")
     for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise PolicyError(f"{what}: header names and values must be str, got {name!r}")
+        _check_name(what, name)
+        _check_text(f"{what}[{name}]", value)
 
 
 def _check_names(names: tuple[str, ...]) -> None:
-    if not isinstance(names, tuple | list) or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, tuple | list):
         raise PolicyError(f"remove_headers must be a tuple of str, got {names!r}")
+    for name in names:
+        _check_name("remove_headers", name)
 
 
 def _check_body(body: object) -> None:
@@ -390,8 +426,10 @@ def _apply_request(ctx: RequestContext, action: RequestModifications) -> None:
     _check_body(action.body)
     for attr in ("path", "method"):
         value = getattr(action, attr)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise PolicyError(f"{attr} must be a non-empty str, got {value!r}")
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise PolicyError(f"{attr} must be a non-empty str, got {value!r}")
+            _check_text(attr, value)
     _apply_headers(ctx.headers, action.set_headers, action.append_headers, action.remove_headers)
     if action.path is not None:
         ctx.path = action.path

@@ -53,7 +53,7 @@ import enum
 import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -261,35 +261,37 @@ class _Stream:
                 mode_override=_modes(chain, request_body=True),
             )
         mode = _modes(chain, request_body=False)
-        outcome = await self._run_request()
-        if isinstance(outcome, ImmediateResponse):
-            self.phase = _Phase.DONE
-            return _immediate(outcome)
         self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
-        common = _common_request(outcome, body_buffered=False)
-        return pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(response=common), mode_override=mode
+        return await self._run_request(
+            lambda outcome: pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(
+                    response=_common_request(outcome, body_buffered=False)
+                ),
+                mode_override=mode,
+            )
         )
 
     async def _on_request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         assert self.request is not None
         assert self.chain is not None
         self.request.body = bytes(body.body)
-        outcome = await self._run_request()
-        if isinstance(outcome, ImmediateResponse):
-            self.phase = _Phase.DONE
-            return _immediate(outcome)
         self.phase = _Phase.RESPONSE_HEADERS if self.chain.needs_response else _Phase.DONE
-        common = _common_request(outcome, body_buffered=True)
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+        return await self._run_request(
+            lambda outcome: pb.ProcessingResponse(
+                request_body=pb.BodyResponse(response=_common_request(outcome, body_buffered=True))
+            )
+        )
 
-    async def _run_request(self) -> RequestOutcome | ImmediateResponse:
-        """Run the request policies; return the net outcome or the response to send now."""
+    async def _run_request(
+        self, build: Callable[[RequestOutcome], pb.ProcessingResponse]
+    ) -> pb.ProcessingResponse:
+        """Run the request policies; the reply ``build`` makes of the outcome, or the
+        response to send now."""
         assert self.request is not None
         assert self.chain is not None
         # run_request applies every change to the context in place, so self.request becomes
         # the request as sent upstream: the response phase sees it as ResponseContext.request.
-        return await self._guarded("request", run_request(self.chain, self.request))
+        return await self._guarded("request", run_request(self.chain, self.request), build)
 
     # -- response phase ------------------------------------------------------------------
 
@@ -310,38 +312,59 @@ class _Stream:
             self.phase = _Phase.RESPONSE_BODY
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         self.phase = _Phase.DONE
-        outcome = await self._run_response()
-        if isinstance(outcome, ImmediateResponse):
-            return _immediate(outcome)
-        common = _common_response(outcome, body_buffered=False)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        return await self._run_response(
+            lambda outcome: pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(
+                    response=_common_response(outcome, body_buffered=False)
+                )
+            )
+        )
 
     async def _on_response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         assert self.response is not None
         self.response.body = bytes(body.body)
         self.phase = _Phase.DONE
-        outcome = await self._run_response()
-        if isinstance(outcome, ImmediateResponse):
-            return _immediate(outcome)
-        common = _common_response(outcome, body_buffered=True)
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+        return await self._run_response(
+            lambda outcome: pb.ProcessingResponse(
+                response_body=pb.BodyResponse(
+                    response=_common_response(outcome, body_buffered=True)
+                )
+            )
+        )
 
-    async def _run_response(self) -> ResponseOutcome | ImmediateResponse:
+    async def _run_response(
+        self, build: Callable[[ResponseOutcome], pb.ProcessingResponse]
+    ) -> pb.ProcessingResponse:
         assert self.response is not None
         assert self.chain is not None
-        return await self._guarded("response", run_response(self.chain, self.response))
+        return await self._guarded("response", run_response(self.chain, self.response), build)
 
-    async def _guarded(self, phase: str, run: Awaitable[_Outcome]) -> _Outcome | ImmediateResponse:
-        """The outcome of one phase, or the response to send now: the policies' own
-        immediate response, or a 500 if the executor itself failed."""
+    async def _guarded(
+        self,
+        phase: str,
+        run: Awaitable[_Outcome],
+        build: Callable[[_Outcome], pb.ProcessingResponse],
+    ) -> pb.ProcessingResponse:
+        """The reply for one phase: ``build(outcome)``, the policies' own immediate
+        response, or a 500 if the executor or the reply building failed.
+
+        Building the reply is inside the guard: an outcome that cannot be turned into a
+        message (a value that does not encode) must fail closed here, not escape
+        ``Process`` (with ``failure_mode_allow`` Envoy would then drop the whole mutation,
+        including the removal of a spoofed header).
+        """
         try:
             outcome = await run
+            if outcome.immediate is not None:
+                self.phase = _Phase.DONE
+                return _immediate(outcome.immediate)
+            return build(outcome)
         except Exception:
             # The executor contains policy failures; reaching here is an engine bug. Fail closed.
             self._processor.stats.policy_failures += 1
             log.exception("%s chain failed for route %r", phase, self.route)
-            return _INTERNAL_ERROR
-        return outcome.immediate if outcome.immediate is not None else outcome
+            self.phase = _Phase.DONE
+            return _INTERNAL_ERROR_REPLY
 
 
 # -- message helpers (pure functions) -----------------------------------------------------
@@ -495,3 +518,6 @@ def _immediate(response: ImmediateResponse) -> pb.ProcessingResponse:
     if response.headers:
         immediate.headers.CopyFrom(_mutation(response.headers, ()))
     return pb.ProcessingResponse(immediate_response=immediate)
+
+
+_INTERNAL_ERROR_REPLY: Final = _immediate(_INTERNAL_ERROR)

@@ -7,6 +7,7 @@ Each test calls ``stack.configure({...routes...})`` first.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ class Stack:
     engine: EngineThread
     envoy: EnvoyProcess
     registry: PolicyRegistry
+    binary: Path
+    workdir: Path
     _last: str = ""
 
     def configure(self, routes: Mapping[str, Any]) -> None:
@@ -72,6 +75,20 @@ class Stack:
     def request(self, path: str, **kwargs: Any) -> HttpResponse:
         """One HTTP request through Envoy."""
         return http_request(self.envoy.port, path, **kwargs)
+
+    def other_envoy(self, **settings: Any) -> EnvoyProcess:
+        """Start another Envoy in front of the same engine and upstream, with ``settings``
+        (``ext_proc=``, ``listener=``, ``engine_cluster=``; see ``render_bootstrap``).
+        The caller closes it (use it as a context manager)."""
+        workdir = Path(tempfile.mkdtemp(prefix="envoy-", dir=self.workdir))
+        return EnvoyProcess(
+            self.binary,
+            workdir,
+            engine_port=self.engine.port,
+            upstream_port=self.upstream.port,
+            routes=[*routes_for(ROUTE_KEYS), *EXTRA_ROUTES],
+            **settings,
+        )
 
     def recorder_calls(self) -> list[tuple[str, str, dict[str, str]]]:
         return self.registry.get("recorder", "v1.0.0").factory.calls  # type: ignore[attr-defined,no-any-return]
@@ -97,7 +114,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 upstream_port=upstream.port,
                 routes=[*routes_for(ROUTE_KEYS), *EXTRA_ROUTES],
             ) as envoy:
-                yield Stack(upstream, engine, envoy, registry)
+                yield Stack(upstream, engine, envoy, registry, binary, workdir)
         finally:
             engine.close()
 

@@ -329,8 +329,16 @@ def render_bootstrap(
     upstream_port: int,
     routes: Sequence[EnvoyRoute],
     message_timeout: float = 2.0,
+    ext_proc: Mapping[str, Any] | None = None,
+    listener: Mapping[str, Any] | None = None,
+    engine_cluster: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An Envoy 1.36 bootstrap: one listener, ext_proc in front of the router.
+
+    ``ext_proc``, ``listener`` and ``engine_cluster`` are merged (top-level keys replaced)
+    into the ext_proc filter's ``typed_config``, the listener and the engine's cluster, so a
+    test can run Envoy with another filter setting (``failure_mode_allow``, body modes,
+    no ``allow_mode_override``), buffer limit or health check.
 
     ext_proc: request/response headers SEND, bodies NONE (the engine's ``mode_override``
     turns on what a chain needs), ``allow_mode_override``, fail closed, ``mutation_rules``
@@ -387,7 +395,7 @@ def render_bootstrap(
             }
         return entry
 
-    ext_proc = {
+    ext_proc_filter = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
@@ -403,6 +411,7 @@ def render_bootstrap(
             },
             "request_attributes": ["xds.route_name", "source.address"],
             "mutation_rules": {"allow_all_routing": True},
+            **(ext_proc or {}),
         },
     }
     return {
@@ -431,7 +440,7 @@ def render_bootstrap(
                                             ],
                                         },
                                         "http_filters": [
-                                            ext_proc,
+                                            ext_proc_filter,
                                             {
                                                 "name": "envoy.filters.http.router",
                                                 "typed_config": {
@@ -445,10 +454,11 @@ def render_bootstrap(
                             ]
                         }
                     ],
+                    **(listener or {}),
                 }
             ],
             "clusters": [
-                cluster("ext_proc", engine_port, http2=True),
+                {**cluster("ext_proc", engine_port, http2=True), **(engine_cluster or {})},
                 cluster("echo", upstream_port, http2=False),
             ],
         },
@@ -468,6 +478,9 @@ class EnvoyProcess:
         routes: Sequence[EnvoyRoute],
         message_timeout: float = 2.0,
         start_timeout: float = 30.0,
+        ext_proc: Mapping[str, Any] | None = None,
+        listener: Mapping[str, Any] | None = None,
+        engine_cluster: Mapping[str, Any] | None = None,
     ) -> None:
         self.admin_port = free_port()
         self.port = free_port()
@@ -478,6 +491,9 @@ class EnvoyProcess:
             upstream_port=upstream_port,
             routes=routes,
             message_timeout=message_timeout,
+            ext_proc=ext_proc,
+            listener=listener,
+            engine_cluster=engine_cluster,
         )
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))

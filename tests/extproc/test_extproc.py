@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import extproc, server
-from engine.chain import Chain, ChainPolicy, Snapshot
+from engine.chain import Chain, ChainPolicy, RequestOutcome, Snapshot
 from engine.extproc import PolicyProcessor
 from engine.extproc_testing import (
     ExtProcClient,
@@ -633,3 +633,38 @@ async def test_stop_drains_in_flight_stream():
         assert await stream.finish() == (grpc.StatusCode.OK, "")
     async with asyncio.timeout(5):
         await task
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        pytest.param(RequestModifications(set_headers={"x-sub": "a\ud800"}), id="lone-surrogate"),
+        pytest.param(RequestModifications(set_headers={"x-sub": "a\r\nx-admin: 1"}), id="crlf"),
+        pytest.param(RequestModifications(set_headers={"x-sub": "a\x00"}), id="nul"),
+        pytest.param(RequestModifications(set_headers={"x sub": "a"}), id="bad-name"),
+        pytest.param(RequestModifications(remove_headers=("x:sub",)), id="bad-remove-name"),
+        pytest.param(RequestModifications(path="/a\ud800"), id="path"),
+        pytest.param(RequestModifications(append_headers={"x-sub": "\udfff"}), id="append"),
+    ],
+)
+async def test_unencodable_policy_output_is_that_policys_failure(engine, client, action):
+    # Before: the surrogate raised UnicodeEncodeError out of Process (reply building was
+    # outside the guard); CR/LF went to Envoy, which rejects the whole mutation.
+    use(engine, public=[entry(Modify(action), error_status=503)])
+    replies = await client.exchange("public", [request_headers("/", headers={"x-sub": "spoof"})])
+    reply = decode(replies[0])
+    assert (reply.kind, reply.status) == ("immediate_response", 503)
+    assert reply.body == b'{"error": "policy Modify v1.0.0 failed"}'
+
+
+async def test_reply_building_is_inside_the_guard(engine, client, monkeypatch):
+    # An outcome the executor let through but that cannot become a message (an engine bug)
+    # still fails closed with a 500 instead of ending the stream with an error.
+    async def unencodable(chain: Chain, ctx: RequestContext) -> RequestOutcome:
+        return RequestOutcome(set_headers={"x-sub": "\ud800"})
+
+    monkeypatch.setattr(extproc, "run_request", unencodable)
+    replies = await client.exchange("public", [request_headers("/")])
+    reply = decode(replies[0])
+    assert (reply.kind, reply.status) == ("immediate_response", 500)
+    assert engine.processor.stats.policy_failures == 1
