@@ -54,11 +54,13 @@ from engine.policy import (
 )
 
 __all__ = [
+    "DENY_UNKNOWN_ROUTE",
     "Chain",
     "ChainPolicy",
     "RequestOutcome",
     "ResponseOutcome",
     "Snapshot",
+    "deny_unknown_route",
     "run_request",
     "run_response",
 ]
@@ -125,18 +127,32 @@ class Chain:
         return bool(self.response_policies)
 
 
+def deny_unknown_route(status: int) -> ImmediateResponse:
+    """The answer to a request whose route key has no chain (``unknownRoute: deny``)."""
+    body = json.dumps({"error": "no policy chain for this route"}).encode()
+    return ImmediateResponse(status=status, headers={"content-type": "application/json"}, body=body)
+
+
+DENY_UNKNOWN_ROUTE: Final = deny_unknown_route(404)
+"""The default for unknown route keys: a missing chain is a deployment mismatch, and
+passing such requests through would run them with no policy at all (fail closed)."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
     """One immutable, validated configuration: route key -> chain.
 
     ``version`` counts publications from one source lineage (previous + 1);
     ``content_hash`` is the sha256 of the canonical configuration document.
+    ``unknown_route`` answers requests whose route key is unknown or missing; ``None``
+    means they pass through unchanged (``unknownRoute: {action: allow}``).
     """
 
     routes: Mapping[str, Chain]
     source: str = "<empty>"
     version: int = 0
     content_hash: str = ""
+    unknown_route: ImmediateResponse | None = DENY_UNKNOWN_ROUTE
 
     def chain_for(self, route: str) -> Chain | None:
         return self.routes.get(route)

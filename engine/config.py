@@ -13,6 +13,9 @@ Format::
             onError: failClosed    # failOpen | failClosed (default)
             errorStatus: 500       # failClosed status, 400-599 (default 500)
             parameters: {...}      # validated against the policy definition
+    unknownRoute:                  # optional: requests whose route key has no chain
+      action: deny                 # deny (default) | allow (pass through unchanged)
+      status: 404                  # deny only: 400-599 (default 404)
 
 Loading happens in two passes, and nothing is published unless both pass:
 
@@ -43,10 +46,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from engine.chain import Chain, ChainPolicy, Snapshot
+from engine.chain import DENY_UNKNOWN_ROUTE, Chain, ChainPolicy, Snapshot, deny_unknown_route
 from engine.conditions import Condition, compile_condition
 from engine.definition import YamlError, load_yaml, parse_duration
 from engine.errors import ConditionError, ConfigError, RegistryError
+from engine.policy import ImmediateResponse
 from engine.registry import PolicyRegistry, RegisteredPolicy, instantiate
 
 __all__ = [
@@ -61,7 +65,8 @@ logger: Final = logging.getLogger("engine.config")
 ENTRY_FIELDS: Final = frozenset(
     {"name", "version", "enabled", "condition", "timeout", "onError", "errorStatus", "parameters"}
 )
-_TOP_FIELDS: Final = frozenset({"routes"})
+_TOP_FIELDS: Final = frozenset({"routes", "unknownRoute"})
+_UNKNOWN_ROUTE_FIELDS: Final = frozenset({"action", "status"})
 _ROUTE_FIELDS: Final = frozenset({"policies"})
 _ON_ERROR: Final = {"failOpen": True, "failClosed": False}
 
@@ -225,6 +230,30 @@ def _validate(
     return chains
 
 
+def _unknown_route(document: Any, errors: list[str]) -> ImmediateResponse | None:
+    """The ``unknownRoute`` setting: the deny response, or None for ``action: allow``."""
+    raw = document.get("unknownRoute") if isinstance(document, Mapping) else None
+    if raw is None:
+        return DENY_UNKNOWN_ROUTE
+    if not isinstance(raw, Mapping):
+        errors.append(f"unknownRoute: must be a mapping with 'action', got {raw!r}")
+        return DENY_UNKNOWN_ROUTE
+    errors.extend(_unknown("unknownRoute", raw, _UNKNOWN_ROUTE_FIELDS))
+    action = raw.get("action", "deny")
+    status = raw.get("status", 404)
+    if action == "allow":
+        if "status" in raw:
+            errors.append("unknownRoute: status: only allowed with action: deny")
+        return None
+    if action != "deny":
+        errors.append(f"unknownRoute: action: {action!r} is not one of deny, allow")
+    elif isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        errors.append(f"unknownRoute: status: must be an integer in 400-599, got {status!r}")
+    else:
+        return deny_unknown_route(status)
+    return DENY_UNKNOWN_ROUTE
+
+
 def _construct(entry: _Entry, errors: list[str]) -> object | None:
     instance, error = instantiate(entry.policy, entry.params)
     if error:
@@ -252,6 +281,7 @@ def load_config(
             raise ConfigError(source, [f"YAML syntax error: {exc}"]) from exc
     errors: list[str] = []
     validated = _validate(document, registry, errors)
+    unknown_route = _unknown_route(document, errors)
     if errors:
         raise ConfigError(source, errors)
 
@@ -296,6 +326,7 @@ def load_config(
         source=source,
         version=(previous.version + 1) if previous is not None else 1,
         content_hash=digest,
+        unknown_route=unknown_route,
     )
 
 

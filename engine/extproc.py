@@ -16,8 +16,11 @@ How the route is found
     is the most robust mechanism (it needs no attributes, no CEL and no metadata parsing). As a
     fallback the ``xds.route_name`` request attribute is used when Envoy sends it
     (``request_attributes: [xds.route_name]``). A request whose key is missing or unknown to the
-    current snapshot passes through unchanged; a warning is logged once per key (then debug),
-    because a missing chain is a deployment mismatch, not a client error.
+    current snapshot gets the snapshot's ``unknownRoute`` answer: by default a 404 (fail
+    closed: a missing chain is a deployment mismatch, and passing would run the request with
+    no policy at all), or pass-through with ``unknownRoute: {action: allow}``. A warning is
+    logged once per key (for up to 1024 keys, then debug). The empty chain of a KNOWN route
+    passes through.
 
 Copy-on-write
     The snapshot is read once at ``request_headers``; the request and its response finish on
@@ -162,16 +165,21 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             log.warning("ext_proc protocol error (route %r): %s", stream.route, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    def _chain_for(self, route: str) -> Chain | None:
-        chain = self._store.current.chain_for(route) if route else None
-        if chain is None:
-            self.stats.unknown_routes += 1
-            if route not in self._warned_routes and len(self._warned_routes) < _MAX_WARNED_ROUTES:
-                self._warned_routes.add(route)
-                log.warning("no policy chain for route key %r: passing requests through", route)
-            else:
-                log.debug("no policy chain for route key %r", route)
-        return chain
+    def _chain_for(self, route: str) -> tuple[Chain | None, ImmediateResponse | None]:
+        """The route's chain, or (None, the unknownRoute answer; None = pass through)."""
+        snapshot = self._store.current
+        chain = snapshot.chain_for(route) if route else None
+        if chain is not None:
+            return chain, None
+        answer = snapshot.unknown_route
+        self.stats.unknown_routes += 1
+        if route not in self._warned_routes and len(self._warned_routes) < _MAX_WARNED_ROUTES:
+            self._warned_routes.add(route)
+            what = "passing requests through" if answer is None else f"answering {answer.status}"
+            log.warning("no policy chain for route key %r: %s (unknownRoute)", route, what)
+        else:
+            log.debug("no policy chain for route key %r", route)
+        return None, answer
 
 
 class _Stream:
@@ -238,9 +246,11 @@ class _Stream:
         headers, pseudo = _headers_from(http)
         self.route = _route_key(self._context, message)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
-        chain = self._processor._chain_for(self.route)
+        chain, unknown = self._processor._chain_for(self.route)
         if chain is None:
             self.phase = _Phase.DONE
+            if unknown is not None:
+                return _immediate(unknown)
             return pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(), mode_override=_PASS_THROUGH
             )

@@ -46,8 +46,9 @@ def all_policies() -> PolicyRegistry:
     return PolicyRegistry(load_policy(folder) for folder in sorted(folders))
 
 
-def config_text(routes: Mapping[str, Any]) -> str:
-    return yaml.safe_dump({"routes": dict(routes)}, sort_keys=False)
+def config_text(routes: Mapping[str, Any], **top: Any) -> str:
+    """The config document: ``routes`` plus top-level settings (e.g. ``unknownRoute=``)."""
+    return yaml.safe_dump({"routes": dict(routes), **top}, sort_keys=False)
 
 
 @dataclass
@@ -60,9 +61,10 @@ class Stack:
     workdir: Path
     _last: str = ""
 
-    def configure(self, routes: Mapping[str, Any]) -> None:
-        """Serve exactly ``routes`` (route key -> {policies: [...]}); waits for the reload."""
-        text = config_text(routes)
+    def configure(self, routes: Mapping[str, Any], **top: Any) -> None:
+        """Serve exactly ``routes`` (route key -> {policies: [...]}) and the top-level
+        settings ``top`` (e.g. ``unknownRoute={"action": "allow"}``); waits for the reload."""
+        text = config_text(routes, **top)
         if text != self._last:
             self.engine.apply_config(text)
             self._last = text

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.harness import http_request
+
 pytestmark = pytest.mark.envoy
 
 
@@ -140,12 +142,47 @@ def test_cel_conditions(e2e, method, path, expected):
     assert headers["x-after"] == "1"
 
 
-def test_unknown_route_key_passes_through(e2e):
-    e2e.configure({"public": {"policies": [add("x-chain", "public")]}})
+@pytest.mark.parametrize(
+    ("setting", "status"),
+    [
+        pytest.param(None, 404, id="default"),
+        pytest.param({"action": "deny", "status": 503}, 503, id="deny-503"),
+    ],
+)
+def test_unknown_route_key_is_denied(e2e, setting, status):
+    # Before: /nochain/ (a key the config does not know) passed through unpoliced.
+    top = {"unknownRoute": setting} if setting is not None else {}
+    e2e.configure({"public": {"policies": [add("x-chain", "public")]}}, **top)
+    before = len(e2e.upstream.requests_to("/nochain/"))
+    reply = e2e.request("/nochain/x", headers={"x-client": "c"})
+    assert reply.status == status
+    assert reply.json() == {"error": "no policy chain for this route"}
+    assert len(e2e.upstream.requests_to("/nochain/")) == before
+
+
+def test_missing_route_key_is_denied(stack):
+    # No x-policy-route metadata and no xds.route_name attribute: same as an unknown key.
+    stack.configure({"nochain": {"policies": []}})
+    with stack.other_envoy(ext_proc={"request_attributes": []}) as envoy:
+        reply = http_request(envoy.port, "/named/x")
+    assert reply.status == 404
+
+
+def test_unknown_route_key_passes_through_when_allowed(e2e):
+    e2e.configure(
+        {"public": {"policies": [add("x-chain", "public")]}}, unknownRoute={"action": "allow"}
+    )
     reply = e2e.request("/nochain/x", headers={"x-client": "c"})
     assert reply.status == 200
     assert reply.echo["headers"]["x-client"] == "c"
     assert "x-chain" not in reply.echo["headers"]
+
+
+def test_known_route_with_empty_chain_passes_through(e2e):
+    e2e.configure({"nochain": {"policies": []}})
+    reply = e2e.request("/nochain/x", headers={"x-client": "c"})
+    assert reply.status == 200
+    assert reply.echo["headers"]["x-client"] == "c"
 
 
 def test_route_name_attribute_is_the_fallback_key(e2e):

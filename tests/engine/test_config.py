@@ -417,3 +417,48 @@ def test_canonical_json() -> None:
     assert canonical_json({"b": [1, {"d": 2, "c": "é"}], "a": None}) == (
         '{"a":null,"b":[1,{"c":"é","d":2}]}'
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "status"),
+    [
+        pytest.param(None, 404, id="default-deny-404"),
+        pytest.param({"action": "deny"}, 404, id="deny"),
+        pytest.param({"action": "deny", "status": 403}, 403, id="deny-403"),
+        pytest.param({"status": 503}, 503, id="status-only-means-deny"),
+        pytest.param({"action": "allow"}, None, id="allow"),
+    ],
+)
+def test_unknown_route_setting(registry: PolicyRegistry, setting: Any, status: int | None) -> None:
+    document: dict[str, Any] = {"routes": {}}
+    if setting is not None:
+        document["unknownRoute"] = setting
+    snapshot = load_config(document, source="test.yaml", registry=registry)
+    if status is None:
+        assert snapshot.unknown_route is None
+    else:
+        assert snapshot.unknown_route is not None
+        assert snapshot.unknown_route.status == status
+        assert snapshot.unknown_route.body == b'{"error": "no policy chain for this route"}'
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        pytest.param("deny", "unknownRoute: must be a mapping with 'action'", id="not-mapping"),
+        pytest.param({"action": "pass"}, "unknownRoute: action: 'pass' is not one of", id="action"),
+        pytest.param(
+            {"status": 200}, "unknownRoute: status: must be an integer in 400-599", id="2xx"
+        ),
+        pytest.param({"status": True}, "unknownRoute: status: must be an integer", id="bool"),
+        pytest.param(
+            {"action": "allow", "status": 404},
+            "unknownRoute: status: only allowed with action: deny",
+            id="allow-with-status",
+        ),
+        pytest.param({"actoin": "deny"}, "unknownRoute: unknown field 'actoin'", id="typo"),
+    ],
+)
+def test_unknown_route_errors(registry: PolicyRegistry, setting: Any, expected: str) -> None:
+    [error] = errors_of(registry, {"routes": {}, "unknownRoute": setting})
+    assert error.startswith(expected)

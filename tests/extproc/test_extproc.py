@@ -257,7 +257,31 @@ async def test_metadata_key_wins_over_attribute(engine, client):
 @pytest.mark.parametrize(
     "route", [pytest.param("nope", id="unknown"), pytest.param(None, id="missing")]
 )
-async def test_unknown_route_passes_through(engine, client, route, caplog):
+async def test_unknown_route_is_denied_by_default(engine, client, route, caplog):
+    # Before: an unknown or missing route key passed through with no policy (fail open).
+    replies = await client.exchange(route, [request_headers("/x")])
+    reply = decode(replies[0])
+    assert (reply.kind, reply.status) == ("immediate_response", 404)
+    assert reply.body == b'{"error": "no policy chain for this route"}'
+    assert engine.processor.stats.unknown_routes == 1
+    assert "no policy chain for route key" in caplog.text
+    assert "answering 404" in caplog.text
+    assert engine.seen.requests == []
+
+
+@pytest.mark.parametrize(
+    "route", [pytest.param("nope", id="unknown"), pytest.param(None, id="missing")]
+)
+async def test_unknown_route_passes_through_when_allowed(engine, client, route, caplog):
+    engine.store.publish(
+        Snapshot(
+            routes=MappingProxyType({"public": Chain(route="public")}),
+            source="test",
+            version=2,
+            unknown_route=None,
+        ),
+        "test",
+    )
     replies = await client.exchange(route, [request_headers("/x")])
     reply = decode(replies[0])
     assert reply.kind == "request_headers"
