@@ -22,7 +22,8 @@ from engine.config import load_config_file
 from engine.errors import ConfigError, EngineError
 from engine.registry import PolicyRegistry
 from engine.server import serve, serve_workers
-from engine.store import ConfigStore, FileConfigSource
+from engine.store import ConfigSource, ConfigStore, FileConfigSource
+from engine.xds import cli as xds_cli
 
 __all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "main", "parse_args"]
 
@@ -77,9 +78,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO)",
     )
+    xds_cli.add_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.version and not args.config:
-        parser.error("--config is required")
+    if not args.version and not args.config and not args.xds:
+        parser.error("--config or --xds is required")
+    if args.validate and not args.config:
+        parser.error("--validate needs --config")
+    xds_cli.check_arguments(parser, args)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not args.poll_interval > 0:  # 0 would poll in a busy loop; `not >` also rejects nan
@@ -140,9 +145,14 @@ def main(
         log.info("%s", line)
 
     store = ConfigStore()
-    source = FileConfigSource(args.config, registry, store, poll_interval=args.poll_interval)
+    source: ConfigSource | None = None
+    if args.config:
+        source = FileConfigSource(args.config, registry, store, poll_interval=args.poll_interval)
     try:
-        source.load_initial()
+        if source is not None:  # with --xds: the warm start, never polled afterwards
+            source.load_initial()
+        if args.xds:
+            source = xds_cli.make_source(args, registry, store, ENGINE_VERSION)
     except ConfigError as exc:
         for line in exc.lines():
             log.error("%s", line)

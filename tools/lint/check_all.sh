@@ -3,6 +3,8 @@
 # under Bazel (.ci/run's fallback uses it). Needs ruff and mypy on PATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+# proto/'s Python code (generated, never committed) for mypy to see.
+python -m tools.protoc.gen_protos
 ruff check .
 ruff format --check .
 mypy .

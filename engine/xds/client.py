@@ -1,0 +1,273 @@
+"""The engine as an xDS client: route chains over ADS, state of the world.
+
+:class:`XdsConfigSource` is a :class:`~engine.store.ConfigSource`. It opens one ADS
+stream (``envoy.service.discovery.v3.AggregatedDiscoveryService``) to the control
+plane, subscribes to :data:`~engine.xds.resources.ROUTE_CHAIN_TYPE` with a wildcard
+(no resource names: the engine cannot know the route keys in advance) and treats
+every response as the complete configuration.
+
+Protocol, per the xDS spec:
+
+* First request of a stream: ``node``, ``type_url``, ``version_info`` = the version
+  last ACKed (empty at first start), no nonce.
+* Each response is decoded (:func:`~engine.xds.resources.decode_resources`) and
+  validated by :func:`engine.config.load_config`, the code path of the file source,
+  in a worker thread (validation and policy construction never block the event
+  loop); the snapshot is then published on the loop, whole or not at all.
+* ACK: ``version_info`` = the response's version, ``response_nonce`` = its nonce.
+* NACK: ``version_info`` = the last ACKed version, the nonce, and ``error_detail``
+  (``google.rpc.Status``, code INVALID_ARGUMENT) whose message lists every problem,
+  one per line, naming route, policy and field. The last good snapshot keeps serving.
+
+Why state of the world and not delta: the engine must validate and apply the whole
+route table atomically anyway, a wildcard SotW response *is* that table (a route
+missing from it is deleted, as xDS does for Listener/Cluster), and version/nonce
+handling stays one counter. The price is resending every route on each change, a few
+kilobytes for hundreds of routes; one resource per route keeps delta open.
+
+Connection loss: the engine keeps serving the last good snapshot and reconnects with
+exponential backoff and full jitter (:class:`Backoff`), each attempt on a fresh
+channel so gRPC's own reconnect backoff (up to two minutes) cannot exceed ours. The
+delay resets once a stream has delivered a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from engine.chain import Snapshot
+from engine.config import load_config
+from engine.errors import ConfigError
+from engine.registry import PolicyRegistry
+from engine.store import ConfigStore
+from engine.xds.resources import ROUTE_CHAIN_TYPE, decode_resources
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Backoff",
+    "XdsConfigSource",
+    "XdsStatus",
+    "make_node",
+]
+
+log: Final = logging.getLogger("engine.xds")
+
+MAX_MESSAGE_BYTES: Final = 64 << 20
+"""gRPC's default 4 MiB receive limit would turn one oversized resource into a stream
+error and a reconnect loop; above it we NACK resources larger than
+:data:`~engine.xds.resources.MAX_RESOURCE_BYTES` with a clear reason instead."""
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(max, base*2^n)).
+
+    Full jitter (not +/- a fraction) spreads a fleet of engines that lost the same
+    control plane, so they do not all reconnect in the same instant.
+    """
+
+    base: float = 0.25
+    maximum: float = 5.0
+    rand: Callable[[], float] = random.random
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; advances the attempt counter."""
+        ceiling = min(self.maximum, self.base * 2.0 ** min(self.attempt, 30))
+        self.attempt += 1
+        return ceiling * self.rand()
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class XdsStatus:
+    """What the client last did (for logs, tests and operators)."""
+
+    connected: bool = False
+    acked_version: str = ""
+    nacked_version: str = ""
+    last_error: str = ""
+    responses: int = 0
+    connects: int = 0
+    history: list[tuple[str, str]] = field(default_factory=list)
+    """(``"ACK"`` or ``"NACK"``, version), the last :data:`_HISTORY` decisions."""
+
+
+_HISTORY: Final = 100
+
+
+def make_node(
+    node_id: str | None, cluster: str, registry: PolicyRegistry, engine_version: str
+) -> base_pb2.Node:
+    """The ``Node`` this engine presents: id (default ``<hostname>-<pid>``), cluster, and
+    metadata listing the compiled-in policies so the control plane can show them."""
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            "policies": [f"{p.name} {p.version}" for p in registry],
+            "pid": os.getpid(),
+        }
+    )
+    return base_pb2.Node(
+        id=node_id or f"{socket.gethostname()}-{os.getpid()}",
+        cluster=cluster,
+        metadata=metadata,
+        user_agent_name="policy-engine",
+        user_agent_version=engine_version,
+    )
+
+
+class XdsConfigSource:
+    """Keeps ``store`` on the control plane's configuration; see the module docstring.
+
+    ``node`` is built in the process that runs :meth:`run` (with ``--workers`` each
+    worker is its own xDS client, as each Envoy instance is). :meth:`load_initial`
+    returns the store's current snapshot: the xDS stream is asynchronous, so a warm
+    start config (a file) is published by the caller before :meth:`run`.
+    """
+
+    name: Final = "xds"
+
+    def __init__(
+        self,
+        target: str,
+        registry: PolicyRegistry,
+        store: ConfigStore,
+        *,
+        node: Callable[[], base_pb2.Node],
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.target = target
+        self.registry = registry
+        self.store = store
+        self._node_factory = node
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.status = XdsStatus()
+
+    def load_initial(self) -> Snapshot:
+        """The current snapshot (see the class docstring)."""
+        return self.store.current
+
+    async def run(self) -> None:
+        """Stream from the control plane until cancelled; reconnect on any failure."""
+        node = self._node_factory()
+        log.info("xDS: node %s (cluster %s), control plane %s", node.id, node.cluster, self.target)
+        while True:
+            try:
+                await self._connect_once(node)
+                log.warning("xDS: control plane %s closed the stream", self.target)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "xDS: stream to %s failed: %s %s", self.target, exc.code().name, exc.details()
+                )
+            except Exception:  # never let the source die: keep serving, keep retrying
+                log.exception("xDS: unexpected client failure; reconnecting")
+            self.status.connected = False
+            delay = self.backoff.next_delay()
+            log.info(
+                "xDS: reconnecting in %.2fs; serving version %d meanwhile",
+                delay,
+                self.store.current.version,
+            )
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self, node: base_pb2.Node) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
+        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources()
+            self.status.connects += 1
+            await call.write(
+                discovery_pb2.DiscoveryRequest(
+                    node=node, type_url=ROUTE_CHAIN_TYPE, version_info=self.status.acked_version
+                )
+            )
+            async for response in call:
+                if not self.status.connected:
+                    self.status.connected = True
+                    log.info("xDS: connected to %s", self.target)
+                self.backoff.reset()
+                await call.write(await self.handle(response))
+
+    async def handle(self, response: discovery_pb2.DiscoveryResponse) -> Any:
+        """Validate and apply one response; return the ACK or NACK to send back."""
+        self.status.responses += 1
+        version = response.version_info
+        if response.type_url != ROUTE_CHAIN_TYPE:
+            errors = [f"type URL {response.type_url!r} was not subscribed ({ROUTE_CHAIN_TYPE} is)"]
+            return self._nack(response, errors)
+        try:
+            snapshot = await asyncio.to_thread(self._build, response, self.store.current)
+        except ConfigError as exc:
+            return self._nack(response, list(exc.errors))
+        except Exception as exc:  # a bug must NACK (and be logged), never end the stream
+            log.exception("xDS: building version %s failed", version)
+            return self._nack(response, [f"internal error: {type(exc).__name__}: {exc}"])
+        self.store.publish(snapshot, self.name)
+        self.status.acked_version = version
+        self._remember("ACK", version)
+        log.info(
+            "xDS: ACK version %s: %d routes (snapshot %d)",
+            version,
+            len(snapshot.routes),
+            snapshot.version,
+        )
+        return discovery_pb2.DiscoveryRequest(
+            type_url=ROUTE_CHAIN_TYPE, version_info=version, response_nonce=response.nonce
+        )
+
+    def _build(self, response: discovery_pb2.DiscoveryResponse, previous: Snapshot) -> Snapshot:
+        source = f"xds {self.target} version {response.version_info}"
+        document, errors = decode_resources(response.resources)
+        if errors:
+            raise ConfigError(source, errors)
+        return load_config(document, source=source, registry=self.registry, previous=previous)
+
+    def _nack(self, response: discovery_pb2.DiscoveryResponse, errors: list[str]) -> Any:
+        version = response.version_info
+        self.status.nacked_version = version
+        self.status.last_error = "\n".join(errors)
+        self._remember("NACK", version)
+        log.error(
+            "xDS: NACK version %s (%d error(s)); keeping version %s",
+            version,
+            len(errors),
+            self.status.acked_version or "<none>",
+        )
+        for line in errors:
+            log.error("xDS: version %s: %s", version, line)
+        return discovery_pb2.DiscoveryRequest(
+            type_url=response.type_url or ROUTE_CHAIN_TYPE,
+            version_info=self.status.acked_version,
+            response_nonce=response.nonce,
+            error_detail=status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT, message=self.status.last_error
+            ),
+        )
+
+    def _remember(self, verdict: str, version: str) -> None:
+        history = self.status.history
+        history.append((verdict, version))
+        if len(history) > _HISTORY:
+            del history[: len(history) - _HISTORY]
