@@ -58,9 +58,11 @@ __all__ = [
     "Chain",
     "ChainPolicy",
     "RequestOutcome",
+    "RequestState",
     "ResponseOutcome",
     "Snapshot",
     "deny_unknown_route",
+    "failure_response",
     "run_request",
     "run_response",
 ]
@@ -103,6 +105,15 @@ class Chain:
     policies: tuple[ChainPolicy, ...] = ()
 
     request_policies: tuple[ChainPolicy, ...] = field(init=False)
+    request_head: tuple[ChainPolicy, ...] = field(init=False)
+    """The request policies before the first one that needs the request body: they run at
+    ``request_headers`` (and may reject the request there, before any buffering)."""
+    request_rest: tuple[ChainPolicy, ...] = field(init=False)
+    """The request policies from the first one that needs the request body on."""
+    body_failure: ImmediateResponse | None = field(init=False)
+    """The answer when the request body the chain needs cannot be had (Envoy ignored the
+    mode override, or the body is cut short): the failure of the first entry that needs
+    the request body, always fail closed (nothing after it could run)."""
     response_policies: tuple[ChainPolicy, ...] = field(init=False)
     requires_request_body: bool = field(init=False)
     requires_response_body: bool = field(init=False)
@@ -116,6 +127,14 @@ class Chain:
         # every enabled entry, whatever its phases.
         set_ = object.__setattr__
         set_(self, "request_policies", tuple(p for p in self.policies if p.has_request))
+        split = next(
+            (i for i, p in enumerate(self.request_policies) if p.requires_request_body),
+            len(self.request_policies),
+        )
+        set_(self, "request_head", self.request_policies[:split])
+        set_(self, "request_rest", self.request_policies[split:])
+        body_policy = next((p for p in self.policies if p.requires_request_body), None)
+        set_(self, "body_failure", None if body_policy is None else failure_response(body_policy))
         set_(self, "response_policies", tuple(p for p in self.policies if p.has_response))
         set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
         set_(self, "requires_response_body", any(p.requires_response_body for p in self.policies))
@@ -202,16 +221,40 @@ _NO_CHANGE_RESPONSE: Final = ResponseOutcome(set_headers=MappingProxyType({}))
 # --------------------------------------------------------------------------- executor
 
 
-async def run_request(chain: Chain, ctx: RequestContext) -> RequestOutcome:
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    """What a request looked like at one moment: the base a :class:`RequestOutcome` is
+    computed against (see :func:`run_request`)."""
+
+    headers: dict[str, str]
+    path: str
+    method: str
+    body: bytes | None
+
+    @classmethod
+    def of(cls, ctx: RequestContext) -> RequestState:
+        return cls(dict(ctx.headers), ctx.path, ctx.method, ctx.body)
+
+
+async def run_request(
+    chain: Chain,
+    ctx: RequestContext,
+    *,
+    policies: tuple[ChainPolicy, ...] | None = None,
+    since: RequestState | None = None,
+) -> RequestOutcome:
     """Run ``chain``'s request policies against ``ctx`` (mutated in place).
 
+    ``policies`` runs only those (``chain.request_head`` at the headers, then
+    ``chain.request_rest`` with the body); the outcome is the net change against ``since``
+    (default: ``ctx`` as it was when called), so two parts can make one outcome.
     Never raises for a policy's fault; see the module docstring for the rules.
     """
-    if not chain.request_policies:
+    policies = chain.request_policies if policies is None else policies
+    if not policies and since is None:
         return _NO_CHANGE_REQUEST
-    original_headers = dict(ctx.headers)
-    original = (ctx.path, ctx.method, ctx.body)
-    for policy in chain.request_policies:
+    before = since if since is not None else RequestState.of(ctx)
+    for policy in policies:
         if policy.condition is not None and not _holds(policy, ctx.request_id, request_data, ctx):
             continue
         try:
@@ -234,14 +277,13 @@ async def run_request(chain: Chain, ctx: RequestContext) -> RequestOutcome:
             continue
         if failure is not None:
             return RequestOutcome(immediate=failure)
-    path, method, body = original
-    set_headers, remove_headers = _header_diff(original_headers, ctx.headers)
+    set_headers, remove_headers = _header_diff(before.headers, ctx.headers)
     return RequestOutcome(
         set_headers=set_headers,
         remove_headers=remove_headers,
-        path=ctx.path if ctx.path != path else None,
-        method=ctx.method if ctx.method != method else None,
-        body=ctx.body if ctx.body != body else None,
+        path=ctx.path if ctx.path != before.path else None,
+        method=ctx.method if ctx.method != before.method else None,
+        body=ctx.body if ctx.body != before.body else None,
     )
 
 
@@ -348,6 +390,11 @@ def _failed(
     )
     if policy.fail_open:
         return None
+    return failure_response(policy)
+
+
+def failure_response(policy: ChainPolicy) -> ImmediateResponse:
+    """What a failClosed failure of ``policy`` answers: ``errorStatus`` and a JSON body."""
     body = json.dumps({"error": f"policy {policy.label} failed"}).encode()
     return ImmediateResponse(
         status=policy.error_status,

@@ -34,6 +34,13 @@ Processing modes
     body BUFFERED only when the chain needs it. Envoy must run with ``allow_mode_override: true``
     and a ``processing_mode`` of request/response headers SEND, bodies NONE.
 
+    When the chain needs the request body, the header-only PREFIX of its request policies
+    (``chain.request_head``) runs at ``request_headers``: an unauthenticated client is
+    rejected before anything is buffered. The rest runs on the body. If the body never
+    comes (Envoy ignored the override: ``request_trailers`` or ``response_headers`` arrive
+    instead), the request is answered with the failure of the first body-reading policy
+    (fail closed) instead of passing unpoliced.
+
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
     ignores ``value`` and ``append_action``). Path and method travel as ``:path``/``:method``
@@ -68,12 +75,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
-from engine.chain import run_request, run_response
+from engine.chain import RequestState, run_request, run_response
 from engine.errors import ProtocolError
 from engine.policy import ImmediateResponse, RequestContext, ResponseContext
 
 if TYPE_CHECKING:
-    from engine.chain import Chain, RequestOutcome, ResponseOutcome
+    from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
     from engine.store import ConfigStore
 
 _Outcome = TypeVar("_Outcome", "RequestOutcome", "ResponseOutcome")
@@ -116,6 +123,7 @@ class ProcessorStats:
     protocol_errors: int = 0
     unknown_routes: int = 0
     policy_failures: int = 0
+    missing_bodies: int = 0
 
     def count(self, kind: str, route: str | None = None) -> int:
         """Messages of ``kind`` received, for one route or (``route=None``) all routes."""
@@ -160,6 +168,13 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 yield reply
                 if stream.phase is _Phase.DONE:
                     return
+            if stream.phase is _Phase.REQUEST_BODY:
+                self.stats.missing_bodies += 1
+                log.error(
+                    "route %r: the stream ended before the request body the chain needs; "
+                    "check that Envoy honours the mode_override (allow_mode_override: true)",
+                    stream.route,
+                )
         except ProtocolError as exc:
             self.stats.protocol_errors += 1
             log.warning("ext_proc protocol error (route %r): %s", stream.route, exc)
@@ -219,11 +234,11 @@ class _Stream:
                 return await self._on_request_body(message.request_body)
             # A chunk we did not ask for (e.g. a filter-level body mode): let it through.
             return pb.ProcessingResponse(request_body=pb.BodyResponse())
+        if phase is _Phase.REQUEST_BODY and kind in ("request_trailers", "response_headers"):
+            return self._body_never_came(kind)
         if kind == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         if kind == "response_headers":
-            if phase is _Phase.REQUEST_BODY:
-                raise ProtocolError("response_headers while awaiting request_body")
             if phase is not _Phase.RESPONSE_HEADERS:
                 raise ProtocolError("second response_headers on one stream")
             return await self._on_response_headers(message.response_headers)
@@ -265,11 +280,14 @@ class _Stream:
             client_address=_client_address(headers, message),
         )
         if chain.requires_request_body and not http.end_of_stream:
-            self.phase = _Phase.REQUEST_BODY
-            return pb.ProcessingResponse(
-                request_headers=pb.HeadersResponse(),
-                mode_override=_modes(chain, request_body=True),
-            )
+            config = message.protocol_config
+            if config.send_body_without_waiting_for_header_response and (
+                config.request_body_mode == _Mode.NONE
+            ):
+                # Envoy ignores every mode override in this setting: the body will never
+                # come, so refuse now, before the request goes anywhere.
+                return self._body_never_came("request_headers (send_body_without_waiting)")
+            return await self._run_request_head()
         mode = _modes(chain, request_body=False)
         self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
         return await self._run_request(
@@ -281,6 +299,37 @@ class _Stream:
             )
         )
 
+    async def _run_request_head(self) -> pb.ProcessingResponse:
+        """The chain needs the request body: run the header-only prefix now (it may reject
+        the request before anything is buffered), then ask Envoy for the body."""
+        assert self.request is not None
+        assert self.chain is not None
+        chain, request = self.chain, self.request
+        state = RequestState.of(request)
+        replaced = False
+
+        async def head() -> RequestOutcome:
+            nonlocal replaced
+            outcome = await run_request(chain, request, policies=chain.request_head)
+            if outcome.immediate is None and outcome.body is not None:
+                # A header-only policy replaced the body: Envoy will not send the original
+                # (CONTINUE_AND_REPLACE), so the rest runs now, on the new body.
+                replaced = True
+                return await run_request(chain, request, policies=chain.request_rest, since=state)
+            return outcome
+
+        def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
+            mode = _modes(chain, request_body=not replaced)
+            if replaced:
+                self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+            common = _common_request(outcome, body_buffered=False)
+            return pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(response=common), mode_override=mode
+            )
+
+        self.phase = _Phase.REQUEST_BODY
+        return await self._guarded("request", head(), build)
+
     async def _on_request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         assert self.request is not None
         assert self.chain is not None
@@ -289,19 +338,42 @@ class _Stream:
         return await self._run_request(
             lambda outcome: pb.ProcessingResponse(
                 request_body=pb.BodyResponse(response=_common_request(outcome, body_buffered=True))
-            )
+            ),
+            self.chain.request_rest,
         )
 
+    def _body_never_came(self, kind: str) -> pb.ProcessingResponse:
+        """``kind`` arrived where the request body the chain asked for should have: Envoy
+        ignored the mode override, so the body-reading policies never ran. The request must
+        not go on unpoliced: answer the failure of the first body-reading policy."""
+        assert self.chain is not None
+        assert self.chain.body_failure is not None
+        self._processor.stats.missing_bodies += 1
+        log.error(
+            "route %r: %s arrived instead of the request body the chain needs; Envoy ignored "
+            "the mode_override (needs allow_mode_override: true, a matching "
+            "allowed_override_modes entry, no send_body_without_waiting_for_header_response): "
+            "answering %d",
+            self.route,
+            kind,
+            self.chain.body_failure.status,
+        )
+        self.phase = _Phase.DONE
+        return _immediate(self.chain.body_failure)
+
     async def _run_request(
-        self, build: Callable[[RequestOutcome], pb.ProcessingResponse]
+        self,
+        build: Callable[[RequestOutcome], pb.ProcessingResponse],
+        policies: tuple[ChainPolicy, ...] | None = None,
     ) -> pb.ProcessingResponse:
-        """Run the request policies; the reply ``build`` makes of the outcome, or the
-        response to send now."""
+        """Run the request policies (all, or ``policies``); the reply ``build`` makes of the
+        outcome, or the response to send now."""
         assert self.request is not None
         assert self.chain is not None
         # run_request applies every change to the context in place, so self.request becomes
         # the request as sent upstream: the response phase sees it as ResponseContext.request.
-        return await self._guarded("request", run_request(self.chain, self.request), build)
+        run = run_request(self.chain, self.request, policies=policies)
+        return await self._guarded("request", run, build)
 
     # -- response phase ------------------------------------------------------------------
 

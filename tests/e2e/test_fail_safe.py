@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import Stack
 from tests.e2e.harness import http_request
 
 pytestmark = pytest.mark.envoy
@@ -28,3 +29,63 @@ def test_unencodable_header_value_fails_closed_even_with_failure_mode_allow(e2e)
     assert reply.status == 500
     assert reply.json() == {"error": "policy unencodable v1.0.0 failed"}
     assert len(e2e.upstream.requests_to("/api/v1/public/spoof")) == before
+
+
+DENY_WITHOUT_TOKEN = {**policy("deny"), "condition": '!("x-token" in request.headers)'}
+
+
+def body_requests(e2e: Stack) -> int:
+    return e2e.engine.processor.stats.count("request_body", "body")
+
+
+def test_header_policies_reject_before_the_body_is_buffered(e2e):
+    # Before: with a body policy in the chain every request policy waited for the body, so
+    # an unauthenticated client had its whole body buffered and sent to the engine first.
+    e2e.configure({"body": {"policies": [DENY_WITHOUT_TOKEN, policy("bodyWrap")]}})
+    before = body_requests(e2e)
+    denied = e2e.request("/body/x", method="POST", body=b"x" * 1000)
+    assert denied.status == 401
+    assert body_requests(e2e) == before
+    allowed = e2e.request("/body/x", method="POST", body=b"hi", headers={"x-token": "t"})
+    assert allowed.status == 200
+    assert allowed.echo is None  # bodyWrap wrapped the response body too
+    assert e2e.upstream.requests_to("/body/x")[-1].body == b"<<hi>>"
+    assert body_requests(e2e) == before + 1
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "failure-mode-allow"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        pytest.param({"allow_mode_override": False}, id="no-allow-mode-override"),
+        pytest.param(
+            {"allowed_override_modes": [{"request_body_mode": "STREAMED"}]},
+            id="allowed-override-modes-mismatch",
+        ),
+    ],
+)
+def test_ignored_mode_override_fails_closed(e2e, fail_open, override):
+    # Envoy without allow_mode_override never sends the body the chain asked for. Before:
+    # the engine aborted the stream at response_headers (INVALID_ARGUMENT), so with
+    # failure_mode_allow the client got the upstream's 200 with no body policy ever run.
+    e2e.configure(
+        {"body": {"policies": [policy("bodySeen"), {**policy("bodyWrap"), "errorStatus": 503}]}}
+    )
+    settings = {**override, "failure_mode_allow": fail_open}
+    with e2e.other_envoy(ext_proc=settings) as envoy:
+        reply = http_request(envoy.port, "/body/ignored", method="POST", body=b"secret")
+    assert reply.status == 503
+    assert reply.json() == {"error": "policy bodyWrap v1.0.0 failed"}
+
+
+def test_send_body_without_waiting_is_refused_before_upstream(e2e):
+    # With send_body_without_waiting_for_header_response Envoy ignores every mode override:
+    # the engine knows from protocol_config that the body will never come, and refuses at
+    # the headers, so the upstream is never contacted.
+    e2e.configure({"body": {"policies": [{**policy("bodyWrap"), "errorStatus": 503}]}})
+    before = len(e2e.upstream.requests_to("/body/nowait"))
+    settings = {"send_body_without_waiting_for_header_response": True, "failure_mode_allow": True}
+    with e2e.other_envoy(ext_proc=settings) as envoy:
+        reply = http_request(envoy.port, "/body/nowait", method="POST", body=b"secret")
+    assert reply.status == 503
+    assert len(e2e.upstream.requests_to("/body/nowait")) == before

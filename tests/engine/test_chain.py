@@ -333,3 +333,17 @@ async def test_request_context_is_mutated_in_place(registry: PolicyRegistry) -> 
     ctx: RequestContext = make_request_context(path="/a")
     await run_request(chain_of(registry, {"name": "rewrite", "parameters": {"path": "/b"}}), ctx)
     assert ctx.path == "/b"
+
+
+def test_request_head_is_the_prefix_before_the_first_body_policy() -> None:
+    def p(name: str, **flags: Any) -> ChainPolicy:
+        return ChainPolicy(name, "v1.0.0", object(), has_request=True, **flags)
+
+    auth, body, later = p("auth"), p("body", requires_request_body=True, error_status=503), p("x")
+    chain = Chain("r", (auth, body, later))
+    assert chain.request_head == (auth,)
+    assert chain.request_rest == (body, later)
+    assert chain.body_failure is not None
+    assert chain.body_failure.status == 503
+    plain = Chain("r", (auth, later))
+    assert (plain.request_head, plain.request_rest, plain.body_failure) == ((auth, later), (), None)

@@ -429,7 +429,7 @@ async def test_snapshot_is_taken_once_per_stream(engine, client):
 
 
 async def test_executor_failure_fails_closed(engine, client, monkeypatch):
-    async def broken(chain: Chain, ctx: RequestContext) -> None:
+    async def broken(chain: Chain, ctx: RequestContext, **_: Any) -> None:
         raise RuntimeError("engine bug")
 
     monkeypatch.setattr(extproc, "run_request", broken)
@@ -454,11 +454,6 @@ EMPTY = external_processor_pb2.ProcessingRequest()
             [request_headers("/", end_of_stream=False), request_headers("/")],
             "second request_headers",
             id="second-request-headers",
-        ),
-        pytest.param(
-            [request_headers("/", end_of_stream=False), response_headers(200)],
-            "response_headers while awaiting request_body",
-            id="response-during-body",
         ),
         pytest.param(
             [request_headers("/"), response_body(b"x")],
@@ -684,7 +679,7 @@ async def test_unencodable_policy_output_is_that_policys_failure(engine, client,
 async def test_reply_building_is_inside_the_guard(engine, client, monkeypatch):
     # An outcome the executor let through but that cannot become a message (an engine bug)
     # still fails closed with a 500 instead of ending the stream with an error.
-    async def unencodable(chain: Chain, ctx: RequestContext) -> RequestOutcome:
+    async def unencodable(chain: Chain, ctx: RequestContext, **_: Any) -> RequestOutcome:
         return RequestOutcome(set_headers={"x-sub": "\ud800"})
 
     monkeypatch.setattr(extproc, "run_request", unencodable)
@@ -692,3 +687,95 @@ async def test_reply_building_is_inside_the_guard(engine, client, monkeypatch):
     reply = decode(replies[0])
     assert (reply.kind, reply.status) == ("immediate_response", 500)
     assert engine.processor.stats.policy_failures == 1
+
+
+# ----------------------------------------------------------------------------- header prefix
+
+
+class BodyReader:
+    """Needs the body (declare requires_request_body=True); records what it saw."""
+
+    def __init__(self, seen: Seen) -> None:
+        self.seen = seen
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        self.seen.bodies.append(ctx.body)
+        return RequestModifications(set_headers={"x-body-len": str(len(ctx.body or b""))})
+
+
+def prefix_chain(engine: Engine, *, error_status: int = 500) -> list[ChainPolicy]:
+    return [
+        entry(Modify(RequestModifications(set_headers={"x-head": "1"}))),
+        entry(Recorder(engine.seen)),
+        entry(BodyReader(engine.seen), requires_request_body=True, error_status=error_status),
+        entry(Modify(RequestModifications(set_headers={"x-after": "1"}))),
+    ]
+
+
+async def test_header_only_prefix_runs_at_request_headers(engine, client):
+    # Before: every request policy waited for the body, so nothing ran at the headers.
+    use(engine, public=prefix_chain(engine))
+    stream = client.open("public")
+    head = decode(await stream.send(request_headers("/", "POST", end_of_stream=False)))
+    assert head.kind == "request_headers"
+    assert head.set_headers == {"x-head": "1"}
+    assert head.modes is not None
+    assert head.modes["request_body_mode"] == "BUFFERED"
+    assert len(engine.seen.requests) == 1  # the recorder ran before any body
+    body = decode(await stream.send(request_body(b"hello")))
+    assert body.kind == "request_body"
+    assert body.set_headers == {"x-body-len": "5", "x-after": "1"}
+    assert engine.seen.bodies == [None, b"hello"]
+    await stream.finish()
+
+
+async def test_header_only_prefix_can_reject_before_the_body(engine, client):
+    use(
+        engine,
+        public=[entry(Deny()), entry(BodyReader(engine.seen), requires_request_body=True)],
+    )
+    replies = await client.exchange("public", [request_headers("/", end_of_stream=False)])
+    reply = decode(replies[0])
+    assert (reply.kind, reply.status) == ("immediate_response", 401)
+    assert engine.seen.bodies == []
+
+
+@pytest.mark.parametrize(
+    "instead",
+    [
+        pytest.param(response_headers(200), id="response-headers"),
+        pytest.param(
+            external_processor_pb2.ProcessingRequest(
+                request_trailers=external_processor_pb2.HttpTrailers()
+            ),
+            id="request-trailers",
+        ),
+    ],
+)
+async def test_body_that_never_comes_fails_closed(engine, client, instead):
+    # Before: response_headers aborted the stream (INVALID_ARGUMENT: with failure_mode_allow
+    # Envoy passes), and request_trailers was answered "continue": the request went on with
+    # its body policies never run.
+    use(engine, public=prefix_chain(engine, error_status=503))
+    replies = await client.exchange("public", [request_headers("/", end_of_stream=False), instead])
+    reply = decode(replies[1])
+    assert (reply.kind, reply.status) == ("immediate_response", 503)
+    assert reply.body == b'{"error": "policy BodyReader v1.0.0 failed"}'
+    assert engine.processor.stats.missing_bodies == 1
+
+
+async def test_header_policy_replacing_the_body_runs_the_rest_at_once(engine, client):
+    use(
+        engine,
+        public=[
+            entry(Modify(RequestModifications(body=b"replaced"))),
+            entry(BodyReader(engine.seen), requires_request_body=True),
+        ],
+    )
+    replies = await client.exchange("public", [request_headers("/", "POST", end_of_stream=False)])
+    reply = decode(replies[0])
+    assert reply.kind == "request_headers"
+    assert reply.replace
+    assert reply.body == b"replaced"
+    assert reply.set_headers == {"x-body-len": "8"}
+    assert engine.seen.bodies == [b"replaced"]
