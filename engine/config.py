@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,11 @@ from typing import Any, Final
 
 from engine.chain import DENY_UNKNOWN_ROUTE, Chain, ChainPolicy, Snapshot, deny_unknown_route
 from engine.conditions import Condition, compile_condition
-from engine.definition import YamlError, load_yaml, parse_duration
+from engine.definition import data_problems, parse_duration
 from engine.errors import ConditionError, ConfigError, RegistryError
 from engine.policy import ImmediateResponse
 from engine.registry import PolicyRegistry, RegisteredPolicy, instantiate
+from engine.yamlsafe import YamlError, load_yaml
 
 __all__ = [
     "ENTRY_FIELDS",
@@ -72,10 +74,24 @@ _ON_ERROR: Final = {"failOpen": True, "failClosed": False}
 
 
 def canonical_json(value: Any) -> str:
-    """Stable JSON text of ``value`` (sorted keys, no spaces); non-JSON values use repr."""
+    """Stable JSON text of ``value`` (sorted keys, no spaces); non-JSON values use repr.
+
+    Only called on documents that passed :func:`~engine.definition.data_problems`
+    (string keys, bounded depth and size), so sorting and recursion cannot fail.
+    """
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
     )
+
+
+_SHOW: Final = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 40
+_SHOW.maxlist = _SHOW.maxdict = _SHOW.maxtuple = _SHOW.maxset = 4
+
+
+def _show(value: Any) -> str:
+    """A bounded repr for error lines: a 10 MB list is not an error message."""
+    return _SHOW.repr(value)
 
 
 @dataclass(slots=True)
@@ -123,14 +139,14 @@ def _validate_entry(
         if value is None:
             errors.append(f"{base}: missing field {field_name!r}")
         elif not isinstance(value, str):
-            errors.append(f"{base}: {field_name}: must be a string, got {value!r}")
+            errors.append(f"{base}: {field_name}: must be a string, got {_show(value)}")
     if isinstance(name, str) and isinstance(version, str):
         prefix = f"{base} {name} {version}"
     before = len(errors)
 
     enabled = raw.get("enabled", True)
     if not isinstance(enabled, bool):
-        errors.append(f"{prefix}: enabled: must be true or false, got {enabled!r}")
+        errors.append(f"{prefix}: enabled: must be true or false, got {_show(enabled)}")
 
     condition: Condition | None = None
     if raw.get("condition") is not None:
@@ -151,11 +167,11 @@ def _validate_entry(
 
     on_error = raw.get("onError", "failClosed")
     if not isinstance(on_error, str) or on_error not in _ON_ERROR:  # a list is unhashable
-        errors.append(f"{prefix}: onError: {on_error!r} is not one of failOpen, failClosed")
+        errors.append(f"{prefix}: onError: {_show(on_error)} is not one of failOpen, failClosed")
 
     status = raw.get("errorStatus", 500)
     if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-        errors.append(f"{prefix}: errorStatus: must be an integer in 400-599, got {status!r}")
+        errors.append(f"{prefix}: errorStatus: must be an integer in 400-599, got {_show(status)}")
 
     params = raw.get("parameters")
     if params is None:
@@ -204,12 +220,12 @@ def _validate(
         errors.append("missing field 'routes'")
         return {}
     if not isinstance(routes, Mapping):
-        errors.append(f"routes: must be a mapping of route key -> route, got {routes!r}")
+        errors.append(f"routes: must be a mapping of route key -> route, got {_show(routes)}")
         return {}
     chains: dict[str, list[_Entry]] = {}
     for route, spec in routes.items():
         if not isinstance(route, str) or not route:
-            errors.append(f"routes[{route!r}]: route key must be a non-empty string")
+            errors.append(f"routes[{_show(route)}]: route key must be a non-empty string")
             continue
         where = f"routes[{route}]"
         if not isinstance(spec, Mapping):
@@ -236,7 +252,7 @@ def _unknown_route(document: Any, errors: list[str]) -> ImmediateResponse | None
     if raw is None:
         return DENY_UNKNOWN_ROUTE
     if not isinstance(raw, Mapping):
-        errors.append(f"unknownRoute: must be a mapping with 'action', got {raw!r}")
+        errors.append(f"unknownRoute: must be a mapping with 'action', got {_show(raw)}")
         return DENY_UNKNOWN_ROUTE
     errors.extend(_unknown("unknownRoute", raw, _UNKNOWN_ROUTE_FIELDS))
     action = raw.get("action", "deny")
@@ -246,9 +262,9 @@ def _unknown_route(document: Any, errors: list[str]) -> ImmediateResponse | None
             errors.append("unknownRoute: status: only allowed with action: deny")
         return None
     if action != "deny":
-        errors.append(f"unknownRoute: action: {action!r} is not one of deny, allow")
+        errors.append(f"unknownRoute: action: {_show(action)} is not one of deny, allow")
     elif isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-        errors.append(f"unknownRoute: status: must be an integer in 400-599, got {status!r}")
+        errors.append(f"unknownRoute: status: must be an integer in 400-599, got {_show(status)}")
     else:
         return deny_unknown_route(status)
     return DENY_UNKNOWN_ROUTE
@@ -278,7 +294,12 @@ def load_config(
         try:
             document = load_yaml(document)
         except YamlError as exc:
-            raise ConfigError(source, [f"YAML syntax error: {exc}"]) from exc
+            raise ConfigError(source, [f"YAML: {exc}"]) from exc
+    # A parsed document (from a source other than YAML) gets the same structural
+    # limits the YAML reader applies: string keys, bounded depth and size.
+    problems = data_problems(document, numbers=False)
+    if problems:
+        raise ConfigError(source, problems)
     errors: list[str] = []
     validated = _validate(document, registry, errors)
     unknown_route = _unknown_route(document, errors)

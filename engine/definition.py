@@ -14,9 +14,8 @@ extensions: ``required: true|false`` on top-level parameters and ``errorMessage`
 formats are ``uri`` (needs a scheme and a host) and ``duration`` (``250ms``,
 ``1.5s``, ``2m``, ``1h``).
 
-This module also owns the YAML reading shared by definitions and configuration
-(:func:`load_yaml`): safe loading, duplicate keys rejected, errors with line and
-column.
+YAML is read by :func:`engine.yamlsafe.load_yaml` (re-exported here), shared by
+definitions, configuration and manifests.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,17 +33,18 @@ from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import yaml
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from engine.errors import DefinitionError
+from engine.yamlsafe import MAX_DEPTH, YamlError, load_yaml
 
 __all__ = [
     "DEFINITION_FILE",
     "PHASES",
     "PolicyDefinition",
     "YamlError",
+    "data_problems",
     "example_failures",
     "format_path",
     "load_definition",
@@ -58,55 +59,8 @@ PHASES: Final = ("request", "response")
 
 _DURATION_RE: Final = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _DURATION_UNITS: Final[Mapping[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-class YamlError(ValueError):
-    """A YAML document could not be read; ``str()`` reads ``line L, column C: problem``."""
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """Safe loader that rejects duplicate mapping keys (PyYAML keeps the last one
-    silently, which hides typos such as a route configured twice)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[tuple[str, str]] = set()
-    for key_node, _ in node.value:
-        # Only plain scalar keys can be compared before construction; merge keys
-        # (``<<``) may legitimately be overridden, so they are not counted.
-        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-            ident = (key_node.tag, key_node.value)
-            if ident in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key_node.value!r}",
-                    key_node.start_mark,
-                )
-            seen.add(ident)
-    loader.flatten_mapping(node)
-    return dict(loader.construct_mapping(node, deep=True))
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(text: str | bytes) -> Any:
-    """Parse one YAML document safely. Raises :class:`YamlError` naming line and column."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = "; ".join(part for part in (exc.context, exc.problem) if part)
-        raise YamlError(f"{where}{what or 'invalid YAML'}") from exc
-    except yaml.YAMLError as exc:
-        raise YamlError(str(exc)) from exc
-    except RecursionError as exc:  # PyYAML composes nested nodes recursively
-        raise YamlError("nested too deeply (more levels than the YAML reader supports)") from exc
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- formats
@@ -120,7 +74,62 @@ def parse_duration(text: str) -> float:
     match = _DURATION_RE.match(text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f"{text!r} is not a duration (expected e.g. '250ms', '1s', '2m', '1h')")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):  # 400 nines overflow a float
+        raise ValueError(f"{text[:40]!r}... is too long to be a duration")
+    return seconds
+
+
+def data_problems(
+    value: Any, path: Sequence[str | int] = (), *, numbers: bool = True, budget: int = 1_000_000
+) -> list[str]:
+    """Problems that make ``value`` unfit as JSON-like data, one line each, naming the
+    path (``limits.rate: must be a finite number, got nan``).
+
+    YAML (and a parsed document handed over by a source) can carry ``.nan`` and
+    ``.inf``, which JSON Schema's comparisons let through (every comparison with NaN is
+    false, so ``exclusiveMinimum: 0`` accepts it): a rate limit of NaN never limits.
+    Integers must fit in a signed 64-bit integer (what JSON, protobuf and CEL carry);
+    a 4,000-digit one otherwise reaches a policy constructor as an ``OverflowError``.
+    Also rejected: nesting deeper than :data:`engine.yamlsafe.MAX_DEPTH` (later stages
+    recurse), mapping keys that are not strings, and more than ``budget`` values in all
+    (a parsed document can share one list many times over, as a YAML alias bomb does).
+    ``numbers=False`` checks only the structure. Stops after 20 problems.
+    """
+    problems: list[str] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, tuple(path))]
+    base = len(path)
+    while stack and len(problems) < 20:
+        item, where = stack.pop()
+        budget -= 1
+        if budget < 0:
+            problems.append("too many values (is some part shared many times over?)")
+            break
+        if numbers and isinstance(item, float) and not math.isfinite(item):
+            problems.append(f"{_prefix(where)}must be a finite number, got {item}")
+        elif numbers and isinstance(item, int) and not _INT_MIN <= item <= _INT_MAX:
+            shown = (
+                str(item) if item.bit_length() < 96 else f"an integer of {item.bit_length()} bits"
+            )
+            problems.append(f"{_prefix(where)}must fit in 64 bits, got {shown}")
+        elif isinstance(item, Mapping | list | tuple):
+            if len(where) - base >= MAX_DEPTH:
+                problems.append(f"{_prefix(where)}nested more than {MAX_DEPTH} levels deep")
+                continue
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        problems.append(f"{_prefix(where)}keys must be strings, got {key!r:.40}")
+                    else:
+                        stack.append((child, (*where, key)))
+            else:
+                stack.extend((child, (*where, i)) for i, child in enumerate(item))
+    return sorted(problems)
+
+
+def _prefix(path: Sequence[str | int]) -> str:
+    name = format_path(path)
+    return f"{name}: " if name else ""
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -305,6 +314,10 @@ class PolicyDefinition:
             if validator is None:
                 errors.append(f"unknown parameter {name!r}")
                 continue
+            unfit = data_problems(value, [name])
+            if unfit:
+                errors.extend(unfit)
+                continue
             problems = list(validator.iter_errors(value))
             if problems:
                 custom = self.parameters[name].get("errorMessage")
@@ -375,7 +388,7 @@ def parse_definition(data: Any, source: str) -> PolicyDefinition:
         kind = "empty" if data is None else type(data).__name__
         message = f"{source}: expected a mapping at the top level, got {kind}"
         raise DefinitionError(message, [message])
-    errors = _error_lines(_META_VALIDATOR.iter_errors(data))
+    errors = data_problems(data) or _error_lines(_META_VALIDATOR.iter_errors(data))
     if errors:
         lines = [f"{source}: {line}" for line in errors]
         raise DefinitionError("\n".join(lines), lines)

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 from engine.config import load_config_file
 from engine.errors import ConfigError, EngineError
@@ -107,6 +107,54 @@ def build_lines(registry: PolicyRegistry, build_info: Mapping[str, str] | None) 
     return lines
 
 
+class _NoTraceback(logging.Formatter):
+    """Log lines without tracebacks: ``--validate`` output is for operators."""
+
+    def formatException(self, ei: Any) -> str:
+        return ""
+
+    def formatStack(self, stack_info: str) -> str:
+        return ""
+
+
+def _brief(exc: BaseException) -> str:
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # a broken __str__ must not turn the report into a crash
+        text = type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _validate(config: str, registry: PolicyRegistry, level: str, out: TextIO, err: TextIO) -> int:
+    """``--validate``: every problem on ``err`` (one line each, naming the file), never a
+    traceback, whatever the file holds; ``OK: N routes`` on ``out``. Returns 0 or 1."""
+    # Policy constructors that crash are logged with their traceback while serving;
+    # here the config error already says what failed, so log lines carry none.
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(_NoTraceback("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        snapshot = load_config_file(config, registry)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=err)
+        return 1
+    except (OSError, EngineError) as exc:
+        print(str(exc), file=err)
+        return 1
+    except Exception as exc:  # a loader bug: one line, never a traceback
+        print(f"{config}: internal error while validating: {_brief(exc)}", file=err)
+        return 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+    print(f"OK: {len(snapshot.routes)} routes", file=out)
+    return 0
+
+
 def main(
     argv: Sequence[str],
     *,
@@ -124,17 +172,7 @@ def main(
         return 0
 
     if args.validate:
-        try:
-            snapshot = load_config_file(args.config, registry)
-        except ConfigError as exc:
-            for line in exc.lines():
-                print(line, file=err)
-            return 1
-        except (OSError, EngineError) as exc:
-            print(str(exc), file=err)
-            return 1
-        print(f"OK: {len(snapshot.routes)} routes", file=out)
-        return 0
+        return _validate(args.config, registry, args.log_level, out, err)
 
     logging.basicConfig(
         level=args.log_level,
@@ -159,6 +197,9 @@ def main(
         return 1
     except (OSError, EngineError) as exc:
         log.error("cannot load configuration: %s", exc)
+        return 1
+    except Exception as exc:  # a loader bug: reported, with the traceback in the log
+        log.error("%s: internal error while loading: %s", args.config, _brief(exc), exc_info=exc)
         return 1
 
     async def run(reuse_port: bool) -> None:

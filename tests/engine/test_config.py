@@ -309,8 +309,13 @@ def test_entry_errors(registry: PolicyRegistry, entry: Any, expected: str) -> No
         ),
         pytest.param(
             {"routes": {7: route()}},
-            "routes[7]: route key must be a non-empty string",
+            "routes: keys must be strings, got 7",
             id="route-key",
+        ),
+        pytest.param(
+            {"routes": {"": route()}},
+            "routes['']: route key must be a non-empty string",
+            id="route-key-empty",
         ),
     ],
 )
@@ -350,10 +355,9 @@ def test_yaml_syntax_error_names_file_and_line(registry: PolicyRegistry, tmp_pat
         load_config_file(path, registry)
     assert info.value.source == str(path)
     assert info.value.errors == (
-        "YAML syntax error: line 4, column 1: while parsing a flow node; "
-        "expected the node content, but found '<stream end>'",
+        "YAML: line 4, column 1: while parsing a flow node; did not find expected node content",
     )
-    assert str(info.value).startswith(f"{path}: 1 configuration error(s):\n  - YAML syntax error")
+    assert str(info.value).startswith(f"{path}: 1 configuration error(s):\n  - YAML: line 4")
 
 
 def test_unreadable_file(registry: PolicyRegistry, tmp_path: Path) -> None:
@@ -462,3 +466,101 @@ def test_unknown_route_setting(registry: PolicyRegistry, setting: Any, status: i
 def test_unknown_route_errors(registry: PolicyRegistry, setting: Any, expected: str) -> None:
     [error] = errors_of(registry, {"routes": {}, "unknownRoute": setting})
     assert error.startswith(expected)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+SLEEPER = "routes:\n  r:\n    policies:\n      - {name: sleeper, version: v1.0.0, %s}\n"
+SLEEPER_AT = "routes[r].policies[0] sleeper v1.0.0"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param(
+            "parameters: {seconds: .nan}",
+            f"{SLEEPER_AT}: seconds: must be a finite number, got nan",
+            id="nan-passes-minimum",
+        ),
+        pytest.param(
+            "parameters: {seconds: .inf}",
+            f"{SLEEPER_AT}: seconds: must be a finite number, got inf",
+            id="inf",
+        ),
+        pytest.param(
+            "parameters: {seconds: " + "7" * 4000 + "}",
+            f"{SLEEPER_AT}: seconds: must fit in 64 bits, got an integer of 13288 bits",
+            id="int-4000-digits",
+        ),
+        pytest.param(
+            "parameters: {seconds: " + "7" * 5000 + "}",
+            "YAML: line 4, column 64: cannot read '7777777777777777777777777777777777777777... "
+            "(5000 characters)' as int: Exceeds the limit (4300 digits) for integer string "
+            "conversion: value has 5000 digits",
+            id="int-5000-digits",
+        ),
+        pytest.param(
+            "parameters: {seconds: !!int abc}",
+            "YAML: line 4, column 64: cannot read 'abc' as int: invalid literal for int() "
+            "with base 10: 'abc'",
+            id="int-tag",
+        ),
+        pytest.param(
+            "parameters: {seconds: !!float abc}",
+            "YAML: line 4, column 64: cannot read 'abc' as float: could not convert string "
+            "to float: 'abc'",
+            id="float-tag",
+        ),
+        pytest.param(
+            "parameters: {seconds: !!timestamp notadate}",
+            "YAML: line 4, column 64: tag '!!timestamp' is not supported (configuration is "
+            "JSON-like: strings, numbers, booleans, null, lists and mappings)",
+            id="timestamp-tag",
+        ),
+        pytest.param(
+            "parameters: {seconds: 2026-13-45}",
+            f"{SLEEPER_AT}: seconds: '2026-13-45' is not of type 'number'",
+            id="bad-date-value",
+        ),
+        pytest.param(
+            "parameters: {2026-13-45: 1}",
+            f"{SLEEPER_AT}: unknown parameter '2026-13-45'",
+            id="bad-date-key",
+        ),
+        pytest.param(
+            "timeout: " + "9" * 400 + "s",
+            f"{SLEEPER_AT}: timeout: '9999999999999999999999999999999999999999'... is too "
+            "long to be a duration",
+            id="duration-overflows",
+        ),
+    ],
+)
+def test_hostile_scalars_are_config_errors_naming_the_field(
+    registry: PolicyRegistry, tmp_path: Path, fields: str, expected: str
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(SLEEPER % fields)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(path, registry)
+    assert info.value.lines() == [f"{path}: {expected}"]
+
+
+def test_parsed_document_gets_the_yaml_limits(registry: PolicyRegistry) -> None:
+    shared: Any = [route()] * 100
+    for _ in range(4):
+        shared = [shared] * 100
+    cyclic: dict[str, Any] = {"policies": []}
+    cyclic["policies"].append(cyclic)
+    assert errors_of(registry, {"routes": {"r": route(), "x": shared}}) == [
+        "too many values (is some part shared many times over?)"
+    ]
+    assert errors_of(registry, {"routes": {"r": cyclic}})[0].endswith(
+        ": nested more than 64 levels deep"
+    )
+
+
+def test_error_lines_stay_short_whatever_the_value(registry: PolicyRegistry) -> None:
+    errors = errors_of(registry, {"routes": ["x" * 1_000_000] * 1000})
+    assert len(errors) == 1
+    assert len(errors[0]) < 300

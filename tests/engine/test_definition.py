@@ -11,6 +11,7 @@ import pytest
 from engine.definition import (
     PolicyDefinition,
     YamlError,
+    data_problems,
     load_definition,
     load_yaml,
     parse_definition,
@@ -416,10 +417,13 @@ def test_check_examples_reports_misbehaving_examples() -> None:
     ("text", "expected"),
     [
         ("a: 1\na: 2\n", "line 2, column 1: while constructing a mapping; found duplicate key 'a'"),
-        ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
-        ("a: [1\n", "line 2, column 1: while parsing a flow sequence; expected ',' or ']'"),
-        ("a: !!python/name:os.system x\n", "line 1, column 4: could not determine a constructor"),
-        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("a: b: c\n", "line 1, column 5: mapping values are not allowed in this context"),
+        (
+            "a: [1\n",
+            "line 2, column 1: while parsing a flow sequence; did not find expected ',' or ']'",
+        ),
+        ("a: !!python/name:os.system x\n", "line 1, column 4: tag '!!python/name:os.system' is"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "line 1, column 1003: while increasing flow"),
     ],
     ids=["duplicate-key", "syntax", "unclosed", "unsafe-tag", "too-deep"],
 )
@@ -473,3 +477,63 @@ def test_pattern_dollar_means_end_of_input(pattern: str, value: str, matches: bo
     assert (errors == []) == matches, errors
     if not matches:
         assert errors == [f"v: {value!r} does not match {pattern!r}"]
+
+
+# --------------------------------------------------------------------------- data problems
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param({"rate": float("nan")}, ["rate: must be a finite number, got nan"], id="nan"),
+        pytest.param(
+            {"a": [1, {"b": float("-inf")}]},
+            ["a[1].b: must be a finite number, got -inf"],
+            id="inf",
+        ),
+        pytest.param({"n": 2**63}, ["n: must fit in 64 bits, got 9223372036854775808"], id="2^63"),
+        pytest.param(
+            {"n": -(10**4000)}, ["n: must fit in 64 bits, got an integer of 13288 bits"], id="huge"
+        ),
+        pytest.param({"m": {1: "x"}}, ["m: keys must be strings, got 1"], id="int-key"),
+        pytest.param({"n": 2**63 - 1, "f": 1e308, "b": True}, [], id="in-range"),
+    ],
+)
+def test_data_problems(value: Any, expected: list[str]) -> None:
+    assert data_problems(value) == expected
+
+
+def test_data_problems_bounds_depth_and_shared_parts() -> None:
+    deep: Any = []
+    for _ in range(1000):
+        deep = [deep]
+    assert data_problems({"d": deep}) == ["d" + "[0]" * 63 + ": nested more than 64 levels deep"]
+    shared: Any = ["x"] * 100
+    for _ in range(5):
+        shared = [shared] * 100  # 10^12 values once expanded
+    assert data_problems(shared) == ["too many values (is some part shared many times over?)"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_parameter_is_rejected_despite_exclusive_minimum(bad: float) -> None:
+    loaded = parse_definition(
+        definition(parameters={"rate": {"type": "number", "exclusiveMinimum": 0}}), SOURCE
+    )
+    assert loaded.validate_parameters({"rate": bad})[1] == [
+        f"rate: must be a finite number, got {bad}"
+    ]
+
+
+def test_non_finite_number_in_a_definition_is_rejected() -> None:
+    with pytest.raises(DefinitionError) as info:
+        parse_definition(
+            definition(parameters={"rate": {"type": "number", "minimum": float("nan")}}), SOURCE
+        )
+    assert info.value.errors == (
+        f"{SOURCE}: parameters.rate.minimum: must be a finite number, got nan",
+    )
+
+
+def test_duration_too_long_for_a_float() -> None:
+    with pytest.raises(ValueError, match="too long to be a duration"):
+        parse_duration("9" * 400 + "s")

@@ -196,7 +196,6 @@ def test_configured_values_are_not_shared_between_requests() -> None:
         pytest.param({"request": {"set": {"a..b": 1}}}, "request.set.a..b", id="empty-segment"),
         pytest.param({"request": {"set": {".a": 1}}}, "request.set..a", id="leading-dot"),
         pytest.param({"response": {"remove": ["a."]}}, "response.remove[0]", id="trailing-dot"),
-        pytest.param({"request": {"set": {"a": float("nan")}}}, "request.set.a", id="nan-value"),
         pytest.param({}, "request", id="nothing-configured"),
         pytest.param({"request": {}, "response": {"remove": []}}, "request", id="empty-ops"),
     ],
@@ -205,3 +204,12 @@ def test_parameter_errors(params: dict[str, Any], field: str) -> None:
     with pytest.raises(ParameterError) as info:
         construct(POLICY, params)
     assert info.value.field == field
+
+
+def test_nan_value_rejected_by_engine_and_constructor() -> None:
+    params = {"request": {"set": {"a": float("nan")}}}
+    _, errors = POLICY.definition.validate_parameters(params)
+    assert errors == ["request.set.a: must be a finite number, got nan"]
+    with pytest.raises(ParameterError) as info:  # the constructor's own check stays
+        POLICY.factory(params)
+    assert info.value.field == "request.set.a"
