@@ -11,6 +11,7 @@ def _policy_registry_impl(ctx):
     main = ctx.outputs.main_out
     test = ctx.outputs.test_out
     info = ctx.outputs.info_out
+    definitions = ctx.outputs.definitions_out
 
     policies = []
     inputs = [ctx.file.manifest]
@@ -44,6 +45,7 @@ def _policy_registry_impl(ctx):
     args.add("--main-out", main)
     args.add("--test-out", test)
     args.add("--info-out", info)
+    args.add("--definitions-out", definitions)
     if ctx.attr.stamp:
         args.add("--stable-status", ctx.info_file)
         args.add("--volatile-status", ctx.version_file)
@@ -53,13 +55,13 @@ def _policy_registry_impl(ctx):
         executable = ctx.executable._generator,
         arguments = [args],
         inputs = inputs,
-        outputs = [registry, main, test, info],
+        outputs = [registry, main, test, info, definitions],
         mnemonic = "PolicyRegistry",
         progress_message = "Generating the policy registry of %{label}",
         # Lets --action_env=SOURCE_DATE_EPOCH reach an unstamped build.
         use_default_shell_env = True,
     )
-    return [DefaultInfo(files = depset([registry, main, test, info]))]
+    return [DefaultInfo(files = depset([registry, main, test, info, definitions]))]
 
 policy_registry = rule(
     implementation = _policy_registry_impl,
@@ -79,6 +81,7 @@ policy_registry = rule(
         "main_out": attr.output(mandatory = True),
         "test_out": attr.output(mandatory = True),
         "info_out": attr.output(mandatory = True),
+        "definitions_out": attr.output(mandatory = True),
         "_generator": attr.label(
             default = "//builder/private:gen_registry",
             executable = True,
@@ -106,6 +109,7 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
         main_out = name + "_main.py",
         test_out = "validation_test.py",
         info_out = name + "_build_info.json",
+        definitions_out = name + "_definitions.json",
         stamp = select({
             "//builder/private:stamp": True,
             "//conditions:default": False,
@@ -117,7 +121,10 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
     py_library(
         name = name + "_registry",
         srcs = [name + "_registry.py"],
-        data = [name + "_build_info.json"],
+        data = [
+            name + "_build_info.json",
+            name + "_definitions.json",
+        ],
         deps = ["//engine:runtime"] + policies,
         tags = tags,
         visibility = visibility,
@@ -135,6 +142,18 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
         srcs = ["validation_test.py"],
         main = "validation_test.py",
         deps = [":" + name + "_registry"],
+        tags = tags,
+        visibility = visibility,
+    )
+    # The control plane for this engine: validates against exactly its definitions.
+    # `bazel run //<package>:controlplane -- [--config FILE|DIR] [--xds-listen ...]`
+    py_binary(
+        name = "controlplane",
+        srcs = ["//controlplane:main.py"],
+        main = "//controlplane:main.py",
+        args = ["--definitions=$(rootpath :%s_definitions.json)" % name],
+        data = [name + "_definitions.json"],
+        deps = ["//controlplane:controlplane_lib"],
         tags = tags,
         visibility = visibility,
     )

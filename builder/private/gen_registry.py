@@ -9,7 +9,9 @@ params file listing each policy's folder (workspace-relative) and files. Output:
   the runfiles tree;
 * ``<name>_main.py``: the binary's entry point, ``engine.main.main(argv, ...)``;
 * ``validation_test.py``: loads every policy, checks each definition's examples;
-* ``<name>_build_info.json``: the metadata as JSON (for image labels and people).
+* ``<name>_build_info.json``: the metadata as JSON (for image labels and people);
+* ``<name>_definitions.json``: every policy's parsed definition plus the metadata, what
+  a control plane validates against (:mod:`controlplane.definitions`).
 
 Everything is sorted and free of timestamps, except the build time of a stamped
 build (``--stamp``: Bazel's status files). Unstamped: ``$SOURCE_DATE_EPOCH`` if the
@@ -29,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.private.content_hash import content_hash
-from engine.definition import DEFINITION_FILE, load_definition, version_key
+from controlplane.definitions import definitions_document
+from engine.definition import DEFINITION_FILE, load_definition, load_yaml, version_key
 from engine.errors import DefinitionError
 
 __all__ = ["build_info", "main", "render_main", "render_registry", "render_test"]
@@ -200,7 +203,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     for flag in ("params", "target", "package", "name", "builder-version", "manifest"):
         parser.add_argument(f"--{flag}", required=True)
-    for flag in ("registry-out", "main-out", "test-out", "info-out"):
+    for flag in ("registry-out", "main-out", "test-out", "info-out", "definitions-out"):
         parser.add_argument(f"--{flag}", required=True, type=Path)
     parser.add_argument("--stable-status")
     parser.add_argument("--volatile-status")
@@ -208,6 +211,7 @@ def main(argv: Sequence[str]) -> int:
 
     params: list[dict[str, Any]] = json.loads(Path(args.params).read_text("utf-8"))
     policies: list[tuple[str, str, str, str]] = []
+    raw_definitions: dict[tuple[str, str], Any] = {}
     errors: list[str] = []
     for policy in params:
         folder: str = policy["folder"]
@@ -222,6 +226,7 @@ def main(argv: Sequence[str]) -> int:
             continue
         digest = content_hash(files.items())
         policies.append((definition.name, definition.version, folder, digest))
+        raw_definitions[definition.key] = load_yaml(files[DEFINITION_FILE].read_bytes())
     policies.sort(key=lambda row: (row[0], version_key(row[1])))
     keys = [(name, version) for name, version, _, _ in policies]
     errors.extend(
@@ -251,6 +256,12 @@ def main(argv: Sequence[str]) -> int:
     args.main_out.write_text(render_main(args.target, module), "utf-8")
     args.test_out.write_text(render_test(args.target, module), "utf-8")
     args.info_out.write_text(json.dumps(info, indent=2) + "\n", "utf-8")
+    definitions = definitions_document(
+        [(n, v, digest, raw_definitions[(n, v)]) for n, v, _, digest in policies], info
+    )
+    args.definitions_out.write_text(
+        json.dumps(definitions, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ from builder.private import gen_registry
 from builder.private.content_hash import content_hash
 from builder.testing import write_manifest, write_policy
 from builder.validate import validate
+from controlplane.definitions import load_validation_registry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,6 +168,7 @@ def _generate_registry(root: Path, folders: list[str], package: str, **extra: st
         f"--main-out={out / 'engine_main.py'}",
         f"--test-out={out / 'validation_test.py'}",
         f"--info-out={out / 'engine_build_info.json'}",
+        f"--definitions-out={out / 'engine_definitions.json'}",
         *(f"--{k.replace('_', '-')}={v}" for k, v in extra.items()),
     ]
     assert gen_registry.main(argv) == 0
@@ -221,6 +223,15 @@ def test_registry_loads_sorted_policies_with_hashes(sample_root: Path) -> None:
     assert meta == info
     main = (path.parent / "engine_main.py").read_text()
     assert "from generated.x.engine_registry import BUILD_INFO, load_registry" in main
+    # The control plane's view of the same engine: same names, versions, hashes, schemas.
+    definitions = load_validation_registry(path.parent / "engine_definitions.json")
+    assert dict(definitions.build_info) == info
+    assert [(p.name, p.version, p.content_hash) for p in definitions.registry] == [
+        (p.name, p.version, p.content_hash) for p in registry
+    ]
+    for policy in definitions.registry:
+        engine_side = registry.get(policy.name, policy.version).definition
+        assert policy.definition.parameters_schema == engine_side.parameters_schema
 
 
 def test_registry_is_reproducible_and_manifest_specific(sample_root: Path, tmp_path: Path) -> None:

@@ -1,0 +1,179 @@
+"""The ADS server: pushes the route table to every engine and records what each did.
+
+State of the world, wildcard (see :mod:`engine.xds.client` for why): each response
+carries every route of the current :class:`~controlplane.table.TableVersion`. Per
+stream:
+
+* the first request names the engine (``node``); the current version is sent at once,
+  whatever ``version_info`` the engine reports (it may come from another control
+  plane instance, and re-sending an unchanged config costs the engine nothing);
+* afterwards every new table version is sent as soon as it exists; versions created
+  while a response is in flight coalesce into the newest one;
+* a request whose ``response_nonce`` is the last nonce sent is the engine's verdict on
+  that response: ACK (``version_info`` = that version, no ``error_detail``) or NACK
+  (``error_detail`` set). Requests with an older nonce are stale and ignored, as the
+  xDS protocol says. Requests for other type URLs are ignored (logged once).
+
+:class:`EngineStatus` keeps, per stream, the node, what was sent, what was ACKed or
+NACKed (with the engine's error text); the admin API's ``/status`` shows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import json_format
+
+from controlplane.table import RouteTable
+from engine.xds.resources import ROUTE_CHAIN_TYPE
+
+__all__ = ["AdsServer", "EngineStatus"]
+
+log: Final = logging.getLogger("controlplane.ads")
+
+_KEEP_DISCONNECTED: Final = 100  # closed streams kept in the status, newest last
+
+
+@dataclass
+class EngineStatus:
+    """One engine stream as the control plane saw it."""
+
+    stream: int
+    peer: str
+    node_id: str = ""
+    cluster: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    connected: bool = True
+    connected_at: float = field(default_factory=time.time)
+    sent_version: str = ""
+    sent_nonce: str = ""
+    acked_version: str = ""
+    nacked_version: str = ""
+    nack_error: str = ""
+    last_change: float = field(default_factory=time.time)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "peer": self.peer,
+            "node": self.node_id,
+            "cluster": self.cluster,
+            "metadata": self.metadata,
+            "connected": self.connected,
+            "connectedAt": self.connected_at,
+            "sentVersion": self.sent_version,
+            "ackedVersion": self.acked_version,
+            "nackedVersion": self.nacked_version,
+            "nackError": self.nack_error,
+            "lastChange": self.last_change,
+        }
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """The ``StreamAggregatedResources`` servicer over one :class:`RouteTable`."""
+
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
+        self.engines: dict[int, EngineStatus] = {}
+        self._ids = itertools.count(1)
+        self._nonces = itertools.count(1)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every open stream, then recently closed ones; for the admin API."""
+        return [e.as_json() for e in self.engines.values()]
+
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        engine = EngineStatus(stream=next(self._ids), peer=context.peer())
+        self.engines[engine.stream] = engine
+        subscribed = asyncio.Event()
+        reader = asyncio.create_task(self._read(request_iterator, engine, subscribed))
+        try:
+            first = asyncio.ensure_future(subscribed.wait())
+            done, _ = await asyncio.wait({reader, first}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                first.cancel()
+                return  # the stream ended before subscribing
+            log.info(
+                "engine %s (%s) subscribed on stream %d", engine.node_id, engine.peer, engine.stream
+            )
+            generation = -1
+            while True:
+                current = self.table.current
+                if current.generation == generation:
+                    waiter = asyncio.ensure_future(self.table.wait_newer(generation))
+                    pending: set[asyncio.Future[Any]] = {reader, waiter}
+                    finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    if reader in finished:
+                        waiter.cancel()
+                        return
+                    current = waiter.result()
+                generation = current.generation
+                nonce = str(next(self._nonces))
+                engine.sent_version, engine.sent_nonce = current.version, nonce
+                engine.last_change = time.time()
+                yield discovery_pb2.DiscoveryResponse(
+                    version_info=current.version,
+                    resources=list(current.resources),
+                    type_url=ROUTE_CHAIN_TYPE,
+                    nonce=nonce,
+                )
+        finally:
+            reader.cancel()
+            engine.connected = False
+            engine.last_change = time.time()
+            log.info("engine %s stream %d closed", engine.node_id, engine.stream)
+            self._forget_old()
+
+    async def _read(
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        engine: EngineStatus,
+        subscribed: asyncio.Event,
+    ) -> None:
+        warned: set[str] = set()
+        async for request in requests:
+            if request.HasField("node") and not engine.node_id:
+                engine.node_id = request.node.id
+                engine.cluster = request.node.cluster
+                engine.metadata = json_format.MessageToDict(request.node.metadata)
+            if request.type_url != ROUTE_CHAIN_TYPE:
+                if request.type_url not in warned:
+                    warned.add(request.type_url)
+                    log.warning(
+                        "engine %s asked for %r: not served", engine.node_id, request.type_url
+                    )
+                continue
+            if not request.response_nonce:
+                subscribed.set()  # the initial request (or a re-subscription)
+                continue
+            if request.response_nonce != engine.sent_nonce:
+                continue  # stale: a verdict on a response that has been superseded
+            engine.last_change = time.time()
+            if request.HasField("error_detail"):
+                engine.nacked_version = engine.sent_version
+                engine.nack_error = request.error_detail.message
+                log.warning(
+                    "engine %s NACKed %s: %s",
+                    engine.node_id,
+                    engine.sent_version,
+                    request.error_detail.message,
+                )
+            else:
+                engine.acked_version = request.version_info
+
+    def _forget_old(self) -> None:
+        closed = [k for k, e in self.engines.items() if not e.connected]
+        for key in closed[: max(0, len(closed) - _KEEP_DISCONNECTED)]:
+            del self.engines[key]

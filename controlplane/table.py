@@ -1,0 +1,160 @@
+"""The route table: route key -> chain spec, the one state the control plane serves.
+
+Every change (one route submitted or deleted through the admin API, or the whole table
+replaced by the watched config) builds the complete candidate document and validates it
+with :func:`engine.config.load_config` against the engine's definitions. A rejected
+change returns every error and leaves the table, and therefore every engine, untouched:
+nothing invalid is ever pushed.
+
+An accepted change gets a new version: ``<generation>-<hash>``, where ``generation``
+counts accepted changes of this process and ``hash`` is the first 12 hex digits of the
+sha256 of the canonical document, so "which config does this engine run" can be compared
+across control plane restarts (same hash, same config). The encoded resources
+(one ``RouteChain`` per route, packed in ``Any``) are built once per version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from engine.config import canonical_json, load_config
+from engine.errors import ConfigError
+from engine.registry import PolicyRegistry
+from engine.xds.resources import decode_resources, encode_route
+
+__all__ = ["RouteTable", "TableVersion"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableVersion:
+    """One accepted state: the document, its version and its encoded resources."""
+
+    version: str
+    generation: int
+    document: Mapping[str, Any]
+    resources: tuple[any_pb2.Any, ...]
+    source: str
+
+
+class RouteTable:
+    """The versioned, always-valid route table. Mutate only from the event loop."""
+
+    def __init__(self, registry: PolicyRegistry) -> None:
+        self.registry = registry
+        self._generation = 0
+        self._current = self._make({"routes": {}}, (), "<empty>")
+        self._changed = asyncio.Condition()
+
+    @property
+    def current(self) -> TableVersion:
+        return self._current
+
+    def routes(self) -> dict[str, Any]:
+        """A copy of the current route specs."""
+        return copy.deepcopy(dict(self._current.document["routes"]))
+
+    def check(self, document: Mapping[str, Any], source: str) -> list[str]:
+        """Every error ``document`` has (empty: valid). Pure: nothing changes."""
+        return self._prepare(document, source)[1]
+
+    def _prepare(
+        self, document: Mapping[str, Any], source: str
+    ) -> tuple[tuple[any_pb2.Any, ...], list[str]]:
+        """Validate ``document``, encode it, and validate what engines will decode.
+
+        The second validation runs on the decoded resources, exactly what an engine
+        sees, so a value the protobuf ``Struct`` cannot carry faithfully (a YAML date,
+        an integer beyond 2**53) is caught here and not on the engines.
+        """
+        try:
+            load_config(document, source=source, registry=self.registry)
+        except ConfigError as exc:
+            return (), list(exc.errors)
+        extra = sorted(str(key) for key in document if key != "routes")
+        if extra:  # e.g. unknownRoute: valid in a file, but not carried by RouteChain
+            return (), [f"{key}: not served over xDS (only routes are)" for key in extra]
+        resources: list[any_pb2.Any] = []
+        errors: list[str] = []
+        for key, spec in sorted(document["routes"].items()):
+            packed = any_pb2.Any()
+            try:
+                packed.Pack(encode_route(key, spec))
+            except (TypeError, ValueError) as exc:
+                errors.append(f"routes[{key}]: cannot be sent as a RouteChain: {exc}")
+                continue
+            resources.append(packed)
+        if errors:
+            return (), errors
+        decoded, problems = decode_resources(resources)
+        try:
+            load_config(decoded, source=f"{source} (as sent)", registry=self.registry)
+        except ConfigError as exc:
+            problems += exc.errors
+        return tuple(resources), problems
+
+    async def replace(self, document: Mapping[str, Any], source: str) -> list[str]:
+        """Make ``document`` (``{"routes": {...}}``) the table if valid; else its errors."""
+        if not isinstance(document, Mapping) or not isinstance(document.get("routes"), Mapping):
+            return self.check_shape(document)
+        resources, errors = self._prepare(document, source)
+        if not errors:
+            await self._publish(copy.deepcopy(dict(document)), resources, source)
+        return errors
+
+    def check_shape(self, document: Any) -> list[str]:
+        """Errors of a document that is not even ``{"routes": {...}}`` (load_config's)."""
+        try:
+            load_config(document, source="<submitted>", registry=self.registry)
+        except ConfigError as exc:
+            return list(exc.errors)
+        return ["routes: must be a mapping of route key -> route"]
+
+    async def put_route(self, key: str, spec: Any, source: str) -> list[str]:
+        """Submit or replace route ``key``; the whole resulting table is validated."""
+        document = {**self._current.document, "routes": {**self.routes(), key: spec}}
+        return await self.replace(document, source)
+
+    async def delete_route(self, key: str, source: str) -> bool:
+        """Remove route ``key``; False if there is no such route."""
+        routes = self.routes()
+        if key not in routes:
+            return False
+        del routes[key]
+        errors = await self.replace({**self._current.document, "routes": routes}, source)
+        assert not errors, errors  # removing a route from a valid table stays valid
+        return True
+
+    async def wait_newer(self, generation: int) -> TableVersion:
+        """Return as soon as the table's generation differs from ``generation``."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._current.generation != generation)
+            return self._current
+
+    async def _publish(
+        self, document: dict[str, Any], resources: tuple[any_pb2.Any, ...], source: str
+    ) -> None:
+        if canonical_json(document) == canonical_json(self._current.document):
+            return  # same content: no new version, nothing to push
+        self._generation += 1
+        self._current = self._make(document, resources, source)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _make(
+        self, document: dict[str, Any], resources: tuple[any_pb2.Any, ...], source: str
+    ) -> TableVersion:
+        digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()[:12]
+        return TableVersion(
+            version=f"{self._generation}-{digest}",
+            generation=self._generation,
+            document=document,
+            resources=resources,
+            source=source,
+        )

@@ -1,0 +1,292 @@
+"""The control plane in-process: admin API, validation against an engine's definitions,
+ADS pushes to a real xDS client, per-engine status, the watched config."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.client
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.definitions import load_validation_registry
+from controlplane.testing import ControlPlane, write_definitions
+from engine.registry import PolicyRegistry
+from engine.store import ConfigStore
+from engine.xds.client import Backoff, XdsConfigSource, make_node
+from tests.support import registry_from
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = sorted(p for p in (REPO / "policies").glob("*/v*") if p.is_dir())
+
+JWT = {
+    "name": "jwtValidation",
+    "version": "v1.0.0",
+    "parameters": {
+        "jwksUrl": "https://idp.example/jwks.json",
+        "issuer": "https://idp.example",
+        "audiences": ["api"],
+    },
+}
+LIMIT = {"name": "rateLimit", "version": "v1.0.0", "parameters": {"requestsPerSecond": 5}}
+
+
+@pytest.fixture(scope="module")
+def definitions(tmp_path_factory: pytest.TempPathFactory) -> PolicyRegistry:
+    path = tmp_path_factory.mktemp("defs") / "engine_definitions.json"
+    write_definitions(path, SAMPLES, {"target": "//generated/test:engine"})
+    loaded = load_validation_registry(path)
+    assert loaded.build_info["target"] == "//generated/test:engine"
+    return loaded.registry
+
+
+async def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def run() -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+            conn.request(method, path, body=data)
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read() or b"null")
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(run)
+
+
+@pytest.fixture
+async def plane(definitions: PolicyRegistry) -> AsyncIterator[ControlPlane]:
+    plane = ControlPlane(definitions)
+    await plane.start()
+    try:
+        yield plane
+    finally:
+        assert await plane.stop() == 0
+
+
+async def test_submit_replace_delete_a_route(plane):
+    status, body = await call(plane.admin_port, "PUT", "/routes/private", {"policies": [JWT]})
+    assert status == 200, body
+    first = body["version"]
+    assert first.startswith("1-")
+    status, body = await call(plane.admin_port, "GET", "/routes/private")
+    assert body["spec"] == {"policies": [JWT]}
+    # YAML bodies work too (the config file's format).
+    yaml_body = yaml.safe_dump({"policies": [JWT, LIMIT]})
+    status, body = await call(plane.admin_port, "PUT", "/routes/private", yaml_body)
+    assert status == 200
+    assert body["version"].startswith("2-")
+    status, body = await call(plane.admin_port, "DELETE", "/routes/private")
+    assert status == 200
+    status, body = await call(plane.admin_port, "GET", "/routes")
+    assert body["routes"] == {}
+    assert (await call(plane.admin_port, "DELETE", "/routes/private"))[0] == 404
+    assert (await call(plane.admin_port, "POST", "/routes/private", {}))[0] == 405
+
+
+def _with(entry: dict[str, Any], **params: Any) -> dict[str, Any]:
+    return {**entry, "parameters": {**entry["parameters"], **params}}
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        pytest.param(
+            _with(JWT, jwksUrl="http://idp.example/jwks.json"),
+            "routes[r].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS",
+            id="http-jwksUrl",
+        ),
+        pytest.param(
+            _with(LIMIT, requestsPerSecond=-1),
+            "routes[r].policies[0] rateLimit v1.0.0: requestsPerSecond: -1 is less than or "
+            "equal to the minimum of 0",
+            id="negative-rate",
+        ),
+        pytest.param(
+            _with(JWT, header="bad header"),
+            "routes[r].policies[0] jwtValidation v1.0.0: header: 'bad header' does not match",
+            id="pattern-mismatch",
+        ),
+        pytest.param(
+            {**JWT, "parameters": {"jwksUrl": "https://idp.example/jwks.json"}},
+            "routes[r].policies[0] jwtValidation v1.0.0: missing required parameter(s): "
+            "audiences, issuer",
+            id="missing-required",
+        ),
+        pytest.param(
+            {**LIMIT, "version": "v3.0.0"},
+            "routes[r].policies[0] rateLimit v3.0.0: policy 'rateLimit' version v3.0.0 is not "
+            "in this engine (versions available: v1.0.0)",
+            id="version-not-in-engine",
+        ),
+        pytest.param(
+            {**LIMIT, "condition": "request.method =="},
+            "routes[r].policies[0] rateLimit v1.0.0: condition:",
+            id="bad-cel",
+        ),
+    ],
+)
+async def test_invalid_submission_is_400_naming_route_policy_field(plane, entry, expected):
+    assert (await call(plane.admin_port, "PUT", "/routes/keep", {"policies": [LIMIT]}))[0] == 200
+    before = plane.table.current
+    status, body = await call(plane.admin_port, "PUT", "/routes/r", {"policies": [entry]})
+    assert status == 400
+    assert any(error.startswith(expected) for error in body["errors"]), body["errors"]
+    assert plane.table.current is before  # nothing changed, so nothing is pushed
+
+
+async def test_every_error_is_reported(plane):
+    bad = [_with(JWT, jwksUrl="http://x"), _with(LIMIT, requestsPerSecond=-1)]
+    status, body = await call(plane.admin_port, "PUT", "/routes/r", {"policies": bad})
+    assert status == 400
+    assert len(body["errors"]) == 2
+    status, body = await call(plane.admin_port, "PUT", "/routes/r", "policies: [")
+    assert status == 400
+    assert body["errors"][0].startswith("body: ")
+
+
+async def test_unknown_route_setting_is_refused_rather_than_silently_dropped(plane):
+    status, body = await call(
+        plane.admin_port, "PUT", "/routes", {"routes": {}, "unknownRoute": {"action": "allow"}}
+    )
+    assert status == 400
+    assert body["errors"] == ["unknownRoute: not served over xDS (only routes are)"]
+
+
+async def test_engines_get_accepted_versions_and_status_shows_each(plane):
+    registry = registry_from("addHeader")
+    # The engines' registry lacks the samples: validate against theirs for this test.
+    plane.table.registry = registry
+    engines = []
+    for index in range(2):
+        store = ConfigStore()
+        node_id = f"engine-{index}"
+        source = XdsConfigSource(
+            f"127.0.0.1:{plane.xds_port}",
+            registry,
+            store,
+            node=functools.partial(make_node, node_id, "edge", registry, "0.1.0"),
+            backoff=Backoff(base=0.05, maximum=0.2),
+        )
+        engines.append((store, source, asyncio.create_task(source.run())))
+    try:
+        spec = {
+            "policies": [
+                {
+                    "name": "addHeader",
+                    "version": "v1.0.0",
+                    "parameters": {"header": "x-a", "value": "1"},
+                }
+            ]
+        }
+        status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+        assert status == 200
+        version = body["version"]
+
+        async def converged() -> list[dict[str, Any]]:
+            while True:
+                _, status_body = await call(plane.admin_port, "GET", "/status")
+                acked = [e for e in status_body["engines"] if e["ackedVersion"] == version]
+                if len(acked) == 2:
+                    return list(status_body["engines"])
+                await asyncio.sleep(0.05)
+
+        rows = await asyncio.wait_for(converged(), 10)
+        assert sorted(r["node"] for r in rows) == ["engine-0", "engine-1"]
+        assert all(r["connected"] for r in rows)
+        assert rows[0]["metadata"]["policies"] == ["addHeader v1.0.0"]
+        for store, source, _ in engines:
+            assert source.status.acked_version == version
+            assert store.current.chain_for("r") is not None
+
+        # Rejected: nothing reaches the engines (no new response at all).
+        responses = [source.status.responses for _, source, _ in engines]
+        bad = {"policies": [{**spec["policies"][0], "parameters": {"header": "X"}}]}
+        status, _ = await call(plane.admin_port, "PUT", "/routes/r", bad)
+        assert status == 400
+        await asyncio.sleep(0.3)
+        assert [source.status.responses for _, source, _ in engines] == responses
+    finally:
+        for _, _, task in engines:
+            task.cancel()
+        await asyncio.gather(*(t for _, _, t in engines), return_exceptions=True)
+
+
+async def test_engine_nack_shows_in_status(plane):
+    # The control plane validates against definitions; a rule only a policy's constructor
+    # knows is the engine's to reject. Simulate it with an engine lacking the policy.
+    plane.table.registry = registry_from("addHeader", "deny")
+    store = ConfigStore()
+    engine_registry = registry_from("addHeader")
+    source = XdsConfigSource(
+        f"127.0.0.1:{plane.xds_port}",
+        engine_registry,
+        store,
+        node=lambda: make_node("old-engine", "edge", engine_registry, "0.1.0"),
+    )
+    task = asyncio.create_task(source.run())
+    try:
+        spec = {"policies": [{"name": "deny", "version": "v1.0.0"}]}
+        status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+        assert status == 200
+
+        async def nacked() -> dict[str, Any]:
+            while True:
+                _, status_body = await call(plane.admin_port, "GET", "/status")
+                rows = [e for e in status_body["engines"] if e["nackedVersion"] == body["version"]]
+                if rows:
+                    return dict(rows[0])
+                await asyncio.sleep(0.05)
+
+        row = await asyncio.wait_for(nacked(), 10)
+        assert row["node"] == "old-engine"
+        assert "policy 'deny' is not in this engine" in row["nackError"]
+        assert row["ackedVersion"] == ""
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_watched_directory_replaces_the_table(definitions, tmp_path):
+    config = tmp_path / "routes"
+    config.mkdir()
+    (config / "a.yaml").write_text(yaml.safe_dump({"routes": {"a": {"policies": [LIMIT]}}}))
+    (config / "b.yaml").write_text(yaml.safe_dump({"routes": {"b": {"policies": []}}}))
+    plane = ControlPlane(definitions, config)
+    await plane.start()
+    try:
+        assert set(plane.table.routes()) == {"a", "b"}
+        first = plane.table.current
+
+        def swap(name: str, document: Any) -> None:  # atomic, as GitOps tools do
+            tmp = config / f".{name}.tmp"
+            tmp.write_text(yaml.safe_dump(document))
+            tmp.replace(config / name)
+
+        # A duplicate key across files is rejected; the table keeps its state.
+        swap("c.yaml", {"routes": {"a": {"policies": []}}})
+        await asyncio.sleep(0.3)
+        assert plane.table.current is first
+        (config / "c.yaml").unlink()
+        swap("b.yaml", {"routes": {"b": {"policies": [_with(LIMIT, requestsPerSecond=-1)]}}})
+        await asyncio.sleep(0.3)
+        assert plane.table.current is first
+        swap("b.yaml", {"routes": {"b": {"policies": [LIMIT]}}})
+
+        await asyncio.wait_for(plane.table.wait_newer(first.generation), 5)
+        assert plane.table.routes()["b"] == {"policies": [LIMIT]}
+    finally:
+        await plane.stop()
+
+
+async def test_invalid_initial_config_is_exit_1(definitions, tmp_path):
+    config = tmp_path / "routes.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"a": {"policies": [_with(LIMIT, x=1)]}}}))
+    plane = ControlPlane(definitions, config)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        await plane.start()
