@@ -41,6 +41,14 @@ Processing modes
     instead), the request is answered with the failure of the first body-reading policy
     (fail closed) instead of passing unpoliced.
 
+    Bodies are policed whole. The filter's own body modes arrive in ``protocol_config``:
+    NONE/BUFFERED -> ask BUFFERED (one message = the whole body). STREAMED -> ask STREAMED
+    (so the mode is known whether or not Envoy honours the override): chunks are held back
+    with ``clear_body`` until ``end_of_stream``, the policies see the whole body and the last
+    reply carries it; header changes after such a body cannot reach Envoy and fail closed.
+    BUFFERED_PARTIAL cut short (no ``end_of_stream``) -> 413: the rest would pass
+    unprocessed. FULL_DUPLEX_STREAMED -> refused. Every body is bounded by ``max_body_bytes``.
+
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
     ignores ``value`` and ``append_action``). Path and method travel as ``:path``/``:method``
@@ -87,6 +95,7 @@ _Outcome = TypeVar("_Outcome", "RequestOutcome", "ResponseOutcome")
 
 __all__ = [
     "ATTRIBUTES_KEY",
+    "DEFAULT_MAX_BODY_BYTES",
     "ROUTE_ATTRIBUTE",
     "ROUTE_METADATA_KEY",
     "PolicyProcessor",
@@ -103,6 +112,9 @@ ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
 
 ROUTE_ATTRIBUTE: Final = "xds.route_name"
 """Fallback attribute holding the route name."""
+
+DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+"""Largest request or response body a policy sees (the spec's 10 MB); bigger -> 413/500."""
 
 _Mode = processing_mode_pb2.ProcessingMode
 _CONTINUE_AND_REPLACE: Final = pb.CommonResponse.CONTINUE_AND_REPLACE
@@ -124,6 +136,7 @@ class ProcessorStats:
     unknown_routes: int = 0
     policy_failures: int = 0
     missing_bodies: int = 0
+    too_large: int = 0
 
     def count(self, kind: str, route: str | None = None) -> int:
         """Messages of ``kind`` received, for one route or (``route=None``) all routes."""
@@ -149,9 +162,10 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     per-request state outside the stream, so one instance serves all concurrent streams.
     """
 
-    def __init__(self, store: ConfigStore) -> None:
+    def __init__(self, store: ConfigStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self._store = store
         self._warned_routes: set[str] = set()
+        self.max_body_bytes = max_body_bytes
         self.stats = ProcessorStats()
 
     async def Process(
@@ -200,7 +214,19 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 class _Stream:
     """State of one ``Process`` stream (one HTTP request)."""
 
-    __slots__ = ("_context", "_processor", "chain", "phase", "request", "response", "route")
+    __slots__ = (
+        "_chunks",
+        "_context",
+        "_processor",
+        "_received",
+        "chain",
+        "phase",
+        "request",
+        "request_mode",
+        "response",
+        "response_mode",
+        "route",
+    )
 
     def __init__(
         self,
@@ -214,6 +240,11 @@ class _Stream:
         self.chain: Chain | None = None
         self.request: RequestContext | None = None
         self.response: ResponseContext | None = None
+        # The body modes asked for (see _body_mode); chunks of a STREAMED body so far.
+        self.request_mode: int = _Mode.BUFFERED
+        self.response_mode: int = _Mode.BUFFERED
+        self._chunks: list[bytes] = []
+        self._received = 0
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Reply to one message, advancing :attr:`phase`; raise ProtocolError when misplaced."""
@@ -235,6 +266,8 @@ class _Stream:
             # A chunk we did not ask for (e.g. a filter-level body mode): let it through.
             return pb.ProcessingResponse(request_body=pb.BodyResponse())
         if phase is _Phase.REQUEST_BODY and kind in ("request_trailers", "response_headers"):
+            if self._chunks:  # a STREAMED body ended by trailers: its chunks were held back
+                return self._refuse("request", "a STREAMED request body with trailers")
             return self._body_never_came(kind)
         if kind == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
@@ -249,6 +282,8 @@ class _Stream:
                 raise ProtocolError("response_body before response_headers")
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         if kind == "response_trailers":
+            if phase is _Phase.RESPONSE_BODY and self._chunks:
+                return self._refuse("response", "a STREAMED response body with trailers")
             if self.response is None:
                 raise ProtocolError("response_trailers before response_headers")
             return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
@@ -279,8 +314,14 @@ class _Stream:
             metadata={},
             client_address=_client_address(headers, message),
         )
+        config = message.protocol_config
+        self.request_mode = _body_mode(config.request_body_mode)
+        self.response_mode = _body_mode(config.response_body_mode)
+        if (chain.requires_request_body and self.request_mode == _Mode.FULL_DUPLEX_STREAMED) or (
+            chain.requires_response_body and self.response_mode == _Mode.FULL_DUPLEX_STREAMED
+        ):
+            return self._refuse("request", "body mode FULL_DUPLEX_STREAMED in the filter config")
         if chain.requires_request_body and not http.end_of_stream:
-            config = message.protocol_config
             if config.send_body_without_waiting_for_header_response and (
                 config.request_body_mode == _Mode.NONE
             ):
@@ -288,7 +329,7 @@ class _Stream:
                 # come, so refuse now, before the request goes anywhere.
                 return self._body_never_came("request_headers (send_body_without_waiting)")
             return await self._run_request_head()
-        mode = _modes(chain, request_body=False)
+        mode = self._modes(request_body=False)
         self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
         return await self._run_request(
             lambda outcome: pb.ProcessingResponse(
@@ -319,7 +360,7 @@ class _Stream:
             return outcome
 
         def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
-            mode = _modes(chain, request_body=not replaced)
+            mode = self._modes(request_body=not replaced)
             if replaced:
                 self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
             common = _common_request(outcome, body_buffered=False)
@@ -333,13 +374,96 @@ class _Stream:
     async def _on_request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         assert self.request is not None
         assert self.chain is not None
-        self.request.body = bytes(body.body)
+        data = self._whole_body("request", body, self.request_mode)
+        if isinstance(data, pb.ProcessingResponse):
+            return data
+        self.request.body = data
         self.phase = _Phase.RESPONSE_HEADERS if self.chain.needs_response else _Phase.DONE
-        return await self._run_request(
-            lambda outcome: pb.ProcessingResponse(
-                request_body=pb.BodyResponse(response=_common_request(outcome, body_buffered=True))
-            ),
-            self.chain.request_rest,
+        if self.request_mode == _Mode.STREAMED:
+
+            def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
+                changed = (
+                    outcome.set_headers or outcome.remove_headers or outcome.path or outcome.method
+                )
+                if changed:
+                    return self._refuse("request", "a header change after a STREAMED body")
+                common = _whole_body_mutation(outcome.body, data)
+                return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+        else:
+
+            def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
+                common = _common_request(outcome, body_buffered=True)
+                return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+        return await self._run_request(build, self.chain.request_rest)
+
+    def _whole_body(self, side: str, body: pb.HttpBody, mode: int) -> bytes | pb.ProcessingResponse:
+        """The whole body once it is complete, else the reply to send now.
+
+        BUFFERED: the one message is the whole body (``end_of_stream`` is false when trailers
+        follow). STREAMED: chunks are held back (each answered with ``clear_body``) until the
+        last one; the policies then see the whole body and the last reply carries it, so no
+        byte reaches the other side before the policies ran. BUFFERED_PARTIAL without
+        ``end_of_stream``: the body outgrew Envoy's buffer and the rest would pass
+        unprocessed, so it is refused. Every mode is bounded by ``max_body_bytes``.
+        """
+        data = bytes(body.body)
+        limit = self._processor.max_body_bytes
+        if mode == _Mode.STREAMED:
+            self._received += len(data)
+            if self._received > limit:
+                return self._too_large(side)
+            if not body.end_of_stream:
+                self._chunks.append(data)
+                field = "request_body" if side == "request" else "response_body"
+                return pb.ProcessingResponse(**{field: _HOLD_CHUNK})
+            if self._chunks:
+                data = b"".join([*self._chunks, data])
+                self._chunks = []
+        elif mode == _Mode.BUFFERED_PARTIAL and not body.end_of_stream:
+            return self._too_large(side)
+        if len(data) > limit:
+            return self._too_large(side)
+        return data
+
+    def _too_large(self, side: str) -> pb.ProcessingResponse:
+        self._processor.stats.too_large += 1
+        limit = self._processor.max_body_bytes
+        log.warning(
+            "route %r: %s body larger than %d bytes (or than Envoy's buffer): refused",
+            self.route,
+            side,
+            limit,
+        )
+        self.phase = _Phase.DONE
+        self._chunks = []
+        return _immediate(_REQUEST_TOO_LARGE if side == "request" else _RESPONSE_TOO_LARGE)
+
+    def _refuse(self, side: str, what: str) -> pb.ProcessingResponse:
+        """Answer a setting the engine cannot police safely (fail closed, logged)."""
+        log.error(
+            "route %r: %s cannot be policed (use body modes NONE or BUFFERED in the ext_proc "
+            "filter config): refusing the %s",
+            self.route,
+            what,
+            side,
+        )
+        self.phase = _Phase.DONE
+        self._chunks = []
+        failure = self.chain.body_failure if self.chain is not None else None
+        if side == "request" and failure is not None:
+            return _immediate(failure)
+        return _INTERNAL_ERROR_REPLY
+
+    def _modes(self, *, request_body: bool) -> Any:
+        """The full mode override (every body mode set: omitted ones merge as NONE)."""
+        assert self.chain is not None
+        chain = self.chain
+        return _modes(
+            self.request_mode if request_body else _Mode.NONE,
+            chain.needs_response,
+            self.response_mode if chain.requires_response_body else _Mode.NONE,
         )
 
     def _body_never_came(self, kind: str) -> pb.ProcessingResponse:
@@ -392,6 +516,7 @@ class _Stream:
         )
         if self.chain.requires_response_body and not http.end_of_stream:
             self.phase = _Phase.RESPONSE_BODY
+            self._received = 0
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         self.phase = _Phase.DONE
         return await self._run_response(
@@ -404,15 +529,27 @@ class _Stream:
 
     async def _on_response_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
         assert self.response is not None
-        self.response.body = bytes(body.body)
+        data = self._whole_body("response", body, self.response_mode)
+        if isinstance(data, pb.ProcessingResponse):
+            return data
+        self.response.body = data
         self.phase = _Phase.DONE
-        return await self._run_response(
-            lambda outcome: pb.ProcessingResponse(
-                response_body=pb.BodyResponse(
-                    response=_common_response(outcome, body_buffered=True)
-                )
-            )
-        )
+        if self.response_mode == _Mode.STREAMED:
+
+            def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
+                # The response headers went downstream before the first chunk.
+                if outcome.set_headers or outcome.remove_headers or outcome.status is not None:
+                    return self._refuse("response", "a header change after a STREAMED body")
+                common = _whole_body_mutation(outcome.body, data)
+                return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+        else:
+
+            def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
+                common = _common_response(outcome, body_buffered=True)
+                return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+        return await self._run_response(build)
 
     async def _run_response(
         self, build: Callable[[ResponseOutcome], pb.ProcessingResponse]
@@ -459,20 +596,63 @@ _INTERNAL_ERROR: Final = ImmediateResponse(
 )
 
 
+_BODY_MODES: Final = (
+    _Mode.NONE,
+    _Mode.STREAMED,
+    _Mode.BUFFERED,
+    _Mode.BUFFERED_PARTIAL,
+    _Mode.FULL_DUPLEX_STREAMED,
+)
 # Every mode override a request can get, built once: (request body, response, response body).
 _MODES: Final = {
     (request_body, response, response_body): _Mode(
-        request_body_mode=_Mode.BUFFERED if request_body else _Mode.NONE,
+        request_body_mode=request_body,
         response_header_mode=_Mode.SEND if response else _Mode.SKIP,
-        response_body_mode=_Mode.BUFFERED if response_body else _Mode.NONE,
+        response_body_mode=response_body,
     )
-    for request_body, response, response_body in itertools.product((False, True), repeat=3)
+    for request_body, response, response_body in itertools.product(
+        _BODY_MODES, (False, True), _BODY_MODES
+    )
 }
 
 
-def _modes(chain: Chain, *, request_body: bool) -> Any:
-    """The full mode override for ``chain`` (every body mode set: omitted ones merge as NONE)."""
-    return _MODES[(request_body, chain.needs_response, chain.requires_response_body)]
+def _modes(request_body: int, response: bool, response_body: int) -> Any:
+    return _MODES[(request_body, response, response_body)]
+
+
+def _body_mode(configured: int) -> int:
+    """The body mode to ask for, given the filter's configured one (``protocol_config``).
+
+    NONE/BUFFERED: ask BUFFERED. A STREAMED or BUFFERED_PARTIAL filter config is asked for
+    again unchanged: whether Envoy honours the override or not, the mode is then known, and
+    the body handling matches it (see :meth:`_Stream._whole_body`).
+    """
+    if configured in (_Mode.STREAMED, _Mode.BUFFERED_PARTIAL, _Mode.FULL_DUPLEX_STREAMED):
+        return configured
+    return int(_Mode.BUFFERED)
+
+
+_HOLD_CHUNK: Final = pb.BodyResponse(
+    response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True))
+)
+_REQUEST_TOO_LARGE: Final = ImmediateResponse(
+    status=413,
+    headers={"content-type": "application/json"},
+    body=b'{"error": "request body too large for the policy engine"}',
+)
+_RESPONSE_TOO_LARGE: Final = ImmediateResponse(
+    status=500,
+    headers={"content-type": "application/json"},
+    body=b'{"error": "response body too large for the policy engine"}',
+)
+
+
+def _whole_body_mutation(changed: bytes | None, original: bytes) -> Any:
+    """Last reply of a STREAMED body: the whole (possibly rewritten) body, as the earlier
+    chunks were held back."""
+    common = pb.CommonResponse()
+    common.body_mutation.body = changed if changed is not None else original
+    return common
 
 
 def _decode(raw: bytes) -> str:

@@ -4,12 +4,15 @@ misconfigured Envoy or an oversized body could otherwise let a request through u
 
 from __future__ import annotations
 
+import http.client
+import json
+import time
 from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.e2e.harness import http_request
+from tests.e2e.harness import HttpResponse, http_request
 
 pytestmark = pytest.mark.envoy
 
@@ -89,3 +92,80 @@ def test_send_body_without_waiting_is_refused_before_upstream(e2e):
         reply = http_request(envoy.port, "/body/nowait", method="POST", body=b"secret")
     assert reply.status == 503
     assert len(e2e.upstream.requests_to("/body/nowait")) == before
+
+
+def chunked_post(port: int, path: str, chunks: list[bytes], pause: float = 0.15) -> HttpResponse:
+    """POST ``chunks`` as separate HTTP/1.1 chunks with a pause between them, so Envoy
+    forwards them to the engine as separate body messages in STREAMED mode."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("transfer-encoding", "chunked")
+        conn.endheaders()
+        for chunk in chunks:
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            time.sleep(pause)
+        conn.send(b"0\r\n\r\n")
+        reply = conn.getresponse()
+        return HttpResponse(reply.status, dict(reply.getheaders()), reply.read())
+    finally:
+        conn.close()
+
+
+STREAMED_MODES = {
+    "request_header_mode": "SEND",
+    "response_header_mode": "SEND",
+    "request_body_mode": "STREAMED",
+    "response_body_mode": "STREAMED",
+}
+# STREAMED bodies in the filter config and no allow_mode_override: the engine cannot ask
+# for BUFFERED, chunks arrive one by one.
+STREAMED: dict[str, Any] = {"allow_mode_override": False, "processing_mode": STREAMED_MODES}
+
+
+@pytest.mark.parametrize("allow_override", [False, True], ids=["fixed", "override-allowed"])
+def test_streamed_body_is_policed_whole(e2e, allow_override):
+    # Before: each chunk was treated as the whole body, so bodyWrap wrapped every chunk
+    # (the upstream got <<{"part>><<ial": 1}>>) and the policy decided on a prefix.
+    e2e.configure({"body": {"policies": [policy("bodyWrap")]}})
+    with e2e.other_envoy(ext_proc={**STREAMED, "allow_mode_override": allow_override}) as envoy:
+        reply = chunked_post(envoy.port, "/body/streamed", [b'{"part', b'ial": 1}'])
+    assert reply.status == 200
+    assert e2e.upstream.requests_to("/body/streamed")[-1].body == b'<<{"partial": 1}>>'
+    # The response came back in STREAMED mode too, wrapped once as a whole.
+    assert reply.body.startswith(b"<<{")
+    assert reply.body.endswith(b"}>>")
+    assert json.loads(reply.body[2:-2])["body"] == '<<{"partial": 1}>>'
+
+
+def test_streamed_body_rejected_by_a_body_policy_never_reaches_the_upstream(e2e):
+    e2e.configure({"body": {"policies": [policy("bodyWrap"), policy("deny", status=403)]}})
+    with e2e.other_envoy(ext_proc=STREAMED) as envoy:
+        reply = chunked_post(envoy.port, "/body/streamdeny", [b"first ", b"second"])
+    assert reply.status == 403
+    # Envoy may have opened the upstream request (STREAMED sends headers on), but no body
+    # byte got through before the policies ran, and the request was reset.
+    assert all(r.body == b"" for r in e2e.upstream.requests_to("/body/streamdeny"))
+
+
+def test_streamed_header_change_after_the_body_fails_closed(e2e):
+    # Header changes in a STREAMED body reply are ignored by Envoy: refuse, do not drop them.
+    chain = [policy("bodyWrap"), {**policy("bodySeen"), "errorStatus": 503}]
+    e2e.configure({"body": {"policies": chain}})
+    with e2e.other_envoy(ext_proc=STREAMED) as envoy:
+        reply = chunked_post(envoy.port, "/body/streamhdr", [b"a", b"b"])
+    assert reply.status == 500
+
+
+def test_buffered_partial_body_over_the_buffer_is_refused(e2e):
+    # BUFFERED_PARTIAL sends what fits in Envoy's buffer (end_of_stream false) and lets the
+    # rest through unprocessed: the engine refuses instead of policing a prefix.
+    e2e.configure({"body": {"policies": [policy("bodyWrap")]}})
+    partial = {"processing_mode": {**STREAMED_MODES, "request_body_mode": "BUFFERED_PARTIAL"}}
+    listener = {"per_connection_buffer_limit_bytes": 16384}
+    with e2e.other_envoy(ext_proc=partial, listener=listener) as envoy:
+        small = http_request(envoy.port, "/body/partial", method="POST", body=b"small")
+        big = chunked_post(envoy.port, "/body/partial", [b"x" * 20000, b"y" * 20000])
+    assert small.status == 200
+    assert e2e.upstream.requests_to("/body/partial")[0].body == b"<<small>>"
+    assert big.status == 413

@@ -556,10 +556,10 @@ async def test_health_listener_is_dropped_after_first_config():
 
 def test_mode_overrides_are_prebuilt():
     """No ProcessingMode is built per request: each combination exists once."""
-    chain = Chain(route="r")
-    first = extproc._modes(chain, request_body=True)
-    assert extproc._modes(chain, request_body=True) is first
-    assert extproc._modes(chain, request_body=False) is not first
+    mode = extproc._Mode
+    first = extproc._modes(mode.BUFFERED, False, mode.NONE)
+    assert extproc._modes(mode.BUFFERED, False, mode.NONE) is first
+    assert extproc._modes(mode.NONE, False, mode.NONE) is not first
 
 
 def test_serve_workers_stops_started_workers_when_a_fork_fails(monkeypatch):
@@ -779,3 +779,49 @@ async def test_header_policy_replacing_the_body_runs_the_rest_at_once(engine, cl
     assert reply.body == b"replaced"
     assert reply.set_headers == {"x-body-len": "8"}
     assert engine.seen.bodies == [b"replaced"]
+
+
+def with_protocol(message: Any, request_mode: str, response_mode: str = "NONE") -> Any:
+    mode = extproc._Mode
+    message.protocol_config.request_body_mode = mode.BodySendMode.Value(request_mode)
+    message.protocol_config.response_body_mode = mode.BodySendMode.Value(response_mode)
+    return message
+
+
+async def test_streamed_chunks_are_held_until_the_last(engine, client):
+    # Before: the first chunk was taken for the whole body.
+    use(engine, public=[entry(Recorder(engine.seen), requires_request_body=True)])
+    stream = client.open("public")
+    head = decode(
+        await stream.send(
+            with_protocol(request_headers("/", "POST", end_of_stream=False), "STREAMED")
+        )
+    )
+    assert head.modes is not None
+    assert head.modes["request_body_mode"] == "STREAMED"  # pinned: known whatever Envoy does
+    first = await stream.send(request_body(b"hel", end_of_stream=False))
+    assert first.request_body.response.body_mutation.clear_body
+    last = decode(await stream.send(request_body(b"lo", end_of_stream=True)))
+    assert last.body == b"hello"  # the whole body travels with the last chunk
+    assert engine.seen.bodies == [b"hello"]
+    await stream.finish()
+
+
+async def test_buffered_partial_cut_short_is_refused(engine, client):
+    use(engine, public=[entry(BodyReader(engine.seen), requires_request_body=True)])
+    messages = [
+        with_protocol(request_headers("/", "POST", end_of_stream=False), "BUFFERED_PARTIAL"),
+        request_body(b"prefix only", end_of_stream=False),
+    ]
+    replies = await client.exchange("public", messages)
+    assert (decode(replies[1]).kind, decode(replies[1]).status) == ("immediate_response", 413)
+    assert engine.seen.bodies == []
+
+
+async def test_full_duplex_body_mode_is_refused(engine, client):
+    use(engine, public=[entry(BodyReader(engine.seen), requires_request_body=True)])
+    message = with_protocol(
+        request_headers("/", "POST", end_of_stream=False), "FULL_DUPLEX_STREAMED"
+    )
+    replies = await client.exchange("public", [message])
+    assert (decode(replies[0]).kind, decode(replies[0]).status) == ("immediate_response", 500)
