@@ -22,7 +22,7 @@ from engine.config import load_config_file
 from engine.errors import ConfigError, EngineError
 from engine.registry import PolicyRegistry
 from engine.server import serve, serve_workers
-from engine.store import ConfigSource, ConfigStore, FileConfigSource
+from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
 from engine.xds import cli as xds_cli
 
 __all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "main", "parse_args"]
@@ -68,6 +68,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="how often the config file is checked for changes (default 1)",
     )
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE,
+        metavar="SECONDS",
+        help="a changed config file is loaded once unchanged this long (default "
+        f"{DEFAULT_SETTLE:g}); replace the file atomically (temp file + mv) all the same",
+    )
+    parser.add_argument(
         "--validate", action="store_true", help="check the configuration and exit (0 valid, 1 not)"
     )
     parser.add_argument("--version", action="store_true", help="print build information and exit")
@@ -89,6 +97,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--workers must be at least 1")
     if not args.poll_interval > 0:  # 0 would poll in a busy loop; `not >` also rejects nan
         parser.error("--poll-interval must be greater than 0")
+    if not args.settle >= 0:
+        parser.error("--settle must be 0 or more")
     if not args.grace >= 0:
         parser.error("--grace must be 0 or more")
     if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
@@ -185,7 +195,9 @@ def main(
     store = ConfigStore()
     source: ConfigSource | None = None
     if args.config:
-        source = FileConfigSource(args.config, registry, store, poll_interval=args.poll_interval)
+        source = FileConfigSource(
+            args.config, registry, store, poll_interval=args.poll_interval, settle=args.settle
+        )
     try:
         if source is not None:  # with --xds: the warm start, never polled afterwards
             source.load_initial()

@@ -4,13 +4,29 @@
 Copy-on-write: a source builds a complete new snapshot and publishes it with a
 single reference assignment; a request reads ``store.current`` once and keeps
 that snapshot to its end, so in-flight requests finish on the configuration
-they started with. No lock is needed: everything runs on one event loop and the
-swap is one attribute store.
+they started with. Publishing happens on the serving event loop, so no lock is
+needed: the swap is one attribute store.
 
-A *config source* feeds the store. :class:`FileConfigSource` polls a YAML file
-(development); an xDS stream (production, next milestone) implements the same
-:class:`ConfigSource` protocol and publishes the same way. An invalid update is
-logged and dropped; the engine keeps serving the last good snapshot.
+A *config source* feeds the store. :class:`FileConfigSource` polls a YAML file;
+an xDS stream (:mod:`engine.xds`) implements the same :class:`ConfigSource`
+protocol and publishes the same way. An invalid update is logged and dropped;
+the engine keeps serving the last good snapshot.
+
+Building a snapshot (reading, parsing, validating, constructing policies) runs in
+a worker thread, never on the event loop: a 500-route config took 0.8 s per edit
+there, during which every request waited. Only the publish runs on the loop.
+
+**Writing the config file.** The supported way is an atomic replace: write a
+temporary file in the same directory, then ``mv`` (``rename(2)``) it over the
+config; Kubernetes ConfigMap volumes do the equivalent (a ``..data`` symlink
+swapped to a new timestamped directory). A file written *in place* (``cp``, many
+editors, ``>`` redirection) is seen half-written by any reader, and a prefix of a
+valid config is often itself valid (JWT routes simply missing). So a changed file
+is loaded only after it has stayed unchanged, by (inode, size, mtime_ns) and
+sha256, for ``settle`` seconds of polls (default :data:`DEFAULT_SETTLE`); the
+deferral is logged once per change. A writer that pauses for longer than
+``settle`` in the middle of an in-place write can still be read mid-write: write
+atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +35,9 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Protocol, runtime_checkable
@@ -30,6 +48,7 @@ from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
 
 __all__ = [
+    "DEFAULT_SETTLE",
     "EMPTY_SNAPSHOT",
     "ConfigSource",
     "ConfigStore",
@@ -40,6 +59,9 @@ __all__ = [
 logger: Final = logging.getLogger("engine.store")
 
 EMPTY_SNAPSHOT: Final = Snapshot(routes=MappingProxyType({}), source="<empty>", version=0)
+
+DEFAULT_SETTLE: Final = 2.0
+"""Seconds a changed config file must stay unchanged before it is loaded."""
 
 Listener = Callable[[Snapshot], None]
 """Called synchronously after each publish with the new snapshot."""
@@ -66,7 +88,9 @@ class ConfigStore:
         return self._last_source
 
     def publish(self, snapshot: Snapshot, source: str) -> None:
-        """Make ``snapshot`` current; ``source`` names the publisher (e.g. ``file``)."""
+        """Make ``snapshot`` current; ``source`` names the publisher (e.g. ``file``).
+
+        Call it on the serving event loop (listeners run there)."""
         self._current = snapshot
         self._last_source = source
         for listener in tuple(self._listeners):
@@ -104,13 +128,24 @@ class ConfigSource(Protocol):
 _FileState = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size)
 
 
+@dataclass(slots=True)
+class _Candidate:
+    """A changed file waiting to be loaded: what it was when first seen."""
+
+    state: _FileState
+    digest: str
+    seen: float  # clock reading of the first poll that saw this content
+
+
 class FileConfigSource:
     """Publishes the configuration in ``path``, re-reading it when it changes.
 
-    Change detection is a cheap ``stat`` per poll; the file is re-read only when
-    (inode, mtime_ns, size) changed, and re-validated only when the content's
-    sha256 differs from the last one seen (valid or not), so an unchanged or
-    still-broken file is not re-logged on every poll.
+    Each poll is one ``stat`` (following symlinks, so a Kubernetes ``..data`` swap is
+    a change). A new (inode, mtime_ns, size) makes the file a *candidate*: it is read
+    and hashed, and loaded once polls have seen the same state and content for
+    ``settle`` seconds (see the module docstring). Content equal to the last content
+    seen (valid or not) is not loaded again, so an unchanged or still-broken file is
+    not re-logged on every poll. ``settle=0`` loads a change at the poll that sees it.
     """
 
     name: Final = "file"
@@ -121,40 +156,92 @@ class FileConfigSource:
         registry: PolicyRegistry,
         store: ConfigStore,
         poll_interval: float = 0.25,
+        *,
+        settle: float = DEFAULT_SETTLE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.registry = registry
         self.store = store
         self.poll_interval = poll_interval
-        self._state: _FileState | None = None
+        self.settle = settle
+        self._clock = clock  # measures `settle` between polls (tests pass a fake)
+        self._state: _FileState | None = None  # of the content last loaded (valid or not)
         self._digest = ""
+        self._candidate: _Candidate | None = None
         self._unreadable = False
 
+    # -- start-up -------------------------------------------------------------------------
+
     def load_initial(self) -> Snapshot:
-        """Load and publish the file; raises :class:`ConfigError` if unreadable or invalid."""
-        try:
-            state = self._stat()
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(str(self.path), [f"cannot read: {exc.strerror or exc}"]) from exc
+        """Load and publish the file; raises :class:`ConfigError` if unreadable, invalid,
+        or still changing after ``10 * settle`` seconds.
+
+        Blocking (it runs before the server starts). A file modified less than
+        ``settle`` seconds ago is re-read after waiting, until two reads ``settle``
+        apart agree, so a file being written while the engine starts is not loaded
+        half-written.
+        """
+        deadline = time.monotonic() + 10 * self.settle
+        state, data = self._read_or_raise()
+        if self.settle > 0 and time.time() - state[1] / 1e9 < self.settle:
+            logger.info(
+                "config file %s was modified in the last %gs; loading it once unchanged",
+                self.path,
+                self.settle,
+            )
+        while self.settle > 0 and time.time() - state[1] / 1e9 < self.settle:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    str(self.path), [f"still changing after {10 * self.settle:g}s; not loaded"]
+                )
+            time.sleep(self.settle)
+            again = self._read_or_raise()
+            if again == (state, data):
+                break  # unchanged for `settle` seconds (whatever the file's clock says)
+            state, data = again
         snapshot = self._load(data)
         self._state, self._digest = state, hashlib.sha256(data).hexdigest()
         self._publish(snapshot)
         return snapshot
 
+    def _read_or_raise(self) -> tuple[_FileState, bytes]:
+        try:
+            return self._read()
+        except OSError as exc:
+            raise ConfigError(str(self.path), [f"cannot read: {exc.strerror or exc}"]) from exc
+
+    # -- polling --------------------------------------------------------------------------
+
     async def run(self) -> None:
-        """Poll until cancelled."""
+        """Poll until cancelled. File work and snapshot building run in a worker thread."""
         while True:
             await asyncio.sleep(self.poll_interval)
-            self.check_once()
+            await self.poll()
+
+    async def poll(self) -> bool:
+        """One poll, off the event loop; publishes on it. True if a snapshot was published."""
+        snapshot = await asyncio.to_thread(self._prepare)
+        if snapshot is None:
+            return False
+        self._published(snapshot)
+        return True
 
     def check_once(self) -> bool:
-        """One poll: reload if the file changed. Returns True if a snapshot was published."""
+        """One poll, entirely in the calling thread (tests, tools). Same rules as :meth:`poll`."""
+        snapshot = self._prepare()
+        if snapshot is None:
+            return False
+        self._published(snapshot)
+        return True
+
+    def _prepare(self) -> Snapshot | None:
+        """Everything but the publish: stat, read, settle, validate, build. Never raises."""
         try:
             state = self._stat()
-            if state == self._state:
-                return False
-            data = self.path.read_bytes()
+            if state == self._state and self._candidate is None:
+                return None
+            data = self._take(state)
         except OSError as exc:
             if not self._unreadable:  # log the transition, not every poll
                 logger.error(
@@ -165,15 +252,13 @@ class FileConfigSource:
                 )
             self._unreadable = True
             self._state = None
-            return False
+            self._candidate = None
+            return None
         self._unreadable = False
-        self._state = state
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == self._digest:
-            return False
-        self._digest = digest
+        if data is None:
+            return None
         try:
-            snapshot = self._load(data)
+            return self._load(data)
         except ConfigError as exc:
             logger.error(
                 "config reload from %s rejected (%d error(s)); keeping version %d",
@@ -183,7 +268,6 @@ class FileConfigSource:
             )
             for line in exc.lines():
                 logger.error("%s", line)
-            return False
         except Exception as exc:  # a loader bug must not end reloads (run() would die)
             logger.error(
                 "config reload from %s failed (%s: %s); keeping version %d",
@@ -193,19 +277,67 @@ class FileConfigSource:
                 self.store.current.version,
                 exc_info=exc,
             )
-            return False
-        self._publish(snapshot)
-        logger.info("config reloaded from %s: %d routes", self.path, len(snapshot.routes))
-        return True
+        return None
+
+    def _take(self, state: _FileState) -> bytes | None:
+        """The file's content if it is new and has settled, else None (deferred or
+        unchanged). Raises OSError when the file cannot be read."""
+        candidate = self._candidate
+        if candidate is None or candidate.state != state:
+            state, data = self._read()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == self._digest:  # touched or replaced, same content
+                self._state, self._candidate = state, None
+                return None
+            if candidate is None or candidate.digest != digest:
+                if candidate is None and self.settle > 0:  # once per change, not per poll
+                    logger.info(
+                        "config file %s changed; loading it once unchanged for %gs "
+                        "(write it atomically, temp file + rename, to skip nothing)",
+                        self.path,
+                        self.settle,
+                    )
+                candidate = _Candidate(state, digest, self._clock())
+            else:  # same bytes under a new state (rewritten identically): keep waiting
+                candidate = _Candidate(state, digest, candidate.seen)
+            self._candidate = candidate
+            if self.settle > 0:
+                return None
+        elif self._clock() - candidate.seen < self.settle:
+            return None
+        # Settled: read once more and load only if nothing moved meanwhile.
+        state, data = self._read()
+        digest = hashlib.sha256(data).hexdigest()
+        if (state, digest) != (candidate.state, candidate.digest):
+            self._candidate = _Candidate(state, digest, self._clock())
+            return None
+        self._candidate = None
+        self._state, self._digest = state, digest
+        return data
+
+    # -- helpers --------------------------------------------------------------------------
 
     def _stat(self) -> _FileState:
         st = os.stat(self.path)
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def _read(self) -> tuple[_FileState, bytes]:
+        """Content and the state it was read in; re-read if the file moved meanwhile."""
+        for _ in range(3):
+            before = self._stat()
+            data = self.path.read_bytes()
+            if self._stat() == before:
+                return before, data
+        return self._stat(), data  # still moving: the settle check catches it
+
     def _load(self, data: bytes) -> Snapshot:
         return load_config(
             data, source=str(self.path), registry=self.registry, previous=self.store.current
         )
+
+    def _published(self, snapshot: Snapshot) -> None:
+        self._publish(snapshot)
+        logger.info("config reloaded from %s: %d routes", self.path, len(snapshot.routes))
 
     def _publish(self, snapshot: Snapshot) -> None:
         self.store.publish(snapshot, self.name)

@@ -223,12 +223,20 @@ class EngineThread:
     """
 
     def __init__(
-        self, registry: PolicyRegistry, config_path: Path, *, start_timeout: float = 10.0
+        self,
+        registry: PolicyRegistry,
+        config_path: Path,
+        *,
+        start_timeout: float = 10.0,
+        settle: float = 0.0,
     ) -> None:
         self.registry = registry
         self.config_path = config_path
         self.store = ConfigStore()
-        self.source = FileConfigSource(config_path, registry, self.store, poll_interval=0.05)
+        # settle=0: apply_config replaces the file atomically, so nothing to wait for.
+        self.source = FileConfigSource(
+            config_path, registry, self.store, poll_interval=0.05, settle=settle
+        )
         self.source.load_initial()
         self.processor = PolicyProcessor(self.store)
         self.port = 0

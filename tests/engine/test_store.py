@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.chain import Snapshot
+from engine.config import load_config
 from engine.errors import ConfigError
-from engine.registry import PolicyRegistry
+from engine.registry import PolicyRegistry, load_policy
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore, FileConfigSource
-from tests.support import registry_from
+from engine.testing import FakeClock
+from tests.support import policy_folder, registry_from
 
 ONE_ROUTE = """
 routes:
@@ -54,7 +61,7 @@ def config_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def source(config_file: Path, registry: PolicyRegistry) -> FileConfigSource:
-    return FileConfigSource(config_file, registry, ConfigStore(), poll_interval=0.01)
+    return FileConfigSource(config_file, registry, ConfigStore(), poll_interval=0.01, settle=0)
 
 
 # --------------------------------------------------------------------------- store
@@ -231,4 +238,173 @@ def test_unexpected_load_failure_keeps_old_snapshot_and_polling(
     ]
     write(config_file, TWO_ROUTES + "  other:\n    policies: []\n")
     assert source.check_once() is True
+    assert source.store.current.version == 2
+
+
+# --------------------------------------------------------------------------- half-written files
+
+# A prefix of a valid config that is itself valid: the route keeps only its first policy.
+FULL = """
+routes:
+  secure:
+    policies:
+      - {name: addHeader, version: v1.0.0, parameters: {header: x-a, value: "1"}}
+      - {name: addHeader, version: v1.0.0, parameters: {header: x-b, value: "2"}}
+"""
+HALF = FULL[: FULL.index("      - {name: addHeader, version: v1.0.0, parameters: {header: x-b")]
+
+
+@pytest.fixture
+def settling(config_file: Path, registry: PolicyRegistry) -> tuple[FileConfigSource, FakeClock]:
+    clock = FakeClock()
+    source = FileConfigSource(config_file, registry, ConfigStore(), settle=2.0, clock=clock)
+    source.settle = 0.0  # the fixture's file was just written: skip the start-up wait
+    source.load_initial()
+    source.settle = 2.0
+    return source, clock
+
+
+def test_prefix_of_the_config_is_itself_valid() -> None:
+    registry = registry_from("addHeader")
+    half = load_config(HALF, source="half", registry=registry)
+    assert len(half.routes["secure"].policies) == 1  # what main published mid-write
+
+
+def test_in_place_write_is_loaded_only_once_settled(
+    settling: tuple[FileConfigSource, FakeClock],
+    config_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source, clock = settling
+    first = source.store.current
+    with caplog.at_level(logging.INFO, logger="engine.store"), config_file.open("w") as f:
+        f.write(HALF)
+        f.flush()
+        for _ in range(3):  # the writer pauses 1.5 s: the half never settles
+            clock.advance(0.5)
+            assert source.check_once() is False
+        f.write(FULL[len(HALF) :])
+        f.flush()
+        clock.advance(0.5)
+        assert source.check_once() is False  # changed again: the wait starts over
+        clock.advance(1.5)
+        assert source.check_once() is False
+    assert source.store.current is first
+    clock.advance(0.5)
+    with caplog.at_level(logging.INFO, logger="engine.store"):
+        assert source.check_once() is True
+    assert len(source.store.current.routes["secure"].policies) == 2
+    assert source.store.current.version == 2  # the half was never published
+    deferred = [m for m in caplog.messages if "loading it once unchanged" in m]
+    assert deferred == [
+        f"config file {config_file} changed; loading it once unchanged for 2s "
+        "(write it atomically, temp file + rename, to skip nothing)"
+    ]
+
+
+def test_atomic_rename_is_loaded_after_settling(
+    settling: tuple[FileConfigSource, FakeClock], config_file: Path
+) -> None:
+    source, clock = settling
+    tmp = config_file.with_name("routes.yaml.tmp")
+    tmp.write_text(TWO_ROUTES)
+    os.replace(tmp, config_file)
+    assert source.check_once() is False
+    clock.advance(2.0)
+    assert source.check_once() is True
+    assert sorted(source.store.current.routes) == ["private", "public"]
+
+
+def test_reverting_to_the_loaded_content_cancels_the_change(
+    settling: tuple[FileConfigSource, FakeClock], config_file: Path
+) -> None:
+    source, clock = settling
+    first = source.store.current
+    write(config_file, TWO_ROUTES)
+    assert source.check_once() is False
+    write(config_file, ONE_ROUTE)
+    clock.advance(5)
+    assert source.check_once() is False
+    assert source.check_once() is False
+    assert source.store.current is first
+
+
+def test_kubernetes_configmap_symlink_swap(registry: PolicyRegistry, tmp_path: Path) -> None:
+    """The kubelet's layout: config.yaml -> ..data/config.yaml, ..data -> ..<timestamp>;
+    an update writes a new timestamped directory and renames a new ..data link over the old."""
+    (tmp_path / "..2026_12_01_20_00_00.1").mkdir()
+    (tmp_path / "..2026_12_01_20_00_00.1" / "config.yaml").write_text(ONE_ROUTE)
+    (tmp_path / "..data").symlink_to("..2026_12_01_20_00_00.1")
+    (tmp_path / "config.yaml").symlink_to("..data/config.yaml")
+    clock = FakeClock()
+    source = FileConfigSource(
+        tmp_path / "config.yaml", registry, ConfigStore(), settle=0.0, clock=clock
+    )
+    assert list(source.load_initial().routes) == ["public"]
+    source.settle = 2.0
+    (tmp_path / "..2026_12_01_20_05_00.2").mkdir()
+    (tmp_path / "..2026_12_01_20_05_00.2" / "config.yaml").write_text(TWO_ROUTES)
+    (tmp_path / "..data_tmp").symlink_to("..2026_12_01_20_05_00.2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")  # the atomic swap
+    shutil.rmtree(tmp_path / "..2026_12_01_20_00_00.1")
+    assert source.check_once() is False
+    clock.advance(2.0)
+    assert source.check_once() is True
+    assert sorted(source.store.current.routes) == ["private", "public"]
+
+
+def test_load_initial_waits_for_a_file_being_written(
+    registry: PolicyRegistry, tmp_path: Path
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(HALF)
+
+    def finish() -> None:
+        time.sleep(0.1)
+        with path.open("a") as f:
+            f.write(FULL[len(HALF) :])
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    try:
+        source = FileConfigSource(path, registry, ConfigStore(), settle=1.0)
+        snapshot = source.load_initial()
+    finally:
+        writer.join()
+    assert len(snapshot.routes["secure"].policies) == 2
+
+
+# --------------------------------------------------------------------------- off the loop
+
+
+async def test_snapshots_are_built_off_the_event_loop(config_file: Path) -> None:
+    """A policy constructor that needs the loop to keep running while it works: on main,
+    where reloads ran on the loop, it timed out and the config was rejected."""
+    loop_ran = threading.Event()
+    constructing = threading.Event()
+
+    def factory(params: Any) -> object:
+        constructing.set()
+        if not loop_ran.wait(timeout=5):
+            raise RuntimeError("the event loop was blocked while building the snapshot")
+        return object()
+
+    add_header = load_policy(policy_folder("addHeader"))
+    slow = PolicyRegistry([dataclasses.replace(add_header, factory=factory)])
+    source = FileConfigSource(config_file, registry_from("addHeader"), ConfigStore(), settle=0)
+    source.poll_interval = 0.01
+    source.load_initial()
+    source.registry = slow
+    write(config_file, TWO_ROUTES.replace('value: "1"', 'value: "2"'))
+    published = asyncio.Event()
+    source.store.add_listener(lambda snapshot: published.set())
+    task = asyncio.create_task(source.run())
+    try:
+        assert await asyncio.to_thread(constructing.wait, 10)
+        loop_ran.set()  # only possible while the constructor runs if the loop is free
+        await asyncio.wait_for(published.wait(), timeout=10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
     assert source.store.current.version == 2
