@@ -84,7 +84,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
 from engine.chain import RequestState, run_request, run_response
-from engine.errors import ProtocolError
+from engine.errors import PolicyError, ProtocolError
 from engine.policy import ImmediateResponse, RequestContext, ResponseContext
 
 if TYPE_CHECKING:
@@ -577,6 +577,11 @@ class _Stream:
             if outcome.immediate is not None:
                 self.phase = _Phase.DONE
                 return _immediate(outcome.immediate)
+            if outcome.body is not None and len(outcome.body) > self._processor.max_body_bytes:
+                # The reply could exceed the gRPC message limit and fail the whole stream.
+                raise PolicyError(
+                    f"a policy produced a {len(outcome.body)}-byte body, over max_body_bytes"
+                )
             return build(outcome)
         except Exception:
             # The executor contains policy failures; reaching here is an engine bug. Fail closed.

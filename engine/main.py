@@ -20,6 +20,7 @@ from typing import Any, Final, TextIO
 
 from engine.config import load_config_file
 from engine.errors import ConfigError, EngineError
+from engine.extproc import DEFAULT_MAX_BODY_BYTES
 from engine.registry import PolicyRegistry
 from engine.server import serve, serve_workers
 from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
@@ -32,6 +33,8 @@ DEFAULT_LISTEN: Final = "127.0.0.1:9002"
 """Loopback by default: Envoy normally runs next to the engine (same host or pod)."""
 
 log = logging.getLogger("engine")
+# gRPC message lengths are 32-bit: 2 * body + headroom must stay below 2 GiB.
+_MAX_BODY_LIMIT: Final = 1024 * 1024 * 1024 - 1024 * 1024
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -59,6 +62,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, how long in-flight streams may drain (default 5)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="BYTES",
+        help="largest request/response body a policy sees; bigger request bodies get 413 "
+        f"(default {DEFAULT_MAX_BODY_BYTES}, 10 MiB); keep Envoy's buffer limit at or below it",
     )
     parser.add_argument(
         "--poll-interval",
@@ -95,6 +106,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     xds_cli.check_arguments(parser, args)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not 1 <= args.max_body_bytes <= _MAX_BODY_LIMIT:
+        parser.error(f"--max-body-bytes must be between 1 and {_MAX_BODY_LIMIT}")
     if not args.poll_interval > 0:  # 0 would poll in a busy loop; `not >` also rejects nan
         parser.error("--poll-interval must be greater than 0")
     if not args.settle >= 0:
@@ -215,7 +228,14 @@ def main(
         return 1
 
     async def run(reuse_port: bool) -> None:
-        await serve(args.listen, store, source=source, grace=args.grace, reuse_port=reuse_port)
+        await serve(
+            args.listen,
+            store,
+            source=source,
+            grace=args.grace,
+            reuse_port=reuse_port,
+            max_body_bytes=args.max_body_bytes,
+        )
 
     try:
         if args.workers == 1:

@@ -39,11 +39,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from engine.chain import Snapshot
-from engine.extproc import PolicyProcessor
+from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
 
 __all__ = [
     "EXT_PROC_SERVICE",
+    "grpc_options",
     "serve",
     "serve_workers",
 ]
@@ -54,6 +55,7 @@ EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 _HEALTH_SERVICES: Final = ("", EXT_PROC_SERVICE)
 _WORKER_KILL_AFTER: Final = 5.0  # seconds past the grace period before SIGKILL
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
+_MESSAGE_HEADROOM: Final = 1024 * 1024  # headers, attributes, metadata around a body
 
 
 async def serve(
@@ -68,6 +70,7 @@ async def serve(
     processor: PolicyProcessor | None = None,
     reuse_port: bool = False,
     handle_signals: bool | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Serve ext_proc + health on ``listen`` (``host:port``; port 0 picks a free one).
 
@@ -76,10 +79,14 @@ async def serve(
     or, when ``handle_signals`` (default: only in the main thread) on SIGTERM/SIGINT; it then
     reports NOT_SERVING, stops ``source``, and waits up to ``grace`` seconds for in-flight
     streams. Raises ``RuntimeError`` if ``listen`` cannot be bound.
+
+    ``max_body_bytes`` (ignored when ``processor`` is given: its own limit counts) bounds the
+    bodies policies see; the gRPC message limits are sized from it (:func:`grpc_options`).
     """
     stop = stop if stop is not None else asyncio.Event()
-    processor = processor if processor is not None else PolicyProcessor(store)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    if processor is None:
+        processor = PolicyProcessor(store, max_body_bytes=max_body_bytes)
+    server = grpc.aio.server(options=grpc_options(processor.max_body_bytes, reuse_port=reuse_port))
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -131,6 +138,20 @@ async def serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+def grpc_options(max_body_bytes: int, *, reuse_port: bool) -> list[tuple[str, int]]:
+    """gRPC server options. The message limits (gRPC's default receive limit is 4 MiB) are
+    twice the body limit plus 1 MiB for headers and attributes: a body just over the limit
+    still reaches the engine, which answers 413 itself, instead of gRPC failing the stream
+    with RESOURCE_EXHAUSTED (Envoy with ``failure_mode_allow`` would then pass the request
+    unpoliced). Replies carry at most one body, bounded the same way."""
+    message_limit = 2 * max_body_bytes + _MESSAGE_HEADROOM
+    return [
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", message_limit),
+        ("grpc.max_send_message_length", message_limit),
+    ]
 
 
 def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:

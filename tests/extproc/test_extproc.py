@@ -825,3 +825,35 @@ async def test_full_duplex_body_mode_is_refused(engine, client):
     )
     replies = await client.exchange("public", [message])
     assert (decode(replies[0]).kind, decode(replies[0]).status) == ("immediate_response", 500)
+
+
+async def test_bodies_over_the_limit_are_refused(engine, client):
+    engine.processor.max_body_bytes = 8
+    use(
+        engine,
+        public=[
+            entry(Recorder(engine.seen), requires_request_body=True),
+            entry(ResponseRecorder(engine.seen), requires_response_body=True),
+        ],
+    )
+    head = request_headers("/", "POST", end_of_stream=False)
+    replies = await client.exchange("public", [head, request_body(b"123456789")])
+    big = decode(replies[1])
+    assert (big.kind, big.status) == ("immediate_response", 413)
+    assert big.body == b'{"error": "request body too large for the policy engine"}'
+    streamed = with_protocol(request_headers("/", "POST", end_of_stream=False), "STREAMED")
+    chunks = [request_body(b"12345", end_of_stream=False), request_body(b"6789")]
+    replies = await client.exchange("public", [streamed, *chunks])
+    assert decode(replies[2]).status == 413
+    replies = await client.exchange(
+        "public",
+        [
+            head,
+            request_body(b"ok"),
+            response_headers(200, end_of_stream=False),
+            response_body(b"x" * 9),
+        ],
+    )
+    assert (decode(replies[3]).kind, decode(replies[3]).status) == ("immediate_response", 500)
+    assert engine.seen.bodies == [b"ok"]
+    assert engine.processor.stats.too_large == 3

@@ -13,7 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.main import ENGINE_VERSION, main
+from engine import server
+from engine.main import ENGINE_VERSION, main, parse_args
 from engine.registry import PolicyRegistry
 from tests.e2e.harness import free_port
 from tests.support import registry_from
@@ -103,6 +104,8 @@ def test_validate_missing_file(tmp_path):
         pytest.param(["--config", "x", "--poll-interval", "-1"], id="poll-interval-negative"),
         pytest.param(["--config", "x", "--grace", "-1"], id="grace-negative"),
         pytest.param(["--config", "x", "--grace", "nan"], id="grace-nan"),
+        pytest.param(["--config", "x", "--max-body-bytes", "0"], id="max-body-0"),
+        pytest.param(["--config", "x", "--max-body-bytes", str(2**31)], id="max-body-2GiB"),
     ],
 )
 def test_bad_command_lines_exit_2(argv, capsys):
@@ -164,3 +167,11 @@ def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
             proc.wait(5)
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_max_body_bytes_sizes_the_grpc_limits():
+    # Before: no max_receive_message_length, so gRPC's 4 MiB default cut bodies over 4 MiB.
+    assert parse_args(["--config", "x"]).max_body_bytes == 10 * 1024 * 1024
+    options = dict(server.grpc_options(10 * 1024 * 1024, reuse_port=False))
+    assert options["grpc.max_receive_message_length"] == 21 * 1024 * 1024
+    assert options["grpc.max_send_message_length"] == 21 * 1024 * 1024
