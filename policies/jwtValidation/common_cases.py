@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,13 @@ __all__ = [
     "pki",
     "server",
     "test_broken_jwks_fails_closed_then_recovers",
+    "test_cancelled_request_does_not_cancel_the_fetch",
     "test_clock_skew",
     "test_concurrent_requests_share_one_fetch_without_blocking_the_loop",
     "test_custom_header_and_case_insensitive_prefix",
+    "test_expired_keys_keep_working_during_outage",
+    "test_https_redirect_is_followed_and_http_refused",
+    "test_instances_share_one_tls_context_per_ca_file",
     "test_key_rotation_is_picked_up",
     "test_keys_are_cached",
     "test_keys_with_other_use_are_ignored",
@@ -69,6 +73,9 @@ __all__ = [
     "test_outage_keeps_cached_keys_and_fails_closed_for_new_ones",
     "test_rejected_tokens",
     "test_schema_rejections",
+    "test_timed_out_waiter_leaves_the_fetch_running",
+    "test_trickling_server_cannot_hold_the_fetch_past_fetch_timeout",
+    "test_ttl_refresh_serves_cached_keys_while_it_runs",
     "test_unknown_kid_refresh_is_rate_limited",
     "test_unreadable_ca_file_is_a_parameter_error",
     "test_untrusted_certificate_is_refused",
@@ -104,11 +111,12 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make(
+async def make(
     policy: RegisteredPolicy, server: JwksServer, pki: Pki, clock: FakeClock
-) -> Callable[..., Any]:
+) -> AsyncIterator[Callable[..., Any]]:
     """Build ``policy`` for ``server`` (overrides go into the parameters; ``None``
-    drops one)."""
+    drops one). Every instance built is closed (its HTTP client) after the test."""
+    built: list[Any] = []
 
     def build(**overrides: Any) -> Any:
         params = {
@@ -122,9 +130,13 @@ def make(
             **overrides,
         }
         params = {k: v for k, v in params.items() if v is not None}
-        return construct(policy, params, clock=clock)
+        instance = construct(policy, params, clock=clock)
+        built.append(instance)
+        return instance
 
-    return build
+    yield build
+    for instance in built:
+        await instance.aclose()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -379,3 +391,139 @@ async def test_concurrent_requests_share_one_fetch_without_blocking_the_loop(
     assert results == [None] * 10
     assert server.hits == 1
     assert ticks >= 10  # the loop kept running while the fetch waited 0.3 s
+
+
+# --------------------------------------------------------------------------- fail safe (issue 8)
+
+
+def random_kid_token(keys: KeySet) -> str:
+    """What an attacker sends to force a JWKS fetch: a kid the IdP never published."""
+    return SigningKey(f"random-{now()}", "RS256", keys.rotated.private_key).sign(claims())
+
+
+async def wait_for_hits(server: JwksServer, hits: int) -> None:
+    """Wait (off the loop) until the server has counted ``hits`` requests (bounded)."""
+    await asyncio.to_thread(server.wait_for_hits, hits)
+
+
+async def test_cancelled_request_does_not_cancel_the_fetch(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer
+) -> None:
+    """Issue 8 item 6: a client that hangs up (or any cancellation of the request
+    that started the fetch) must not throw the keys away for minRefreshInterval."""
+    policy = make(minRefreshInterval="30s")
+    server.hold()
+    attacker = asyncio.create_task(policy.on_request(ctx(random_kid_token(keys))))
+    await wait_for_hits(server, 1)  # the fetch is in flight
+    attacker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attacker
+    server.release()
+    # Same instant (the fake clock did not move): a valid token must still pass.
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    assert server.hits == 1
+
+
+async def test_timed_out_waiter_leaves_the_fetch_running(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer
+) -> None:
+    """The per-policy timeout cuts a waiting request short the same way."""
+    policy = make()
+    server.hold()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await policy.on_request(ctx(keys.rsa.sign(claims())))
+    server.release()
+    await policy.jwks.settle()
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    assert server.hits == 1
+
+
+async def test_ttl_refresh_serves_cached_keys_while_it_runs(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer, clock: FakeClock
+) -> None:
+    """Issue 8 item 7: after jwksCacheTtl a request with a known kid does not wait
+    for the refetch (stale-while-revalidate); the refetch then drops withdrawn keys."""
+    policy = make(jwksCacheTtl="2m", minRefreshInterval="10s")
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    clock.advance(119)
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    assert server.hits == 1  # still fresh
+    server.keys = [keys.ec.jwk]  # rsa-1 withdrawn by the IdP
+    server.hold()
+    clock.advance(1)
+    for _ in range(3):  # all answered from the cache while the refetch is held
+        assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    await wait_for_hits(server, 2)
+    server.release()
+    await policy.jwks.settle()
+    assert server.hits == 2  # one refetch for all of them
+    assert_invalid_token(await policy.on_request(ctx(keys.rsa.sign(claims()))), "no usable key")
+    assert await policy.on_request(ctx(keys.ec.sign(claims()))) is None
+    assert server.hits == 2
+
+
+async def test_expired_keys_keep_working_during_outage(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer, clock: FakeClock
+) -> None:
+    policy = make(jwksCacheTtl="1m", minRefreshInterval="10s")
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    server.status = 500
+    clock.advance(61)
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None  # starts a refetch
+    await policy.jwks.settle()
+    assert server.hits == 2  # ... which failed
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None  # paced: no refetch
+    await policy.jwks.settle()
+    assert server.hits == 2
+    clock.advance(10)
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    await policy.jwks.settle()
+    assert server.hits == 3
+
+
+async def test_trickling_server_cannot_hold_the_fetch_past_fetch_timeout(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer
+) -> None:
+    """fetchTimeout bounds the whole fetch, not each socket read: a server sending
+    one byte every 20 ms (minutes for a JWKS) gives up after fetchTimeout."""
+    server.trickle = 0.02
+    policy = make(fetchTimeout="300ms")
+    async with asyncio.timeout(10):  # the old per-read timeout would take minutes
+        action = await policy.on_request(ctx(keys.rsa.sign(claims())))
+    assert_invalid_token(action, "no usable key")
+
+
+async def test_https_redirect_is_followed_and_http_refused(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer, clock: FakeClock
+) -> None:
+    server.redirect = server.moved_url
+    policy = make()
+    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    assert server.hits == 2
+    assert server.connections == 1  # the redirect hop reused the connection
+    server.redirect = server.moved_url.replace("https://", "http://")
+    downgraded = make()
+    assert_invalid_token(await downgraded.on_request(ctx(keys.rsa.sign(claims()))), "no usable")
+    assert server.hits == 3  # the http:// location was never fetched
+
+
+def test_instances_share_one_tls_context_per_ca_file(
+    policy: RegisteredPolicy, pki: Pki, tmp_path: Path
+) -> None:
+    """Building a TLS context costs ~20-30 ms: a config with hundreds of JWT routes
+    must not build one per instance."""
+
+    def context(ca_file: Path | None) -> object:
+        params = {**BASE, "caFile": None if ca_file is None else str(ca_file)}
+        params = {k: v for k, v in params.items() if v is not None}
+        return construct(policy, params).jwks.context
+
+    assert context(pki.ca_file) is context(pki.ca_file)
+    assert context(None) is context(None)
+    assert context(None) is not context(pki.ca_file)
+    copied = tmp_path / "ca.pem"
+    copied.write_bytes(pki.ca_file.read_bytes())
+    first = context(copied)
+    copied.write_bytes(pki.ca_file.read_bytes() + b"\n")  # a rotated CA file is read again
+    assert context(copied) is not first

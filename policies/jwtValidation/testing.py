@@ -5,8 +5,12 @@
   verification with the policy's ``caFile`` parameter.
 * :class:`JwksServer` serves a JWKS document over HTTPS from a thread on a free
   ``127.0.0.1`` port. Tests change ``keys`` to rotate keys, set ``status`` to make
-  the IdP fail, or :meth:`~JwksServer.stop` it for a real outage; ``hits`` counts
-  fetches. Use it as a context manager so it is always shut down.
+  the IdP fail, ``delay`` or ``trickle`` to make it slow, :meth:`~JwksServer.hold`
+  to keep a fetch in flight until :meth:`~JwksServer.release`, ``redirect`` to
+  answer 302, or :meth:`~JwksServer.stop`
+  it for a real outage; ``hits`` counts fetches and ``connections`` TLS connections
+  (HTTP/1.1 keep-alive, so a client that reuses its connection opens one). Use it as
+  a context manager so it is always shut down.
 * :class:`SigningKey` holds a private key and signs tokens; its ``jwk`` is the
   public half as published in a JWKS.
 
@@ -16,11 +20,13 @@ Test-only code: nothing here is imported by a policy.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
 import ipaddress
 import json
+import socket
 import threading
 import time
 import warnings
@@ -310,8 +316,13 @@ class _State:
     status: int = 200
     body: bytes | None = None
     delay: float = 0.0
+    trickle: float = 0.0
+    redirect: str | None = None
+    gate: threading.Event = field(default_factory=threading.Event)
     hits: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    connections: int = 0
+    open_sockets: set[socket.socket] = field(default_factory=set)
+    lock: threading.Condition = field(default_factory=threading.Condition)
 
 
 class JwksServer:
@@ -323,26 +334,58 @@ class JwksServer:
 
     def __init__(self, pki: Pki, keys: list[dict[str, Any]] | None = None) -> None:
         self._state = _State(keys=list(keys or []))
+        self._state.gate.set()
         state = self._state
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: clients may reuse connections
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body are two writes: without this, Nagle + delayed ACK
+                # add ~40 ms to every keep-alive response.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with state.lock:
+                    state.connections += 1
+                    state.open_sockets.add(self.connection)
+
+            def finish(self) -> None:
+                with state.lock:
+                    state.open_sockets.discard(self.connection)
+                super().finish()
+
             def do_GET(self) -> None:
                 with state.lock:
                     state.hits += 1
+                    state.lock.notify_all()
                     status = state.status
                     body = state.body
                     delay = state.delay
+                    trickle = state.trickle
+                    redirect = state.redirect if self.path == "/jwks.json" else None
                     if body is None:
                         body = json.dumps({"keys": state.keys}).encode()
+                state.gate.wait(timeout=30)  # held by hold() until release()
                 if delay:
                     time.sleep(delay)
-                if self.path != "/jwks.json":
+                if self.path not in ("/jwks.json", "/moved.json"):
                     status, body = 404, b"not found"
-                self.send_response(status)
+                self.send_response(302 if redirect else status)
+                if redirect:
+                    self.send_header("location", redirect)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    if not trickle:
+                        self.wfile.write(body)
+                        return
+                    for index in range(len(body)):  # one byte at a time: a socket
+                        self.wfile.write(body[index : index + 1])  # timeout never fires
+                        self.wfile.flush()
+                        time.sleep(trickle)
+                except OSError:
+                    self.close_connection = True  # the client gave up
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean
@@ -364,6 +407,17 @@ class JwksServer:
     def hits(self) -> int:
         with self._state.lock:
             return self._state.hits
+
+    def wait_for_hits(self, hits: int, timeout: float = 10.0) -> None:
+        """Block until ``hits`` requests have arrived; ``TimeoutError`` after ``timeout``."""
+        with self._state.lock:
+            if not self._state.lock.wait_for(lambda: self._state.hits >= hits, timeout):
+                raise TimeoutError(f"JWKS server saw {self._state.hits} of {hits} requests")
+
+    @property
+    def connections(self) -> int:
+        with self._state.lock:
+            return self._state.connections
 
     @property
     def keys(self) -> list[dict[str, Any]]:
@@ -402,13 +456,54 @@ class JwksServer:
         with self._state.lock:
             self._state.delay = seconds
 
+    @property
+    def trickle(self) -> float:
+        return self._state.trickle
+
+    @trickle.setter
+    def trickle(self, seconds: float) -> None:
+        """Send the body one byte every ``seconds`` (a server that holds a fetch open
+        while each read still succeeds within any per-read timeout)."""
+        with self._state.lock:
+            self._state.trickle = seconds
+
+    @property
+    def redirect(self) -> str | None:
+        return self._state.redirect
+
+    @redirect.setter
+    def redirect(self, location: str | None) -> None:
+        """Answer ``/jwks.json`` with ``302 Location: location`` (the same JWKS is
+        also served at ``/moved.json``, see :attr:`moved_url`)."""
+        with self._state.lock:
+            self._state.redirect = location
+
+    @property
+    def moved_url(self) -> str:
+        return self.url.replace("/jwks.json", "/moved.json")
+
+    def hold(self) -> None:
+        """Make requests wait (after being counted in ``hits``) until :meth:`release`:
+        a fetch that is deterministically in flight."""
+        self._state.gate.clear()
+
+    def release(self) -> None:
+        """Let held and later requests be answered."""
+        self._state.gate.set()
+
     def stop(self) -> None:
         """Stop serving and close the port (idempotent); later fetches are refused."""
         if self._stopped:
             return
         self._stopped = True
+        self.release()
         self._server.shutdown()
         self._server.server_close()
+        with self._state.lock:  # kept-alive connections too: a real outage
+            sockets = list(self._state.open_sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
 
     def __enter__(self) -> JwksServer:
