@@ -1,13 +1,16 @@
-"""The engine image end to end: build outputs, push to a real registry, inspect it back.
+"""The engine image end to end: build outputs, the engine on the image's own Python, push
+to a real registry and inspect it back.
 
 Inputs come from tests/image/BUILD.bazel (``engine_image(name = "image")`` on the
-zero-policy engine) through environment variables naming runfiles.
+zero-policy engine) through environment variables naming runfiles. The image is run for
+real under podman by test_podman.py (tools/test).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import urllib.request
@@ -25,7 +28,9 @@ PUSH = Path(os.environ["IMAGE_PUSH"])
 TARBALL = Path(os.environ["IMAGE_TARBALL"])
 DOCKERFILE = Path(os.environ["IMAGE_DOCKERFILE"])
 CRANE = os.environ.get("CRANE", "/usr/bin/crane")
-ENTRYPOINT = ["/opt/policy-engine/engine"]
+ENTRYPOINT = ["/usr/bin/python3.11", "/opt/policy-engine/engine.runfiles/_main/engine/bin.py"]
+CMD = ["--config", "/etc/policy-engine/config.yaml", "--listen", "0.0.0.0:9002"]
+USER = "65532:65532"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
@@ -65,7 +70,14 @@ def test_layout_is_a_valid_oci_image() -> None:
 def test_config_has_entrypoint_labels_and_fixed_timestamps() -> None:
     config = _config()
     assert config["config"]["Entrypoint"] == ENTRYPOINT
+    assert config["config"]["Cmd"] == CMD
+    assert config["config"]["User"] == USER
+    assert config["config"]["ExposedPorts"] == {"9002/tcp": {}}
     assert config["config"]["WorkingDir"] == "/opt/policy-engine"
+    env = dict(e.partition("=")[::2] for e in config["config"]["Env"])
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"  # read-only root file system
+    assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert env["PYTHONPATH"].startswith("/opt/policy-engine/engine.runfiles:")
     labels = config["config"]["Labels"]
     assert labels["io.policy-engine.policies"] == ""
     assert labels["io.policy-engine.target"] == "//tests/image:image"
@@ -76,32 +88,87 @@ def test_config_has_entrypoint_labels_and_fixed_timestamps() -> None:
     assert _manifest()["annotations"]["io.policy-engine.target"] == "//tests/image:image"
 
 
-@pytest.fixture
-def rootfs(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The image's file system, unpacked layer by layer as a container runtime would."""
-    root = tmp_path / "rootfs"
+    root = tmp_path_factory.mktemp("image") / "rootfs"
     for layer in _manifest()["layers"]:
         with tarfile.open(
             IMAGE / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
         ) as tar:
-            tar.extractall(root, filter="tar")
+            tar.extractall(root, filter="fully_trusted")  # our own layers; absolute links
     return root
 
 
-def test_entrypoint_runs_from_the_unpacked_layers(rootfs: Path) -> None:
-    # The engine layers carry the complete runfiles tree: the launcher works from them
-    # (with this machine's python3; the offline base has no Python of its own).
-    launcher = rootfs / ENTRYPOINT[0].lstrip("/")
-    result = subprocess.run(
-        [str(launcher), "--help"],
+def _in_image(rootfs: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside the unpacked image (chroot) as its user, with its environment."""
+    chroot = shutil.which("chroot", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if os.geteuid() != 0 or chroot is None:
+        pytest.skip(
+            "running the image's own Python needs root and chroot(8) (podman test: tools/test)"
+        )
+    env = dict(e.partition("=")[::2] for e in _config()["config"]["Env"])
+    return subprocess.run(
+        [chroot, f"--userspec={USER}", str(rootfs), *argv],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
-        env={"PATH": os.environ["PATH"]},
+        env=env,
+    )
+
+
+def test_base_is_debian_python_3_11(rootfs: Path) -> None:
+    assert (rootfs / "usr/bin/python3.11").is_file()
+    assert not (rootfs / "bin/sh").exists()  # no shell: nothing but Python and its libraries
+    lock = json.loads(Path(os.environ["BASE_LOCK"]).read_text())
+    status = sorted(p.name for p in (rootfs / "var/lib/dpkg/status.d").iterdir())
+    assert status == sorted(p["name"] for p in lock["packages"])
+    result = _in_image(rootfs, "/usr/bin/python3.11", "-c", "import sys, ssl; print(sys.version)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("3.11.")
+
+
+def test_entrypoint_runs_the_engine_on_the_image_python(rootfs: Path) -> None:
+    result = _in_image(rootfs, *ENTRYPOINT, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("policy-engine ")
+
+
+def test_every_compiled_module_imports_on_the_image_python(rootfs: Path) -> None:
+    # cp311 manylinux wheels (grpcio, protobuf's upb, cel-expr-python, pyyaml, ...) on
+    # bookworm's 3.11.2 and its glibc: import every extension module the image ships.
+    modules = []
+    for so in sorted((rootfs / "opt/policy-engine").rglob("*.so")):
+        parts = so.relative_to(rootfs).parts
+        if "site-packages" not in parts:
+            continue
+        relative = parts[parts.index("site-packages") + 1 :]
+        name = ".".join([*relative[:-1], relative[-1].split(".")[0]])
+        if not name.split(".")[-1].startswith("lib"):  # bundled shared libraries
+            modules.append(name)
+    assert "google._upb._message" in modules
+    assert any(m.startswith("grpc.") for m in modules)
+    script = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    result = _in_image(rootfs, "/usr/bin/python3.11", "-c", script, *modules)
+    assert result.returncode == 0, f"{modules}: {result.stderr}"
+
+
+def test_bytecode_is_precompiled(rootfs: Path) -> None:
+    # The root file system is read-only at run time: pycs come with the image.
+    assert (rootfs / "usr/lib/python3.11/__pycache__/asyncio.cpython-311.pyc").exists() or (
+        rootfs / "usr/lib/python3.11/asyncio/__pycache__/base_events.cpython-311.pyc"
+    ).exists()
+    assert (
+        rootfs / "opt/policy-engine/engine.runfiles/_main/engine/__pycache__/main.cpython-311.pyc"
+    ).exists()
+    result = _in_image(
+        rootfs,
+        "/usr/bin/python3.11",
+        "-c",
+        "import engine.main, sys; print(sys.modules['engine.main'].__cached__)",
     )
     assert result.returncode == 0, result.stderr
-    assert "--config" in result.stdout
 
 
 def test_docker_load_tarball_matches_the_image() -> None:
@@ -124,9 +191,17 @@ def test_dockerfile_pins_the_base_and_matches_the_config() -> None:
         + "@"
         + labels["org.opencontainers.image.base.digest"]
     )
-    assert f"FROM {base}\n" in text
+    assert labels["org.opencontainers.image.base.name"] == "policy-engine/python-base:3.11-bookworm"
+    assert base.split("@")[1] == Path(os.environ["BASE_DIGEST"]).read_text().strip()
+    assert "FROM scratch\nADD python_base_layer.tar /\n" in text
     assert "ADD image_layer_deps.tar /\nADD image_layer_app.tar /\n" in text
     assert f"ENTRYPOINT {json.dumps(ENTRYPOINT)}\n" in text
+    assert f"CMD {json.dumps(CMD)}\n" in text
+    assert f"USER {USER}\n" in text
+    assert "EXPOSE 9002/tcp\n" in text
+    for entry in _config()["config"]["Env"]:
+        key, _, value = entry.partition("=")
+        assert f"ENV {key}={json.dumps(value)}\n" in text
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 Only the attributes this project uses exist, with rules_oci's names and meaning:
 
-* `oci_image(name, base, tars, entrypoint, cmd, env, workdir, user, labels, annotations,
-  os, architecture, variant)`: `labels`, `annotations` and `env` take a dict or a file of
+* `oci_image(name, base, tars, entrypoint, cmd, env, workdir, user, exposed_ports, labels,
+  annotations, os, architecture, variant)`: `labels`, `annotations` and `env` take a dict or a file of
   `key=value` lines; `entrypoint` and `cmd` a list or a file with one entry per line.
   Also creates `<name>.digest` (a file with the manifest digest), as rules_oci does.
 * `oci_push(name, image, repository, repository_file, remote_tags)`: `remote_tags` takes a
@@ -38,7 +38,7 @@ def _write(name, kind, lines, kwargs):
     )
     return label
 
-def oci_image(name, labels = None, annotations = None, env = None, cmd = None, entrypoint = None, workdir = None, **kwargs):
+def oci_image(name, labels = None, annotations = None, env = None, cmd = None, entrypoint = None, workdir = None, exposed_ports = None, **kwargs):
     """rules_oci's `oci_image` macro: dict/list values become files, then `oci_image_rule`.
 
     Args:
@@ -49,6 +49,7 @@ def oci_image(name, labels = None, annotations = None, env = None, cmd = None, e
       cmd: list or file (one entry per line).
       entrypoint: list or file (one entry per line).
       workdir: working directory (string).
+      exposed_ports: list (e.g. ["9002/tcp"]) or file of comma-separated ports.
       **kwargs: base, tars, user, os, architecture, variant and common attributes.
     """
     if types.is_dict(labels):
@@ -63,6 +64,8 @@ def oci_image(name, labels = None, annotations = None, env = None, cmd = None, e
         entrypoint = _write(name, "entrypoint", [e.replace("\n", "%5Cn") for e in entrypoint], kwargs)
     if workdir != None:
         workdir = _write(name, "workdir", [workdir], kwargs)
+    if types.is_list(exposed_ports):
+        exposed_ports = _write(name, "exposed_ports", [",".join(exposed_ports)], kwargs)
     oci_image_rule(
         name = name,
         labels = labels,
@@ -71,6 +74,7 @@ def oci_image(name, labels = None, annotations = None, env = None, cmd = None, e
         cmd = cmd,
         entrypoint = entrypoint,
         workdir = workdir,
+        exposed_ports = exposed_ports,
         **kwargs
     )
     native.filegroup(

@@ -37,6 +37,7 @@ def _oci_image_impl(ctx):
         ("--labels", "labels"),
         ("--annotations", "annotations"),
         ("--workdir", "workdir"),
+        ("--exposed-ports", "exposed_ports"),
     ]:
         f = getattr(ctx.file, attr)
         if f:
@@ -70,6 +71,7 @@ oci_image_rule = rule(
         "labels": attr.label(allow_single_file = True, doc = "File: key=value per line."),
         "annotations": attr.label(allow_single_file = True, doc = "File: key=value per line (manifest annotations)."),
         "workdir": attr.label(allow_single_file = True, doc = "File: the working directory on one line."),
+        "exposed_ports": attr.label(allow_single_file = True, doc = "File: comma-separated ports, e.g. 9002/tcp."),
         "user": attr.string(doc = "User (name or uid[:gid]) the entrypoint runs as."),
         "os": attr.string(doc = "Only without base: e.g. linux."),
         "architecture": attr.string(doc = "Only without base: e.g. amd64."),

@@ -189,6 +189,11 @@ def read_list(path: Path) -> list[str]:
     return [line.replace("%5Cn", "\n") for line in path.read_text().splitlines()]
 
 
+def read_ports(path: Path) -> list[str]:
+    """rules_oci's exposed_ports file: comma-separated (newlines accepted too)."""
+    return [p.strip() for p in path.read_text().replace("\n", ",").split(",") if p.strip()]
+
+
 def expand_env(value: str, base: dict[str, str]) -> str:
     """``$KEY`` / ``${KEY}`` refer to the base image's value, as in rules_oci."""
     return _ENV_REF.sub(lambda m: base.get(m.group(1) or m.group(2), ""), value)
@@ -210,6 +215,7 @@ class ImageChanges:
     annotations: dict[str, str] | None = None
     workdir: str | None = None
     user: str | None = None
+    exposed_ports: list[str] | None = None
 
 
 def scratch_config(os_name: str, architecture: str, variant: str | None) -> JSON:
@@ -274,6 +280,11 @@ def build_image(
         settings["WorkingDir"] = changes.workdir
     if changes.user is not None:
         settings["User"] = changes.user
+    if changes.exposed_ports:
+        ports = dict(settings.get("ExposedPorts") or {})
+        for port in changes.exposed_ports:
+            ports[port if "/" in port else port + "/tcp"] = {}
+        settings["ExposedPorts"] = dict(sorted(ports.items()))
 
     config["config"] = settings
     config["history"] = history
@@ -357,6 +368,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     image.add_argument("--annotations", help="DICT file")
     image.add_argument("--workdir", help="file with one line")
     image.add_argument("--user")
+    image.add_argument("--exposed-ports", help="file: comma-separated ports")
     image.add_argument("--digest-out", type=Path, help="write the manifest digest here")
     tarball = commands.add_parser("tarball", help="write a docker-loadable tarball")
     tarball.add_argument("--image", required=True, type=Path)
@@ -382,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 annotations=_optional(args.annotations, read_key_values),
                 workdir=workdir,
                 user=args.user,
+                exposed_ports=_optional(args.exposed_ports, read_ports),
             )
             descriptor = build_image(
                 args.output, changes, args.base, (args.os, args.architecture, args.variant)
