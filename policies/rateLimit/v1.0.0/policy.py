@@ -12,8 +12,22 @@ Contract:
   (``keyBy: header|metadata`` with ``keyName``, e.g. ``jwt.sub`` or
   ``apiKey.consumer`` written by an earlier policy). Requests that lack the
   identifier share one bucket, so they are limited together rather than not at all.
-* At most ``maxKeys`` buckets are kept; the least recently used one is evicted.
-  An evicted client starts again with a full bucket.
+* Memory is bounded: at most ``maxKeys`` buckets are kept, and an identifier
+  longer than :data:`MAX_KEY_CHARS` characters is stored as its SHA-256 digest
+  (32 bytes), so one bucket costs at most ~:data:`BUCKET_BYTES` bytes whatever the
+  clients send (measured with tracemalloc in this policy's tests).
+* Eviction never hands out tokens: when a new identifier arrives and the table is
+  full, the least recently used bucket is evicted only if it has refilled to
+  ``burstSize`` (a full bucket and a fresh one are the same, so nobody gains). The
+  few least recently used buckets are checked; any bucket idle for
+  ``burstSize / requestsPerSecond`` seconds is full, so when the least recently
+  used one is not, every kept client was active within that time. If none of
+  those checked is full, the new identifier shares one
+  **overflow bucket** (same rate and burst) with every other identifier that finds
+  the table full, until buckets refill and can be evicted. So cycling through more
+  identifiers than ``maxKeys`` never gets more than one extra client's worth of
+  requests (fails closed); new clients may be limited together while the table is
+  saturated, which is logged (at most once a minute).
 * **Several worker processes:** buckets live in this policy instance, in one
   process's memory. Each engine worker process has its own buckets and workers do
   not coordinate (distributed coordination is out of scope of the spec), so the
@@ -26,8 +40,10 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
+import logging
 import math
 import re
 import time
@@ -37,9 +53,17 @@ from typing import Any, Final
 
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 
-__all__ = ["Policy"]
+__all__ = ["BUCKET_BYTES", "MAX_KEY_CHARS", "Policy"]
 
+_log = logging.getLogger(__name__)
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+MAX_KEY_CHARS: Final = 64
+"""Identifiers longer than this are kept as their SHA-256 digest."""
+BUCKET_BYTES: Final = 600
+"""Upper bound of the memory one bucket holds (key, bucket, table slot), measured."""
+_EVICTION_SCAN: Final = 8
+_OVERFLOW_LOG_INTERVAL: Final = 60.0
 
 
 def client_ip(address: str) -> str:
@@ -63,6 +87,16 @@ class _Bucket:
     def __init__(self, tokens: float, updated: float) -> None:
         self.tokens = tokens
         self.updated = updated
+
+    def refill(self, now: float, rate: float, burst: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(burst, self.tokens + elapsed * rate)
+        self.updated = now
+
+
+_Key = str | bytes | None
+"""A bucket key: the identifier, its SHA-256 digest (bytes) when long, or ``None``
+for requests without one. Digests are bytes so no identifier can collide with one."""
 
 
 class Policy:
@@ -90,9 +124,11 @@ class Policy:
             self._key_name = key_name
         self._max_keys = int(params.get("maxKeys", 10000))
         self._clock = clock
-        self._buckets: OrderedDict[str | None, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[_Key, _Bucket] = OrderedDict()
+        self._overflow = _Bucket(self._burst, clock())
+        self._overflow_logged = -math.inf
 
-    def _identifier(self, ctx: RequestContext) -> str | None:
+    def _identifier(self, ctx: RequestContext) -> _Key:
         if self._key_by == "clientIp":
             value: object = client_ip(ctx.client_address) if ctx.client_address else None
         elif self._key_by == "header":
@@ -101,20 +137,41 @@ class Policy:
             value = ctx.metadata.get(self._key_name)
         if value is None or value == "":
             return None
-        return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        if len(text) <= MAX_KEY_CHARS:
+            return text
+        # surrogatepass: a lone surrogate (possible in metadata) must not raise.
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
-    def _bucket(self, key: str | None, now: float) -> _Bucket:
+    def _bucket(self, key: _Key, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self._burst, now)
-            if len(self._buckets) > self._max_keys:
-                self._buckets.popitem(last=False)
-        else:
+        if bucket is not None:
             self._buckets.move_to_end(key)
-            elapsed = max(0.0, now - bucket.updated)
-            bucket.tokens = min(self._burst, bucket.tokens + elapsed * self._rate)
-            bucket.updated = now
+            bucket.refill(now, self._rate, self._burst)
+            return bucket
+        if len(self._buckets) >= self._max_keys and not self._evict_a_full_bucket(now):
+            self._overflow.refill(now, self._rate, self._burst)
+            if now - self._overflow_logged >= _OVERFLOW_LOG_INTERVAL:
+                self._overflow_logged = now
+                _log.warning(
+                    "rateLimit: %d buckets kept (maxKeys) and none has refilled: "
+                    "new clients share one overflow bucket",
+                    len(self._buckets),
+                )
+            return self._overflow
+        bucket = self._buckets[key] = _Bucket(self._burst, now)
         return bucket
+
+    def _evict_a_full_bucket(self, now: float) -> bool:
+        """Evict one of the least recently used buckets that has refilled to the
+        burst size; ``False`` if none of the first few has."""
+        for index, (key, bucket) in enumerate(self._buckets.items()):
+            if index >= _EVICTION_SCAN:
+                break
+            if bucket.tokens + max(0.0, now - bucket.updated) * self._rate >= self._burst:
+                del self._buckets[key]
+                return True
+        return False
 
     def on_request(self, ctx: RequestContext) -> ImmediateResponse | None:
         """Take a token from the client's bucket, or answer 429 when there is none."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,8 @@ from engine.testing import (
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
+BUCKET_BYTES = 600
+"""The memory bound per bucket that the definition states (policy.BUCKET_BYTES)."""
 
 
 def make(params: Mapping[str, Any], clock: FakeClock | None = None) -> Any:
@@ -185,17 +189,67 @@ def test_metadata_identifier_per_user() -> None:
     assert allowed(policy, ctx(metadata={"jwt.sub": 42}))  # non-string values are keys too
 
 
-def test_buckets_are_bounded_least_recently_used_first() -> None:
+def test_eviction_only_takes_refilled_buckets() -> None:
     clock = FakeClock()
     policy = make({"requestsPerSecond": 1, "burstSize": 1, "maxKeys": 2}, clock)
     assert allowed(policy, ctx(client="10.0.0.1"))
     assert allowed(policy, ctx(client="10.0.0.2"))
-    assert not allowed(policy, ctx(client="10.0.0.1"))  # .1 is now most recently used
-    assert allowed(policy, ctx(client="10.0.0.3"))  # evicts .2
+    # Table full of empty buckets: nobody is evicted, newcomers share the overflow.
+    assert allowed(policy, ctx(client="10.0.0.3"))
+    assert not allowed(policy, ctx(client="10.0.0.4"))
+    assert not allowed(policy, ctx(client="10.0.0.2"))  # .2 did not start over
     assert policy.bucket_count == 2
-    assert not allowed(policy, ctx(client="10.0.0.1"))  # .1 was kept
-    assert allowed(policy, ctx(client="10.0.0.2"))  # .2 starts over with a full bucket
+    clock.advance(1.0)  # every bucket has refilled: the least recently used goes
+    assert allowed(policy, ctx(client="10.0.0.4"))
     assert policy.bucket_count == 2
+    assert allowed(policy, ctx(client="10.0.0.2"))  # refilled on its own
+    assert not allowed(policy, ctx(client="10.0.0.4"))  # .4 kept its own bucket
+
+
+def test_cycling_more_clients_than_max_keys_gets_no_extra_tokens() -> None:
+    """Issue 8 item 8: with maxKeys=100, 101 clients cycling got zero 429s (each
+    eviction handed the next client a fresh full bucket)."""
+    policy = make({"requestsPerSecond": 1, "burstSize": 1, "maxKeys": 100})
+    clients = [f"10.0.1.{i}" for i in range(101)]
+    results = [allowed(policy, ctx(client=c)) for _ in range(5) for c in clients]
+    # One token each for the 100 kept clients and one for the shared overflow bucket.
+    assert results.count(True) == 101
+    assert results.count(False) == 4 * 101
+
+
+def test_long_keys_are_hashed_and_memory_is_bounded() -> None:
+    """Issue 8 item 8: 2,000 requests with 60 KB key values held 115 MiB."""
+    import tracemalloc
+
+    policy = make({"requestsPerSecond": 1, "keyBy": "header", "keyName": "x-key"})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            request = ctx(headers={"x-key": f"{i:06d}" + "x" * 60_000})
+            assert allowed(policy, request)
+            del request
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert policy.bucket_count == 2000
+    assert held < 2000 * BUCKET_BYTES, f"{held} bytes held"
+
+
+def test_long_keys_keep_separate_buckets() -> None:
+    policy = make({"requestsPerSecond": 1, "burstSize": 1, "keyBy": "header", "keyName": "x-k"})
+    long_a, long_b = "a" * 100, "a" * 99 + "b"
+    assert allowed(policy, ctx(headers={"x-k": long_a}))
+    assert not allowed(policy, ctx(headers={"x-k": long_a}))
+    assert allowed(policy, ctx(headers={"x-k": long_b}))
+    digest = hashlib.sha256(long_a.encode()).hexdigest()
+    assert allowed(policy, ctx(headers={"x-k": digest}))  # a digest's text is its own key
+
+
+def test_memory_bound_is_stated() -> None:
+    text = " ".join(POLICY.definition.description.split())
+    assert f"at most {BUCKET_BYTES} bytes each" in text
+    assert "SHA-256" in text
 
 
 def test_many_clients_stay_bounded() -> None:
@@ -206,8 +260,6 @@ def test_many_clients_stay_bounded() -> None:
 
 
 def test_per_worker_behaviour_is_documented() -> None:
-    import inspect
-
     module = inspect.getmodule(POLICY.factory)
     assert module is not None
     assert module.__doc__ is not None
