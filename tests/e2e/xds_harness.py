@@ -1,0 +1,370 @@
+"""End-to-end pieces for xDS: a control plane process, engine processes fed by it, paced load.
+
+Everything runs as real processes on 127.0.0.1 (``sys.executable``; under Bazel the
+test's PYTHONPATH reaches the children), bounded in time and always stopped.
+
+* :func:`e2e_registry`: the engine of these tests: every test policy (tests/support,
+  tests/e2e) and every sample policy; :func:`write_e2e_definitions` writes its
+  definitions file as the builder would.
+* :class:`ControlPlaneProcess`: ``python -m controlplane.main``; can be killed (SIGKILL)
+  and restarted on the same ports; small admin API client methods.
+* :class:`EngineXdsProcess`: the engine CLI with ``--xds``; RSS for memory checks.
+* :class:`PacedLoad`: a client thread sending N requests/s through Envoy, recording every
+  status and the value of one upstream-seen header, and every exception as a failure.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controlplane.testing import write_definitions
+from engine.registry import PolicyRegistry, load_policy
+from tests.e2e.harness import HOST, free_port, http_request
+
+__all__ = [
+    "ControlPlaneProcess",
+    "EngineXdsProcess",
+    "PacedLoad",
+    "assert_switched",
+    "e2e_policy_folders",
+    "e2e_registry",
+    "wait_until",
+    "write_e2e_definitions",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+
+ENGINE_SCRIPT = (
+    "import sys\n"
+    "from engine.main import main\n"
+    "from tests.e2e.xds_harness import e2e_registry\n"
+    "sys.exit(main(sys.argv[1:], registry=e2e_registry()))\n"
+)
+
+
+def e2e_policy_folders() -> list[Path]:
+    roots = [REPO / "tests" / "support" / "policies", REPO / "tests" / "e2e" / "policies"]
+    folders = [v for root in roots for p in root.iterdir() for v in p.iterdir() if v.is_dir()]
+    folders += [p for p in (REPO / "policies").glob("*/v*") if p.is_dir()]
+    return sorted(folders)
+
+
+def e2e_registry() -> PolicyRegistry:
+    return PolicyRegistry(load_policy(folder) for folder in e2e_policy_folders())
+
+
+def write_e2e_definitions(path: Path, extra: list[Path] | None = None) -> Path:
+    """The definitions file of :func:`e2e_registry`'s engine (plus ``extra`` folders, which
+    the control plane then knows and the engine does not)."""
+    folders = e2e_policy_folders() + list(extra or ())
+    return write_definitions(path, folders, {"target": "//tests/e2e:xds_test"})
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _python(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        handle.close()
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+class ControlPlaneProcess:
+    """The control plane as a child process. Use as a context manager."""
+
+    def __init__(self, definitions: Path, workdir: Path, *, config: Path | None = None) -> None:
+        self.definitions = definitions
+        self.config = config
+        self.xds_port = free_port()
+        self.admin_port = free_port()
+        self.log_path = workdir / "controlplane.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self, timeout: float = 20.0) -> None:
+        args = [
+            "-m",
+            "controlplane.main",
+            "--definitions",
+            str(self.definitions),
+            "--xds-listen",
+            f"{HOST}:{self.xds_port}",
+            "--admin-listen",
+            f"{HOST}:{self.admin_port}",
+            "--poll-interval",
+            "0.1",
+        ]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        self.process = _python(args, self.log_path)
+        wait_until(self._healthy, timeout, "the control plane's /healthz")
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"control plane exited ({self.process.returncode}):\n{self.log()}")
+        try:
+            return self.call("GET", "/healthz", timeout=0.5)[0] == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the engines (a crash, an OOM kill, a lost node)."""
+        assert self.process is not None
+        _stop(self.process, signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def call(
+        self, method: str, path: str, body: Any = None, *, timeout: float = 5.0
+    ) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection(HOST, self.admin_port, timeout=timeout)
+        try:
+            data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+            conn.request(method, path, body=data)
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read() or b"null")
+        finally:
+            conn.close()
+
+    def put_route(self, key: str, spec: Any) -> str:
+        status, body = self.call("PUT", f"/routes/{key}", spec)
+        assert status == 200, body
+        return str(body["version"])
+
+    def status(self) -> dict[str, Any]:
+        status, body = self.call("GET", "/status")
+        assert status == 200
+        return dict(body)
+
+    def wait_acked(self, version: str, nodes: set[str], timeout: float = 10.0) -> None:
+        """Until every engine in ``nodes`` has ACKed ``version`` (on an open stream)."""
+
+        def done() -> bool:
+            acked = {
+                e["node"]
+                for e in self.status()["engines"]
+                if e["connected"] and e["ackedVersion"] == version
+            }
+            return nodes <= acked
+
+        wait_until(done, timeout, f"{sorted(nodes)} to ACK {version}")
+
+    def close(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+    def __enter__(self) -> ControlPlaneProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EngineXdsProcess:
+    """The engine CLI as a child process, configured by ``--xds``. A context manager."""
+
+    def __init__(
+        self,
+        xds_port: int,
+        node_id: str,
+        workdir: Path,
+        *,
+        max_backoff: float = 1.0,
+        extra: list[str] | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        self.port = free_port()
+        self.node_id = node_id
+        self.log_path = workdir / f"engine-{node_id}.log"
+        argv = [
+            "--xds",
+            f"{HOST}:{xds_port}",
+            "--node-id",
+            node_id,
+            "--listen",
+            f"{HOST}:{self.port}",
+            "--workers",
+            "1",
+            "--xds-max-backoff",
+            str(max_backoff),
+            "--grace",
+            "1",
+            *(extra or []),
+        ]
+        self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path)
+        try:
+            wait_until(self._listening, start_timeout, f"engine {node_id} to listen")
+        except BaseException:
+            self.close()
+            raise
+
+    def _listening(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"engine exited ({self.process.returncode}):\n{self.log()}")
+        return self.health() is not None
+
+    def health(self) -> int | None:
+        """The health status (SERVING=1, NOT_SERVING=2), None if unreachable."""
+        with grpc.insecure_channel(f"{HOST}:{self.port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+            except grpc.RpcError:
+                return None
+            return int(reply.status)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def close(self) -> None:
+        _stop(self.process)
+
+    def __enter__(self) -> EngineXdsProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Sample:
+    started: float
+    at: float  # when the answer arrived
+    status: int
+    value: str
+
+
+class PacedLoad:
+    """``rate`` requests per second to ``path`` through Envoy on ``port``, until :meth:`stop`.
+
+    Open loop: ``workers`` threads take turns on a fixed schedule (request k is due at
+    start + k/rate), so a slow request does not lower the rate. Each request records
+    (start, end, status, upstream-seen ``header`` or ""); :attr:`samples` is in
+    completion order. Any exception (refused, reset, timeout) is a failure.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        *,
+        rate: float = 50.0,
+        header: str = "x-version",
+        workers: int = 8,
+    ) -> None:
+        self.port, self.path, self.rate, self.header = port, path, rate, header
+        self.samples: list[Sample] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._start = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, workers), daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, index: int, workers: int) -> None:
+        k = index
+        while not self._stop.is_set():
+            delay = self._start + k / self.rate - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                return
+            k += workers
+            started = time.monotonic()
+            try:
+                reply = http_request(self.port, self.path, timeout=5)
+                value = (reply.echo or {}).get("headers", {}).get(self.header, "")
+                sample = Sample(started, time.monotonic(), reply.status, value)
+                with self._lock:
+                    self.samples.append(sample)
+            except BaseException as exc:  # every failure counts
+                with self._lock:
+                    self.errors.append(exc)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        """Until ``count`` more samples than now have been recorded."""
+        target = len(self.samples) + count
+        wait_until(lambda: len(self.samples) >= target, timeout, f"{count} more requests")
+
+    def latest(self) -> str:
+        """The value seen by the request that started last among those answered."""
+        with self._lock:
+            return max(self.samples, key=lambda s: s.started).value if self.samples else ""
+
+    def stop(self) -> list[Sample]:
+        """Stop; the samples sorted by start time."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        return sorted(self.samples, key=lambda s: s.started)
+
+    def failures(self) -> list[str]:
+        bad = [f"status {s.status}" for s in self.samples if s.status != 200]
+        return bad + [repr(e) for e in self.errors]
+
+    def rate_seen(self) -> float:
+        """Requests answered per second over the run."""
+        samples = sorted(self.samples, key=lambda s: s.started)
+        if len(samples) < 2:
+            return 0.0
+        return (len(samples) - 1) / (samples[-1].started - samples[0].started)
+
+
+def assert_switched(samples: list[Sample], old: str, new: str) -> None:
+    """``old`` first, ``new`` last, and no request that started after a ``new`` answer
+    arrived saw ``old`` (copy-on-write: once applied, the old chain never comes back)."""
+    assert samples[0].value == old
+    assert samples[-1].value == new
+    first_new = min(s.at for s in samples if s.value == new)
+    late_old = [s for s in samples if s.value == old and s.started > first_new]
+    assert not late_old, f"{len(late_old)} requests saw {old!r} after {new!r} was served"
+    assert {s.value for s in samples} == {old, new}
