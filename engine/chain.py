@@ -13,8 +13,8 @@ Execution rules:
   and the entry is skipped.
 * Each action is applied to the context before the next policy runs, so later
   policies (and their conditions) see earlier rewrites. Within one action:
-  removals first, then sets, then appends (an appended value joins the existing
-  one with ``", "``). Header names are lower-cased.
+  removals first, then sets, then appends (an appended value is a separate value of
+  the header, see :class:`~engine.policy.Headers`). Header names are lower-cased.
 * An :class:`~engine.policy.ImmediateResponse` ends the request phase: later
   policies never run and the upstream is not contacted.
 * Header names must be RFC 9110 tokens; header values, path and method must not contain
@@ -195,6 +195,7 @@ class RequestOutcome:
 
     immediate: ImmediateResponse | None = None
     set_headers: Mapping[str, str] = field(default_factory=dict)
+    append_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     path: str | None = None
     method: str | None = None
@@ -208,6 +209,7 @@ class ResponseOutcome:
 
     immediate: ImmediateResponse | None = None
     set_headers: Mapping[str, str] = field(default_factory=dict)
+    append_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     status: int | None = None
     body: bytes | None = None
@@ -226,14 +228,14 @@ class RequestState:
     """What a request looked like at one moment: the base a :class:`RequestOutcome` is
     computed against (see :func:`run_request`)."""
 
-    headers: dict[str, str]
+    headers: dict[str, tuple[str, ...]]
     path: str
     method: str
     body: bytes | None
 
     @classmethod
     def of(cls, ctx: RequestContext) -> RequestState:
-        return cls(dict(ctx.headers), ctx.path, ctx.method, ctx.body)
+        return cls(ctx.headers.snapshot(), ctx.path, ctx.method, ctx.body)
 
 
 async def run_request(
@@ -277,9 +279,10 @@ async def run_request(
             continue
         if failure is not None:
             return RequestOutcome(immediate=failure)
-    set_headers, remove_headers = _header_diff(before.headers, ctx.headers)
+    set_headers, append_headers, remove_headers = _header_diff(before.headers, ctx.headers)
     return RequestOutcome(
         set_headers=set_headers,
+        append_headers=append_headers,
         remove_headers=remove_headers,
         path=ctx.path if ctx.path != before.path else None,
         method=ctx.method if ctx.method != before.method else None,
@@ -291,7 +294,7 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
     """Run ``chain``'s response policies (same order as configured) against ``ctx``."""
     if not chain.response_policies:
         return _NO_CHANGE_RESPONSE
-    original_headers = dict(ctx.headers)
+    original_headers = ctx.headers.snapshot()
     status, body = ctx.status, ctx.body
     request_id = ctx.request.request_id
     for policy in chain.response_policies:
@@ -314,9 +317,10 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
             continue
         if failure is not None:
             return ResponseOutcome(immediate=failure)
-    set_headers, remove_headers = _header_diff(original_headers, ctx.headers)
+    set_headers, append_headers, remove_headers = _header_diff(original_headers, ctx.headers)
     return ResponseOutcome(
         set_headers=set_headers,
+        append_headers=append_headers,
         remove_headers=remove_headers,
         status=ctx.status if ctx.status != status else None,
         body=ctx.body if ctx.body != body else None,
@@ -480,9 +484,7 @@ def _apply_headers(
     for name, value in set_headers.items():
         headers[name.lower()] = value
     for name, value in append_headers.items():
-        key = name.lower()
-        existing = headers.get(key)
-        headers[key] = value if existing is None else f"{existing}, {value}"
+        headers.add(name.lower(), value)
 
 
 def _apply_request(ctx: RequestContext, action: RequestModifications) -> None:
@@ -517,9 +519,24 @@ def _apply_response(ctx: ResponseContext, action: ResponseModifications) -> None
 
 
 def _header_diff(
-    before: Mapping[str, str], after: Mapping[str, str]
-) -> tuple[dict[str, str], tuple[str, ...]]:
-    """Net header change: values new or different in ``after``, names gone from it."""
-    set_headers = {name: value for name, value in after.items() if before.get(name) != value}
+    before: Mapping[str, tuple[str, ...]], after: Headers
+) -> tuple[dict[str, str], tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """Net header change as (set, append, remove).
+
+    A header whose values are unchanged is left out (repeated ``set-cookie`` lines stay
+    exactly as Envoy sent them). Values added after the existing ones are appends; any
+    other change sets the first value (replacing all) and appends the rest.
+    """
+    set_headers: dict[str, str] = {}
+    appends: list[tuple[str, str]] = []
+    for name, values in after.snapshot().items():
+        old = before.get(name)
+        if old == values:
+            continue
+        if old is not None and values[: len(old)] == old:
+            appends.extend((name, value) for value in values[len(old) :])
+        else:
+            set_headers[name] = values[0]
+            appends.extend((name, value) for value in values[1:])
     removed = tuple(name for name in before if name not in after)
-    return set_headers, removed
+    return set_headers, tuple(appends), removed

@@ -51,13 +51,15 @@ Processing modes
 
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
-    ignores ``value`` and ``append_action``). Path and method travel as ``:path``/``:method``
-    headers (``:method`` needs ``mutation_rules.allow_all_routing`` in Envoy), the response
-    status as ``:status``. When request policies ran on a buffered body, their header
-    changes ride in the ``BodyResponse`` and ``content-length`` is rewritten whenever the body
-    changed (Envoy rejects a buffered body whose length differs from Content-Length). A body
-    set by a policy on a phase whose body was not buffered is sent with
-    ``CONTINUE_AND_REPLACE`` on the headers reply.
+    ignores ``value`` and ``append_action``); an appended value is one more option with
+    ``append=true``, so repeated headers (``set-cookie``) stay separate lines end to end,
+    and headers no policy changed are not in the mutation at all. Path and method travel as
+    ``:path``/``:method`` headers (``:method`` needs ``mutation_rules.allow_all_routing`` in
+    Envoy), the response status as ``:status``. When request policies ran on a buffered
+    body, their header changes ride in the ``BodyResponse`` and ``content-length`` is
+    rewritten whenever the body changed (Envoy rejects a buffered body whose length differs
+    from Content-Length). A body set by a policy on a phase whose body was not buffered is
+    sent with ``CONTINUE_AND_REPLACE`` on the headers reply.
 
 Errors
     Malformed or out-of-order messages abort THAT stream with ``INVALID_ARGUMENT`` naming the
@@ -85,7 +87,7 @@ from google.protobuf import wrappers_pb2
 
 from engine.chain import RequestState, run_request, run_response
 from engine.errors import PolicyError, ProtocolError
-from engine.policy import ImmediateResponse, RequestContext, ResponseContext
+from engine.policy import Headers, ImmediateResponse, RequestContext, ResponseContext
 
 if TYPE_CHECKING:
     from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
@@ -120,6 +122,7 @@ _Mode = processing_mode_pb2.ProcessingMode
 _CONTINUE_AND_REPLACE: Final = pb.CommonResponse.CONTINUE_AND_REPLACE
 _MAX_WARNED_ROUTES: Final = 1024
 _NO_APPEND: Final = wrappers_pb2.BoolValue(value=False)
+_APPEND: Final = wrappers_pb2.BoolValue(value=True)
 
 
 @dataclass(slots=True)
@@ -383,7 +386,11 @@ class _Stream:
 
             def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
                 changed = (
-                    outcome.set_headers or outcome.remove_headers or outcome.path or outcome.method
+                    outcome.set_headers
+                    or outcome.append_headers
+                    or outcome.remove_headers
+                    or outcome.path
+                    or outcome.method
                 )
                 if changed:
                     return self._refuse("request", "a header change after a STREAMED body")
@@ -538,7 +545,12 @@ class _Stream:
 
             def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
                 # The response headers went downstream before the first chunk.
-                if outcome.set_headers or outcome.remove_headers or outcome.status is not None:
+                if (
+                    outcome.set_headers
+                    or outcome.append_headers
+                    or outcome.remove_headers
+                    or outcome.status is not None
+                ):
                     return self._refuse("response", "a header change after a STREAMED body")
                 common = _whole_body_mutation(outcome.body, data)
                 return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
@@ -667,16 +679,17 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _headers_from(http: pb.HttpHeaders) -> tuple[dict[str, str], dict[str, str]]:
-    """Split Envoy headers into (regular, pseudo); names lower-case, repeats joined ", "."""
-    regular: dict[str, str] = {}
+def _headers_from(http: pb.HttpHeaders) -> tuple[Headers, dict[str, str]]:
+    """Split Envoy headers into (regular, pseudo); names lower-case, repeats kept apart."""
+    regular = Headers()
     pseudo: dict[str, str] = {}
     for hv in http.headers.headers:
         name = hv.key.lower()
         value = _decode(hv.raw_value) if hv.raw_value else hv.value
-        target = pseudo if name.startswith(":") else regular
-        previous = target.get(name)
-        target[name] = value if previous is None else f"{previous}, {value}"
+        if name.startswith(":"):
+            pseudo[name] = value
+        else:
+            regular.add(name, value)
     return regular, pseudo
 
 
@@ -724,17 +737,22 @@ def _client_address(headers: Mapping[str, str], message: pb.ProcessingRequest) -
     return ""
 
 
-def _option(name: str, value: str) -> Any:
+def _option(name: str, value: str, append: Any = _NO_APPEND) -> Any:
     return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8")), append=_NO_APPEND
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8")), append=append
     )
 
 
-def _mutation(set_headers: Mapping[str, str], remove_headers: Iterable[str]) -> Any:
-    return pb.HeaderMutation(
-        set_headers=[_option(name, value) for name, value in set_headers.items()],
-        remove_headers=list(remove_headers),
-    )
+def _mutation(
+    set_headers: Mapping[str, str],
+    remove_headers: Iterable[str],
+    append_headers: Iterable[tuple[str, str]] = (),
+) -> Any:
+    # Envoy applies set_headers in order: the overwrites (append=false) first, then each
+    # appended value as its own header line (append=true; append_action is ignored).
+    options = [_option(name, value) for name, value in set_headers.items()]
+    options += [_option(name, value, _APPEND) for name, value in append_headers]
+    return pb.HeaderMutation(set_headers=options, remove_headers=list(remove_headers))
 
 
 def _common_request(outcome: RequestOutcome, *, body_buffered: bool) -> Any:
@@ -744,7 +762,13 @@ def _common_request(outcome: RequestOutcome, *, body_buffered: bool) -> Any:
         set_headers[":path"] = outcome.path
     if outcome.method is not None:
         set_headers[":method"] = outcome.method
-    return _common(set_headers, outcome.remove_headers, outcome.body, body_buffered=body_buffered)
+    return _common(
+        set_headers,
+        outcome.remove_headers,
+        outcome.append_headers,
+        outcome.body,
+        body_buffered=body_buffered,
+    )
 
 
 def _common_response(outcome: ResponseOutcome, *, body_buffered: bool) -> Any:
@@ -752,12 +776,19 @@ def _common_response(outcome: ResponseOutcome, *, body_buffered: bool) -> Any:
     set_headers = dict(outcome.set_headers)
     if outcome.status is not None:
         set_headers[":status"] = str(outcome.status)
-    return _common(set_headers, outcome.remove_headers, outcome.body, body_buffered=body_buffered)
+    return _common(
+        set_headers,
+        outcome.remove_headers,
+        outcome.append_headers,
+        outcome.body,
+        body_buffered=body_buffered,
+    )
 
 
 def _common(
     set_headers: dict[str, str],
     remove_headers: Iterable[str],
+    append_headers: tuple[tuple[str, str], ...],
     body: bytes | None,
     *,
     body_buffered: bool,
@@ -772,8 +803,8 @@ def _common(
             # Replacing a body Envoy did not buffer: it drops Content-Length and the old body.
             common.status = _CONTINUE_AND_REPLACE
     remove = [name for name in remove_headers if name not in set_headers]
-    if set_headers or remove:
-        common.header_mutation.CopyFrom(_mutation(set_headers, remove))
+    if set_headers or remove or append_headers:
+        common.header_mutation.CopyFrom(_mutation(set_headers, remove, append_headers))
     return common
 
 

@@ -30,11 +30,16 @@ Rules of the contract:
   JSON-like (str, int, float, bool, None, lists, dicts) so CEL conditions can
   read them.
 * Header names are lower-case everywhere (Envoy sends and expects them so).
+* Repeated headers stay separate values (:class:`Headers`): ``ctx.headers[name]``
+  reads them joined with ``", "`` (the RFC 9110 combination, right for every header but
+  ``set-cookie``), ``ctx.headers.get_all(name)`` gives each value. ``set_headers``
+  replaces every value of a header, ``append_headers`` adds one more separate header
+  line, and headers no policy touched reach Envoy exactly as they came.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, MutableMapping
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -53,8 +58,72 @@ __all__ = [
     "ResponsePolicy",
 ]
 
-Headers: TypeAlias = dict[str, str]
-"""Lower-case header name -> value. Repeated headers are joined with ``", "``."""
+
+class Headers(MutableMapping[str, str]):
+    """Lower-case header name -> value, keeping repeated headers as separate values.
+
+    As a mapping it reads like ``dict[str, str]``: a repeated header's values joined with
+    ``", "``. :meth:`get_all` returns the separate values (``set-cookie`` must be read so:
+    its values may contain commas). ``headers[name] = value`` replaces all values,
+    :meth:`add` appends one. Built from a mapping or from ``(name, value)`` pairs (repeats
+    allowed). Keys are used as given: the engine and Envoy use lower-case names.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._values: dict[str, list[str]] = {}
+        pairs = items.items() if isinstance(items, Mapping) else items
+        for name, value in pairs:
+            self.add(name, value)
+
+    def __getitem__(self, name: str) -> str:
+        values = self._values[name]
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self._values[name] = [value]
+
+    def __delitem__(self, name: str) -> None:
+        del self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def __repr__(self) -> str:
+        return f"Headers({self.pairs()!r})"
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name`` in order (a copy; ``[]`` if absent)."""
+        return list(self._values.get(name, ()))
+
+    def add(self, name: str, value: str) -> None:
+        """Add one more value for ``name`` (a separate header line)."""
+        values = self._values.get(name)
+        if values is None:
+            self._values[name] = [value]
+        else:
+            values.append(value)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every ``(name, value)``, repeated names once per value."""
+        return [(name, value) for name, values in self._values.items() for value in values]
+
+    def snapshot(self) -> dict[str, tuple[str, ...]]:
+        """name -> values, frozen (what the engine diffs a chain's changes against)."""
+        return {name: tuple(values) for name, values in self._values.items()}
+
+    def copy(self) -> Headers:
+        copied = Headers()
+        copied._values = {name: list(values) for name, values in self._values.items()}
+        return copied
+
 
 Metadata: TypeAlias = MutableMapping[str, Any]
 """Per-request metadata shared by all policies of one request (last writer wins)."""
@@ -94,6 +163,11 @@ class RequestContext:
     body: bytes | None = None
     client_address: str = ""
 
+    def __post_init__(self) -> None:
+        headers: object = self.headers
+        if not isinstance(headers, Headers):  # a plain dict (tests, tools)
+            self.headers = Headers(self.headers)
+
 
 @dataclass(slots=True)
 class ResponseContext:
@@ -110,13 +184,19 @@ class ResponseContext:
     metadata: Metadata
     body: bytes | None = None
 
+    def __post_init__(self) -> None:
+        headers: object = self.headers
+        if not isinstance(headers, Headers):  # a plain dict (tests, tools)
+            self.headers = Headers(self.headers)
+
 
 @dataclass(frozen=True, slots=True)
 class RequestModifications:
     """Changes to the request before it goes upstream. Unset fields mean "unchanged".
 
-    ``set_headers`` overwrites, ``append_headers`` adds a value after any existing
-    one, ``remove_headers`` drops the header. ``body`` replaces the whole body.
+    ``set_headers`` replaces every value, ``append_headers`` adds one more value as a
+    separate header line, ``remove_headers`` drops every value. ``body`` replaces the
+    whole body.
     """
 
     set_headers: Mapping[str, str] = field(default_factory=dict)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engine.policy import Metadata, RequestContext, ResponseContext
+from engine.policy import Headers, Metadata, RequestContext, ResponseContext
 from engine.registry import RegisteredPolicy
 
 __all__ = [
@@ -47,7 +47,7 @@ def make_request_context(
 ) -> RequestContext:
     """A request context with lower-cased header names and fresh mutable containers."""
     return RequestContext(
-        headers={name.lower(): value for name, value in (headers or {}).items()},
+        headers=Headers((name.lower(), value) for name, value in (headers or {}).items()),
         path=path,
         method=method,
         request_id=request_id,
@@ -77,7 +77,7 @@ def make_response_context(
     return ResponseContext(
         request=request,
         status=status,
-        headers={name.lower(): value for name, value in (headers or {}).items()},
+        headers=Headers((name.lower(), value) for name, value in (headers or {}).items()),
         metadata=request.metadata if metadata is None else metadata,
         body=body,
     )

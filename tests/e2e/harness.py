@@ -113,6 +113,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    header_list: tuple[tuple[str, str], ...] = ()
+    """Every header line as received (repeats separate), names lower-case."""
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
@@ -142,7 +144,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
         for name, value in self.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        record = RecordedRequest(self.command, self.path, headers, body)
+        header_list = tuple((name.lower(), value) for name, value in self.headers.items())
+        record = RecordedRequest(self.command, self.path, headers, body, header_list)
         self.server.record(record)
         status = int(headers.get("x-echo-status", "200"))
         if "x-echo-body" in headers:
@@ -160,6 +163,10 @@ class _EchoHandler(BaseHTTPRequestHandler):
         self.send_header("content-type", headers.get("x-echo-content-type", "application/json"))
         self.send_header("content-length", str(len(payload)))
         self.send_header("x-echo-upstream", "1")
+        for cookie in (
+            headers.get("x-echo-cookies", "").split("|") if "x-echo-cookies" in headers else ()
+        ):
+            self.send_header("set-cookie", cookie)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
@@ -586,6 +593,8 @@ class HttpResponse:
     headers: dict[str, str]
     body: bytes
     echo: dict[str, Any] | None = field(default=None)
+    header_list: list[tuple[str, str]] = field(default_factory=list)
+    """Every response header line as received (repeats separate), names lower-case."""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -596,16 +605,25 @@ def http_request(
     path: str,
     *,
     method: str = "GET",
-    headers: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     body: bytes | None = None,
     timeout: float = 5.0,
 ) -> HttpResponse:
-    """Send one request to ``127.0.0.1:port``; ``echo`` holds the upstream's JSON, if any."""
+    """Send one request to ``127.0.0.1:port``; ``echo`` holds the upstream's JSON, if any.
+
+    ``headers`` may be ``(name, value)`` pairs to send a header more than once."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers or ())
     try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in pairs:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
         reply = conn.getresponse()
         data = reply.read()
+        header_list = [(name.lower(), value) for name, value in reply.getheaders()]
         response_headers: dict[str, str] = {}
         for name, value in reply.getheaders():
             key = name.lower()
@@ -620,7 +638,7 @@ def http_request(
     ):
         with contextlib.suppress(ValueError):
             echo = json.loads(data)
-    return HttpResponse(reply.status, response_headers, data, echo)
+    return HttpResponse(reply.status, response_headers, data, echo, header_list)
 
 
 def iter_lines(text: str) -> Iterator[str]:

@@ -220,3 +220,31 @@ def test_large_bodies_through_a_large_envoy_buffer(e2e):
     assert twelve.status == 413
     assert twelve.json() == {"error": "request body too large for the policy engine"}
     assert e2e.upstream.requests_to("/body/twelve") == []
+
+
+def test_repeated_headers_stay_separate_end_to_end(e2e):
+    # Before: the engine joined repeated headers into one value, so appending a third
+    # set-cookie sent back ONE line "a=1; Path=/, b=2; Expires=Wed, 21 Oct 2026 ..., c=3".
+    params = {
+        "request": {"header": "x-multi", "value": "three"},
+        "response": {"header": "set-cookie", "value": "c=3"},
+    }
+    e2e.configure({"public": {"policies": [policy("headerAppend", **params)]}})
+    cookies = "a=1; Path=/|b=2; Expires=Wed, 21 Oct 2026 07:28:00 GMT"
+    reply = e2e.request(
+        "/api/v1/public/cookies",
+        headers=[("x-multi", "one"), ("x-multi", "two"), ("x-echo-cookies", cookies)],
+    )
+    assert reply.status == 200
+    set_cookies = [value for name, value in reply.header_list if name == "set-cookie"]
+    assert set_cookies == ["a=1; Path=/", "b=2; Expires=Wed, 21 Oct 2026 07:28:00 GMT", "c=3"]
+    upstream = e2e.upstream.requests_to("/api/v1/public/cookies")[-1]
+    assert [v for n, v in upstream.header_list if n == "x-multi"] == ["one", "two", "three"]
+    assert upstream.headers["x-seen-values"] == "2"
+
+
+def test_untouched_repeated_headers_are_left_alone(e2e):
+    e2e.configure({"public": {"policies": [policy("headerAppend")]}})
+    cookies = "a=1|b=2, c"
+    reply = e2e.request("/api/v1/public/untouched", headers={"x-echo-cookies": cookies})
+    assert [value for name, value in reply.header_list if name == "set-cookie"] == ["a=1", "b=2, c"]

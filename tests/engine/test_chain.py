@@ -14,11 +14,13 @@ from engine.chain import (
     ChainPolicy,
     RequestOutcome,
     ResponseOutcome,
+    _apply_headers,
+    _header_diff,
     run_request,
     run_response,
 )
 from engine.config import load_config
-from engine.policy import ImmediateResponse, RequestContext
+from engine.policy import Headers, ImmediateResponse, RequestContext
 from engine.registry import PolicyRegistry
 from engine.testing import make_request_context, make_response_context
 from tests.support import registry_from
@@ -108,10 +110,12 @@ async def test_outcome_is_the_net_change(registry: PolicyRegistry) -> None:
     )
     ctx = make_request_context(method="GET", headers={"x-same": "s", "x-keep": "1", "x-drop": "d"})
     outcome = await run_request(chain, ctx)
+    # The appended value is a separate header line (append=true), not a rewrite of x-keep.
     assert outcome == RequestOutcome(
-        set_headers={"x-keep": "1, 2"}, remove_headers=("x-drop",), path="/v2/x"
+        append_headers=(("x-keep", "2"),), remove_headers=("x-drop",), path="/v2/x"
     )
     assert ctx.headers == {"x-same": "s", "x-keep": "1, 2"}
+    assert ctx.headers.get_all("x-keep") == ["1", "2"]
     assert ctx.path == "/v2/x"
 
 
@@ -347,3 +351,48 @@ def test_request_head_is_the_prefix_before_the_first_body_policy() -> None:
     assert chain.body_failure.status == 503
     plain = Chain("r", (auth, later))
     assert (plain.request_head, plain.request_rest, plain.body_failure) == ((auth, later), (), None)
+
+
+@pytest.mark.parametrize(
+    ("before", "change", "expected"),
+    [
+        pytest.param(
+            [("set-cookie", "a=1"), ("set-cookie", "b=2")],
+            {"append_headers": {"set-cookie": "c=3"}},
+            ({}, (("set-cookie", "c=3"),), ()),
+            id="append-to-repeated",
+        ),
+        pytest.param(
+            [("set-cookie", "a=1"), ("set-cookie", "b=2"), ("x-a", "1")],
+            {"set_headers": {"x-a": "2"}},
+            ({"x-a": "2"}, (), ()),
+            id="repeated-untouched",
+        ),
+        pytest.param(
+            [("set-cookie", "a=1"), ("set-cookie", "b=2")],
+            {"set_headers": {"set-cookie": "z=9"}, "append_headers": {"set-cookie": "y=8"}},
+            ({"set-cookie": "z=9"}, (("set-cookie", "y=8"),), ()),
+            id="replace-then-append",
+        ),
+        pytest.param(
+            [("set-cookie", "a=1"), ("set-cookie", "b=2")],
+            {"remove_headers": ("set-cookie",)},
+            ({}, (), ("set-cookie",)),
+            id="remove-all-values",
+        ),
+    ],
+)
+def test_header_diff_keeps_repeated_headers_apart(
+    before: list[tuple[str, str]], change: dict[str, Any], expected: tuple[Any, ...]
+) -> None:
+    # Before: repeated headers were joined into one value, so any append rewrote the
+    # header as ONE line "a=1, b=2, c=3" (a corrupted set-cookie).
+    headers = Headers(before)
+    original = headers.snapshot()
+    _apply_headers(
+        headers,
+        change.get("set_headers", {}),
+        change.get("append_headers", {}),
+        change.get("remove_headers", ()),
+    )
+    assert _header_diff(original, headers) == expected
