@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
-from engine.conditions import Condition, request_data, response_data
+from engine.conditions import Condition
 from engine.errors import ConditionEvaluationError, PolicyError
+from engine.metadata import CURRENT_POLICY
 from engine.policy import (
     Headers,
     ImmediateResponse,
@@ -257,7 +258,10 @@ async def run_request(
         return _NO_CHANGE_REQUEST
     before = since if since is not None else RequestState.of(ctx)
     for policy in policies:
-        if policy.condition is not None and not _holds(policy, ctx.request_id, request_data, ctx):
+        condition = policy.condition
+        if condition is not None and not _holds(
+            policy, ctx.request_id, condition.evaluate_request, ctx
+        ):
             continue
         try:
             action = await _call(policy, policy.instance.on_request, ctx)
@@ -298,7 +302,10 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
     status, body = ctx.status, ctx.body
     request_id = ctx.request.request_id
     for policy in chain.response_policies:
-        if policy.condition is not None and not _holds(policy, request_id, response_data, ctx):
+        condition = policy.condition
+        if condition is not None and not _holds(
+            policy, request_id, condition.evaluate_response, ctx
+        ):
             continue
         try:
             action = await _call(policy, policy.instance.on_response, ctx)
@@ -327,35 +334,34 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
     )
 
 
-def _holds(
-    policy: ChainPolicy,
-    request_id: str,
-    data: Callable[[_T], Mapping[str, Any]],
-    ctx: _T,
-) -> bool:
-    assert policy.condition is not None
+def _holds(policy: ChainPolicy, request_id: str, check: Callable[[_T], bool], ctx: _T) -> bool:
     try:
-        return policy.condition.evaluate(data(ctx))
+        return check(ctx)
     except ConditionEvaluationError as exc:
         logger.warning("request %s: skipping policy %s: %s", request_id, policy.label, exc)
         return False
 
 
 async def _call(policy: ChainPolicy, hook: Callable[[_T], Any], ctx: _T) -> object:
-    result = hook(ctx)
-    if not inspect.isawaitable(result):
-        return result
-    awaitable: Awaitable[object] = result
-    if policy.timeout is None:
-        return await awaitable
-    deadline = asyncio.timeout(policy.timeout)
+    # Names the policy in the log line when a metadata value it writes is converted.
+    writer = CURRENT_POLICY.set(policy.label)
     try:
-        async with deadline:
+        result = hook(ctx)
+        if not inspect.isawaitable(result):
+            return result
+        awaitable: Awaitable[object] = result
+        if policy.timeout is None:
             return await awaitable
-    except TimeoutError:
-        if deadline.expired():  # ours, not a TimeoutError raised inside the policy
-            raise PolicyError(f"timed out after {policy.timeout:g}s") from None
-        raise
+        deadline = asyncio.timeout(policy.timeout)
+        try:
+            async with deadline:
+                return await awaitable
+        except TimeoutError:
+            if deadline.expired():  # ours, not a TimeoutError raised inside the policy
+                raise PolicyError(f"timed out after {policy.timeout:g}s") from None
+            raise
+    finally:
+        CURRENT_POLICY.reset(writer)
 
 
 def _cancelling() -> bool:

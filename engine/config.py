@@ -8,7 +8,7 @@ Format::
           - name: setHeader
             version: v1.0.0
             enabled: true          # default true
-            condition: 'request.path.startsWith("/api/")'   # optional CEL
+            condition: 'request.path.startsWith("/api/")'   # optional CEL (engine/conditions.py)
             timeout: 500ms         # optional; async hooks only
             onError: failClosed    # failOpen | failClosed (default)
             errorStatus: 500       # failClosed status, 400-599 (default 500)
@@ -186,6 +186,12 @@ def _validate_entry(
     except RegistryError as exc:
         errors.append(f"{prefix}: {exc}")
         return None
+    definition = policy.definition
+    if condition is not None and condition.reads_response and not definition.has_response_phase:
+        errors.append(
+            f"{prefix}: condition: reads response, but {name} runs only in the request "
+            "phase, where there is no response yet"
+        )
     normalised: dict[str, Any] = {}
     if isinstance(params, Mapping):
         normalised, problems = policy.definition.validate_parameters(params)

@@ -87,7 +87,13 @@ from google.protobuf import wrappers_pb2
 
 from engine.chain import RequestState, run_request, run_response
 from engine.errors import PolicyError, ProtocolError
-from engine.policy import Headers, ImmediateResponse, RequestContext, ResponseContext
+from engine.policy import (
+    Headers,
+    ImmediateResponse,
+    RequestContext,
+    RequestMetadata,
+    ResponseContext,
+)
 
 if TYPE_CHECKING:
     from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
@@ -314,7 +320,7 @@ class _Stream:
             method=pseudo.get(":method", ""),
             request_id=headers.get("x-request-id", ""),
             route=self.route,
-            metadata={},
+            metadata=RequestMetadata(),
             client_address=_client_address(headers, message),
         )
         config = message.protocol_config

@@ -28,7 +28,9 @@ Rules of the contract:
 * ``ctx.metadata`` is shared by every policy of the request, from the request
   phase into the response phase; the last writer of a key wins. Keep values
   JSON-like (str, int, float, bool, None, lists, dicts) so CEL conditions can
-  read them.
+  read them: a :class:`~engine.metadata.RequestMetadata` converts or drops (and
+  logs) what CEL cannot represent when it is written, so write values whole
+  rather than mutating them after storing.
 * Header names are lower-case everywhere (Envoy sends and expects them so).
 * Repeated headers stay separate values (:class:`Headers`): ``ctx.headers[name]``
   reads them joined with ``", "`` (the RFC 9110 combination, right for every header but
@@ -43,6 +45,8 @@ from collections.abc import Awaitable, Iterable, Iterator, Mapping, MutableMappi
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from engine.metadata import RequestMetadata
+
 __all__ = [
     "Headers",
     "ImmediateResponse",
@@ -50,6 +54,7 @@ __all__ = [
     "ParameterError",
     "RequestAction",
     "RequestContext",
+    "RequestMetadata",
     "RequestModifications",
     "RequestPolicy",
     "ResponseAction",
@@ -159,7 +164,7 @@ class RequestContext:
     method: str
     request_id: str
     route: str
-    metadata: Metadata = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=RequestMetadata)
     body: bytes | None = None
     client_address: str = ""
 
@@ -167,6 +172,9 @@ class RequestContext:
         headers: object = self.headers
         if not isinstance(headers, Headers):  # a plain dict (tests, tools)
             self.headers = Headers(self.headers)
+        # A plain dict (tests, tools) is wrapped in place: CEL can always read metadata.
+        if type(self.metadata) is not RequestMetadata:
+            self.metadata = RequestMetadata(self.metadata)
 
 
 @dataclass(slots=True)
@@ -188,6 +196,8 @@ class ResponseContext:
         headers: object = self.headers
         if not isinstance(headers, Headers):  # a plain dict (tests, tools)
             self.headers = Headers(self.headers)
+        if type(self.metadata) is not RequestMetadata:
+            self.metadata = RequestMetadata(self.metadata)
 
 
 @dataclass(frozen=True, slots=True)

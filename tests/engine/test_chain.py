@@ -23,7 +23,7 @@ from engine.config import load_config
 from engine.policy import Headers, ImmediateResponse, RequestContext
 from engine.registry import PolicyRegistry
 from engine.testing import make_request_context, make_response_context
-from tests.support import registry_from
+from tests.support import registry_from, write_policy
 
 TEST_POLICIES = (
     "addHeader",
@@ -396,3 +396,51 @@ def test_header_diff_keeps_repeated_headers_apart(
         change.get("remove_headers", ()),
     )
     assert _header_diff(original, headers) == expected
+
+
+# --------------------------------------------------------------------------- typed conditions
+
+CLAIMS_WRITER = """
+    from engine.policy import RequestContext
+
+    class Policy:
+        def __init__(self, params):
+            pass
+
+        def on_request(self, ctx: RequestContext) -> None:
+            # JWT claims are attacker-chosen JSON: huge ints, lone surrogates; plus a tuple.
+            ctx.metadata["jwt.claims"] = {"sub": "\\ud800", "n": 2**64, "t": (1, 2)}
+            ctx.metadata["jwt.sub"] = "u1"
+"""
+
+
+async def test_spec_condition_spelling_guards_the_policy(registry: PolicyRegistry) -> None:
+    # User story 4.1's own example. Before, every variable was map(string, dyn): this
+    # compiled, then failed on every request (no key "Path"), so the guarded policy
+    # never ran, /api/ included.
+    chain = chain_of(registry, {"name": "deny", "condition": 'request.Path.startsWith("/api/")'})
+    api = await run_request(chain, make_request_context(path="/api/users"))
+    assert api.immediate is not None
+    assert api.immediate.status == 401
+    health = await run_request(chain, make_request_context(path="/health"))
+    assert health.immediate is None
+
+
+async def test_unrepresentable_metadata_no_longer_switches_policies_off(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = write_policy(tmp_path, "claimsWriter", code=CLAIMS_WRITER)
+    registry = registry_from(writer, "deny")
+    chain = chain_of(
+        registry,
+        {"name": "claimsWriter"},
+        {"name": "deny", "condition": 'metadata["jwt.sub"] == "u1"'},
+    )
+    with caplog.at_level(logging.WARNING):
+        outcome = await run_request(chain, make_request_context())
+    assert outcome.immediate is not None  # before: the condition failed, deny was skipped
+    assert [r.getMessage() for r in caplog.records] == [
+        "policy claimsWriter v1.0.0 wrote metadata 'jwt.claims' that CEL cannot represent: "
+        "['sub']: lone surrogate replaced by U+FFFD; ['n']: integer outside int64/uint64 "
+        "converted to double; ['t']: tuple converted to a list"
+    ]

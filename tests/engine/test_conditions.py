@@ -48,7 +48,23 @@ def data(
         pytest.param(
             'request.route == "test" && request.id == "req-1"', data(), True, id="route-and-id"
         ),
-        pytest.param("has(response.status)", data(), False, id="response-empty-in-request"),
+        pytest.param('request.Path.startsWith("/api/")', data(), True, id="spec-Path"),
+        pytest.param('request.Method in ["GET"]', data(), True, id="spec-Method"),
+        pytest.param('request.Headers["x-env"] == "prod"', data(), True, id="spec-Headers"),
+        pytest.param(
+            'request.Metadata["environment"] == "staging"',
+            data(metadata={"environment": "staging"}),
+            True,
+            id="spec-Metadata",
+        ),
+        pytest.param(
+            'request.metadata.environment == "staging"',
+            data(metadata={"environment": "staging"}),
+            True,
+            id="request-metadata",
+        ),
+        pytest.param("has(request.path) && has(request.id)", data(), True, id="has-field"),
+        pytest.param("has(response.status)", data(), False, id="no-response-in-request-phase"),
         pytest.param(
             "metadata.authenticated == true && metadata.level > 2",
             data(metadata={"authenticated": True, "level": 3}),
@@ -69,6 +85,28 @@ def test_evaluate(expression: str, variables: dict[str, Any], expected: bool | N
             condition.evaluate(variables)
     else:
         assert condition.evaluate(variables) is expected
+
+
+def test_spec_spellings_in_the_response_phase() -> None:
+    ctx = make_response_context(status=201, headers={"x-up": "1"})
+    condition = compile_condition('response.Status == 201 && response.Headers["x-up"] == "1"')
+    assert condition.evaluate_response(ctx) is True
+
+
+def test_conditions_read_only_the_fields_they_name() -> None:
+    condition = compile_condition('request.Path.startsWith("/api/") && has(metadata.user)')
+    assert (condition.request_fields, condition.response_fields) == (("Path",), ())
+    assert not condition.reads_response
+    both = compile_condition("request == request")  # a whole variable: every field
+    assert len(both.request_fields) == 10
+    reads = compile_condition('response.status == 200 && request.method == "GET"')
+    assert reads.reads_response
+    assert (reads.request_fields, reads.response_fields) == (("method",), ("status",))
+
+
+def test_re2_syntax_python_rejects_is_accepted() -> None:
+    condition = compile_condition(r'request.path.matches("^/\\p{Greek}+$")')
+    assert condition.evaluate_request(make_request_context(path="/αβγ")) is True
 
 
 def test_response_phase_variables() -> None:
@@ -97,9 +135,14 @@ def test_response_phase_variables() -> None:
             "failed: UNKNOWN: No matching overloads found : _>_(string, int64)",
             id="wrong-type",
         ),
-        pytest.param("request.path", data(), "returned string, not bool", id="non-bool"),
         pytest.param(
-            "metadata.v == 1", data(metadata={"v": (1, 2)}), "Non-CEL value type", id="tuple-value"
+            "metadata.v", data(metadata={"v": "x"}), "returned string, not bool", id="non-bool"
+        ),
+        pytest.param(
+            "request.path.matches(metadata.p)",
+            data(metadata={"p": "("}),
+            "invalid regular expression: missing ): (",
+            id="runtime-pattern",
         ),
     ],
 )
@@ -125,6 +168,43 @@ def test_runtime_errors_raise(expression: str, variables: dict[str, Any], messag
             id="undeclared-variable",
         ),
         pytest.param("1 + 2", "must evaluate to bool, but its type is int", id="int-result"),
+        pytest.param("request.path", "must evaluate to bool, but its type is string", id="string"),
+        pytest.param(
+            'request.pathh.startsWith("/api/")',
+            "1:8: undefined field 'pathh' in request (it has: path, method, headers, id, route, "
+            "metadata, Path, Method, Headers, Metadata)",
+            id="unknown-request-field",
+        ),
+        pytest.param(
+            "response.code == 200",
+            "1:9: undefined field 'code' in response (it has: status, headers, Status, Headers)",
+            id="unknown-response-field",
+        ),
+        pytest.param(
+            "request.path > 5",
+            "1:14: found no matching overload for '_>_' applied to '(string, int)'",
+            id="type-error",
+        ),
+        pytest.param(
+            'request.path.matches("(")',
+            "matches('('): invalid regular expression: missing ): (",
+            id="bad-pattern",
+        ),
+        pytest.param(
+            'matches(request.method, "[z-a]")',
+            "matches('[z-a]'): invalid regular expression: invalid character class range: z-a",
+            id="bad-pattern-global-form",
+        ),
+        pytest.param(
+            'request.path.matches("^/(?=api)")',  # fine for Python's re, not for RE2
+            "matches('^/(?=api)'): invalid regular expression: invalid perl operator: (?=",
+            id="lookahead-is-not-re2",
+        ),
+        pytest.param(
+            'true || request.path.matches("x**")',
+            "matches('x**'): invalid regular expression: bad repetition operator: **",
+            id="bad-pattern-never-evaluated",
+        ),
         pytest.param("   ", "must be a non-empty CEL expression", id="blank"),
     ],
 )
@@ -139,3 +219,10 @@ def test_condition_repr_and_expression() -> None:
     condition = compile_condition("true")
     assert condition.expression == "true"
     assert repr(condition) == "Condition('true')"
+
+
+def test_request_phase_of_a_two_phase_condition_has_an_empty_response() -> None:
+    condition = compile_condition("!has(response.status) || response.status >= 500")
+    assert condition.evaluate_request(make_request_context()) is True
+    assert condition.evaluate_response(make_response_context(status=503)) is True
+    assert condition.evaluate_response(make_response_context(status=200)) is False

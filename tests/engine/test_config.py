@@ -202,6 +202,25 @@ def test_content_hash_is_canonical(registry: PolicyRegistry) -> None:
             id="condition-undeclared",
         ),
         pytest.param(
+            add_header(condition='request.Pth.startsWith("/api/")'),
+            "routes[r].policies[0] addHeader v1.0.0: condition: 1:8: undefined field 'Pth' in "
+            "request (it has: path, method, headers, id, route, metadata, Path, Method, "
+            "Headers, Metadata)",
+            id="condition-unknown-field",
+        ),
+        pytest.param(
+            add_header(condition='request.path.matches("[")'),
+            "routes[r].policies[0] addHeader v1.0.0: condition: matches('['): invalid regular "
+            "expression: missing ]: [",
+            id="condition-bad-regex",
+        ),
+        pytest.param(
+            add_header(condition="response.status == 200"),
+            "routes[r].policies[0] addHeader v1.0.0: condition: reads response, but addHeader "
+            "runs only in the request phase, where there is no response yet",
+            id="condition-response-in-request-phase",
+        ),
+        pytest.param(
             add_header(timeout="soon"),
             "routes[r].policies[0] addHeader v1.0.0: timeout: 'soon' is not a duration "
             "(expected e.g. '250ms', '1s', '2m', '1h')",
@@ -564,3 +583,11 @@ def test_error_lines_stay_short_whatever_the_value(registry: PolicyRegistry) -> 
     errors = errors_of(registry, {"routes": ["x" * 1_000_000] * 1000})
     assert len(errors) == 1
     assert len(errors[0]) < 300
+
+
+def test_two_phase_policy_may_pick_the_response_phase(registry: PolicyRegistry) -> None:
+    entry = {"name": "recorder", "version": "v1.0.0", "parameters": {"label": "x"}}
+    snapshot = load(registry, {"r": route({**entry, "condition": "has(response.Status)"})})
+    condition = snapshot.routes["r"].policies[0].condition
+    assert condition is not None
+    assert condition.reads_response
