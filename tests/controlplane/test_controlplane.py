@@ -121,7 +121,7 @@ def _with(entry: dict[str, Any], **params: Any) -> dict[str, Any]:
         pytest.param(
             {**LIMIT, "version": "v3.0.0"},
             "routes[r].policies[0] rateLimit v3.0.0: policy 'rateLimit' version v3.0.0 is not "
-            "in this engine (versions available: v1.0.0)",
+            "in this engine (versions available: v1.0.0, v2.0.0)",
             id="version-not-in-engine",
         ),
         pytest.param(

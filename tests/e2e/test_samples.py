@@ -37,10 +37,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
         yield running
 
 
-def test_registry_has_every_sample_including_both_jwt_versions() -> None:
+def test_registry_has_every_sample_including_both_versions() -> None:
     registry = manifest_registry()
     assert registry.versions("jwtValidation") == ["v1.0.0", "v2.0.0"]
-    assert len(registry) == 7
+    assert registry.versions("rateLimit") == ["v1.0.0", "v2.0.0"]
+    assert len(registry) == 8
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])

