@@ -61,7 +61,7 @@ def config(redis_url: str) -> str:
                 "backend": "redis",
                 "redisUrlEnv": "RL_REDIS_URL",
                 "onBackendError": fallback,
-                "backendTimeout": "200ms",
+                "backendTimeout": "2s",  # generous: a busy CI machine; refused = instant
             },
         }
 
