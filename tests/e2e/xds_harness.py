@@ -201,7 +201,10 @@ class ControlPlaneProcess:
 
 
 class EngineXdsProcess:
-    """The engine CLI as a child process, configured by ``--xds``. A context manager."""
+    """The engine CLI as a child process, configured by ``--xds``. A context manager.
+
+    ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
+    """
 
     def __init__(
         self,
@@ -211,6 +214,7 @@ class EngineXdsProcess:
         *,
         max_backoff: float = 1.0,
         extra: list[str] | None = None,
+        binary: Path | None = None,
         start_timeout: float = 20.0,
     ) -> None:
         self.port = free_port()
@@ -231,7 +235,17 @@ class EngineXdsProcess:
             "1",
             *(extra or []),
         ]
-        self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path)
+        if binary is not None:
+            handle = self.log_path.open("ab")
+            with handle:
+                self.process = subprocess.Popen(
+                    [str(binary), *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+        else:
+            self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path)
         try:
             wait_until(self._listening, start_timeout, f"engine {node_id} to listen")
         except BaseException:
@@ -297,7 +311,7 @@ class PacedLoad:
         *,
         rate: float = 50.0,
         header: str = "x-version",
-        workers: int = 8,
+        workers: int = 25,
     ) -> None:
         self.port, self.path, self.rate, self.header = port, path, rate, header
         self.samples: list[Sample] = []

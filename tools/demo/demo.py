@@ -10,7 +10,9 @@ with the builder, then starts on 127.0.0.1:
 
 and prints curl lines to try (tokens included). Ctrl-C stops everything.
 ``--check`` instead runs every scenario, prints the verdicts and exits (non-zero if
-any failed). The end-to-end test ``tests/e2e:samples_test`` runs the same scenarios
+any failed). ``--xds`` feeds the engine from this repository's control plane over xDS
+instead of the config file, and prints admin API calls that change a chain live
+(``tools/demo/xds_mode.py``). The end-to-end test ``tests/e2e:samples_test`` runs the same scenarios
 against an in-process engine holding the same policies.
 """
 
@@ -398,16 +400,37 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bazel run //tools/demo --", description=__doc__)
     parser.add_argument("--engine", type=Path, help="an engine binary (default: build one)")
     parser.add_argument("--check", action="store_true", help="run the scenarios and exit")
+    parser.add_argument(
+        "--xds",
+        action="store_true",
+        help="feed the engine from the control plane over xDS (see tools/demo/xds_mode.py)",
+    )
     args = parser.parse_args(argv)
     repo = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY") or Path.cwd())
     engine_binary = args.engine or _build_engine(repo)
+    engines: list[Any] = []
+
+    def start_engine(config: Path) -> Engine:
+        if not args.xds:
+            return EngineProcess(engine_binary, config)
+        from tools.demo.xds_mode import XdsEngine  # noqa: PLC0415 - xDS mode only
+
+        definitions = engine_binary.parent / f"{engine_binary.name}_definitions.json"
+        engines.append(XdsEngine(engine_binary, definitions, config))
+        return engines[-1]  # type: ignore[no-any-return]
 
     with (
         tempfile.TemporaryDirectory(prefix="policy-engine-demo-") as tmp,
-        DemoStack(Path(tmp), lambda config: EngineProcess(engine_binary, config), repo) as stack,
+        DemoStack(Path(tmp), start_engine, repo) as stack,
     ):
         print(f"\ndemo: Envoy listens on http://{HOST}:{stack.envoy.port}", flush=True)
-        print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
+        if args.xds:
+            from tools.demo import xds_mode  # noqa: PLC0415 - xDS mode only
+
+            routes = stack.config.parent / "routes"
+            print(f"demo: control plane admin API {engines[0].admin}; it watches {routes}\n")
+        else:
+            print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
         if args.check:
             failed = 0
             for scenario in SCENARIOS:
@@ -416,10 +439,24 @@ def main(argv: list[str]) -> int:
                 print(f"{'FAIL' if problems else 'ok  '} {scenario.name}: {scenario.description}")
                 for problem in problems:
                     print(f"       {problem}")
-            print(f"\n{len(SCENARIOS) - failed} passed, {failed} failed")
+            total = len(SCENARIOS)
+            if args.xds:
+                problems = xds_mode.check_live_change(engines[0], stack.envoy.port)
+                failed += bool(problems)
+                total += 1
+                print(
+                    f"{'FAIL' if problems else 'ok  '} xds-live-change: a chain changed "
+                    "through the control plane's admin API is served; an invalid one is 400"
+                )
+                for problem in problems:
+                    print(f"       {problem}")
+            print(f"\n{total - failed} passed, {failed} failed")
             return 1 if failed else 0
         for line in curl_lines(stack):
             print(line)
+        if args.xds:
+            for line in xds_mode.live_change_lines(engines[0], stack.envoy.port):
+                print(line)
         print("demo: running; Ctrl-C stops everything", flush=True)
         stopped = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stopped.set())
