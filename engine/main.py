@@ -64,6 +64,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="on SIGTERM, how long in-flight streams may drain (default 5)",
     )
     parser.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, report NOT_SERVING but keep serving this long before stopping, so "
+        "Envoy's health checks move traffic away first (default 5; a second SIGTERM cuts it "
+        "short)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -114,6 +123,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--settle must be 0 or more")
     if not args.grace >= 0:
         parser.error("--grace must be 0 or more")
+    if not args.drain >= 0:
+        parser.error("--drain must be 0 or more")
     if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
         parser.error("--workers > 1 needs a fixed port (port 0 would give each worker its own)")
     return args
@@ -233,6 +244,7 @@ def main(
             store,
             source=source,
             grace=args.grace,
+            drain=args.drain,
             reuse_port=reuse_port,
             max_body_bytes=args.max_body_bytes,
         )
@@ -241,7 +253,9 @@ def main(
         if args.workers == 1:
             asyncio.run(run(reuse_port=False))
             return 0
-        return serve_workers(args.workers, lambda: run(reuse_port=True), grace=args.grace)
+        return serve_workers(
+            args.workers, lambda: run(reuse_port=True), grace=args.grace, drain=args.drain
+        )
     except (OSError, RuntimeError) as exc:
         log.error("server failed: %s", exc)
         return 1

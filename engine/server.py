@@ -7,7 +7,10 @@ so in-flight streams drain.
 Health (``grpc.health.v1.Health``; services ``""`` and
 ``envoy.service.ext_proc.v3.ExternalProcessor``) reports SERVING once the store holds a
 configuration (from the first publish if :func:`serve` starts with an empty store) and
-NOT_SERVING from the moment shutdown starts, so new streams go elsewhere while old ones drain.
+NOT_SERVING from the moment shutdown starts. Shutdown then keeps serving for the drain
+period (``--drain``) so Envoy's health checker sees NOT_SERVING and moves new streams away
+while they still succeed, and only then stops with the grace period (``--grace``) for the
+streams still in flight.
 
 Workers
     :func:`serve_workers` forks N processes that each run their own grpc.aio server on the same
@@ -64,6 +67,7 @@ async def serve(
     *,
     source: ConfigSource | None = None,
     grace: float = 5.0,
+    drain: float = 0.0,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     on_bound: Callable[[int], None] | None = None,
@@ -76,9 +80,12 @@ async def serve(
 
     Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
     ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set
-    or, when ``handle_signals`` (default: only in the main thread) on SIGTERM/SIGINT; it then
-    reports NOT_SERVING, stops ``source``, and waits up to ``grace`` seconds for in-flight
-    streams. Raises ``RuntimeError`` if ``listen`` cannot be bound.
+    or, when ``handle_signals`` (default: only in the main thread) on SIGTERM/SIGINT. Then:
+    health reports NOT_SERVING at once, the server keeps serving (new streams too) for
+    ``drain`` seconds so Envoy's health checks see NOT_SERVING and move traffic away
+    (a second stop request ends the drain early), then ``source`` stops and the server
+    stops accepting, waiting up to ``grace`` seconds for in-flight streams. Raises
+    ``RuntimeError`` if ``listen`` cannot be bound.
 
     ``max_body_bytes`` (ignored when ``processor`` is given: its own limit counts) bounds the
     bodies policies see; the gRPC message limits are sized from it (:func:`grpc_options`).
@@ -100,6 +107,7 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     tasks: list[asyncio.Task[None]] = []
     remove_listener: Callable[[], None] | None = None
+    requested = False  # a requested stop drains; a crash or cancellation does not
     try:
         for sig in signals:
             loop.add_signal_handler(sig, _request_stop, stop, sig)
@@ -124,11 +132,17 @@ async def serve(
         if ready is not None:
             ready.set()
         await stop.wait()
+        requested = True
     finally:
-        log.info("stopping: draining in-flight streams (grace %.1fs)", grace)
         if remove_listener is not None:
             remove_listener()
         await health.enter_graceful_shutdown()
+        if requested and drain > 0:
+            log.info("stopping: NOT_SERVING, still serving for the drain period (%.1fs)", drain)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), drain)
+        log.info("stopping: in-flight streams may finish (grace %.1fs)", grace)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -184,7 +198,11 @@ async def _run_source(source: ConfigSource) -> None:
 
 
 def serve_workers(
-    workers: int, run_worker: Callable[[], Coroutine[Any, Any, Any]], *, grace: float
+    workers: int,
+    run_worker: Callable[[], Coroutine[Any, Any, Any]],
+    *,
+    grace: float,
+    drain: float = 0.0,
 ) -> int:
     """Fork ``workers`` processes that each run ``asyncio.run(run_worker())``; supervise them.
 
@@ -224,7 +242,7 @@ def serve_workers(
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     log.info("started %d workers: %s", workers, pids)
-    return _supervise(pids, grace=grace, mask=mask)
+    return _supervise(pids, grace=drain + grace, mask=mask)
 
 
 def _supervise(pids: Sequence[int], *, grace: float, mask: Iterable[int]) -> int:

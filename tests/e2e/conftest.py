@@ -78,15 +78,16 @@ class Stack:
         """One HTTP request through Envoy."""
         return http_request(self.envoy.port, path, **kwargs)
 
-    def other_envoy(self, **settings: Any) -> EnvoyProcess:
-        """Start another Envoy in front of the same engine and upstream, with ``settings``
-        (``ext_proc=``, ``listener=``, ``engine_cluster=``; see ``render_bootstrap``).
-        The caller closes it (use it as a context manager)."""
+    def other_envoy(self, engine_port: int | None = None, **settings: Any) -> EnvoyProcess:
+        """Start another Envoy in front of the same upstream and engine (or the engine on
+        ``engine_port``), with ``settings`` (``ext_proc=``, ``listener=``,
+        ``engine_cluster=``; see ``render_bootstrap``). The caller closes it (use it as a
+        context manager)."""
         workdir = Path(tempfile.mkdtemp(prefix="envoy-", dir=self.workdir))
         return EnvoyProcess(
             self.binary,
             workdir,
-            engine_port=self.engine.port,
+            engine_port=engine_port if engine_port is not None else self.engine.port,
             upstream_port=self.upstream.port,
             routes=[*routes_for(ROUTE_KEYS), *EXTRA_ROUTES],
             **settings,

@@ -239,8 +239,10 @@ class EngineThread:
         *,
         start_timeout: float = 10.0,
         settle: float = 0.0,
+        drain: float = 0.0,
     ) -> None:
         self.registry = registry
+        self.drain = drain
         self.config_path = config_path
         self.store = ConfigStore()
         # settle=0: apply_config replaces the file atomically, so nothing to wait for.
@@ -279,6 +281,7 @@ class EngineThread:
                 self.store,
                 source=self.source,
                 grace=1.0,
+                drain=self.drain,
                 stop=self._stop,
                 on_bound=self._on_bound,
                 processor=self.processor,
@@ -308,9 +311,17 @@ class EngineThread:
         tmp.write_text(text)
         os.replace(tmp, self.config_path)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
+        """Begin shutdown (as SIGTERM does) without waiting: NOT_SERVING, drain, stop."""
         if self._thread.is_alive() and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.request_stop()
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError("engine thread did not stop")

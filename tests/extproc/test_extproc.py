@@ -654,6 +654,35 @@ async def test_stop_drains_in_flight_stream():
         await task
 
 
+async def test_drain_reports_not_serving_and_keeps_serving():
+    """Before: NOT_SERVING and server.stop happened together; now new streams still work
+    during the drain, and a second stop request ends the drain early."""
+    store = ConfigStore(snapshot(public=[]))
+    ports: list[int] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        serve("127.0.0.1:0", store, drain=30, ready=ready, stop=stop, on_bound=ports.append)
+    )
+    async with asyncio.timeout(5):
+        await ready.wait()
+    target = f"127.0.0.1:{ports[0]}"
+    async with ExtProcClient(target) as client, grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stop.set()
+        async with asyncio.timeout(5):
+            while True:
+                status = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.01)
+        replies = await client.exchange("public", [request_headers("/")])
+        assert decode(replies[0]).kind == "request_headers"
+        assert not task.done()
+    stop.set()  # the second request: stop now, not after 30 s
+    async with asyncio.timeout(5):
+        await task
+
+
 @pytest.mark.parametrize(
     "action",
     [

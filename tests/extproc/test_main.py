@@ -133,7 +133,7 @@ def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
     config.write_text(VALID)
     port = free_port()
     argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
-    argv += ["--workers", str(workers), "--grace", "1"]
+    argv += ["--workers", str(workers), "--grace", "1", "--drain", "2"]
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, *argv],
         cwd=ROOT,
@@ -154,9 +154,19 @@ def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
                 assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
                 assert time.monotonic() < deadline, "server did not become SERVING"
                 time.sleep(0.1)
-        if workers > 1:
-            assert len(children(proc.pid)) == workers
-        proc.send_signal(signal.SIGTERM)
+            if workers > 1:
+                assert len(children(proc.pid)) == workers
+            proc.send_signal(signal.SIGTERM)
+            # The drain: NOT_SERVING is reported while the server still answers. Before,
+            # NOT_SERVING and the stop came at once (the process was gone at the next check).
+            deadline = time.monotonic() + 1.5
+            while True:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                assert time.monotonic() < deadline, "NOT_SERVING not reported during the drain"
+                time.sleep(0.05)
+            assert proc.poll() is None
         code = proc.wait(timeout=15)
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         assert code == 0, stderr
