@@ -15,6 +15,10 @@ Execution rules:
   policies (and their conditions) see earlier rewrites. Within one action:
   removals first, then sets, then appends (an appended value is a separate value of
   the header, see :class:`~engine.policy.Headers`). Header names are lower-cased.
+* A request policy that did not process a request (condition false or failed,
+  or it failed open) may still have headers removed from it: those its optional
+  ``strip_request_headers(headers)`` names (e.g. jwtValidation v2's claim headers,
+  which a client must never supply whether or not the policy ran).
 * An :class:`~engine.policy.ImmediateResponse` ends the request phase: later
   policies never run and the upstream is not contacted.
 * Header names must be RFC 9110 tokens; header values, path and method must not contain
@@ -262,6 +266,9 @@ async def run_request(
         if condition is not None and not _holds(
             policy, ctx.request_id, condition.evaluate_request, ctx
         ):
+            failure = _strip_unprocessed(policy, ctx)
+            if failure is not None:
+                return RequestOutcome(immediate=failure)
             continue
         try:
             action = await _call(policy, policy.instance.on_request, ctx)
@@ -281,6 +288,8 @@ async def run_request(
             failure = _failed(policy, ctx.request_id, "request", exc)
         else:
             continue
+        if failure is None:  # failed open: the request goes on without this policy
+            failure = _strip_unprocessed(policy, ctx)
         if failure is not None:
             return RequestOutcome(immediate=failure)
     set_headers, append_headers, remove_headers = _header_diff(before.headers, ctx.headers)
@@ -332,6 +341,22 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
         status=ctx.status if ctx.status != status else None,
         body=ctx.body if ctx.body != body else None,
     )
+
+
+def _strip_unprocessed(policy: ChainPolicy, ctx: RequestContext) -> ImmediateResponse | None:
+    """Remove the headers a policy asks to strip from requests it did not process
+    (its condition was false or failed, or it failed open); see
+    :class:`~engine.policy.StripsRequestHeaders`. A stripper that fails is a policy
+    failure (``onError`` applies)."""
+    strip = getattr(policy.instance, "strip_request_headers", None)
+    if strip is None:
+        return None
+    try:
+        names = strip(ctx.headers)
+        _apply_headers(ctx.headers, {}, {}, tuple(names))
+    except Exception as exc:
+        return _failed(policy, ctx.request_id, "request", exc)
+    return None
 
 
 def _holds(policy: ChainPolicy, request_id: str, check: Callable[[_T], bool], ctx: _T) -> bool:

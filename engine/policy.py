@@ -37,6 +37,12 @@ Rules of the contract:
   ``set-cookie``), ``ctx.headers.get_all(name)`` gives each value. ``set_headers``
   replaces every value of a header, ``append_headers`` adds one more separate header
   line, and headers no policy touched reach Envoy exactly as they came.
+* Optional, request policies: ``strip_request_headers(headers) -> names`` (see
+  :class:`StripsRequestHeaders`) names request headers to remove when the chain
+  does not run the policy for a request (its condition is false or fails) or the
+  policy fails open, so headers only the policy may set (claim headers) never
+  reach the upstream from the client. It must be quick; if it raises, that is a
+  failure of the policy (``onError`` applies).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ __all__ = [
     "ResponseContext",
     "ResponseModifications",
     "ResponsePolicy",
+    "StripsRequestHeaders",
 ]
 
 
@@ -258,3 +265,14 @@ class ResponsePolicy(Protocol):
     def on_response(
         self, ctx: ResponseContext
     ) -> ResponseAction | Awaitable[ResponseAction | None] | None: ...
+
+
+@runtime_checkable
+class StripsRequestHeaders(Protocol):
+    """A request policy whose headers must be removed even from requests it does not
+    process (condition false or failed, or it failed open). ``enabled: false``
+    entries are not part of the chain, so they strip nothing."""
+
+    def strip_request_headers(self, headers: Mapping[str, str]) -> Iterable[str]:
+        """Names of headers in ``headers`` to remove (lower-case)."""
+        ...

@@ -7,6 +7,9 @@ request's task. The fetch must go on and its keys be cached: the next valid toke
 well inside ``minRefreshInterval``, is accepted. Before the fix the cancellation
 threw the fetch away and every valid token got 401 for ``minRefreshInterval``.
 
+Also (issue 8 item 17): a client-sent claim header in any spelling (``x_jwt_sub``)
+never reaches the upstream, even when a condition skips jwtValidation v2.
+
 The stack here is its own (Envoy with a short ``message_timeout``, the engine with
 both jwtValidation versions, the real HTTPS JWKS test server held mid-fetch).
 """
@@ -56,8 +59,9 @@ class JwtStack:
     envoy: EnvoyProcess
     ca_file: Path
 
-    def configure(self, version: str) -> None:
-        """Serve route ``jwt`` with a fresh jwtValidation ``version`` instance (empty cache)."""
+    def configure(self, version: str, **entry_options: object) -> None:
+        """Serve route ``jwt`` with a fresh jwtValidation ``version`` instance (empty
+        cache); ``entry_options`` go into the chain entry (``condition``...)."""
         params = {
             "jwksUrl": self.jwks.url,
             "issuer": ISSUER,
@@ -68,7 +72,12 @@ class JwtStack:
             # A different value per call: the instance (and its cache) is not reused.
             "clockSkew": f"{time.monotonic_ns() % 1000}ms",
         }
-        entry = {"name": "jwtValidation", "version": version, "parameters": params}
+        entry = {
+            "name": "jwtValidation",
+            "version": version,
+            "parameters": params,
+            **entry_options,
+        }
         routes = {"jwt": {"policies": [entry]}}
         self.engine.apply_config(yaml.safe_dump({"routes": routes}))
 
@@ -141,3 +150,14 @@ def test_interrupted_first_fetch_still_caches_the_keys(
     reply = http_request(stack.envoy.port, "/jwt/x", headers={"authorization": f"Bearer {valid}"})
     assert reply.status == 200, reply
     assert stack.jwks.hits == hits + 1  # the interrupted fetch was the only one
+
+
+def test_spoofed_claim_headers_never_reach_the_upstream(stack: JwtStack) -> None:
+    stack.configure("v2.0.0", condition='request.path.startsWith("/jwt/private")')
+    spoofed = {"x_jwt_sub": "admin", "X-JWT-Role": "root", "x-other": "kept"}
+    reply = http_request(stack.envoy.port, "/jwt/public", headers=spoofed)
+    assert reply.status == 200, reply  # the condition skipped the policy
+    assert reply.echo is not None
+    received = reply.echo["headers"]
+    assert "x-other" in received
+    assert not [name for name in received if name.replace("_", "-").startswith("x-jwt-")]

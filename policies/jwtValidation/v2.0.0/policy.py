@@ -23,7 +23,11 @@ Contract:
   are, other JSON values as compact JSON (``true``, ``42``, ``["a","b"]``). A
   claim that is absent, or a string holding CR, LF or NUL, yields no header.
   Every incoming header that starts with ``headerPrefix`` and is not set from a
-  claim is removed, so a client can never supply one itself. Without
+  claim is removed, so a client can never supply one itself. The match ignores
+  case and treats ``_`` as ``-`` (``X_JWT_SUB`` is removed too: CGI-style
+  upstreams read both spellings as ``HTTP_X_JWT_SUB``). They are removed even
+  when the chain skips this policy (its ``condition`` is false or fails) or it
+  fails open, through ``strip_request_headers`` (see ``engine.policy``). Without
   ``claimHeaders`` only the spoofable prefixed headers are removed.
 * Keys: see :class:`JwksCache`. All network I/O of the policy is in that class
   and :func:`fetch_jwks` (aiohttp on the event loop, never a thread). The JWKS is
@@ -342,6 +346,12 @@ class JwksCache:
 # --------------------------------------------------------------------------- policy
 
 
+def _claim_like(name: str, prefix: str) -> bool:
+    """Whether header ``name`` would reach an upstream as a ``prefix`` header:
+    case-insensitively, with ``_`` and ``-`` the same (CGI's HTTP_X_JWT_SUB)."""
+    return name.lower().replace("_", "-").startswith(prefix)
+
+
 def _unauthorized(description: str | None) -> ImmediateResponse:
     if description is None:
         challenge = "Bearer"
@@ -387,6 +397,7 @@ class Policy:
             clock=clock,
         )
         self._prefix_headers = str(params.get("headerPrefix", "x-jwt-")).lower()
+        self._spoof_prefix = self._prefix_headers.replace("_", "-")
         self._claim_headers: list[tuple[str, str]] = []
         for index, claim in enumerate(params.get("claimHeaders", ())):
             if _TOKEN.fullmatch(self._prefix_headers + claim) is None:
@@ -422,11 +433,15 @@ class Policy:
                 continue
             set_headers[header] = text
         spoofable = tuple(
-            name
-            for name in ctx.headers
-            if name.startswith(self._prefix_headers) and name not in set_headers
+            name for name in self.strip_request_headers(ctx.headers) if name not in set_headers
         )
         return RequestModifications(set_headers=set_headers, remove_headers=spoofable)
+
+    def strip_request_headers(self, headers: Mapping[str, str]) -> tuple[str, ...]:
+        """Every header in ``headers`` that looks like a claim header: its name
+        starts with ``headerPrefix``, ignoring case and with ``_`` read as ``-``.
+        The chain also calls this for requests this policy does not process."""
+        return tuple(name for name in headers if _claim_like(name, self._spoof_prefix))
 
     async def on_request(
         self, ctx: RequestContext

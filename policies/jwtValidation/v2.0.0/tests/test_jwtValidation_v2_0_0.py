@@ -21,7 +21,7 @@ from engine.testing import construct, example_id, valid_examples
 # here: a case added there runs for every version without a list to keep here.
 from policies.jwtValidation.common_cases import *  # noqa: F403
 from policies.jwtValidation.common_cases import BASE, assert_invalid_token, ctx
-from policies.jwtValidation.testing import KeySet, claims
+from policies.jwtValidation.testing import JwksServer, KeySet, Pki, claims
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
@@ -118,3 +118,88 @@ def test_v2_parameters_are_unknown_to_v1() -> None:
     v1 = load_policy(FOLDER.parent / "v1.0.0").definition
     _, errors = v1.validate_parameters({**BASE, "claimHeaders": ["sub"]})
     assert errors == ["unknown parameter 'claimHeaders'"]
+
+
+# --------------------------------------------------------------------------- spoofed claim headers
+
+
+async def test_underscore_and_case_spellings_of_claim_headers_are_removed(
+    make: Callable[..., Any], keys: KeySet
+) -> None:
+    """Issue 8 item 17: CGI-style upstreams read x_jwt_sub as HTTP_X_JWT_SUB."""
+    request = ctx(keys.rsa.sign(claims()))
+    request.headers.update(
+        {"x_jwt_sub": "admin", "x_jwt_role": "root", "x-jwt_email": "x", "x-jwtish": "kept"}
+    )
+    action = await make(claimHeaders=["sub"]).on_request(request)
+    assert isinstance(action, RequestModifications)
+    assert dict(action.set_headers) == {"x-jwt-sub": "alice"}
+    assert sorted(action.remove_headers) == ["x-jwt_email", "x_jwt_role", "x_jwt_sub"]
+
+
+def test_strip_request_headers_ignores_case_and_underscores(make: Callable[..., Any]) -> None:
+    policy = make(headerPrefix="X_Auth-")
+    headers = {"X-AUTH-sub": "1", "x_auth_role": "2", "x-auth-": "3", "x-authz": "4", "y": "5"}
+    assert policy.strip_request_headers(headers) == ("X-AUTH-sub", "x_auth_role", "x-auth-")
+
+
+@pytest.mark.parametrize(
+    ("options", "authorization"),
+    [
+        pytest.param(
+            {"condition": 'request.path.startsWith("/private")'}, None, id="condition-false"
+        ),
+        pytest.param(
+            {"condition": 'request.headers["missing"] == "x"'}, None, id="condition-error"
+        ),
+        pytest.param({"timeout": "50ms", "onError": "failOpen"}, "unknown-kid", id="failed-open"),
+    ],
+)
+async def test_claim_headers_are_stripped_when_the_policy_does_not_process_the_request(
+    server: JwksServer,
+    pki: Pki,
+    keys: KeySet,
+    options: dict[str, str],
+    authorization: str | None,
+) -> None:
+    """Issue 8 item 17: the executor skips a policy whose condition is false (or
+    fails), and goes on without one that failed open, so the policy itself cannot
+    strip: the chain asks it what to strip."""
+    from engine.chain import run_request
+    from engine.config import load_config
+    from engine.registry import PolicyRegistry
+    from engine.testing import make_request_context
+
+    server.hold()  # a fetch never completes: the failOpen case times out
+    entry = {
+        "name": "jwtValidation",
+        "version": "v2.0.0",
+        **options,
+        "parameters": {
+            **BASE,
+            "jwksUrl": server.url,
+            "caFile": str(pki.ca_file),
+            "claimHeaders": ["sub"],
+        },
+    }
+    snapshot = load_config(
+        {"routes": {"r": {"policies": [entry]}}},
+        source="test",
+        registry=PolicyRegistry([POLICY]),
+    )
+    chain = snapshot.chain_for("r")
+    assert chain is not None
+    headers = {"x-jwt-sub": "admin", "X_JWT_ROLE": "root", "x-other": "1"}
+    if authorization:
+        headers["authorization"] = f"Bearer {keys.rotated.sign(claims())}"
+    request = make_request_context(path="/public/x", headers=headers)
+    try:
+        outcome = await run_request(chain, request)
+    finally:
+        server.release()
+        for policy in chain.policies:  # let a fetch finish: a cancelled one may leak
+            await policy.instance.jwks.settle()  # its socket on Python 3.11
+    assert outcome.immediate is None
+    assert sorted(outcome.remove_headers) == ["x-jwt-sub", "x_jwt_role"]
+    if not authorization:
+        assert server.hits == 0  # the policy itself never ran
