@@ -1,0 +1,172 @@
+"""What the benchmark compares: the engine's configuration and one entry per measured path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from tools.bench.envoy_config import NATIVE_REQUEST_HEADERS, NATIVE_RESPONSE_HEADERS
+
+__all__ = [
+    "ENGINE_KEYS",
+    "JSON_BODY_BYTES",
+    "BenchPath",
+    "engine_config",
+    "json_body",
+    "paths",
+]
+
+ENGINE_KEYS: Final = ("empty", "headers", "jwt", "json")
+JSON_BODY_BYTES: Final = 100 * 1024
+
+
+def engine_config(jwks_url: str, jwks_ca: str) -> dict[str, Any]:
+    """Routes (a) empty, (b) 5 x setHeader, (c) jwtValidation + rateLimit, (d) jsonTransform."""
+    headers: list[dict[str, Any]] = [
+        {
+            "name": "setHeader",
+            "version": "v1.0.0",
+            "parameters": {"request": {"set": {name: value}}},
+        }
+        for name, value in NATIVE_REQUEST_HEADERS
+    ]
+    # The native route also sets a response header: the last policy does too.
+    headers[-1]["parameters"]["response"] = {"set": dict(NATIVE_RESPONSE_HEADERS)}
+    return {
+        "routes": {
+            "empty": {"policies": []},
+            "headers": {"policies": headers},
+            "jwt": {
+                "policies": [
+                    {
+                        "name": "jwtValidation",
+                        "version": "v1.0.0",
+                        "parameters": {
+                            "jwksUrl": jwks_url,
+                            "caFile": jwks_ca,
+                            "issuer": "https://idp.test/",
+                            "audiences": ["orders-api"],
+                        },
+                    },
+                    {
+                        "name": "rateLimit",
+                        "version": "v1.0.0",
+                        # Never limiting: the benchmark measures the check, not 429s.
+                        "parameters": {
+                            "requestsPerSecond": 1000000,
+                            "burstSize": 1000000,
+                            "keyBy": "metadata",
+                            "keyName": "jwt.sub",
+                        },
+                    },
+                ]
+            },
+            "json": {
+                "policies": [
+                    {
+                        "name": "jsonTransform",
+                        "version": "v1.0.0",
+                        "parameters": {
+                            "request": {"set": {"meta.source": "gateway"}, "remove": ["password"]}
+                        },
+                    }
+                ]
+            },
+        }
+    }
+
+
+def json_body(size: int = JSON_BODY_BYTES) -> bytes:
+    """A JSON object of about ``size`` bytes: a list of small records plus a password field."""
+    items: list[dict[str, Any]] = []
+    body = b""
+    while len(body) < size:
+        n = len(items)
+        items.extend(
+            {"id": i, "name": f"user-{i}", "email": f"user{i}@example.com", "active": i % 2 == 0}
+            for i in range(n, n + 50)
+        )
+        body = json.dumps({"password": "hunter2", "items": items}).encode()
+    return body
+
+
+@dataclass(frozen=True)
+class BenchPath:
+    """One measured path through Envoy. ``server`` names the ext_proc server whose CPU counts
+    (``engine``, ``floor-<impl>``) or is None for Envoy-only paths; ``floor`` is the name of
+    the path whose CPU per request is this one's floor."""
+
+    name: str
+    label: str
+    url_path: str
+    server: str | None = None
+    floor: str | None = None
+    method: str = "GET"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bool = False  # POST the 100 KB JSON body
+    baseline: str = "direct"  # the Envoy-only path this one's rps and latency compare to
+
+
+def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
+    """Every path, in table order. The floors of the engine paths are grpc.aio (the engine's
+    transport) with the same number of ext_proc messages per request."""
+    json_headers = {"content-type": "application/json"}
+    result = [
+        BenchPath("direct", "Envoy direct -> nginx", "/direct/x"),
+        BenchPath("native", "Envoy native headers (5 req + 1 resp)", "/native/x"),
+    ]
+    for impl in floor_impls:
+        result.append(
+            BenchPath(
+                f"floor1-{impl}", f"trivial servicer, {impl}", f"/floor1/{impl}/x", f"floor-{impl}"
+            )
+        )
+    if "grpcaio" in floor_impls:
+        result.append(
+            BenchPath(
+                "floor2-grpcaio",
+                "trivial servicer, grpcaio, 2 messages",
+                "/floor2/grpcaio/x",
+                "floor-grpcaio",
+            )
+        )
+    result += [
+        BenchPath("empty", "engine, empty chain", "/empty/x", "engine", "floor1-grpcaio"),
+        BenchPath(
+            "headers",
+            "engine, 5 x setHeader",
+            "/headers/x",
+            "engine",
+            "floor2-grpcaio",
+            baseline="native",
+        ),
+        BenchPath(
+            "jwt",
+            "engine, jwtValidation + rateLimit",
+            "/jwt/x",
+            "engine",
+            "floor1-grpcaio",
+            headers={"authorization": f"Bearer {token}"},
+        ),
+        BenchPath(
+            "direct-json",
+            "Envoy direct, 100 KB JSON POST",
+            "/direct/json",
+            method="POST",
+            headers=json_headers,
+            body=True,
+        ),
+        BenchPath(
+            "json",
+            "engine, jsonTransform 100 KB",
+            "/json/x",
+            "engine",
+            None,
+            method="POST",
+            headers=json_headers,
+            body=True,
+            baseline="direct-json",
+        ),
+    ]
+    return result
