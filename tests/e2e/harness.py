@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -42,6 +42,8 @@ from engine.server import serve
 from engine.store import ConfigStore, FileConfigSource
 
 __all__ = [
+    "EXT_PROC_CIRCUIT_BREAKERS",
+    "EXT_PROC_MAX_REQUESTS_PER_CONNECTION",
     "EchoUpstream",
     "EngineThread",
     "EnvoyProcess",
@@ -180,6 +182,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
 class _EchoServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 4096  # listen backlog: load tests connect 1,000+ at once
 
     def __init__(self) -> None:
         super().__init__((HOST, 0), _EchoHandler)
@@ -350,6 +353,27 @@ def routes_for(keys: Sequence[str]) -> list[EnvoyRoute]:
     return [*DEFAULT_ROUTES, *(EnvoyRoute(k, f"/{k}/", k) for k in keys)]
 
 
+EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = {
+    "thresholds": [
+        {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
+    ]
+}
+"""Circuit breakers of the ext_proc cluster (README: "Envoy settings for the engine").
+
+Each ext_proc stream counts as one request of that cluster for as long as its HTTP request
+lives, so Envoy's defaults (1,024 pending / 1,024 requests) fail every HTTP request past the
+1,024th in flight with a 500 (``upstream_rq_pending_overflow``, ``ext_proc.streams_failed``;
+tools/bench measured 2,926 of 2,926 failures at 2,000 connections). The thresholds must
+exceed the concurrent requests Envoy may carry."""
+
+EXT_PROC_MAX_REQUESTS_PER_CONNECTION: Final = 100
+"""Retire each HTTP/2 connection to the engine after this many streams. Envoy keeps one
+connection per worker thread while it may, and the engine's workers share the port with
+SO_REUSEPORT, which deals out connections, not streams: without this, one engine worker can
+serve everything. A fresh connection every 100 streams is re-dealt by the kernel, so each
+worker gets its share over time (tools/bench, workers section)."""
+
+
 def render_bootstrap(
     *,
     admin_port: int,
@@ -398,11 +422,15 @@ def render_bootstrap(
                 ],
             },
         }
-        if http2:
+        if http2:  # the ext_proc cluster: see EXT_PROC_CIRCUIT_BREAKERS
+            result["circuit_breakers"] = EXT_PROC_CIRCUIT_BREAKERS
             result["typed_extension_protocol_options"] = {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
                     "explicit_http_config": {"http2_protocol_options": {}},
+                    "common_http_protocol_options": {
+                        "max_requests_per_connection": EXT_PROC_MAX_REQUESTS_PER_CONNECTION
+                    },
                 }
             }
         return result

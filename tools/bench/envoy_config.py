@@ -10,8 +10,9 @@ ext_proc filter the tests and the demo run) and adds, on one listener:
   through ``ExtProcPerRoute.overrides.grpc_service``);
 * ``/<key>/`` for each engine route key.
 
-``cluster_settings`` are applied to every ext_proc cluster (the engine's and the floors'), so
-runs can compare Envoy's defaults with the settings the README recommends.
+``cluster_settings`` replace the harness's circuit breakers and protocol options on every
+ext_proc cluster (the engine's and the floors'), so runs can compare Envoy's defaults with
+the settings the README recommends (``tools/bench/settings.py``).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def bench_bootstrap(
     for cluster in clusters:
         if cluster["name"] == "echo":
             cluster["circuit_breakers"] = copy.deepcopy(UPSTREAM_CIRCUIT_BREAKERS)
-        elif cluster_settings:
+        elif cluster_settings is not None:  # replaces the harness's ext_proc settings
+            cluster.pop("circuit_breakers", None)
+            cluster.pop("typed_extension_protocol_options", None)
             _merge(cluster, cluster_settings)
 
     listener = resources["listeners"][0]

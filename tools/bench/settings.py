@@ -1,8 +1,8 @@
 """Envoy cluster settings for an ext_proc cluster, as the benchmark compares them.
 
-``RECOMMENDED`` is what the README asks for on the cluster that points at the engine (and what
-``tests/e2e/harness.py`` and the demo use); ``ENVOY_DEFAULTS`` is Envoy's behaviour with
-nothing set, kept to show why:
+``RECOMMENDED`` is what the README asks for on the cluster that points at the engine (what
+``tests/e2e/harness.py``, and so the demo, configure); ``ENVOY_DEFAULTS`` is Envoy's behaviour
+with nothing set, kept to show why:
 
 * **circuit breakers**: Envoy's default thresholds are 1,024 pending requests, 1,024 requests
   and 1,024 connections per cluster and priority. On an HTTP/2 cluster every ext_proc stream is
@@ -23,18 +23,22 @@ nothing set, kept to show why:
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Final
+
+from tests.e2e.harness import EXT_PROC_CIRCUIT_BREAKERS, EXT_PROC_MAX_REQUESTS_PER_CONNECTION
 
 __all__ = ["ENVOY_DEFAULTS", "RECOMMENDED", "ext_proc_cluster_settings"]
 
 
 def ext_proc_cluster_settings(
     *,
-    max_requests: int = 100000,
+    max_requests: int | None = None,
     max_concurrent_streams: int | None = None,
-    max_requests_per_connection: int | None = 100,
+    max_requests_per_connection: int | None = EXT_PROC_MAX_REQUESTS_PER_CONNECTION,
 ) -> dict[str, Any]:
-    """Cluster fields (merged into an ext_proc cluster) for the given limits."""
+    """Cluster fields of an ext_proc cluster for the given limits (they replace the
+    harness's); ``max_requests`` None keeps the harness's circuit breakers."""
     http2: dict[str, Any] = {}
     if max_concurrent_streams is not None:
         http2["max_concurrent_streams"] = max_concurrent_streams
@@ -46,8 +50,9 @@ def ext_proc_cluster_settings(
         options["common_http_protocol_options"] = {
             "max_requests_per_connection": max_requests_per_connection
         }
-    return {
-        "circuit_breakers": {
+    breakers = copy.deepcopy(EXT_PROC_CIRCUIT_BREAKERS)
+    if max_requests is not None:
+        breakers = {
             "thresholds": [
                 {
                     "max_connections": max_requests,
@@ -55,7 +60,9 @@ def ext_proc_cluster_settings(
                     "max_requests": max_requests,
                 }
             ]
-        },
+        }
+    return {
+        "circuit_breakers": breakers,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options
         },
@@ -63,4 +70,14 @@ def ext_proc_cluster_settings(
 
 
 RECOMMENDED: Final = ext_proc_cluster_settings()
-ENVOY_DEFAULTS: Final[dict[str, Any]] = {}
+"""What tests/e2e/harness.py (and so the demo) configures, and the README documents."""
+
+ENVOY_DEFAULTS: Final[dict[str, Any]] = {
+    "typed_extension_protocol_options": {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+}
+"""HTTP/2 and nothing else: Envoy's default circuit breakers and connection reuse."""
