@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
 from engine.config import load_config_file
+from engine.cpus import available_cpus
 from engine.errors import ConfigError, EngineError
 from engine.extproc import DEFAULT_MAX_BODY_BYTES
 from engine.registry import PolicyRegistry
@@ -52,9 +52,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
+        default=None,
         metavar="N",
-        help="server processes sharing the port with SO_REUSEPORT (default: CPU count)",
+        help="server processes sharing the port with SO_REUSEPORT (default: the CPUs this "
+        "process may use: affinity mask and cgroup CPU quota)",
     )
     parser.add_argument(
         "--grace",
@@ -113,6 +114,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.validate and not args.config:
         parser.error("--validate needs --config")
     xds_cli.check_arguments(parser, args)
+    if args.workers is None:  # read once, at startup
+        args.workers = available_cpus()
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not 1 <= args.max_body_bytes <= _MAX_BODY_LIMIT:

@@ -18,8 +18,10 @@ Workers
     any gRPC object exists in the parent (gRPC core is not fork-safe once initialised) and
     children inherit the already loaded registry and configuration, so a builder-generated
     binary needs no importable registry module. The parent only supervises: it forwards
-    SIGTERM/SIGINT to the workers, and if one worker dies on its own it stops the others and
-    exits non-zero (let the process manager restart the whole engine; no partial fleet).
+    SIGTERM/SIGINT to the workers, and a worker that dies on its own is forked again in its
+    place (the parent still holds the loaded registry and configuration), at most
+    :data:`MAX_RESTARTS_PER_MINUTE` times in any minute; after that it stops every worker and
+    exits non-zero (a crash loop is for the process manager to handle).
     With one worker everything runs in-process and ``SO_REUSEPORT`` is OFF, so a port clash
     is an error rather than a silent second listener (gRPC enables it by default on Linux).
 """
@@ -27,13 +29,14 @@ Workers
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final
 
 import grpc
@@ -47,6 +50,7 @@ from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
 
 __all__ = [
     "EXT_PROC_SERVICE",
+    "MAX_RESTARTS_PER_MINUTE",
     "grpc_options",
     "serve",
     "serve_workers",
@@ -57,6 +61,9 @@ log = logging.getLogger(__name__)
 EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 _HEALTH_SERVICES: Final = ("", EXT_PROC_SERVICE)
 _WORKER_KILL_AFTER: Final = 5.0  # seconds past the grace period before SIGKILL
+_RESTART_WINDOW: Final = 60.0
+MAX_RESTARTS_PER_MINUTE: Final = 5
+"""Worker restarts allowed in any minute before the supervisor gives up (exit 1)."""
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 _MESSAGE_HEADROOM: Final = 1024 * 1024  # headers, attributes, metadata around a body
 
@@ -203,35 +210,25 @@ def serve_workers(
     *,
     grace: float,
     drain: float = 0.0,
+    max_restarts: int = MAX_RESTARTS_PER_MINUTE,
 ) -> int:
     """Fork ``workers`` processes that each run ``asyncio.run(run_worker())``; supervise them.
 
-    ``run_worker`` must create its gRPC server with ``reuse_port=True``. Returns the exit code
-    for the parent: 0 after a requested stop where every worker exited cleanly, else 1.
-    Must be called before the calling process creates any gRPC object.
+    ``run_worker`` must create its gRPC server with ``reuse_port=True``. A worker that exits
+    on its own (crash, OOM kill) is restarted in its place, at most ``max_restarts`` times in
+    any minute; one more exit within that minute stops every worker and returns 1 (a crash
+    loop is for the process manager to see). Returns the exit code for the parent: 0 after a
+    requested stop where every worker exited cleanly, else 1. Must be called before the
+    calling process creates any gRPC object (the supervisor forks replacements itself).
     """
-    pids: list[int] = []
+    pids: dict[int, int] = {}  # pid -> worker index
     # A stop signal that arrives while we fork must not kill the parent before it can
     # forward the signal (the workers would be orphaned): hold SIGTERM/SIGINT until
     # supervision has its handlers, then deliver them there.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         for index in range(workers):
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 1
-                try:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                    asyncio.run(run_worker())
-                    code = 0
-                except BaseException:
-                    log.exception("worker %d failed", index)
-                finally:
-                    logging.shutdown()
-                    os._exit(code)
-            pids.append(pid)
+            pids[_fork_worker(index, run_worker, mask)] = index
     except BaseException:
         # A fork failed before supervision began: the workers already started would
         # outlive us, still serving the port. Stop and reap them first.
@@ -241,51 +238,127 @@ def serve_workers(
                 os.waitpid(pid, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
-    log.info("started %d workers: %s", workers, pids)
-    return _supervise(pids, grace=drain + grace, mask=mask)
+    log.info("started %d workers: %s", workers, sorted(pids))
+    supervisor = _Supervisor(pids, run_worker, mask, max_restarts=max_restarts)
+    return supervisor.run(grace=drain + grace)
 
 
-def _supervise(pids: Sequence[int], *, grace: float, mask: Iterable[int]) -> int:
-    """Wait for the workers; forward SIGTERM/SIGINT to them. ``mask`` is the signal mask
-    to restore once the forwarding handlers are in place (pending signals arrive then)."""
-    alive = set(pids)
-    requested = False
-    failed = False
-    deadline: float | None = None
+def _fork_worker(
+    index: int, run_worker: Callable[[], Coroutine[Any, Any, Any]], mask: Iterable[int]
+) -> int:
+    """Fork worker ``index``; the child runs ``run_worker`` and never returns. Call with the
+    stop signals blocked: the child installs its own handlers before unblocking (``mask``)."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            asyncio.run(run_worker())
+            code = 0
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    return pid
 
-    def forward(sig: int, _frame: object) -> None:
-        nonlocal requested
-        requested = True
-        _signal_all(alive, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    try:
-        while alive:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                if (requested or failed) and deadline is None:
-                    deadline = time.monotonic() + grace + _WORKER_KILL_AFTER
-                if deadline is not None and time.monotonic() > deadline:
-                    log.error("workers %s did not stop in time: killing", sorted(alive))
-                    _signal_all(alive, signal.SIGKILL)
-                    failed = True
-                    deadline = float("inf")
-                time.sleep(0.05)
-                continue
-            if pid not in alive:
-                continue
-            alive.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0 or not requested:
-                if not requested and not failed:
-                    log.error("worker %d exited (%d) unexpectedly: stopping all workers", pid, code)
-                    _signal_all(alive, signal.SIGTERM)
-                failed = True
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 1 if failed else 0
+class _Supervisor:
+    """Waits for the workers; forwards SIGTERM/SIGINT to them; restarts one that dies on
+    its own (bounded). ``mask`` is the signal mask to restore once the forwarding handlers
+    are in place (pending signals arrive then)."""
+
+    def __init__(
+        self,
+        pids: dict[int, int],
+        run_worker: Callable[[], Coroutine[Any, Any, Any]],
+        mask: Iterable[int],
+        *,
+        max_restarts: int,
+    ) -> None:
+        self.alive = dict(pids)
+        self.run_worker = run_worker
+        self.mask = mask
+        self.max_restarts = max_restarts
+        self.restarts: collections.deque[float] = collections.deque()
+        self.requested = False
+        self.failed = False
+
+    def _forward(self, sig: int, _frame: object) -> None:
+        self.requested = True
+        _signal_all(set(self.alive), signal.SIGTERM)
+
+    def run(self, *, grace: float) -> int:
+        deadline: float | None = None
+        previous = {s: signal.signal(s, self._forward) for s in _STOP_SIGNALS}
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        try:
+            while self.alive:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    if (self.requested or self.failed) and deadline is None:
+                        deadline = time.monotonic() + grace + _WORKER_KILL_AFTER
+                    if deadline is not None and time.monotonic() > deadline:
+                        log.error("workers %s did not stop in time: killing", sorted(self.alive))
+                        _signal_all(set(self.alive), signal.SIGKILL)
+                        self.failed = True
+                        deadline = float("inf")
+                    time.sleep(0.05)
+                    continue
+                if pid in self.alive:
+                    self._exited(pid, os.waitstatus_to_exitcode(status))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 1 if self.failed else 0
+
+    def _exited(self, pid: int, code: int) -> None:
+        index = self.alive.pop(pid)
+        if self.requested or self.failed:
+            # SIGTERM before a (re)started worker installed its handlers kills it outright:
+            # still a clean stop.
+            self.failed = self.failed or code not in (0, -signal.SIGTERM)
+            return
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > _RESTART_WINDOW:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            log.error(
+                "worker %d (pid %d) exited (%d) unexpectedly after %d restarts in the last "
+                "minute: stopping all workers",
+                index,
+                pid,
+                code,
+                len(self.restarts),
+            )
+            self._stop_all()
+            return
+        self.restarts.append(now)
+        log.error(
+            "worker %d (pid %d) exited (%d) unexpectedly: restarting it (%d of at most %d "
+            "restarts per minute)",
+            index,
+            pid,
+            code,
+            len(self.restarts),
+            self.max_restarts,
+        )
+        # Block the stop signals while forking: the child must not run our forwarding
+        # handler, and a stop requested meanwhile must reach the new worker too.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self.alive[_fork_worker(index, self.run_worker, self.mask)] = index
+        except OSError:
+            log.exception("cannot restart worker %d: stopping all workers", index)
+            self._stop_all()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _stop_all(self) -> None:
+        self.failed = True
+        _signal_all(set(self.alive), signal.SIGTERM)
 
 
 def _signal_all(pids: set[int], sig: signal.Signals) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -185,3 +186,82 @@ def test_max_body_bytes_sizes_the_grpc_limits():
     options = dict(server.grpc_options(10 * 1024 * 1024, reuse_port=False))
     assert options["grpc.max_receive_message_length"] == 21 * 1024 * 1024
     assert options["grpc.max_send_message_length"] == 21 * 1024 * 1024
+
+
+def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if status.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "server did not become SERVING"
+            time.sleep(0.1)
+
+
+def test_a_dead_worker_is_restarted(tmp_path):
+    # Before: one worker dying made the supervisor stop all workers and exit 1.
+    config = tmp_path / "c.yaml"
+    config.write_text(VALID)
+    port = free_port()
+    argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}", "--workers", "2"]
+    argv += ["--grace", "1", "--drain", "0"]
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *argv], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        wait_serving(port, proc)
+        deadline = time.monotonic() + 15
+        while len(children(proc.pid)) < 2:
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        first = children(proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while True:
+            now = children(proc.pid)
+            if len(now) == 2 and first[0] not in now:
+                break
+            assert proc.poll() is None, "the supervisor gave up after one dead worker"
+            assert time.monotonic() < deadline, f"no replacement worker: {now}"
+            time.sleep(0.05)
+        assert first[1] in now  # the other worker kept running
+        wait_serving(port, proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert code == 0, stderr
+        assert "unexpectedly: restarting it (1 of at most 5 restarts per minute)" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+CRASHING = (
+    "import logging, sys\n"
+    "from engine.server import serve_workers\n"
+    "logging.basicConfig(level=logging.INFO)\n"
+    "async def worker():\n"
+    "    raise RuntimeError('crash at start')\n"
+    "sys.exit(serve_workers(2, worker, grace=0.1, max_restarts=3))\n"
+)
+
+
+def test_a_crash_loop_stops_all_workers_and_exits_non_zero():
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHING],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("restarting it") == 3
+    assert "after 3 restarts in the last minute: stopping all workers" in proc.stderr
