@@ -1,0 +1,321 @@
+"""Prometheus metrics: what the engine does, on a separate ``--metrics-listen`` port.
+
+Off by default: until :func:`enable` runs, every recording function is a no-op that
+costs one attribute check, so tests and embedders pay nothing.
+
+Multi-process correct: :func:`enable` (called by ``engine.main`` in the parent, BEFORE
+the workers fork) creates a private directory, points ``PROMETHEUS_MULTIPROC_DIR`` at it
+and switches prometheus-client to its multiprocess values, so each worker writes its
+own memory-mapped file there; the ``/metrics`` endpoint (served by the parent, or the
+single worker) sums them with ``MultiProcessCollector``. Counters and histograms are
+the sum over workers; gauges say how they combine (``max``, or ``liveall`` per pid).
+
+Label cardinality is bounded: ``route`` is a route key of the configuration or the
+single value ``(unknown)`` (see :func:`route_label`); policy labels are the configured
+name and version; other labels come from small fixed sets (``reason``, ``kind``,
+``status``, ``result``, ``decision``).
+
+Metric names (all prefixed ``policy_engine_``):
+
+=================================================  =========================================
+``streams_total{route}``                           ext_proc streams (one per HTTP request)
+``requests_total{route}``                          requests that ran a policy chain
+``policy_duration_seconds{route,name,version}``    histogram of each policy hook run; its
+                                                   ``_count`` is the number of runs
+``policy_skips_total{route,name,version,reason}``  ``condition`` false or ``condition_error``
+``policy_short_circuits_total{...,status}``        immediate responses, by HTTP status
+``policy_failures_total{...,kind}``                ``timeout``, ``exception``,
+                                                   ``bad_result``, ``cancelled``
+``extproc_protocol_errors_total``                  malformed or out-of-order messages
+``config_version``, ``config_info{source,hash}``   the serving configuration (max / per pid)
+``config_reloads_total{result}``                   ``ok`` / ``rejected`` / ``failed``
+``config_last_reload_timestamp_seconds{result}``   when (Unix time)
+``xds_connected``, ``xds_responses_total{result}``  xDS stream state, ``ACK`` / ``NACK``
+``xds_last_response_timestamp_seconds{result}``    when the last ACK / NACK was sent
+``ratelimit_decisions_total{backend,decision}``    rateLimit v2 decisions
+``ratelimit_backend_errors_total{backend}``        Redis failures (each failed call)
+=================================================  =========================================
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final, Literal
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = [
+    "UNKNOWN_ROUTE",
+    "Metrics",
+    "config_published",
+    "config_reload_failed",
+    "disable",
+    "enable",
+    "enabled",
+    "extproc_protocol_error",
+    "get",
+    "ratelimit_backend_error",
+    "ratelimit_decision",
+    "render",
+    "route_label",
+    "serve",
+    "xds_connected",
+    "xds_response",
+]
+
+UNKNOWN_ROUTE: Final = "(unknown)"
+PREFIX: Final = "policy_engine_"
+
+# Latency buckets for policy hooks: from 50 us (header rewrites) to 5 s (a JWKS fetch).
+_BUCKETS: Final = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """The engine's metric families (created by :func:`enable`)."""
+
+    def __init__(self) -> None:
+        def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, list(labels), registry=None)
+
+        def gauge(
+            name: str,
+            doc: str,
+            labels: Iterable[str] = (),
+            mode: Literal["max", "liveall"] = "max",
+        ) -> Gauge:
+            return Gauge(PREFIX + name, doc, list(labels), registry=None, multiprocess_mode=mode)
+
+        policy = ("route", "name", "version")
+        self.streams = counter("streams", "ext_proc streams (one per HTTP request)", ["route"])
+        self.requests = counter("requests", "requests that ran a policy chain", ["route"])
+        self.policy_duration: Histogram = Histogram(
+            PREFIX + "policy_duration_seconds",
+            "policy hook run time (the _count is the number of runs)",
+            list(policy),
+            buckets=_BUCKETS,
+            registry=None,
+        )
+        self.policy_skips = counter(
+            "policy_skips", "policies skipped by their condition", [*policy, "reason"]
+        )
+        self.policy_short_circuits = counter(
+            "policy_short_circuits",
+            "immediate responses returned by a policy",
+            [*policy, "status"],
+        )
+        self.policy_failures = counter(
+            "policy_failures", "policy hook failures by kind", [*policy, "kind"]
+        )
+        self.protocol_errors = counter(
+            "extproc_protocol_errors", "malformed or out-of-order ext_proc messages"
+        )
+        self.config_version = gauge("config_version", "version of the serving configuration")
+        self.config_info = gauge(
+            "config_info",
+            "configurations served: 1 for the current one, 0 for earlier ones (per process)",
+            ["source", "hash"],
+            mode="liveall",
+        )
+        self.config_reloads = counter(
+            "config_reloads", "configuration reloads by result (counted per worker)", ["result"]
+        )
+        self.config_reload_time = gauge(
+            "config_last_reload_timestamp_seconds", "time of the last reload", ["result"]
+        )
+        self.xds_connected = gauge("xds_connected", "1 while the xDS stream is up", mode="liveall")
+        self.xds_responses = counter(
+            "xds_responses", "xDS responses answered, by ACK / NACK", ["result"]
+        )
+        self.xds_response_time = gauge(
+            "xds_last_response_timestamp_seconds", "time of the last ACK / NACK", ["result"]
+        )
+        self.ratelimit_decisions = counter(
+            "ratelimit_decisions", "rate-limit decisions", ["backend", "decision"]
+        )
+        self.ratelimit_backend_errors = counter(
+            "ratelimit_backend_errors", "failed rate-limit backend calls", ["backend"]
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._known_routes: frozenset[str] = frozenset()
+        self._info_labels: tuple[str, str] | None = None
+
+    def child(self, family: Any, *labels: str) -> Any:
+        """``family.labels(*labels)``, cached: the hot path avoids label validation."""
+        key = (id(family), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found
+
+
+_state: dict[str, Any] = {"metrics": None, "dir": None}
+
+
+def enabled() -> bool:
+    return _state["metrics"] is not None
+
+
+def get() -> Metrics | None:
+    """The metric families, or ``None`` when metrics are off."""
+    metrics: Metrics | None = _state["metrics"]
+    return metrics
+
+
+def enable(directory: str | None = None) -> Metrics:
+    """Turn metrics on for this process and the workers it will fork.
+
+    Must run before fork and before any metric is recorded. ``directory`` (default: a
+    new private temporary directory, removed by :func:`disable`) receives one file per
+    process.
+    """
+    if _state["metrics"] is not None:
+        return _state["metrics"]  # type: ignore[no-any-return]
+    path = directory or tempfile.mkdtemp(prefix="policy-engine-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    # prometheus-client picks its value class when it is imported, before we know
+    # whether metrics are wanted: switch it now, before any metric exists.
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _state["dir"] = path if directory is None else None
+    metrics = _state["metrics"] = Metrics()
+    return metrics
+
+
+def disable() -> None:
+    """Turn metrics off and remove the directory :func:`enable` created (tests, exit)."""
+    _state["metrics"] = None
+    values.ValueClass = values.MutexValue
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    created = _state.pop("dir", None)
+    _state["dir"] = None
+    if created:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every process's metrics."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+def serve(listen: str) -> Callable[[], None]:
+    """Serve ``GET /metrics`` on ``listen`` (``host:port``) from a daemon thread (it
+    never touches the event loop); returns a function that stops it. Raises OSError when
+    the address cannot be bound."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            body = render()
+            self.send_response(200)
+            self.send_header("content-type", CONTENT_TYPE_LATEST)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    host, _, port = listen.rpartition(":")
+    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    stop.port = server.server_address[1]  # type: ignore[attr-defined]
+    return stop
+
+
+# -- recording (each a no-op while metrics are off) -------------------------------------
+
+
+def route_label(route: str) -> str:
+    """``route`` if the serving configuration has it, else :data:`UNKNOWN_ROUTE`."""
+    metrics = get()
+    if metrics is None or route in metrics._known_routes:
+        return route
+    return UNKNOWN_ROUTE
+
+
+def extproc_protocol_error() -> None:
+    metrics = get()
+    if metrics is not None:
+        metrics.protocol_errors.inc()
+
+
+def config_published(version: int, source: str, content_hash: str, routes: Iterable[str]) -> None:
+    """A configuration is now serving (initial load, file reload or xDS)."""
+    metrics = get()
+    if metrics is None:
+        return
+    metrics._known_routes = frozenset(routes)
+    metrics.config_version.set(version)
+    # Multiprocess mode cannot remove a series: the previous one drops to 0, and the
+    # serving configuration is the series whose value is 1.
+    labels = (source, content_hash[:12])
+    if metrics._info_labels is not None and metrics._info_labels != labels:
+        metrics.config_info.labels(*metrics._info_labels).set(0)
+    metrics._info_labels = labels
+    metrics.config_info.labels(*labels).set(1)
+    metrics.config_reloads.labels("ok").inc()
+    metrics.config_reload_time.labels("ok").set(time.time())
+
+
+def config_reload_failed(result: str) -> None:
+    """A reload was refused: ``rejected`` (invalid config) or ``failed`` (loader error)."""
+    metrics = get()
+    if metrics is None:
+        return
+    metrics.config_reloads.labels(result).inc()
+    metrics.config_reload_time.labels(result).set(time.time())
+
+
+def xds_connected(connected: bool) -> None:
+    metrics = get()
+    if metrics is not None:
+        metrics.xds_connected.set(1 if connected else 0)
+
+
+def xds_response(result: str) -> None:
+    """The client answered a response with ``ACK`` or ``NACK``."""
+    metrics = get()
+    if metrics is not None:
+        metrics.xds_responses.labels(result).inc()
+        metrics.xds_response_time.labels(result).set(time.time())
+
+
+def ratelimit_decision(backend: str, decision: str) -> None:
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.ratelimit_decisions, backend, decision).inc()
+
+
+def ratelimit_backend_error(backend: str) -> None:
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.ratelimit_backend_errors, backend).inc()

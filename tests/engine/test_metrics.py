@@ -1,0 +1,116 @@
+"""engine.metrics: families, label bounds, multi-process sums, the HTTP endpoint."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine import metrics
+
+
+@pytest.fixture
+def enabled(tmp_path: Path) -> Iterator[metrics.Metrics]:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    try:
+        yield metrics.enable(str(directory))
+    finally:
+        metrics.disable()
+
+
+def samples(text: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as (name, sorted labels without pid) -> value."""
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    raw = text.decode() if isinstance(text, bytes) else text
+    for family in text_string_to_metric_families(raw):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid"))
+            found[(sample.name, labels)] = found.get((sample.name, labels), 0.0) + sample.value
+    return found
+
+
+def test_off_by_default_records_nothing() -> None:
+    assert not metrics.enabled()
+    metrics.extproc_protocol_error()  # no-ops, no error
+    metrics.ratelimit_decision("redis", "allowed")
+    assert metrics.route_label("anything") == "anything"
+
+
+def test_routes_outside_the_config_share_one_label(enabled: metrics.Metrics) -> None:
+    metrics.config_published(3, "file:/etc/c.yaml", "ab" * 32, ["api", "web"])
+    assert metrics.route_label("api") == "api"
+    assert metrics.route_label("guessed-by-a-client") == metrics.UNKNOWN_ROUTE
+    assert metrics.route_label("") == metrics.UNKNOWN_ROUTE
+
+
+def test_config_and_ratelimit_families(enabled: metrics.Metrics) -> None:
+    metrics.config_published(7, "file:c.yaml", "0123456789abcdef", ["api"])
+    metrics.config_reload_failed("rejected")
+    metrics.ratelimit_decision("redis", "limited")
+    metrics.ratelimit_decision("redis", "limited")
+    metrics.ratelimit_backend_error("redis")
+    metrics.xds_connected(True)
+    metrics.xds_response("NACK")
+    found = samples(metrics.render())
+    assert found[("policy_engine_config_version", ())] == 7
+    info = (("hash", "0123456789ab"), ("source", "file:c.yaml"))
+    assert found[("policy_engine_config_info", info)] == 1
+    assert found[("policy_engine_config_reloads_total", (("result", "ok"),))] == 1
+    assert found[("policy_engine_config_reloads_total", (("result", "rejected"),))] == 1
+    limited = (("backend", "redis"), ("decision", "limited"))
+    assert found[("policy_engine_ratelimit_decisions_total", limited)] == 2
+    assert found[("policy_engine_ratelimit_backend_errors_total", (("backend", "redis"),))] == 1
+    assert found[("policy_engine_xds_connected", ())] == 1
+    assert found[("policy_engine_xds_responses_total", (("result", "NACK"),))] == 1
+    metrics.config_published(8, "file:c.yaml", "fedcba9876543210", ["api"])
+    found = samples(metrics.render())
+    assert found[("policy_engine_config_info", info)] == 0
+    assert (
+        found[("policy_engine_config_info", (("hash", "fedcba987654"), ("source", "file:c.yaml")))]
+        == 1
+    )
+
+
+def test_counts_from_forked_workers_are_summed(enabled: metrics.Metrics) -> None:
+    """What --workers does: fork after enable(); each child records; /metrics sums."""
+    pids = []
+    for worker in range(2):
+        pid = os.fork()
+        if pid == 0:  # child: record, then leave without running pytest's teardown
+            code = 1
+            try:
+                for _ in range(3 + worker):
+                    metrics.ratelimit_decision("local", "allowed")
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    metrics.ratelimit_decision("local", "allowed")  # the parent's own count
+    found = samples(metrics.render())
+    allowed = (("backend", "local"), ("decision", "allowed"))
+    assert found[("policy_engine_ratelimit_decisions_total", allowed)] == 3 + 4 + 1
+
+
+def test_http_endpoint(enabled: metrics.Metrics) -> None:
+    metrics.extproc_protocol_error()
+    stop = metrics.serve("127.0.0.1:0")
+    try:
+        port = stop.port  # type: ignore[attr-defined]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+            assert reply.headers["content-type"].startswith("text/plain")
+            found = samples(reply.read())
+        assert found[("policy_engine_extproc_protocol_errors_total", ())] == 1
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        assert info.value.code == 404
+        info.value.close()
+    finally:
+        stop()
