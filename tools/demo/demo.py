@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
+from policies.rateLimit.testing import REDIS_SERVER, RedisServer, running_redis
 from tests.e2e.harness import (
     HOST,
     EchoUpstream,
@@ -53,6 +54,8 @@ from tests.e2e.harness import (
 __all__ = ["ROUTES", "SCENARIOS", "DemoStack", "Scenario", "main", "run_scenario"]
 
 MANIFEST: Final = "manifests/policy-manifest.yaml"
+REDIS_URL_ENV: Final = "DEMO_REDIS_URL"
+REDIS_AVAILABLE: Final = os.access(REDIS_SERVER, os.X_OK)
 CONFIG_TEMPLATE: Final = "manifests/demo-config.yaml"
 
 ROUTES: Final = (
@@ -78,10 +81,13 @@ EngineFactory = Callable[[Path], Engine]
 
 
 class EngineProcess:
-    """An engine binary (the builder's output) run as a child process, one worker."""
+    """An engine binary (the builder's output) run as a child process."""
 
-    def __init__(self, binary: Path, config: Path, *, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, binary: Path, config: Path, *, workers: int = 1, start_timeout: float = 30.0
+    ) -> None:
         self.port = free_port()
+        self.workers = workers
         self.process = subprocess.Popen(
             [
                 str(binary),
@@ -89,7 +95,7 @@ class EngineProcess:
                 str(config),
                 "--listen",
                 f"{HOST}:{self.port}",
-                "--workers=1",
+                f"--workers={workers}",
             ],
             stdin=subprocess.DEVNULL,
         )
@@ -118,6 +124,19 @@ class EngineProcess:
                 self.process.wait(5)
 
 
+def _one_stream_per_connection() -> dict[str, Any]:
+    http = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    return {
+        "typed_extension_protocol_options": {
+            http: {
+                "@type": f"type.googleapis.com/{http}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+                "common_http_protocol_options": {"max_requests_per_connection": 1},
+            }
+        }
+    }
+
+
 @dataclass
 class DemoStack:
     """JWKS server + echo upstream + engine + Envoy, all on 127.0.0.1. A context manager."""
@@ -126,6 +145,11 @@ class DemoStack:
     engine_factory: EngineFactory
     repo: Path
     keys: KeySet = field(default_factory=KeySet.generate)
+    redis_url: str | None = None
+    """rateLimit v2 on the private route uses this Redis (``None``: its local backend)."""
+    spread_streams: bool = False
+    """Envoy opens one engine connection per request, so a multi-worker engine's workers
+    (SO_REUSEPORT) all serve: the shared limit is visible across them."""
     _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def __enter__(self) -> DemoStack:
@@ -142,8 +166,15 @@ class DemoStack:
         self.upstream = self._exit.enter_context(EchoUpstream())
         template = string.Template((self.repo / CONFIG_TEMPLATE).read_text())
         self.config = self.workdir / "demo-config.yaml"
+        if self.redis_url:
+            os.environ[REDIS_URL_ENV] = self.redis_url  # the engine reads it (redisUrlEnv)
+            backend = f"backend: redis, redisUrlEnv: {REDIS_URL_ENV}, onBackendError: allow"
+        else:
+            backend = "backend: local"
         self.config.write_text(
-            template.substitute(JWKS_URL=self.jwks.url, JWKS_CA=str(pki.ca_file))
+            template.substitute(
+                JWKS_URL=self.jwks.url, JWKS_CA=str(pki.ca_file), RATE_LIMIT_BACKEND=backend
+            )
         )
         engine = self.engine_factory(self.config)
         self._exit.callback(engine.close)
@@ -157,6 +188,7 @@ class DemoStack:
                 engine_port=engine.port,
                 upstream_port=self.upstream.port,
                 routes=ROUTES,
+                engine_cluster=_one_stream_per_connection() if self.spread_streams else None,
             )
         )
 
@@ -221,8 +253,9 @@ SCENARIOS: Final = (
     ),
     Scenario(
         "private-per-user-limit",
-        "private route: valid JWT passes; rateLimit keyed by the JWT subject allows a burst "
-        "of 3 per user, then 429; another user still passes",
+        "private route: valid JWT passes; rateLimit v2 keyed by the JWT subject allows a burst "
+        "of 3 per user (shared by the engine's workers through Redis), then 429 with the "
+        "RateLimit headers; another user still passes",
         (
             *(Step("/api/v1/private/orders", 200, subject="alice") for _ in range(3)),
             Step(
@@ -230,9 +263,18 @@ SCENARIOS: Final = (
                 429,
                 subject="alice",
                 reached_upstream=False,
-                response_headers={"retry-after": "2"},
+                response_headers={
+                    "retry-after": "2",
+                    "ratelimit-limit": "3",
+                    "ratelimit-remaining": "0",
+                },
             ),
-            Step("/api/v1/private/orders", 200, subject="bob"),
+            Step(
+                "/api/v1/private/orders",
+                200,
+                subject="bob",
+                response_headers={"ratelimit-limit": "3", "ratelimit-remaining": "2"},
+            ),
         ),
     ),
     Scenario(
@@ -385,6 +427,16 @@ def curl_lines(stack: DemoStack) -> Iterator[str]:
         yield ""
 
 
+def _shared_by_workers(redis: RedisServer, workers: int) -> list[str]:
+    """Problems unless ``workers`` engine processes hold Redis connections (named by pid)."""
+    text = str(redis.command("CLIENT", "LIST"))
+    pids = {f for line in text.splitlines() for f in line.split() if f.startswith("name=")}
+    pids.discard("name=")
+    if len(pids) < workers:
+        return [f"Redis saw {len(pids)} engine process(es), expected {workers}: {sorted(pids)}"]
+    return []
+
+
 def _build_engine(repo: Path) -> Path:
     """Build the default manifest's engine with the builder; return the binary's path."""
     from builder.build import main as build  # noqa: PLC0415 - only the CLI path builds
@@ -409,59 +461,95 @@ def main(argv: list[str]) -> int:
     repo = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY") or Path.cwd())
     engine_binary = args.engine or _build_engine(repo)
     engines: list[Any] = []
+    workers = 2 if REDIS_AVAILABLE else 1
 
     def start_engine(config: Path) -> Engine:
         if not args.xds:
-            return EngineProcess(engine_binary, config)
+            return EngineProcess(engine_binary, config, workers=workers)
         from tools.demo.xds_mode import XdsEngine  # noqa: PLC0415 - xDS mode only
 
         definitions = engine_binary.parent / f"{engine_binary.name}_definitions.json"
         engines.append(XdsEngine(engine_binary, definitions, config))
         return engines[-1]  # type: ignore[no-any-return]
 
-    with (
-        tempfile.TemporaryDirectory(prefix="policy-engine-demo-") as tmp,
-        DemoStack(Path(tmp), start_engine, repo) as stack,
-    ):
-        print(f"\ndemo: Envoy listens on http://{HOST}:{stack.envoy.port}", flush=True)
-        if args.xds:
-            from tools.demo import xds_mode  # noqa: PLC0415 - xDS mode only
+    with contextlib.ExitStack() as running:
+        tmp = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="policy-engine-demo-")))
+        redis = running.enter_context(running_redis(tmp)) if REDIS_AVAILABLE else None
+        stack = running.enter_context(
+            DemoStack(
+                tmp,
+                start_engine,
+                repo,
+                redis_url=redis.url if redis else None,
+                spread_streams=workers > 1 and not args.xds,
+            )
+        )
+        return _run(args, stack, engines, redis, workers)
 
-            routes = stack.config.parent / "routes"
-            print(f"demo: control plane admin API {engines[0].admin}; it watches {routes}\n")
-        else:
-            print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
-        if args.check:
-            failed = 0
-            for scenario in SCENARIOS:
-                problems = run_scenario(stack, scenario)
-                failed += bool(problems)
-                print(f"{'FAIL' if problems else 'ok  '} {scenario.name}: {scenario.description}")
-                for problem in problems:
-                    print(f"       {problem}")
-            total = len(SCENARIOS)
-            if args.xds:
-                problems = xds_mode.check_live_change(engines[0], stack.envoy.port)
-                failed += bool(problems)
-                total += 1
-                print(
-                    f"{'FAIL' if problems else 'ok  '} xds-live-change: a chain changed "
-                    "through the control plane's admin API is served; an invalid one is 400"
-                )
-                for problem in problems:
-                    print(f"       {problem}")
-            print(f"\n{total - failed} passed, {failed} failed")
-            return 1 if failed else 0
-        for line in curl_lines(stack):
-            print(line)
+
+def _run(
+    args: argparse.Namespace,
+    stack: DemoStack,
+    engines: list[Any],
+    redis: RedisServer | None,
+    workers: int,
+) -> int:
+    print(f"\ndemo: Envoy listens on http://{HOST}:{stack.envoy.port}", flush=True)
+    if redis is not None:
+        print(
+            f"demo: Redis {redis.url} holds the private route's per-user limit for the "
+            f"engine's {workers} workers (one limit, whichever worker serves)"
+        )
+    else:
+        print("demo: no redis-server installed: the private route limits with the local backend")
+    if args.xds:
+        from tools.demo import xds_mode  # noqa: PLC0415 - xDS mode only
+
+        routes = stack.config.parent / "routes"
+        print(f"demo: control plane admin API {engines[0].admin}; it watches {routes}\n")
+    else:
+        print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
+    if args.check:
+        failed = 0
+        for scenario in SCENARIOS:
+            problems = run_scenario(stack, scenario)
+            failed += bool(problems)
+            print(f"{'FAIL' if problems else 'ok  '} {scenario.name}: {scenario.description}")
+            for problem in problems:
+                print(f"       {problem}")
+        total = len(SCENARIOS)
+        if redis is not None and not args.xds:
+            problems = _shared_by_workers(redis, workers)
+            failed += bool(problems)
+            total += 1
+            print(
+                f"{'FAIL' if problems else 'ok  '} shared-limit-workers: every one of the "
+                f"engine's {workers} workers decided through the one Redis"
+            )
+            for problem in problems:
+                print(f"       {problem}")
         if args.xds:
-            for line in xds_mode.live_change_lines(engines[0], stack.envoy.port):
-                print(line)
-        print("demo: running; Ctrl-C stops everything", flush=True)
-        stopped = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-        with contextlib.suppress(KeyboardInterrupt):
-            stopped.wait()
+            problems = xds_mode.check_live_change(engines[0], stack.envoy.port)
+            failed += bool(problems)
+            total += 1
+            print(
+                f"{'FAIL' if problems else 'ok  '} xds-live-change: a chain changed "
+                "through the control plane's admin API is served; an invalid one is 400"
+            )
+            for problem in problems:
+                print(f"       {problem}")
+        print(f"\n{total - failed} passed, {failed} failed")
+        return 1 if failed else 0
+    for line in curl_lines(stack):
+        print(line)
+    if args.xds:
+        for line in xds_mode.live_change_lines(engines[0], stack.envoy.port):
+            print(line)
+    print("demo: running; Ctrl-C stops everything", flush=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stopped.wait()
     return 0
 
 
