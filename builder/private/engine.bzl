@@ -125,7 +125,11 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
             name + "_build_info.json",
             name + "_definitions.json",
         ],
-        deps = ["//engine:runtime"] + policies,
+        # controlplane: `<engine> controlplane ...` runs it with this engine's definitions.
+        deps = [
+            "//controlplane:controlplane_lib",
+            "//engine:runtime",
+        ] + policies,
         tags = tags,
         visibility = visibility,
     )

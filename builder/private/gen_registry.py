@@ -102,7 +102,11 @@ def build_info(
 
 
 def render_registry(
-    target: str, depth: int, policies: Sequence[tuple[str, str, str, str]], info: Mapping[str, str]
+    target: str,
+    depth: int,
+    policies: Sequence[tuple[str, str, str, str]],
+    info: Mapping[str, str],
+    definitions: str,
 ) -> str:
     rows = "".join(f"    {row!r},\n" for row in policies)
     info_rows = "".join(f"    {k!r}: {v!r},\n" for k, v in info.items())
@@ -114,7 +118,7 @@ from typing import Final
 from engine.errors import RegistryError
 from engine.registry import PolicyRegistry, load_policy
 
-__all__ = ["BUILD_INFO", "POLICIES", "load_registry"]
+__all__ = ["BUILD_INFO", "DEFINITIONS", "POLICIES", "load_registry"]
 
 # This module sits at <runfiles>/<main repository>/<package>/: the folders below are
 # relative to the main repository's runfiles directory.
@@ -126,6 +130,9 @@ POLICIES: Final[tuple[tuple[str, str, str, str], ...]] = (
 
 BUILD_INFO: Final[dict[str, str]] = {{
 {info_rows}}}
+
+# The policy definitions of this engine, for a control plane (`<engine> controlplane`).
+DEFINITIONS: Final = Path(__file__).with_name({definitions!r})
 
 
 def load_registry() -> PolicyRegistry:
@@ -142,16 +149,24 @@ def load_registry() -> PolicyRegistry:
 
 
 def render_main(target: str, registry_module: str) -> str:
-    header = _HEADER.format(doc="Entry point of this engine binary.", target=target)
+    header = _HEADER.format(
+        doc="Entry point of this engine binary (`<engine> controlplane ...`: its control plane).",
+        target=target,
+    )
     return f"""{header}
 import sys
 
 from engine.errors import EngineError
 from engine.main import main
-from {registry_module} import BUILD_INFO, load_registry
+from {registry_module} import BUILD_INFO, DEFINITIONS, load_registry
 
 
 def run() -> int:
+    if sys.argv[1:2] == ["controlplane"]:
+        # The same binary (and image) runs the control plane for exactly these policies.
+        from controlplane.main import main as controlplane_main
+
+        return controlplane_main(["--definitions", str(DEFINITIONS), *sys.argv[2:]])
     try:
         registry = load_registry()
     except EngineError as exc:
@@ -252,7 +267,8 @@ def main(argv: Sequence[str]) -> int:
     )
     module = ".".join([*args.package.split("/"), f"{args.name}_registry"])
     depth = len(args.package.split("/"))
-    args.registry_out.write_text(render_registry(args.target, depth, policies, info), "utf-8")
+    registry = render_registry(args.target, depth, policies, info, args.definitions_out.name)
+    args.registry_out.write_text(registry, "utf-8")
     args.main_out.write_text(render_main(args.target, module), "utf-8")
     args.test_out.write_text(render_test(args.target, module), "utf-8")
     args.info_out.write_text(json.dumps(info, indent=2) + "\n", "utf-8")

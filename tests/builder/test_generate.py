@@ -222,7 +222,9 @@ def test_registry_loads_sorted_policies_with_hashes(sample_root: Path) -> None:
     meta = json.loads((path.parent / "engine_build_info.json").read_text())
     assert meta == info
     main = (path.parent / "engine_main.py").read_text()
-    assert "from generated.x.engine_registry import BUILD_INFO, load_registry" in main
+    assert "from generated.x.engine_registry import BUILD_INFO, DEFINITIONS, load_registry" in main
+    definitions_file = module.DEFINITIONS  # type: ignore[attr-defined]
+    assert definitions_file == path.parent / "engine_definitions.json"
     # The control plane's view of the same engine: same names, versions, hashes, schemas.
     definitions = load_validation_registry(path.parent / "engine_definitions.json")
     assert dict(definitions.build_info) == info

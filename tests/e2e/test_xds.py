@@ -255,7 +255,9 @@ def test_update_storm_under_load_ends_on_the_last_version_without_growing(xds):
             delay = started + (index + 1) * 0.02 - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        assert time.monotonic() - started < 3.0
+        # Paced for 2 s; a loaded machine (validation is CPU work) may stretch it a little.
+        took = time.monotonic() - started
+        assert took < 6.0, f"100 updates took {took:.1f}s (paced for 2 s)"
         return version
 
     xds.put_and_wait("xstorm", add_header("start"))

@@ -84,17 +84,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.02)
 
 
-def _python(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("ab")
-    try:
+def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as handle:
         return subprocess.Popen(
-            [sys.executable, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
+            command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
         )
-    finally:
-        handle.close()
+
+
+def _python(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return _spawn([sys.executable, *args], log)
 
 
 def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -108,11 +106,24 @@ def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 class ControlPlaneProcess:
-    """The control plane as a child process. Use as a context manager."""
+    """The control plane as a child process. Use as a context manager.
 
-    def __init__(self, definitions: Path, workdir: Path, *, config: Path | None = None) -> None:
+    ``engine``: run it as ``<engine binary> controlplane`` (the builder's engines carry
+    their control plane and definitions; ``definitions`` is then ignored); default
+    ``python -m controlplane.main --definitions <definitions>``.
+    """
+
+    def __init__(
+        self,
+        definitions: Path,
+        workdir: Path,
+        *,
+        config: Path | None = None,
+        engine: Path | None = None,
+    ) -> None:
         self.definitions = definitions
         self.config = config
+        self.engine = engine
         self.xds_port = free_port()
         self.admin_port = free_port()
         self.log_path = workdir / "controlplane.log"
@@ -121,10 +132,6 @@ class ControlPlaneProcess:
 
     def start(self, timeout: float = 20.0) -> None:
         args = [
-            "-m",
-            "controlplane.main",
-            "--definitions",
-            str(self.definitions),
             "--xds-listen",
             f"{HOST}:{self.xds_port}",
             "--admin-listen",
@@ -134,7 +141,11 @@ class ControlPlaneProcess:
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
-        self.process = _python(args, self.log_path)
+        if self.engine is not None:
+            self.process = _spawn([str(self.engine), "controlplane", *args], self.log_path)
+        else:
+            command = ["-m", "controlplane.main", "--definitions", str(self.definitions), *args]
+            self.process = _python(command, self.log_path)
         wait_until(self._healthy, timeout, "the control plane's /healthz")
 
     def _healthy(self) -> bool:
@@ -236,14 +247,7 @@ class EngineXdsProcess:
             *(extra or []),
         ]
         if binary is not None:
-            handle = self.log_path.open("ab")
-            with handle:
-                self.process = subprocess.Popen(
-                    [str(binary), *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                )
+            self.process = _spawn([str(binary), *argv], self.log_path)
         else:
             self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path)
         try:

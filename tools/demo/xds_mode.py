@@ -6,8 +6,9 @@ the control plane of this repository:
     demo config (a watched directory) -> control plane (validates against the engine's
     definitions file) -> ADS -> engine (--xds) -> Envoy
 
-The control plane validates against ``engine_definitions.json``, the file the builder
-wrote next to the engine binary. :func:`live_change_lines` prints the admin API calls
+The control plane is the engine binary's own ``controlplane`` command (the same command
+the image has), which validates against ``engine_definitions.json``, the file the
+builder wrote next to the registry. :func:`live_change_lines` prints the admin API calls
 that change a route's chain while traffic flows; :func:`check_live_change` makes the
 same calls in ``--check`` mode.
 """
@@ -54,7 +55,8 @@ class XdsEngine:
         # unknownRoute is not carried over xDS (RouteChain holds routes only); the demo
         # config states the default (deny, 404), which is what an xDS-fed engine applies.
         (routes / "demo.yaml").write_text(json.dumps({"routes": document["routes"]}, indent=2))
-        self.plane = ControlPlaneProcess(definitions, workdir, config=routes)
+        # `<engine> controlplane`: the command the image has too.
+        self.plane = ControlPlaneProcess(definitions, workdir, config=routes, engine=binary)
         try:
             self.engine = EngineXdsProcess(
                 self.plane.xds_port, NODE_ID, workdir, binary=binary, max_backoff=2.0
