@@ -241,6 +241,26 @@ def test_two_engines_converge_and_status_shows_both(xds, tmp_path):
         assert other.health() == 1
 
 
+def test_each_worker_process_is_its_own_xds_client(xds, tmp_path):
+    with EngineXdsProcess(
+        xds.plane.xds_port, "workers", tmp_path, extra=["--workers", "2"]
+    ) as engine:
+        version = xds.plane.put_route("xa", add_header("per-worker"))
+
+        def both() -> list[dict[str, Any]]:
+            rows = [
+                e
+                for e in xds.plane.status()["engines"]
+                if e["node"] == "workers" and e["connected"] and e["ackedVersion"] == version
+            ]
+            return rows if len(rows) == 2 else []
+
+        rows = wait_until(both, 15, "both workers to ACK")
+        pids = {int(r["metadata"]["pid"]) for r in rows}
+        assert len(pids) == 2
+        assert engine.process.pid not in pids  # the workers, not the supervising parent
+
+
 def test_update_storm_under_load_ends_on_the_last_version_without_growing(xds):
     padding = "p" * 4096  # each version holds 4 KiB more: a kept snapshot would show
 
