@@ -32,14 +32,42 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
 
-from controlplane.table import RouteTable
-from engine.xds.resources import ROUTE_CHAIN_TYPE
+from controlplane.table import RouteTable, TableVersion
+from engine.xds.resources import ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 
 __all__ = ["AdsServer", "EngineStatus"]
 
 log: Final = logging.getLogger("controlplane.ads")
 
 _KEEP_DISCONNECTED: Final = 100  # closed streams kept in the status, newest last
+SERVED: Final = (SETTINGS_TYPE, ROUTE_CHAIN_TYPE)
+"""The types served, in the order a new version is sent: settings first, so that when an
+engine ACKs the routes of a version it already has that version's settings."""
+
+
+@dataclass
+class _Stream:
+    """What one stream subscribed to and what it was last sent, per type URL."""
+
+    subscribed: list[str] = field(default_factory=list)
+    sent: dict[str, tuple[str, str, object]] = field(default_factory=dict)
+    """type URL -> (nonce, version, content key) of the last response."""
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @staticmethod
+    def key(type_url: str, current: TableVersion) -> object:
+        # Routes are resent with every version (their ACK is the engine's "I run version
+        # N"); settings only when they changed.
+        return current.generation if type_url == ROUTE_CHAIN_TYPE else current.settings_hash
+
+    def due(self, current: TableVersion) -> list[str]:
+        """The subscribed types whose current content this stream has not been sent."""
+        return [
+            t
+            for t in SERVED
+            if t in self.subscribed
+            and (t not in self.sent or self.sent[t][2] != self.key(t, current))
+        ]
 
 
 @dataclass
@@ -58,6 +86,7 @@ class EngineStatus:
     acked_version: str = ""
     nacked_version: str = ""
     nack_error: str = ""
+    settings_acked_version: str = ""
     last_change: float = field(default_factory=time.time)
 
     def as_json(self) -> dict[str, Any]:
@@ -73,6 +102,7 @@ class EngineStatus:
             "ackedVersion": self.acked_version,
             "nackedVersion": self.nacked_version,
             "nackError": self.nack_error,
+            "settingsAckedVersion": self.settings_acked_version,
             "lastChange": self.last_change,
         }
 
@@ -97,38 +127,39 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         engine = EngineStatus(stream=next(self._ids), peer=context.peer())
         self.engines[engine.stream] = engine
-        subscribed = asyncio.Event()
-        reader = asyncio.create_task(self._read(request_iterator, engine, subscribed))
+        stream = _Stream()
+        reader = asyncio.create_task(self._read(request_iterator, engine, stream))
         try:
-            first = asyncio.ensure_future(subscribed.wait())
-            done, _ = await asyncio.wait({reader, first}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                first.cancel()
-                return  # the stream ended before subscribing
-            log.info(
-                "engine %s (%s) subscribed on stream %d", engine.node_id, engine.peer, engine.stream
-            )
-            generation = -1
             while True:
                 current = self.table.current
-                if current.generation == generation:
-                    waiter = asyncio.ensure_future(self.table.wait_newer(generation))
-                    pending: set[asyncio.Future[Any]] = {reader, waiter}
+                due = stream.due(current)
+                if not due:
+                    # Wait for a new table version, a new subscription, or the stream's end.
+                    stream.poke.clear()
+                    waiter = asyncio.ensure_future(self.table.wait_newer(current.generation))
+                    poked = asyncio.ensure_future(stream.poke.wait())
+                    pending: set[asyncio.Future[Any]] = {reader, waiter, poked}
                     finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    poked.cancel()
                     if reader in finished:
-                        waiter.cancel()
                         return
-                    current = waiter.result()
-                generation = current.generation
-                nonce = str(next(self._nonces))
-                engine.sent_version, engine.sent_nonce = current.version, nonce
-                engine.last_change = time.time()
-                yield discovery_pb2.DiscoveryResponse(
-                    version_info=current.version,
-                    resources=list(current.resources),
-                    type_url=ROUTE_CHAIN_TYPE,
-                    nonce=nonce,
-                )
+                    continue
+                for type_url in due:  # settings first: routes then apply with them
+                    nonce = str(next(self._nonces))
+                    stream.sent[type_url] = (nonce, current.version, stream.key(type_url, current))
+                    if type_url == ROUTE_CHAIN_TYPE:
+                        engine.sent_version, engine.sent_nonce = current.version, nonce
+                    engine.last_change = time.time()
+                    resources = (
+                        current.resources if type_url == ROUTE_CHAIN_TYPE else current.settings
+                    )
+                    yield discovery_pb2.DiscoveryResponse(
+                        version_info=current.version,
+                        resources=list(resources),
+                        type_url=type_url,
+                        nonce=nonce,
+                    )
         finally:
             reader.cancel()
             engine.connected = False
@@ -140,7 +171,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self,
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         engine: EngineStatus,
-        subscribed: asyncio.Event,
+        stream: _Stream,
     ) -> None:
         warned: set[str] = set()
         async for request in requests:
@@ -148,30 +179,31 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 engine.node_id = request.node.id
                 engine.cluster = request.node.cluster
                 engine.metadata = json_format.MessageToDict(request.node.metadata)
-            if request.type_url != ROUTE_CHAIN_TYPE:
-                if request.type_url not in warned:
-                    warned.add(request.type_url)
-                    log.warning(
-                        "engine %s asked for %r: not served", engine.node_id, request.type_url
-                    )
+            type_url = request.type_url
+            if type_url not in SERVED:
+                if type_url not in warned:
+                    warned.add(type_url)
+                    log.warning("engine %s asked for %r: not served", engine.node_id, type_url)
                 continue
             if not request.response_nonce:
-                subscribed.set()  # the initial request (or a re-subscription)
+                if type_url not in stream.subscribed:  # the initial request of that type
+                    stream.subscribed.append(type_url)
+                    stream.poke.set()
                 continue
-            if request.response_nonce != engine.sent_nonce:
+            sent = stream.sent.get(type_url)
+            if sent is None or request.response_nonce != sent[0]:
                 continue  # stale: a verdict on a response that has been superseded
             engine.last_change = time.time()
             if request.HasField("error_detail"):
-                engine.nacked_version = engine.sent_version
+                engine.nacked_version = sent[1]
                 engine.nack_error = request.error_detail.message
                 log.warning(
-                    "engine %s NACKed %s: %s",
-                    engine.node_id,
-                    engine.sent_version,
-                    request.error_detail.message,
+                    "engine %s NACKed %s: %s", engine.node_id, sent[1], request.error_detail.message
                 )
-            else:
+            elif type_url == ROUTE_CHAIN_TYPE:
                 engine.acked_version = request.version_info
+            else:
+                engine.settings_acked_version = request.version_info
 
     def _forget_old(self) -> None:
         closed = [k for k, e in self.engines.items() if not e.connected]

@@ -56,6 +56,8 @@ def read_config(path: Path) -> tuple[dict[str, Any], list[str]]:
     errors: list[str] = []
     routes: dict[str, Any] = {}
     owner: dict[str, Path] = {}
+    top: dict[str, Path] = {}
+    settings: dict[str, Any] = {}
     files = _files(path)
     if path.is_dir() and not files:
         errors.append(f"{path}: no *.yaml or *.yml files")
@@ -71,15 +73,24 @@ def read_config(path: Path) -> tuple[dict[str, Any], list[str]]:
         if not isinstance(document, dict) or not isinstance(document.get("routes"), dict):
             errors.append(f"{file}: expected a mapping with 'routes' (route key -> route)")
             continue
-        unknown = sorted(str(k) for k in document if k != "routes")
-        errors += [f"{file}: {key}: not served over xDS (only routes are)" for key in unknown]
+        errors += [
+            f"{file}: unknown field {key!r}"
+            for key in document
+            if key not in ("routes", "unknownRoute")
+        ]
+        if "unknownRoute" in document:
+            if "unknownRoute" in top:
+                errors.append(f"{file}: unknownRoute: also set in {top['unknownRoute']}")
+            else:
+                top["unknownRoute"] = file
+                settings["unknownRoute"] = document["unknownRoute"]
         for key, spec in document["routes"].items():
             if key in owner:
                 errors.append(f"{file}: routes[{key}]: also defined in {owner[key]}")
                 continue
             owner[key] = file
             routes[key] = spec
-    return {"routes": routes}, errors
+    return {**settings, "routes": routes}, errors
 
 
 class ConfigWatcher:

@@ -27,7 +27,7 @@ from google.protobuf import any_pb2
 from engine.config import canonical_json, load_config
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
-from engine.xds.resources import decode_resources, encode_route
+from engine.xds.resources import decode_resources, decode_settings, encode_route, encode_settings
 
 __all__ = ["RouteTable", "TableVersion"]
 
@@ -41,6 +41,9 @@ class TableVersion:
     document: Mapping[str, Any]
     resources: tuple[any_pb2.Any, ...]
     source: str
+    settings: tuple[any_pb2.Any, ...] = ()
+    """The EngineSettings resource (``unknownRoute``), or none for the defaults."""
+    settings_hash: str = ""
 
 
 class RouteTable:
@@ -62,11 +65,11 @@ class RouteTable:
 
     def check(self, document: Mapping[str, Any], source: str) -> list[str]:
         """Every error ``document`` has (empty: valid). Pure: nothing changes."""
-        return self._prepare(document, source)[1]
+        return self._prepare(document, source)[2]
 
     def _prepare(
         self, document: Mapping[str, Any], source: str
-    ) -> tuple[tuple[any_pb2.Any, ...], list[str]]:
+    ) -> tuple[tuple[any_pb2.Any, ...], tuple[any_pb2.Any, ...], list[str]]:
         """Validate ``document``, encode it, and validate what engines will decode.
 
         The second validation runs on the decoded resources, exactly what an engine
@@ -76,10 +79,13 @@ class RouteTable:
         try:
             load_config(document, source=source, registry=self.registry)
         except ConfigError as exc:
-            return (), list(exc.errors)
-        extra = sorted(str(key) for key in document if key != "routes")
-        if extra:  # e.g. unknownRoute: valid in a file, but not carried by RouteChain
-            return (), [f"{key}: not served over xDS (only routes are)" for key in extra]
+            return (), (), list(exc.errors)
+        settings: tuple[any_pb2.Any, ...] = ()
+        message = encode_settings(document)
+        if message is not None:
+            packed_settings = any_pb2.Any()
+            packed_settings.Pack(message)
+            settings = (packed_settings,)
         resources: list[any_pb2.Any] = []
         errors: list[str] = []
         for key, spec in sorted(document["routes"].items()):
@@ -91,21 +97,24 @@ class RouteTable:
                 continue
             resources.append(packed)
         if errors:
-            return (), errors
+            return (), (), errors
         decoded, problems = decode_resources(resources)
+        fields, more = decode_settings(settings)
+        decoded.update(fields)
+        problems += more
         try:
             load_config(decoded, source=f"{source} (as sent)", registry=self.registry)
         except ConfigError as exc:
             problems += exc.errors
-        return tuple(resources), problems
+        return tuple(resources), settings, problems
 
     async def replace(self, document: Mapping[str, Any], source: str) -> list[str]:
         """Make ``document`` (``{"routes": {...}}``) the table if valid; else its errors."""
         if not isinstance(document, Mapping) or not isinstance(document.get("routes"), Mapping):
             return self.check_shape(document)
-        resources, errors = self._prepare(document, source)
+        resources, settings, errors = self._prepare(document, source)
         if not errors:
-            await self._publish(copy.deepcopy(dict(document)), resources, source)
+            await self._publish(copy.deepcopy(dict(document)), resources, settings, source)
         return errors
 
     def check_shape(self, document: Any) -> list[str]:
@@ -138,23 +147,34 @@ class RouteTable:
             return self._current
 
     async def _publish(
-        self, document: dict[str, Any], resources: tuple[any_pb2.Any, ...], source: str
+        self,
+        document: dict[str, Any],
+        resources: tuple[any_pb2.Any, ...],
+        settings: tuple[any_pb2.Any, ...],
+        source: str,
     ) -> None:
         if canonical_json(document) == canonical_json(self._current.document):
             return  # same content: no new version, nothing to push
         self._generation += 1
-        self._current = self._make(document, resources, source)
+        self._current = self._make(document, resources, source, settings)
         async with self._changed:
             self._changed.notify_all()
 
     def _make(
-        self, document: dict[str, Any], resources: tuple[any_pb2.Any, ...], source: str
+        self,
+        document: dict[str, Any],
+        resources: tuple[any_pb2.Any, ...],
+        source: str,
+        settings: tuple[any_pb2.Any, ...] = (),
     ) -> TableVersion:
         digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()[:12]
+        settings_hash = canonical_json(document.get("unknownRoute"))
         return TableVersion(
             version=f"{self._generation}-{digest}",
             generation=self._generation,
             document=document,
             resources=resources,
             source=source,
+            settings=settings,
+            settings_hash=settings_hash,
         )

@@ -2,14 +2,16 @@
 
 :class:`XdsConfigSource` is a :class:`~engine.store.ConfigSource`. It opens one ADS
 stream (``envoy.service.discovery.v3.AggregatedDiscoveryService``) to the control
-plane, subscribes to :data:`~engine.xds.resources.ROUTE_CHAIN_TYPE` with a wildcard
-(no resource names: the engine cannot know the route keys in advance) and treats
-every response as the complete configuration.
+plane, subscribes to :data:`~engine.xds.resources.ROUTE_CHAIN_TYPE` and
+:data:`~engine.xds.resources.SETTINGS_TYPE` (``unknownRoute``) with a wildcard (no
+resource names: the engine cannot know the route keys in advance) and treats every
+response as the complete state of its type; the configuration is the accepted state of
+both types (a server that never sends settings leaves the defaults).
 
 Protocol, per the xDS spec:
 
-* First request of a stream: ``node``, ``type_url``, ``version_info`` = the version
-  last ACKed (empty at first start), no nonce.
+* First requests of a stream, one per type: ``type_url``, ``version_info`` = the version
+  of that type last ACKed (empty at first start), no nonce; the first carries ``node``.
 * Each response is decoded (:func:`~engine.xds.resources.decode_resources`) and
   validated by :func:`engine.config.load_config`, the code path of the file source,
   in a worker thread (validation and policy construction never block the event
@@ -53,7 +55,12 @@ from engine.config import load_config
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
 from engine.store import ConfigStore
-from engine.xds.resources import ROUTE_CHAIN_TYPE, decode_resources
+from engine.xds.resources import (
+    ROUTE_CHAIN_TYPE,
+    SETTINGS_TYPE,
+    decode_resources,
+    decode_settings,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -100,6 +107,9 @@ class XdsStatus:
 
     connected: bool = False
     acked_version: str = ""
+    """The RouteChain version last ACKed."""
+    settings_version: str = ""
+    """The EngineSettings version last ACKed."""
     nacked_version: str = ""
     last_error: str = ""
     responses: int = 0
@@ -109,6 +119,8 @@ class XdsStatus:
 
 
 _HISTORY: Final = 100
+SUBSCRIBED: Final = (ROUTE_CHAIN_TYPE, SETTINGS_TYPE)
+"""The types the engine subscribes to on its ADS stream (wildcard), in this order."""
 
 
 def make_node(
@@ -158,6 +170,9 @@ class XdsConfigSource:
         self._node_factory = node
         self.backoff = backoff if backoff is not None else Backoff()
         self.status = XdsStatus()
+        # The resources last ACKed, per type: an update of one type is validated together
+        # with the accepted state of the other, as one document.
+        self._accepted: dict[str, list[Any]] = {t: [] for t in SUBSCRIBED}
 
     def load_initial(self) -> Snapshot:
         """The current snapshot (see the class docstring)."""
@@ -198,11 +213,14 @@ class XdsConfigSource:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources()
             self.status.connects += 1
-            await call.write(
-                discovery_pb2.DiscoveryRequest(
-                    node=node, type_url=ROUTE_CHAIN_TYPE, version_info=self.status.acked_version
+            for index, type_url in enumerate(SUBSCRIBED):
+                await call.write(
+                    discovery_pb2.DiscoveryRequest(
+                        node=node if index == 0 else None,
+                        type_url=type_url,
+                        version_info=self._version_of(type_url),
+                    )
                 )
-            )
             async for response in call:
                 if not self.status.connected:
                     self.status.connected = True
@@ -214,34 +232,53 @@ class XdsConfigSource:
         """Validate and apply one response; return the ACK or NACK to send back."""
         self.status.responses += 1
         version = response.version_info
-        if response.type_url != ROUTE_CHAIN_TYPE:
-            errors = [f"type URL {response.type_url!r} was not subscribed ({ROUTE_CHAIN_TYPE} is)"]
+        if response.type_url not in SUBSCRIBED:
+            subscribed = " and ".join(SUBSCRIBED)
+            errors = [f"type URL {response.type_url!r} was not subscribed ({subscribed} are)"]
             return self._nack(response, errors)
+        candidate = {**self._accepted, response.type_url: list(response.resources)}
         try:
-            snapshot = await asyncio.to_thread(self._build, response, self.store.current)
+            snapshot = await asyncio.to_thread(
+                self._build, candidate, response.version_info, self.store.current
+            )
         except ConfigError as exc:
             return self._nack(response, list(exc.errors))
         except Exception as exc:  # a bug must NACK (and be logged), never end the stream
             log.exception("xDS: building version %s failed", version)
             return self._nack(response, [f"internal error: {type(exc).__name__}: {exc}"])
         self.store.publish(snapshot, self.name)
-        self.status.acked_version = version
+        self._accepted = candidate
+        if response.type_url == ROUTE_CHAIN_TYPE:
+            self.status.acked_version = version
+        else:
+            self.status.settings_version = version
         self._remember("ACK", version)
         log.info(
-            "xDS: ACK version %s: %d routes (snapshot %d)",
+            "xDS: ACK %s version %s: %d routes (snapshot %d)",
+            response.type_url.rpartition(".")[2],
             version,
             len(snapshot.routes),
             snapshot.version,
         )
         return discovery_pb2.DiscoveryRequest(
-            type_url=ROUTE_CHAIN_TYPE, version_info=version, response_nonce=response.nonce
+            type_url=response.type_url, version_info=version, response_nonce=response.nonce
         )
 
-    def _build(self, response: discovery_pb2.DiscoveryResponse, previous: Snapshot) -> Snapshot:
-        source = f"xds {self.target} version {response.version_info}"
-        document, errors = decode_resources(response.resources)
+    def _version_of(self, type_url: str) -> str:
+        if type_url == ROUTE_CHAIN_TYPE:
+            return self.status.acked_version
+        if type_url == SETTINGS_TYPE:
+            return self.status.settings_version
+        return ""
+
+    def _build(self, candidate: dict[str, list[Any]], version: str, previous: Snapshot) -> Snapshot:
+        source = f"xds {self.target} version {version}"
+        document, errors = decode_resources(candidate[ROUTE_CHAIN_TYPE])
+        settings, problems = decode_settings(candidate[SETTINGS_TYPE])
+        errors += [f"settings: {problem}" for problem in problems]
         if errors:
             raise ConfigError(source, errors)
+        document.update(settings)
         return load_config(document, source=source, registry=self.registry, previous=previous)
 
     def _nack(self, response: discovery_pb2.DiscoveryResponse, errors: list[str]) -> Any:
@@ -249,17 +286,19 @@ class XdsConfigSource:
         self.status.nacked_version = version
         self.status.last_error = "\n".join(errors)
         self._remember("NACK", version)
+        previous = self._version_of(response.type_url)
         log.error(
-            "xDS: NACK version %s (%d error(s)); keeping version %s",
+            "xDS: NACK %s version %s (%d error(s)); keeping version %s",
+            response.type_url,
             version,
             len(errors),
-            self.status.acked_version or "<none>",
+            previous or "<none>",
         )
         for line in errors:
             log.error("xDS: version %s: %s", version, line)
         return discovery_pb2.DiscoveryRequest(
             type_url=response.type_url or ROUTE_CHAIN_TYPE,
-            version_info=self.status.acked_version,
+            version_info=previous,
             response_nonce=response.nonce,
             error_detail=status_pb2.Status(
                 code=code_pb2.INVALID_ARGUMENT, message=self.status.last_error

@@ -32,13 +32,22 @@ __all__ = [
     "MAX_RESOURCE_BYTES",
     "RESOURCE_WRAPPER_TYPE",
     "ROUTE_CHAIN_TYPE",
+    "SETTINGS_NAME",
+    "SETTINGS_TYPE",
     "decode_resources",
+    "decode_settings",
     "encode_route",
+    "encode_settings",
     "route_chain_to_spec",
 ]
 
 ROUTE_CHAIN_TYPE: Final = "type.googleapis.com/policy_engine.v1.RouteChain"
 """The type URL of a route chain resource (DiscoveryRequest/Response and each Any)."""
+
+SETTINGS_TYPE: Final = "type.googleapis.com/policy_engine.v1.EngineSettings"
+"""The type URL of the (at most one) engine settings resource: top-level config fields."""
+
+SETTINGS_NAME: Final = "settings"
 
 RESOURCE_WRAPPER_TYPE: Final = "type.googleapis.com/envoy.service.discovery.v3.Resource"
 """xDS servers may wrap each resource in ``envoy.service.discovery.v3.Resource``."""
@@ -129,6 +138,73 @@ def _unwrap(index: int, resource: any_pb2.Any, errors: list[str]) -> any_pb2.Any
     return resource
 
 
+def _checked(index: int, raw: any_pb2.Any, type_url: str, errors: list[str]) -> any_pb2.Any | None:
+    """The resource if it has ``type_url`` and a sane size; else None and an error."""
+    resource = _unwrap(index, raw, errors)
+    if resource is None:
+        return None
+    if resource.type_url != type_url:
+        errors.append(f"resources[{index}]: type URL {resource.type_url!r} is not {type_url}")
+        return None
+    size = len(resource.value)
+    if size > MAX_RESOURCE_BYTES:
+        errors.append(
+            f"resources[{index}]: {size} bytes, over the limit of {MAX_RESOURCE_BYTES} "
+            "bytes per resource"
+        )
+        return None
+    return resource
+
+
+_ACTION_NAMES: Final = {
+    route_chain_pb2.UnknownRoute.DENY: "deny",
+    route_chain_pb2.UnknownRoute.ALLOW: "allow",
+}
+
+
+def decode_settings(resources: Sequence[any_pb2.Any]) -> tuple[dict[str, Any], list[str]]:
+    """The top-level config fields (``{"unknownRoute": {...}}``) of an EngineSettings
+    response, and its problems. No resource: ``{}`` (every default)."""
+    errors: list[str] = []
+    if len(resources) > 1:
+        return {}, [f"{len(resources)} EngineSettings resources; at most one is allowed"]
+    fields: dict[str, Any] = {}
+    for index, raw in enumerate(resources):
+        resource = _checked(index, raw, SETTINGS_TYPE, errors)
+        if resource is None:
+            continue
+        settings = route_chain_pb2.EngineSettings()
+        try:
+            settings.ParseFromString(resource.value)
+        except DecodeError as exc:
+            errors.append(
+                f"resources[{index}]: cannot decode as policy_engine.v1.EngineSettings: {exc}"
+            )
+            continue
+        if settings.HasField("unknown_route"):
+            unknown = settings.unknown_route
+            spec: dict[str, Any] = {}
+            if unknown.action != route_chain_pb2.UnknownRoute.ACTION_UNSPECIFIED:
+                spec["action"] = _ACTION_NAMES.get(unknown.action, unknown.action)
+            if unknown.status:
+                spec["status"] = unknown.status
+            fields["unknownRoute"] = spec
+    return fields, errors
+
+
+def encode_settings(document: Mapping[str, Any]) -> route_chain_pb2.EngineSettings | None:
+    """The EngineSettings of an already valid config document; None if it sets nothing."""
+    unknown = document.get("unknownRoute")
+    if unknown is None:
+        return None
+    settings = route_chain_pb2.EngineSettings()
+    values = {name: value for value, name in _ACTION_NAMES.items()}
+    settings.unknown_route.action = values[unknown.get("action", "deny")]
+    if "status" in unknown:
+        settings.unknown_route.status = unknown["status"]
+    return settings
+
+
 def decode_resources(resources: Sequence[any_pb2.Any]) -> tuple[dict[str, Any], list[str]]:
     """The configuration document for one state-of-the-world response, and its problems.
 
@@ -141,20 +217,8 @@ def decode_resources(resources: Sequence[any_pb2.Any]) -> tuple[dict[str, Any], 
     routes: dict[str, Any] = {}
     seen: dict[str, int] = {}
     for index, raw in enumerate(resources):
-        resource = _unwrap(index, raw, errors)
+        resource = _checked(index, raw, ROUTE_CHAIN_TYPE, errors)
         if resource is None:
-            continue
-        if resource.type_url != ROUTE_CHAIN_TYPE:
-            errors.append(
-                f"resources[{index}]: type URL {resource.type_url!r} is not {ROUTE_CHAIN_TYPE}"
-            )
-            continue
-        size = len(resource.value)
-        if size > MAX_RESOURCE_BYTES:
-            errors.append(
-                f"resources[{index}]: {size} bytes, over the limit of {MAX_RESOURCE_BYTES} "
-                "bytes per route chain"
-            )
             continue
         chain = route_chain_pb2.RouteChain()
         try:

@@ -49,7 +49,8 @@ class RawXdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
     """ADS on 127.0.0.1; :meth:`push` goes to the newest stream."""
 
     def __init__(self) -> None:
-        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        # Requests per type URL: a test reads the verdicts of the type it pushes.
+        self._requests: dict[str, asyncio.Queue[Any]] = {}
         self.streams: list[_Stream] = []
         self.opened = 0
         self._nonces = itertools.count(1)
@@ -83,7 +84,7 @@ class RawXdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
 
         async def read() -> None:
             async for request in request_iterator:
-                await self.requests.put(request)
+                self._queue(request.type_url).put_nowait(request)
 
         reader = asyncio.create_task(read())
         try:
@@ -123,10 +124,18 @@ class RawXdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ig
         self.streams[-1].outgoing.put_nowait(response)
         return response
 
-    async def next_request(self, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
-        """The next request any engine sent (initial request, ACK or NACK)."""
+    def _queue(self, type_url: str) -> asyncio.Queue[Any]:
+        return self._requests.setdefault(type_url, asyncio.Queue())
+
+    async def next_request(
+        self,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a plain bound reads best in tests
+        *,
+        type_url: str = ROUTE_CHAIN_TYPE,
+    ) -> Any:
+        """The next request of ``type_url`` any engine sent (subscription, ACK or NACK)."""
         async with asyncio.timeout(timeout):
-            return await self.requests.get()
+            return await self._queue(type_url).get()
 
     def close_streams(self) -> None:
         """End every open stream (the server keeps listening): a control plane blip."""

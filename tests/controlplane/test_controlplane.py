@@ -150,12 +150,53 @@ async def test_every_error_is_reported(plane):
     assert body["errors"][0].startswith("body: ")
 
 
-async def test_unknown_route_setting_is_refused_rather_than_silently_dropped(plane):
-    status, body = await call(
-        plane.admin_port, "PUT", "/routes", {"routes": {}, "unknownRoute": {"action": "allow"}}
+async def test_unknown_route_setting_reaches_engines(plane):
+    registry = registry_from("addHeader")
+    plane.table.registry = registry
+    store = ConfigStore()
+    source = XdsConfigSource(
+        f"127.0.0.1:{plane.xds_port}",
+        registry,
+        store,
+        node=functools.partial(make_node, "e", "edge", registry, "0.1.0"),
     )
-    assert status == 400
-    assert body["errors"] == ["unknownRoute: not served over xDS (only routes are)"]
+    task = asyncio.create_task(source.run())
+    try:
+        status, body = await call(
+            plane.admin_port, "PUT", "/routes", {"routes": {}, "unknownRoute": {"status": 200}}
+        )
+        assert status == 400
+        assert body["errors"] == ["unknownRoute: status: must be an integer in 400-599, got 200"]
+        status, body = await call(
+            plane.admin_port,
+            "PUT",
+            "/routes",
+            {"routes": {"r": {"policies": []}}, "unknownRoute": {"action": "allow"}},
+        )
+        assert status == 200
+
+        await asyncio.wait_for(applied_version(source, body["version"]), 10)
+        # Settings are sent before the routes of the same version.
+        assert source.status.settings_version == body["version"]
+        assert store.current.unknown_route is None  # allow
+        # A route change keeps the setting; settings are not resent when unchanged.
+        status, again = await call(plane.admin_port, "PUT", "/routes/s", {"policies": []})
+        assert status == 200
+        await asyncio.wait_for(applied_version(source, again["version"]), 10)
+        assert store.current.unknown_route is None
+        assert source.status.settings_version == body["version"]
+        _, table = await call(plane.admin_port, "GET", "/status")
+        assert table["engines"][0]["settingsAckedVersion"] == body["version"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def applied_version(source: XdsConfigSource, version: str) -> None:
+    while True:
+        if source.status.acked_version == version:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def test_engines_get_accepted_versions_and_status_shows_each(plane):

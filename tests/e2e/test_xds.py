@@ -231,6 +231,30 @@ def test_us3_3_engine_lacking_the_version_nacks_naming_its_versions(xds):
     assert xds.header("/xver/x") == "fixed"
 
 
+def test_unknown_route_setting_over_xds(xds):
+    status, table = xds.plane.call("GET", "/routes")
+    assert status == 200
+    routes = table["routes"]
+    assert "xraw" not in routes  # /xraw/ has an Envoy route but no chain here
+    assert xds.request("/xraw/x").status == 404  # the default: deny
+
+    def put_table(**settings: Any) -> None:
+        status, body = xds.plane.call("PUT", "/routes", {"routes": routes, **settings})
+        assert status == 200, body
+        xds.plane.wait_acked(body["version"], {"engine-a"})
+
+    try:
+        put_table(unknownRoute={"action": "allow"})
+        reply = xds.request("/xraw/x")
+        assert reply.status == 200
+        assert reply.echo is not None  # passed through to the upstream
+        put_table(unknownRoute={"action": "deny", "status": 503})
+        assert xds.request("/xraw/x").status == 503
+    finally:
+        put_table()
+    assert xds.request("/xraw/x").status == 404
+
+
 def test_two_engines_converge_and_status_shows_both(xds, tmp_path):
     with EngineXdsProcess(xds.plane.xds_port, "engine-b", tmp_path) as other:
         version = xds.plane.put_route("xa", add_header("both"))

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2
+from policy_engine.v1 import route_chain_pb2
 
 from engine.store import ConfigStore
 from engine.xds.client import Backoff, XdsConfigSource, make_node
-from engine.xds.resources import MAX_RESOURCE_BYTES, ROUTE_CHAIN_TYPE
+from engine.xds.resources import MAX_RESOURCE_BYTES, ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 from engine.xds.testing import RawXdsServer, route_any
 from tests.support import registry_from
 
@@ -81,6 +82,9 @@ async def rig() -> AsyncIterator[Rig]:
         assert next(
             iter(first.node.metadata.fields["policies"].list_value.values)
         ).string_value == ("addHeader v1.0.0")
+        settings = await server.next_request(type_url=SETTINGS_TYPE)  # same stream
+        assert settings.version_info == ""
+        assert not settings.HasField("node")
         yield Rig(server, store, source, task)
     finally:
         task.cancel()
@@ -105,9 +109,12 @@ async def test_ack_applies_the_update(rig):
 async def nack(rig: Rig, resources: list[any_pb2.Any], version: str, **kwargs: Any) -> str:
     before = rig.store.current
     response = await rig.server.push(resources, version=version, **kwargs)
-    reply = await rig.server.next_request()
+    type_url = kwargs.get("type_url", ROUTE_CHAIN_TYPE)
+    reply = await rig.server.next_request(type_url=type_url)
+    assert reply.type_url == type_url
     assert reply.response_nonce == response.nonce
-    assert reply.version_info == rig.source.status.acked_version  # the previous version
+    previous = {ROUTE_CHAIN_TYPE: rig.source.status.acked_version}.get(type_url, "")
+    assert reply.version_info == previous  # the previous version of that type
     assert reply.version_info != version
     assert reply.error_detail.code == code_pb2.INVALID_ARGUMENT
     assert rig.store.current is before, "a NACKed update must not be applied, even in part"
@@ -177,7 +184,7 @@ def _raw(type_url: str, value: bytes) -> any_pb2.Any:
         pytest.param(
             [route_any("r", add_header("x" * (MAX_RESOURCE_BYTES + 10)))],
             {},
-            "over the limit of 1048576 bytes per route chain",
+            "over the limit of 1048576 bytes per resource",
             id="huge-resource",
         ),
         pytest.param(
@@ -261,3 +268,51 @@ def test_default_node_id_names_host_and_pid():
     node = make_node(None, "edge", REGISTRY, "0.1.0")
     assert node.id == f"{socket.gethostname()}-{os.getpid()}"
     assert node.user_agent_name == "policy-engine"
+
+
+def settings_any(action: int, status: int = 0) -> any_pb2.Any:
+    settings = route_chain_pb2.EngineSettings()
+    settings.unknown_route.action = action  # type: ignore[assignment]
+    settings.unknown_route.status = status
+    packed = any_pb2.Any()
+    packed.Pack(settings)
+    return packed
+
+
+async def test_settings_apply_together_with_the_accepted_routes(rig):
+    await rig.push_ok("1", {"r": add_header("one")})
+    assert rig.store.current.unknown_route is not None  # default: deny
+    response = await rig.server.push(
+        [settings_any(route_chain_pb2.UnknownRoute.ALLOW)], version="s1", type_url=SETTINGS_TYPE
+    )
+    ack = await rig.server.next_request(type_url=SETTINGS_TYPE)
+    assert (ack.version_info, ack.response_nonce) == ("s1", response.nonce)
+    assert not ack.HasField("error_detail")
+    assert rig.store.current.unknown_route is None  # allow
+    assert rig.header_value() == "one"  # the routes stayed
+    # A later routes update keeps the accepted settings.
+    await rig.push_ok("2", {"r": add_header("two")})
+    assert rig.store.current.unknown_route is None
+    assert rig.source.status.settings_version == "s1"
+
+
+async def test_invalid_settings_are_nacked_and_change_nothing(rig):
+    await rig.push_ok("1", {"r": add_header("one")})
+    before = rig.store.current
+    response = await rig.server.push(
+        [settings_any(route_chain_pb2.UnknownRoute.DENY, status=200)],
+        version="s1",
+        type_url=SETTINGS_TYPE,
+    )
+    nack = await rig.server.next_request(type_url=SETTINGS_TYPE)
+    assert (nack.version_info, nack.response_nonce) == ("", response.nonce)
+    assert nack.error_detail.message == (
+        "unknownRoute: status: must be an integer in 400-599, got 200"
+    )
+    assert rig.store.current is before
+    two = [settings_any(1), settings_any(2)]
+    await rig.server.push(two, version="s2", type_url=SETTINGS_TYPE)
+    nack = await rig.server.next_request(type_url=SETTINGS_TYPE)
+    assert nack.error_detail.message == (
+        "settings: 2 EngineSettings resources; at most one is allowed"
+    )

@@ -51,10 +51,8 @@ class XdsEngine:
         workdir = config.parent
         routes = workdir / "routes"
         routes.mkdir(exist_ok=True)
-        document = load_yaml(config.read_bytes())
-        # unknownRoute is not carried over xDS (RouteChain holds routes only); the demo
-        # config states the default (deny, 404), which is what an xDS-fed engine applies.
-        (routes / "demo.yaml").write_text(json.dumps({"routes": document["routes"]}, indent=2))
+        # The same document: routes as RouteChain resources, unknownRoute as EngineSettings.
+        (routes / "demo.yaml").write_text(json.dumps(load_yaml(config.read_bytes()), indent=2))
         # `<engine> controlplane`: the command the image has too.
         self.plane = ControlPlaneProcess(definitions, workdir, config=routes, engine=binary)
         try:
