@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
@@ -120,10 +121,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--workers must be at least 1")
     if not 1 <= args.max_body_bytes <= _MAX_BODY_LIMIT:
         parser.error(f"--max-body-bytes must be between 1 and {_MAX_BODY_LIMIT}")
-    if not args.poll_interval > 0:  # 0 would poll in a busy loop; `not >` also rejects nan
-        parser.error("--poll-interval must be greater than 0")
-    if not args.settle >= 0:
-        parser.error("--settle must be 0 or more")
+    # 0 would poll in a busy loop, inf never; `not` also rejects nan
+    if not 0 < args.poll_interval < math.inf:
+        parser.error("--poll-interval must be a finite number greater than 0")
+    if not 0 <= args.settle < math.inf:  # inf would never load a change; `not` rejects nan
+        parser.error("--settle must be a finite number of seconds, 0 or more")
     if not args.grace >= 0:
         parser.error("--grace must be 0 or more")
     if not args.drain >= 0:
