@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+from google.protobuf import any_pb2, struct_pb2
 
+from engine.xds.resources import MAX_RESOURCE_BYTES, ROUTE_CHAIN_TYPE
 from engine.xds.testing import RawXdsServer, route_any
 from tests.e2e.harness import (
     EchoUpstream,
@@ -368,7 +370,7 @@ class _LoopThread:
         self.loop.close()
 
 
-def test_raw_server_pushing_an_invalid_resource_gets_a_nack(tmp_path):
+def test_raw_server_pushing_invalid_or_malformed_resources_gets_nacks(tmp_path):
     binary = envoy_binary()
     assert binary is not None
     loops = _LoopThread()
@@ -399,6 +401,33 @@ def test_raw_server_pushing_an_invalid_resource_gets_a_nack(tmp_path):
                 "routes[xraw].policies[0] addHeader v1.0.0: header: 'Not A Header' does not "
                 "match '^[a-z0-9-]+$'"
             )
+            reply = http_request(envoy.port, "/xraw/x")
+            assert reply.status == 200
+            assert reply.echo is not None
+            assert reply.echo["headers"]["x-version"] == "good"
+
+            # Malformed input: a NACK with a clear reason each time, never a crash.
+            wrong = any_pb2.Any()
+            wrong.Pack(struct_pb2.Struct())
+            huge = route_any("xraw", add_header("x" * (MAX_RESOURCE_BYTES + 1)))
+            cases = [
+                ([wrong], "type URL 'type.googleapis.com/google.protobuf.Struct' is not"),
+                (
+                    [any_pb2.Any(type_url=ROUTE_CHAIN_TYPE, value=b"\x0a\xff\xff\xff")],
+                    "cannot decode as policy_engine.v1.RouteChain",
+                ),
+                ([huge], "over the limit of 1048576 bytes per resource"),
+                (
+                    [route_any("xraw", add_header("a")), route_any("xraw", add_header("b"))],
+                    "route key 'xraw' appears twice",
+                ),
+            ]
+            for index, (resources, reason) in enumerate(cases):
+                sent = loops.run(server.push(resources, version=f"bad-{index}"))
+                verdict = loops.run(server.next_request())
+                assert (verdict.version_info, verdict.response_nonce) == ("1", sent.nonce)
+                assert reason in verdict.error_detail.message
+                assert engine.process.poll() is None, engine.log()
             reply = http_request(envoy.port, "/xraw/x")
             assert reply.status == 200
             assert reply.echo is not None
