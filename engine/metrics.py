@@ -69,11 +69,16 @@ __all__ = [
     "enabled",
     "extproc_protocol_error",
     "get",
+    "policy_failed",
+    "policy_ran",
+    "policy_short_circuit",
+    "policy_skipped",
     "ratelimit_backend_error",
     "ratelimit_decision",
     "render",
     "route_label",
     "serve",
+    "stream",
     "xds_connected",
     "xds_response",
 ]
@@ -216,10 +221,15 @@ def render() -> bytes:
     return generate_latest(registry)
 
 
-def serve(listen: str) -> Callable[[], None]:
+def serve(listen: str, *, reuse_port: bool = False) -> Callable[[], None]:
     """Serve ``GET /metrics`` on ``listen`` (``host:port``) from a daemon thread (it
     never touches the event loop); returns a function that stops it. Raises OSError when
-    the address cannot be bound."""
+    the address cannot be bound.
+
+    With ``reuse_port`` every worker binds the same port (``SO_REUSEPORT``, like the gRPC
+    port): whichever worker a scrape reaches renders every process's files, so each
+    answer is the whole engine's sum, and no thread runs in the forking parent.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -236,9 +246,12 @@ def serve(listen: str) -> Callable[[], None]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+    class Server(ThreadingHTTPServer):
+        allow_reuse_port = reuse_port
+        daemon_threads = True
+
     host, _, port = listen.rpartition(":")
-    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
-    server.daemon_threads = True
+    server = Server((host.strip("[]") or "127.0.0.1", int(port)), Handler)
     thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
     thread.start()
 
@@ -260,6 +273,44 @@ def route_label(route: str) -> str:
     if metrics is None or route in metrics._known_routes:
         return route
     return UNKNOWN_ROUTE
+
+
+def stream(route: str, *, has_chain: bool) -> None:
+    """One ext_proc stream (HTTP request) for ``route``; ``has_chain``: a chain ran."""
+    metrics = get()
+    if metrics is None:
+        return
+    label = route if route in metrics._known_routes else UNKNOWN_ROUTE
+    metrics.child(metrics.streams, label).inc()
+    if has_chain:
+        metrics.child(metrics.requests, label).inc()
+
+
+def policy_ran(route: str, name: str, version: str, seconds: float) -> None:
+    """A policy hook ran for ``seconds`` (whatever its result)."""
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.policy_duration, route, name, version).observe(seconds)
+
+
+def policy_skipped(route: str, name: str, version: str, reason: str) -> None:
+    """``reason``: ``condition`` (false) or ``condition_error`` (it failed to evaluate)."""
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.policy_skips, route, name, version, reason).inc()
+
+
+def policy_short_circuit(route: str, name: str, version: str, status: int) -> None:
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.policy_short_circuits, route, name, version, str(status)).inc()
+
+
+def policy_failed(route: str, name: str, version: str, kind: str) -> None:
+    """``kind``: ``timeout``, ``exception``, ``bad_result`` or ``cancelled``."""
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.policy_failures, route, name, version, kind).inc()
 
 
 def extproc_protocol_error() -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Protocol, runtime_checkable
 
+from engine import metrics
 from engine.chain import Snapshot
 from engine.config import load_config
 from engine.errors import ConfigError
@@ -93,6 +94,9 @@ class ConfigStore:
         Call it on the serving event loop (listeners run there)."""
         self._current = snapshot
         self._last_source = source
+        metrics.config_published(
+            snapshot.version, snapshot.source, snapshot.content_hash, snapshot.routes
+        )
         for listener in tuple(self._listeners):
             try:
                 listener(snapshot)
@@ -260,6 +264,7 @@ class FileConfigSource:
         try:
             return self._load(data)
         except ConfigError as exc:
+            metrics.config_reload_failed("rejected")
             logger.error(
                 "config reload from %s rejected (%d error(s)); keeping version %d",
                 self.path,
@@ -269,6 +274,7 @@ class FileConfigSource:
             for line in exc.lines():
                 logger.error("%s", line)
         except Exception as exc:  # a loader bug must not end reloads (run() would die)
+            metrics.config_reload_failed("failed")
             logger.error(
                 "config reload from %s failed (%s: %s); keeping version %d",
                 self.path,

@@ -50,6 +50,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from engine import metrics
 from engine.chain import Snapshot
 from engine.config import load_config
 from engine.errors import ConfigError
@@ -195,6 +196,7 @@ class XdsConfigSource:
             except Exception:  # never let the source die: keep serving, keep retrying
                 log.exception("xDS: unexpected client failure; reconnecting")
             self.status.connected = False
+            metrics.xds_connected(False)
             delay = self.backoff.next_delay()
             log.info(
                 "xDS: reconnecting in %.2fs; serving version %d meanwhile",
@@ -229,6 +231,7 @@ class XdsConfigSource:
             async for response in call:
                 if not self.status.connected:
                     self.status.connected = True
+                    metrics.xds_connected(True)
                     log.info("xDS: connected to %s", self.target)
                 self.backoff.reset()
                 await call.write(await self.handle(response))
@@ -311,6 +314,7 @@ class XdsConfigSource:
         )
 
     def _remember(self, verdict: str, version: str) -> None:
+        metrics.xds_response(verdict)
         history = self.status.history
         history.append((verdict, version))
         if len(history) > _HISTORY:

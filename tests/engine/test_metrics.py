@@ -114,3 +114,25 @@ def test_http_endpoint(enabled: metrics.Metrics) -> None:
         info.value.close()
     finally:
         stop()
+
+
+def test_store_publish_and_ratelimit_policy_record(enabled: metrics.Metrics) -> None:
+    from engine.chain import Snapshot
+    from engine.registry import load_policy
+    from engine.store import ConfigStore
+    from engine.testing import construct, make_request_context
+
+    ConfigStore().publish(Snapshot(routes={"api": None}, source="t", version=4), "test")  # type: ignore[dict-item]
+    limiter = construct(
+        load_policy(Path(__file__).resolve().parents[2] / "policies/rateLimit/v2.0.0"),
+        {"requestsPerSecond": 1, "burstSize": 1},
+    )
+    for _ in range(3):
+        limiter.on_request(make_request_context(client_address="10.0.0.9"))
+    found = samples(metrics.render())
+    assert found[("policy_engine_config_version", ())] == 4
+    assert metrics.route_label("api") == "api"
+    allowed = (("backend", "local"), ("decision", "allowed"))
+    limited = (("backend", "local"), ("decision", "limited"))
+    assert found[("policy_engine_ratelimit_decisions_total", allowed)] == 1
+    assert found[("policy_engine_ratelimit_decisions_total", limited)] == 2

@@ -42,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from engine import metrics
 from engine.definition import parse_duration
 from engine.policy import (
     ImmediateResponse,
@@ -144,6 +145,7 @@ class Policy:
         self._redis: RedisBackend | None = None
         self._allow_on_error = params.get("onBackendError", "deny") == "allow"
         self._scope: str | None = params.get("scope")
+        self._backend = str(params.get("backend", "local"))
         if params.get("backend", "local") == "redis":
             if self._scope is not None and _SCOPE.fullmatch(self._scope) is None:
                 raise ParameterError("scope", f"{self._scope!r}: use letters, digits, _ . : -")
@@ -210,7 +212,9 @@ class Policy:
     def _apply(self, ctx: RequestContext, decision: Decision) -> ImmediateResponse | None:
         """Record ``decision`` in the metadata; the 429 when it denies."""
         metadata = ctx.metadata
-        metadata[DECISION_KEY] = "allowed" if decision.allowed else "limited"
+        verdict = "allowed" if decision.allowed else "limited"
+        metrics.ratelimit_decision(self._backend, verdict)
+        metadata[DECISION_KEY] = verdict
         metadata[_LIMIT_KEY] = decision.limit
         metadata[_REMAINING_KEY] = decision.remaining
         metadata[_RESET_KEY] = decision.reset_seconds
@@ -231,8 +235,10 @@ class Policy:
             ctx.metadata.pop(key, None)  # no numbers to report: no RateLimit headers
         if self._allow_on_error:
             ctx.metadata[DECISION_KEY] = "backendErrorAllowed"
+            metrics.ratelimit_decision(self._backend, "backendErrorAllowed")
             return None
         ctx.metadata[DECISION_KEY] = "backendErrorDenied"
+        metrics.ratelimit_decision(self._backend, "backendErrorDenied")
         body = {"error": "rate_limit_unavailable", "message": "rate limit backend unavailable"}
         return ImmediateResponse(
             status=503,

@@ -39,6 +39,8 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from engine import metrics
+
 if TYPE_CHECKING:  # see policy.py: relative at run time, top-level for mypy
     from gcra import Decision
 else:
@@ -218,6 +220,7 @@ class RedisBackend:
 
     def _down(self, shared: _Shared, exc: BaseException) -> None:
         shared.errors += 1
+        metrics.ratelimit_backend_error("redis")
         shared.next_probe = time.monotonic() + RETRY_INTERVAL
         if shared.up:
             shared.up = False
