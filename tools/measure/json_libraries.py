@@ -8,11 +8,16 @@ checks they produce the same document. Needs orjson and msgspec installed:
 
     python tools/measure/json_libraries.py [repeats]
 
+It also times a ~4.6 MiB body, and the longest event-loop stall while a worker thread
+(asyncio.to_thread) does that round trip: the parsers hold the GIL, so a thread does
+not keep the loop free.
+
 No assertions about speed: the figures go into the commit message and README.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import statistics
@@ -81,8 +86,41 @@ def measure(codec: Codec, body: bytes, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+async def loop_stall(codec: Codec, body: bytes) -> tuple[float, float]:
+    """The longest gap (ms) between 1 ms ticks of a coroutine while a worker thread
+    (asyncio.to_thread) does one round trip of ``body``, and that round trip's wall
+    time (ms): whether a thread keeps the event loop free."""
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    start = time.perf_counter()
+    await asyncio.to_thread(measure, codec, body, 1)
+    wall = time.perf_counter() - start
+    done = True
+    await task
+    return max(gaps) * 1e3, wall * 1e3
+
+
 def main() -> None:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    print(f"orjson {orjson.__version__}, msgspec {msgspec.__version__}")
+    big = document(23_000)
+    for name, codec in CODECS.items():
+        micros = measure(codec, big, 5)
+        print(f"{len(big) / 2**20:6.1f} MiB {name:8s} {micros / 1e3:9.1f} ms/round trip")
+    for name in ("json", "msgspec"):
+        stall, wall = asyncio.run(loop_stall(CODECS[name], big))
+        print(f"{name} in a thread: {wall:.1f} ms, longest event-loop stall {stall:.1f} ms")
     for users in (5, 500):
         body = document(users)
         outputs = set()

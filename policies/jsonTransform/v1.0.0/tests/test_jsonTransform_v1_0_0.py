@@ -213,3 +213,89 @@ def test_nan_value_rejected_by_engine_and_constructor() -> None:
     with pytest.raises(ParameterError) as info:  # the constructor's own check stays
         POLICY.factory(params)
     assert info.value.field == "request.set.a"
+
+
+# --------------------------------------------------------------------------- fail safe (issue 8)
+
+
+def test_lone_surrogate_in_a_body_is_a_clear_outcome(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 8 item 9: "\\ud800" parsed, then failed to serialise (UnicodeEncodeError
+    out of the hook). It is not valid Unicode, so the body is not valid JSON."""
+    body = b'{"name": "\\ud800", "ok": 1}'
+    policy = construct(POLICY, {"request": {"set": {"a": 1}}, "response": {"set": {"a": 1}}})
+    action = policy.on_request(request_ctx(body))
+    assert isinstance(action, ImmediateResponse)
+    assert action.status == 400
+    assert "request body is not valid JSON" in json.loads(action.body)["message"]
+    with caplog.at_level(logging.WARNING):
+        assert policy.on_response(response_ctx(body)) is None
+    assert "left unchanged" in caplog.text
+
+
+def test_numbers_round_trip_exactly() -> None:
+    body = b'{"id": 123456789012345678901234567890, "f": 0.1, "n": -0, "u": "\\u00e9"}'
+    action = construct(POLICY, {"request": {"set": {"x": True}}}).on_request(request_ctx(body))
+    assert isinstance(action, RequestModifications)
+    assert action.body == (
+        '{"id":123456789012345678901234567890,"f":0.1,"n":0,"u":"é","x":true}'.encode()
+    )
+
+
+def big_body(size: int) -> bytes:
+    """A JSON object of at least ``size`` bytes."""
+    users = [{"id": i, "name": f"user {i}", "tags": ["a", "b"]} for i in range(size // 40)]
+    return json.dumps({"internal": 1, "users": users}).encode()
+
+
+def test_request_body_over_max_body_bytes_is_a_413() -> None:
+    """Issue 8 item 12: a 4.5 MiB body was parsed on the event loop (207 ms) while
+    every other request waited. Bodies over maxBodyBytes (default 1 MiB) are not
+    parsed at all."""
+    body = big_body(int(4.5 * 2**20))
+    action = construct(POLICY, {"request": {"remove": ["internal"]}}).on_request(request_ctx(body))
+    assert isinstance(action, ImmediateResponse)
+    assert action.status == 413
+    assert json.loads(action.body)["error"] == "payload_too_large"
+    raised = construct(POLICY, {"request": {"remove": ["internal"]}, "maxBodyBytes": 8 << 20})
+    action = raised.on_request(request_ctx(body))
+    assert isinstance(action, RequestModifications)
+    assert action.body is not None
+    assert "internal" not in json.loads(action.body)
+
+
+def test_response_body_over_max_body_bytes_fails_the_policy() -> None:
+    """Passing it unchanged could leak a field the policy is configured to remove."""
+    from engine.errors import PolicyError
+
+    policy = construct(POLICY, {"response": {"remove": ["internal"]}, "maxBodyBytes": 1000})
+    with pytest.raises(PolicyError, match="larger than maxBodyBytes"):
+        policy.on_response(response_ctx(big_body(2000)))
+    assert policy.on_response(response_ctx(b'{"internal": 1}')) is not None
+
+
+def test_constructor_work_on_set_values_is_bounded() -> None:
+    """A value sharing sub-structures (what YAML aliases build) is counted node by
+    node, never expanded in full: a million-node value is rejected at once."""
+    value: Any = [0] * 10
+    for _ in range(5):
+        value = [value] * 10  # 10**6 leaves, a few hundred objects
+    with pytest.raises(ParameterError) as info:
+        POLICY.factory({"request": {"set": {"big": value}}})
+    assert info.value.field == "request.set.big"
+    assert "more than 10000 JSON nodes" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("\ud800", "cannot be written as JSON", id="lone-surrogate"),
+        pytest.param({1: "x"}, "object keys must be strings", id="non-string-key"),
+        pytest.param({"a": [float("inf")]}, "must be a finite number", id="nested-infinity"),
+        pytest.param({"a": {1, 2}}, "set is not a JSON value", id="python-set"),
+    ],
+)
+def test_set_values_must_be_plain_json(value: Any, message: str) -> None:
+    with pytest.raises(ParameterError) as info:
+        POLICY.factory({"response": {"set": {"a.b": value}}})
+    assert info.value.field == "response.set.a.b"
+    assert message in info.value.message
