@@ -70,25 +70,26 @@ Errors
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import wrappers_pb2
 
+from engine import extproc_messages as msg
 from engine.chain import RequestState, run_request, run_response
 from engine.errors import PolicyError, ProtocolError
+from engine.extproc_messages import (
+    ATTRIBUTES_KEY,
+    DEFAULT_MAX_BODY_BYTES,
+    ROUTE_ATTRIBUTE,
+    ROUTE_METADATA_KEY,
+)
 from engine.policy import (
-    Headers,
     ImmediateResponse,
     RequestContext,
     RequestMetadata,
@@ -112,23 +113,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ROUTE_METADATA_KEY: Final = "x-policy-route"
-"""gRPC invocation metadata key carrying the route key (set per route by Envoy)."""
-
-ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
-"""Key of ``ProcessingRequest.attributes`` (hard-coded by Envoy, whatever the filter name)."""
-
-ROUTE_ATTRIBUTE: Final = "xds.route_name"
-"""Fallback attribute holding the route name."""
-
-DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
-"""Largest request or response body a policy sees (the spec's 10 MB); bigger -> 413/500."""
-
-_Mode = processing_mode_pb2.ProcessingMode
-_CONTINUE_AND_REPLACE: Final = pb.CommonResponse.CONTINUE_AND_REPLACE
 _MAX_WARNED_ROUTES: Final = 1024
-_NO_APPEND: Final = wrappers_pb2.BoolValue(value=False)
-_APPEND: Final = wrappers_pb2.BoolValue(value=True)
 
 
 @dataclass(slots=True)
@@ -249,9 +234,9 @@ class _Stream:
         self.chain: Chain | None = None
         self.request: RequestContext | None = None
         self.response: ResponseContext | None = None
-        # The body modes asked for (see _body_mode); chunks of a STREAMED body so far.
-        self.request_mode: int = _Mode.BUFFERED
-        self.response_mode: int = _Mode.BUFFERED
+        # The body modes asked for (see msg.body_mode); chunks of a STREAMED body so far.
+        self.request_mode: int = msg.Mode.BUFFERED
+        self.response_mode: int = msg.Mode.BUFFERED
         self._chunks: list[bytes] = []
         self._received = 0
 
@@ -302,16 +287,16 @@ class _Stream:
 
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
-        headers, pseudo = _headers_from(http)
-        self.route = _route_key(self._context, message)
+        headers, pseudo = msg.headers_from(http)
+        self.route = msg.route_key(self._context, message)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor._chain_for(self.route)
         if chain is None:
             self.phase = _Phase.DONE
             if unknown is not None:
-                return _immediate(unknown)
+                return msg.immediate(unknown)
             return pb.ProcessingResponse(
-                request_headers=pb.HeadersResponse(), mode_override=_PASS_THROUGH
+                request_headers=pb.HeadersResponse(), mode_override=msg.PASS_THROUGH
             )
         self.chain = chain
         self.request = RequestContext(
@@ -321,18 +306,18 @@ class _Stream:
             request_id=headers.get("x-request-id", ""),
             route=self.route,
             metadata=RequestMetadata(),
-            client_address=_client_address(headers, message),
+            client_address=msg.client_address(headers, message),
         )
         config = message.protocol_config
-        self.request_mode = _body_mode(config.request_body_mode)
-        self.response_mode = _body_mode(config.response_body_mode)
-        if (chain.requires_request_body and self.request_mode == _Mode.FULL_DUPLEX_STREAMED) or (
-            chain.requires_response_body and self.response_mode == _Mode.FULL_DUPLEX_STREAMED
+        self.request_mode = msg.body_mode(config.request_body_mode)
+        self.response_mode = msg.body_mode(config.response_body_mode)
+        if (chain.requires_request_body and self.request_mode == msg.Mode.FULL_DUPLEX_STREAMED) or (
+            chain.requires_response_body and self.response_mode == msg.Mode.FULL_DUPLEX_STREAMED
         ):
             return self._refuse("request", "body mode FULL_DUPLEX_STREAMED in the filter config")
         if chain.requires_request_body and not http.end_of_stream:
             if config.send_body_without_waiting_for_header_response and (
-                config.request_body_mode == _Mode.NONE
+                config.request_body_mode == msg.Mode.NONE
             ):
                 # Envoy ignores every mode override in this setting: the body will never
                 # come, so refuse now, before the request goes anywhere.
@@ -343,7 +328,7 @@ class _Stream:
         return await self._run_request(
             lambda outcome: pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(
-                    response=_common_request(outcome, body_buffered=False)
+                    response=msg.common_request(outcome, body_buffered=False)
                 ),
                 mode_override=mode,
             )
@@ -372,7 +357,7 @@ class _Stream:
             mode = self._modes(request_body=not replaced)
             if replaced:
                 self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
-            common = _common_request(outcome, body_buffered=False)
+            common = msg.common_request(outcome, body_buffered=False)
             return pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=common), mode_override=mode
             )
@@ -388,7 +373,7 @@ class _Stream:
             return data
         self.request.body = data
         self.phase = _Phase.RESPONSE_HEADERS if self.chain.needs_response else _Phase.DONE
-        if self.request_mode == _Mode.STREAMED:
+        if self.request_mode == msg.Mode.STREAMED:
 
             def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
                 changed = (
@@ -400,13 +385,13 @@ class _Stream:
                 )
                 if changed:
                     return self._refuse("request", "a header change after a STREAMED body")
-                common = _whole_body_mutation(outcome.body, data)
+                common = msg.whole_body_mutation(outcome.body, data)
                 return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
         else:
 
             def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
-                common = _common_request(outcome, body_buffered=True)
+                common = msg.common_request(outcome, body_buffered=True)
                 return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
         return await self._run_request(build, self.chain.request_rest)
@@ -423,18 +408,18 @@ class _Stream:
         """
         data = bytes(body.body)
         limit = self._processor.max_body_bytes
-        if mode == _Mode.STREAMED:
+        if mode == msg.Mode.STREAMED:
             self._received += len(data)
             if self._received > limit:
                 return self._too_large(side)
             if not body.end_of_stream:
                 self._chunks.append(data)
                 field = "request_body" if side == "request" else "response_body"
-                return pb.ProcessingResponse(**{field: _HOLD_CHUNK})
+                return pb.ProcessingResponse(**{field: msg.HOLD_CHUNK})
             if self._chunks:
                 data = b"".join([*self._chunks, data])
                 self._chunks = []
-        elif mode == _Mode.BUFFERED_PARTIAL and not body.end_of_stream:
+        elif mode == msg.Mode.BUFFERED_PARTIAL and not body.end_of_stream:
             return self._too_large(side)
         if len(data) > limit:
             return self._too_large(side)
@@ -451,7 +436,7 @@ class _Stream:
         )
         self.phase = _Phase.DONE
         self._chunks = []
-        return _immediate(_REQUEST_TOO_LARGE if side == "request" else _RESPONSE_TOO_LARGE)
+        return msg.immediate(msg.REQUEST_TOO_LARGE if side == "request" else msg.RESPONSE_TOO_LARGE)
 
     def _refuse(self, side: str, what: str) -> pb.ProcessingResponse:
         """Answer a setting the engine cannot police safely (fail closed, logged)."""
@@ -466,17 +451,17 @@ class _Stream:
         self._chunks = []
         failure = self.chain.body_failure if self.chain is not None else None
         if side == "request" and failure is not None:
-            return _immediate(failure)
-        return _INTERNAL_ERROR_REPLY
+            return msg.immediate(failure)
+        return msg.INTERNAL_ERROR_REPLY
 
     def _modes(self, *, request_body: bool) -> Any:
         """The full mode override (every body mode set: omitted ones merge as NONE)."""
         assert self.chain is not None
         chain = self.chain
-        return _modes(
-            self.request_mode if request_body else _Mode.NONE,
+        return msg.modes(
+            self.request_mode if request_body else msg.Mode.NONE,
             chain.needs_response,
-            self.response_mode if chain.requires_response_body else _Mode.NONE,
+            self.response_mode if chain.requires_response_body else msg.Mode.NONE,
         )
 
     def _body_never_came(self, kind: str) -> pb.ProcessingResponse:
@@ -496,7 +481,7 @@ class _Stream:
             self.chain.body_failure.status,
         )
         self.phase = _Phase.DONE
-        return _immediate(self.chain.body_failure)
+        return msg.immediate(self.chain.body_failure)
 
     async def _run_request(
         self,
@@ -517,7 +502,7 @@ class _Stream:
     async def _on_response_headers(self, http: pb.HttpHeaders) -> pb.ProcessingResponse:
         assert self.request is not None
         assert self.chain is not None
-        headers, pseudo = _headers_from(http)
+        headers, pseudo = msg.headers_from(http)
         try:
             status = int(pseudo.get(":status", "0"))
         except ValueError:
@@ -535,7 +520,7 @@ class _Stream:
         return await self._run_response(
             lambda outcome: pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(
-                    response=_common_response(outcome, body_buffered=False)
+                    response=msg.common_response(outcome, body_buffered=False)
                 )
             )
         )
@@ -547,7 +532,7 @@ class _Stream:
             return data
         self.response.body = data
         self.phase = _Phase.DONE
-        if self.response_mode == _Mode.STREAMED:
+        if self.response_mode == msg.Mode.STREAMED:
 
             def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
                 # The response headers went downstream before the first chunk.
@@ -558,13 +543,13 @@ class _Stream:
                     or outcome.status is not None
                 ):
                     return self._refuse("response", "a header change after a STREAMED body")
-                common = _whole_body_mutation(outcome.body, data)
+                common = msg.whole_body_mutation(outcome.body, data)
                 return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
 
         else:
 
             def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
-                common = _common_response(outcome, body_buffered=True)
+                common = msg.common_response(outcome, body_buffered=True)
                 return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
 
         return await self._run_response(build)
@@ -594,7 +579,7 @@ class _Stream:
             outcome = await run
             if outcome.immediate is not None:
                 self.phase = _Phase.DONE
-                return _immediate(outcome.immediate)
+                return msg.immediate(outcome.immediate)
             if outcome.body is not None and len(outcome.body) > self._processor.max_body_bytes:
                 # The reply could exceed the gRPC message limit and fail the whole stream.
                 raise PolicyError(
@@ -606,222 +591,4 @@ class _Stream:
             self._processor.stats.policy_failures += 1
             log.exception("%s chain failed for route %r", phase, self.route)
             self.phase = _Phase.DONE
-            return _INTERNAL_ERROR_REPLY
-
-
-# -- message helpers (pure functions) -----------------------------------------------------
-
-_PASS_THROUGH: Final = _Mode(
-    request_body_mode=_Mode.NONE, response_header_mode=_Mode.SKIP, response_body_mode=_Mode.NONE
-)
-_INTERNAL_ERROR: Final = ImmediateResponse(
-    status=500, headers={"content-type": "text/plain"}, body=b"policy engine error\n"
-)
-
-
-_BODY_MODES: Final = (
-    _Mode.NONE,
-    _Mode.STREAMED,
-    _Mode.BUFFERED,
-    _Mode.BUFFERED_PARTIAL,
-    _Mode.FULL_DUPLEX_STREAMED,
-)
-# Every mode override a request can get, built once: (request body, response, response body).
-_MODES: Final = {
-    (request_body, response, response_body): _Mode(
-        request_body_mode=request_body,
-        response_header_mode=_Mode.SEND if response else _Mode.SKIP,
-        response_body_mode=response_body,
-    )
-    for request_body, response, response_body in itertools.product(
-        _BODY_MODES, (False, True), _BODY_MODES
-    )
-}
-
-
-def _modes(request_body: int, response: bool, response_body: int) -> Any:
-    return _MODES[(request_body, response, response_body)]
-
-
-def _body_mode(configured: int) -> int:
-    """The body mode to ask for, given the filter's configured one (``protocol_config``).
-
-    NONE/BUFFERED: ask BUFFERED. A STREAMED or BUFFERED_PARTIAL filter config is asked for
-    again unchanged: whether Envoy honours the override or not, the mode is then known, and
-    the body handling matches it (see :meth:`_Stream._whole_body`).
-    """
-    if configured in (_Mode.STREAMED, _Mode.BUFFERED_PARTIAL, _Mode.FULL_DUPLEX_STREAMED):
-        return configured
-    return int(_Mode.BUFFERED)
-
-
-_HOLD_CHUNK: Final = pb.BodyResponse(
-    response=pb.CommonResponse(body_mutation=pb.BodyMutation(clear_body=True))
-)
-_REQUEST_TOO_LARGE: Final = ImmediateResponse(
-    status=413,
-    headers={"content-type": "application/json"},
-    body=b'{"error": "request body too large for the policy engine"}',
-)
-_RESPONSE_TOO_LARGE: Final = ImmediateResponse(
-    status=500,
-    headers={"content-type": "application/json"},
-    body=b'{"error": "response body too large for the policy engine"}',
-)
-
-
-def _whole_body_mutation(changed: bytes | None, original: bytes) -> Any:
-    """Last reply of a STREAMED body: the whole (possibly rewritten) body, as the earlier
-    chunks were held back."""
-    common = pb.CommonResponse()
-    common.body_mutation.body = changed if changed is not None else original
-    return common
-
-
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def _headers_from(http: pb.HttpHeaders) -> tuple[Headers, dict[str, str]]:
-    """Split Envoy headers into (regular, pseudo); names lower-case, repeats kept apart."""
-    regular = Headers()
-    pseudo: dict[str, str] = {}
-    for hv in http.headers.headers:
-        name = hv.key.lower()
-        value = _decode(hv.raw_value) if hv.raw_value else hv.value
-        if name.startswith(":"):
-            pseudo[name] = value
-        else:
-            regular.add(name, value)
-    return regular, pseudo
-
-
-def _route_key(
-    context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
-    message: pb.ProcessingRequest,
-) -> str:
-    """Route key from the invocation metadata, else the ``xds.route_name`` attribute, else ""."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ROUTE_METADATA_KEY:
-            return value if isinstance(value, str) else _decode(value)
-    if ATTRIBUTES_KEY in message.attributes:
-        fields = message.attributes[ATTRIBUTES_KEY].fields
-        if ROUTE_ATTRIBUTE in fields:
-            return str(fields[ROUTE_ATTRIBUTE].string_value)
-    return ""
-
-
-def _strip_port(address: str) -> str:
-    if address.startswith("["):  # [v6]:port
-        return address[1:].partition("]")[0]
-    host, sep, port = address.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        return host
-    return address
-
-
-def _client_address(headers: Mapping[str, str], message: pb.ProcessingRequest) -> str:
-    """The client's address as Envoy established it, never as the client claims it.
-
-    ``source.address`` (a request attribute: configure ``request_attributes:
-    [source.address]``) is Envoy's downstream remote address, which already honours
-    its ``use_remote_address`` / ``xff_num_trusted_hops`` settings. Without it, the
-    *last* ``x-forwarded-for`` hop (the one Envoy appended) is used: the first hops
-    are written by the client, so keying a rate limit on them would let every
-    client pick its own bucket.
-    """
-    if ATTRIBUTES_KEY in message.attributes:
-        fields = message.attributes[ATTRIBUTES_KEY].fields
-        if "source.address" in fields:
-            return _strip_port(str(fields["source.address"].string_value))
-    forwarded = headers.get("x-forwarded-for")
-    if forwarded:
-        return forwarded.rsplit(",", 1)[-1].strip()
-    return ""
-
-
-def _option(name: str, value: str, append: Any = _NO_APPEND) -> Any:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8")), append=append
-    )
-
-
-def _mutation(
-    set_headers: Mapping[str, str],
-    remove_headers: Iterable[str],
-    append_headers: Iterable[tuple[str, str]] = (),
-) -> Any:
-    # Envoy applies set_headers in order: the overwrites (append=false) first, then each
-    # appended value as its own header line (append=true; append_action is ignored).
-    options = [_option(name, value) for name, value in set_headers.items()]
-    options += [_option(name, value, _APPEND) for name, value in append_headers]
-    return pb.HeaderMutation(set_headers=options, remove_headers=list(remove_headers))
-
-
-def _common_request(outcome: RequestOutcome, *, body_buffered: bool) -> Any:
-    """CommonResponse for a request outcome (None-valued fields mean unchanged)."""
-    set_headers = dict(outcome.set_headers)
-    if outcome.path is not None:
-        set_headers[":path"] = outcome.path
-    if outcome.method is not None:
-        set_headers[":method"] = outcome.method
-    return _common(
-        set_headers,
-        outcome.remove_headers,
-        outcome.append_headers,
-        outcome.body,
-        body_buffered=body_buffered,
-    )
-
-
-def _common_response(outcome: ResponseOutcome, *, body_buffered: bool) -> Any:
-    """CommonResponse for a response outcome; the status travels as ``:status``."""
-    set_headers = dict(outcome.set_headers)
-    if outcome.status is not None:
-        set_headers[":status"] = str(outcome.status)
-    return _common(
-        set_headers,
-        outcome.remove_headers,
-        outcome.append_headers,
-        outcome.body,
-        body_buffered=body_buffered,
-    )
-
-
-def _common(
-    set_headers: dict[str, str],
-    remove_headers: Iterable[str],
-    append_headers: tuple[tuple[str, str], ...],
-    body: bytes | None,
-    *,
-    body_buffered: bool,
-) -> Any:
-    common = pb.CommonResponse()
-    if body is not None:
-        common.body_mutation.body = body
-        if body_buffered:
-            # BUFFERED + headers SEND: Envoy rejects a body whose length != Content-Length.
-            set_headers["content-length"] = str(len(body))
-        else:
-            # Replacing a body Envoy did not buffer: it drops Content-Length and the old body.
-            common.status = _CONTINUE_AND_REPLACE
-    remove = [name for name in remove_headers if name not in set_headers]
-    if set_headers or remove or append_headers:
-        common.header_mutation.CopyFrom(_mutation(set_headers, remove, append_headers))
-    return common
-
-
-def _immediate(response: ImmediateResponse) -> pb.ProcessingResponse:
-    """ProcessingResponse answering the client now with ``response``."""
-    immediate = pb.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=response.status), body=response.body
-    )
-    if response.headers:
-        immediate.headers.CopyFrom(_mutation(response.headers, ()))
-    return pb.ProcessingResponse(immediate_response=immediate)
-
-
-_INTERNAL_ERROR_REPLY: Final = _immediate(_INTERNAL_ERROR)
+            return msg.INTERNAL_ERROR_REPLY

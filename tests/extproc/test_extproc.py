@@ -20,7 +20,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import extproc, server
+from engine import extproc, extproc_messages, server
 from engine.chain import Chain, ChainPolicy, RequestOutcome, Snapshot
 from engine.extproc import PolicyProcessor
 from engine.extproc_testing import (
@@ -556,10 +556,10 @@ async def test_health_listener_is_dropped_after_first_config():
 
 def test_mode_overrides_are_prebuilt():
     """No ProcessingMode is built per request: each combination exists once."""
-    mode = extproc._Mode
-    first = extproc._modes(mode.BUFFERED, False, mode.NONE)
-    assert extproc._modes(mode.BUFFERED, False, mode.NONE) is first
-    assert extproc._modes(mode.NONE, False, mode.NONE) is not first
+    mode = extproc_messages.Mode
+    first = extproc_messages.modes(mode.BUFFERED, False, mode.NONE)
+    assert extproc_messages.modes(mode.BUFFERED, False, mode.NONE) is first
+    assert extproc_messages.modes(mode.NONE, False, mode.NONE) is not first
 
 
 def test_serve_workers_stops_started_workers_when_a_fork_fails(monkeypatch):
@@ -811,7 +811,7 @@ async def test_header_policy_replacing_the_body_runs_the_rest_at_once(engine, cl
 
 
 def with_protocol(message: Any, request_mode: str, response_mode: str = "NONE") -> Any:
-    mode = extproc._Mode
+    mode = extproc_messages.Mode
     message.protocol_config.request_body_mode = mode.BodySendMode.Value(request_mode)
     message.protocol_config.response_body_mode = mode.BodySendMode.Value(response_mode)
     return message
