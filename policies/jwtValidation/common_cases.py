@@ -332,23 +332,27 @@ async def test_outage_keeps_cached_keys_and_fails_closed_for_new_ones(
 @pytest.mark.parametrize(
     "served",
     [
-        pytest.param((503, None), id="http-503"),
-        pytest.param((200, b"<html>not json</html>"), id="not-json"),
-        pytest.param((200, b'{"no": "keys"}'), id="no-keys-list"),
-        pytest.param((200, b" " * (1 << 20) + b"{}"), id="oversized"),
+        pytest.param((503, None, False), id="http-503"),
+        pytest.param((200, b"<html>not json</html>", False), id="not-json"),
+        pytest.param((200, b'{"no": "keys"}', False), id="no-keys-list"),
+        pytest.param((200, b" " * (1 << 20) + b"{}", False), id="oversized"),
+        pytest.param((200, b" " * (1 << 20) + b"{}", True), id="oversized-without-length"),
     ],
 )
-async def test_broken_jwks_fails_closed_then_recovers(
+async def test_broken_jwks_fails_closed_then_recovers(  # noqa: PLR0917 - fixtures
     make: Callable[..., Any],
     keys: KeySet,
     server: JwksServer,
     clock: FakeClock,
-    served: tuple[int, bytes | None],
+    served: tuple[int, bytes | None, bool],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server.status, server.body = served
+    server.status, server.body, server.unframed = served
     policy = make()
     assert_invalid_token(await policy.on_request(ctx(keys.rsa.sign(claims()))), "no usable key")
-    server.status, server.body = 200, None
+    if served[2]:  # the cap applied while reading, not from a stated length
+        assert "JWKS larger than 1048576 bytes" in caplog.text
+    server.status, server.body, server.unframed = 200, None, False
     clock.advance(30)
     assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
 

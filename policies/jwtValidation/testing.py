@@ -318,6 +318,7 @@ class _State:
     delay: float = 0.0
     trickle: float = 0.0
     redirect: str | None = None
+    unframed: bool = False
     gate: threading.Event = field(default_factory=threading.Event)
     hits: int = 0
     connections: int = 0
@@ -363,6 +364,7 @@ class JwksServer:
                     delay = state.delay
                     trickle = state.trickle
                     redirect = state.redirect if self.path == "/jwks.json" else None
+                    unframed = state.unframed
                     if body is None:
                         body = json.dumps({"keys": state.keys}).encode()
                 state.gate.wait(timeout=30)  # held by hold() until release()
@@ -374,7 +376,11 @@ class JwksServer:
                 if redirect:
                     self.send_header("location", redirect)
                 self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
+                if unframed:  # no length: the body ends when the connection closes
+                    self.send_header("connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 try:
                     if not trickle:
@@ -477,6 +483,17 @@ class JwksServer:
         also served at ``/moved.json``, see :attr:`moved_url`)."""
         with self._state.lock:
             self._state.redirect = location
+
+    @property
+    def unframed(self) -> bool:
+        return self._state.unframed
+
+    @unframed.setter
+    def unframed(self, unframed: bool) -> None:
+        """Send no content-length (the body ends at connection close), so a client
+        cannot reject an oversized body before reading it."""
+        with self._state.lock:
+            self._state.unframed = unframed
 
     @property
     def moved_url(self) -> str:
