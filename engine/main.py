@@ -11,7 +11,6 @@ failure, 2 bad command line (argparse).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import math
 import sys
@@ -23,7 +22,7 @@ from engine.cpus import available_cpus
 from engine.errors import ConfigError, EngineError
 from engine.extproc import DEFAULT_MAX_BODY_BYTES
 from engine.registry import PolicyRegistry
-from engine.server import serve, serve_workers
+from engine.server import run_loop, serve, serve_workers
 from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
 from engine.xds import cli as xds_cli
 
@@ -256,7 +255,7 @@ def main(
 
     try:
         if args.workers == 1:
-            asyncio.run(run(reuse_port=False))
+            run_loop(run(reuse_port=False))
             return 0
         return serve_workers(
             args.workers, lambda: run(reuse_port=True), grace=args.grace, drain=args.drain

@@ -299,6 +299,11 @@ class EngineThread:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
+    def stall(self, seconds: float) -> None:
+        """Block the engine's event loop for ``seconds`` (as a slow synchronous policy would),
+        without waiting: new streams meanwhile queue inside gRPC, not yet picked up."""
+        self._loop.call_soon_threadsafe(time.sleep, seconds)
+
     def apply_config(self, text: str, *, timeout: float = 5.0) -> Snapshot:
         """Atomically replace the config file; wait until the engine serves the new snapshot."""
         previous = self.store.current

@@ -14,6 +14,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from tests.e2e.conftest import ROUTE_KEYS, Stack
@@ -78,3 +79,34 @@ def test_more_requests_in_flight_than_envoys_default_circuit_breakers(e2e, patie
     statuses = asyncio.run(_many(patient_envoy.port, "/cel/x", IN_FLIGHT))
     assert Counter(statuses) == {200: IN_FLIGHT}
     assert patient_envoy.stat("http.ingress.ext_proc.streams_failed") == 0
+
+
+BACKLOG = 1500  # streams arriving while the engine's loop is busy (gRPC's soft limit: 1,000)
+
+
+async def _first_replies(target: str, count: int) -> Counter[str]:
+    """Open ``count`` streams at once, send each its request_headers; count the outcomes."""
+    from engine.extproc_testing import ExtProcClient, request_headers
+
+    async def one(client: ExtProcClient) -> str:
+        stream = client.open("cel", timeout=60)
+        try:
+            reply = await stream.send(request_headers("/cel/x"))
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        finally:
+            stream.cancel()
+        return "reply" if reply is not None else "ended"
+
+    async with ExtProcClient(target) as client:
+        return Counter(await asyncio.gather(*(one(client) for _ in range(count))))
+
+
+def test_streams_queued_while_the_engine_is_busy_are_not_cancelled(e2e):
+    """grpc.aio picks up one new call at a time, so streams that arrive while the event loop
+    is busy wait inside gRPC; grpc-core's backlog protection cancelled them past 1,000
+    (Envoy: CANCELLED, answered 500). The engine's server raises those limits."""
+    e2e.configure({"cel": {"policies": []}})
+    e2e.engine.stall(2.0)
+    outcomes = asyncio.run(_first_replies(e2e.engine.target, BACKLOG))
+    assert outcomes == {"reply": BACKLOG}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -269,3 +270,19 @@ def test_a_crash_loop_stops_all_workers_and_exits_non_zero():
     assert proc.returncode == 1
     assert proc.stderr.count("restarting it") == 3
     assert "after 3 restarts in the last minute: stopping all workers" in proc.stderr
+
+
+def test_the_engine_runs_on_uvloop():
+    # Issue 10: uvloop costs less CPU per ext_proc stream (tools/bench); before, asyncio's loop.
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert server.run_loop(loop_module()).startswith("uvloop")
+
+
+def test_grpc_core_never_cancels_calls_waiting_to_be_picked_up():
+    # Issue 10: grpc-core's defaults (1,000 / 3,000 waiting calls) cancelled streams under
+    # load; tests/e2e/test_load.py shows it end to end.
+    options = dict(server.grpc_options(10 * 1024 * 1024, reuse_port=False))
+    assert options["grpc.server.max_pending_requests"] >= 100_000
+    assert options["grpc.server.max_pending_requests_hard_limit"] >= 100_000

@@ -18,6 +18,8 @@ __all__ = [
 ]
 
 ENGINE_KEYS: Final = ("empty", "headers", "jwt", "json")
+ENGINE_TRANSPORT: Final = "grpcaio-uvloop"
+"""The floor implementation on the engine's own transport (grpc.aio on uvloop: engine/server.py)."""
 JSON_BODY_BYTES: Final = 100 * 1024
 
 
@@ -109,8 +111,9 @@ class BenchPath:
 
 
 def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
-    """Every path, in table order. The floors of the engine paths are grpc.aio (the engine's
-    transport) with the same number of ext_proc messages per request."""
+    """Every path, in table order. The floors of the engine paths are the trivial servicer
+    on the engine's transport (:data:`ENGINE_TRANSPORT`) with the same number of ext_proc
+    messages per request."""
     json_headers = {"content-type": "application/json"}
     result = [
         BenchPath("direct", "Envoy direct -> nginx", "/direct/x"),
@@ -122,23 +125,24 @@ def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
                 f"floor1-{impl}", f"trivial servicer, {impl}", f"/floor1/{impl}/x", f"floor-{impl}"
             )
         )
-    if "grpcaio" in floor_impls:
+    floor1, floor2 = f"floor1-{ENGINE_TRANSPORT}", f"floor2-{ENGINE_TRANSPORT}"
+    if ENGINE_TRANSPORT in floor_impls:
         result.append(
             BenchPath(
-                "floor2-grpcaio",
-                "trivial servicer, grpcaio, 2 messages",
-                "/floor2/grpcaio/x",
-                "floor-grpcaio",
+                floor2,
+                f"trivial servicer, {ENGINE_TRANSPORT}, 2 messages",
+                f"/floor2/{ENGINE_TRANSPORT}/x",
+                f"floor-{ENGINE_TRANSPORT}",
             )
         )
     result += [
-        BenchPath("empty", "engine, empty chain", "/empty/x", "engine", "floor1-grpcaio"),
+        BenchPath("empty", "engine, empty chain", "/empty/x", "engine", floor1),
         BenchPath(
             "headers",
             "engine, 5 x setHeader",
             "/headers/x",
             "engine",
-            "floor2-grpcaio",
+            floor2,
             baseline="native",
         ),
         BenchPath(
@@ -146,7 +150,7 @@ def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
             "engine, jwtValidation + rateLimit",
             "/jwt/x",
             "engine",
-            "floor1-grpcaio",
+            floor1,
             headers={"authorization": f"Bearer {token}"},
         ),
         BenchPath(
