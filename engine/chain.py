@@ -9,8 +9,9 @@ turns into one mutation.
 Execution rules:
 
 * Policies run in configured order. An entry whose condition is false is
-  skipped; a condition that fails at runtime is logged (logger ``engine.chain``)
-  and the entry is skipped.
+  skipped. A condition that fails at runtime (a missing map key, a type error) is
+  that entry's failure, logged (logger ``engine.chain``): ``failClosed`` answers
+  ``errorStatus``, ``failOpen`` skips the entry. Never a silent skip of an auth policy.
 * Each action is applied to the context before the next policy runs, so later
   policies (and their conditions) see earlier rewrites. Within one action:
   removals first, then sets, then appends (an appended value is a separate value of
@@ -263,13 +264,15 @@ async def run_request(
     before = since if since is not None else RequestState.of(ctx)
     for policy in policies:
         condition = policy.condition
-        if condition is not None and not _holds(
-            policy, ctx.request_id, condition.evaluate_request, ctx
-        ):
-            failure = _strip_unprocessed(policy, ctx)
-            if failure is not None:
-                return RequestOutcome(immediate=failure)
-            continue
+        if condition is not None:
+            runs = _runs(policy, ctx.request_id, "request", condition.evaluate_request, ctx)
+            if isinstance(runs, ImmediateResponse):
+                return RequestOutcome(immediate=runs)
+            if not runs:
+                failure = _strip_unprocessed(policy, ctx)
+                if failure is not None:
+                    return RequestOutcome(immediate=failure)
+                continue
         try:
             action = await _call(policy, policy.instance.on_request, ctx)
             if action is None:
@@ -312,10 +315,12 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
     request_id = ctx.request.request_id
     for policy in chain.response_policies:
         condition = policy.condition
-        if condition is not None and not _holds(
-            policy, request_id, condition.evaluate_response, ctx
-        ):
-            continue
+        if condition is not None:
+            runs = _runs(policy, request_id, "response", condition.evaluate_response, ctx)
+            if isinstance(runs, ImmediateResponse):
+                return ResponseOutcome(immediate=runs)
+            if not runs:
+                continue
         try:
             action = await _call(policy, policy.instance.on_response, ctx)
             if action is None:
@@ -359,12 +364,18 @@ def _strip_unprocessed(policy: ChainPolicy, ctx: RequestContext) -> ImmediateRes
     return None
 
 
-def _holds(policy: ChainPolicy, request_id: str, check: Callable[[_T], bool], ctx: _T) -> bool:
+def _runs(
+    policy: ChainPolicy, request_id: str, phase: str, check: Callable[[_T], bool], ctx: _T
+) -> bool | ImmediateResponse:
+    """Whether ``policy``'s condition holds. A condition that fails at request time (a
+    missing map key, a type error) is that policy's failure, not a silent skip: a guarded
+    auth policy must never be bypassed because a client left a header out. failClosed
+    answers ``errorStatus`` (returned here); failOpen logs and skips the policy."""
     try:
         return check(ctx)
     except ConditionEvaluationError as exc:
-        logger.warning("request %s: skipping policy %s: %s", request_id, policy.label, exc)
-        return False
+        failure = _failed(policy, request_id, phase, PolicyError(str(exc)))
+        return False if failure is None else failure
 
 
 async def _call(policy: ChainPolicy, hook: Callable[[_T], Any], ctx: _T) -> object:

@@ -3,8 +3,9 @@
 Built on cel-expr-python (cel-cpp). Expressions are compiled (parsed *and*
 type-checked) when configuration loads, so a syntax error, an unknown variable,
 an unknown field, a type error or a bad constant regular expression rejects the
-configuration instead of failing requests (a condition that fails at request time
-skips its policy: for an auth policy that would be a silent bypass).
+configuration instead of failing requests. A condition that still fails at request
+time (a missing map key) is its policy's failure: :mod:`engine.chain` applies the
+entry's ``onError`` (fail closed by default), never a silent skip.
 
 Variables, with real types (a typo such as ``request.pathh`` is a config error):
 
@@ -17,11 +18,11 @@ Variables, with real types (a typo such as ``request.pathh`` is a config error):
   ``response.Headers``. Only the response phase has a response. A condition that
   reads ``response`` on a policy that runs *only* in the request phase is a config
   error (:attr:`Condition.reads_response`; :mod:`engine.config` checks it), rather
-  than a runtime error that would skip the policy on every request. A policy with
+  than a runtime error that would fail the policy on every request. A policy with
   both phases evaluates its condition in each; in the request phase ``response`` is
   an empty map, so ``has(response.status)`` is false there: that is how such a
   condition picks the response phase (reading ``response.status`` unguarded in the
-  request phase is a runtime error, which skips the policy for that phase).
+  request phase is a runtime error, i.e. that policy's failure).
 * ``metadata``: what earlier policies of this request wrote (``map(string, dyn)``;
   a missing key is a runtime error, so guard with ``has(metadata.key)`` or
   ``"key" in metadata``).

@@ -114,7 +114,7 @@ CEL_CHAIN = [
     add("x-write", "1", condition='request.method in ["POST", "PUT", "DELETE"]'),
     add("x-flag", "on", params={"metadataKey": "flag"}, condition='request.path.endsWith("/flag")'),
     add("x-flagged", "1", condition='has(metadata.flag) && metadata.flag == "on"'),
-    add("x-broken", "1", condition='request.headers["x-missing"] == "1"'),
+    add("x-broken", "1", condition='request.headers["x-missing"] == "1"', onError="failOpen"),
     add("x-after", "1"),
 ]
 
@@ -138,8 +138,23 @@ def test_cel_conditions(e2e, method, path, expected):
     headers = reply.echo["headers"]
     present = {h for h in ("x-api", "x-write", "x-flag", "x-flagged", "x-broken") if h in headers}
     assert present == expected
-    # A condition failing at runtime (missing header) skips only that policy.
+    # A condition failing at runtime (missing header) under failOpen skips only that policy.
     assert headers["x-after"] == "1"
+
+
+def test_condition_failing_at_request_time_fails_closed(e2e):
+    # Before: the guard's runtime error skipped the policy, so a client that left the
+    # header out bypassed it; now the default failClosed answers errorStatus.
+    guarded = add("x-guarded", "1", condition='request.headers["x-internal"] != "true"')
+    e2e.configure({"cel": {"policies": [{**guarded, "errorStatus": 403}, add("x-after", "1")]}})
+    before = len(e2e.upstream.requests_to("/cel/"))
+    reply = e2e.request("/cel/guarded")
+    assert reply.status == 403
+    assert len(e2e.upstream.requests_to("/cel/")) == before
+    # With the header present the guard evaluates and the chain runs as configured.
+    ok = e2e.request("/cel/guarded", headers={"x-internal": "false"})
+    assert ok.status == 200
+    assert ok.echo["headers"]["x-guarded"] == "1"
 
 
 @pytest.mark.parametrize(

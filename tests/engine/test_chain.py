@@ -138,18 +138,46 @@ async def test_conditions_skip_policies(
         add("x-a", "1", metadataKey="flag"),
         rec("api-only", condition='request.path.startsWith("/api/")'),
         rec("flagged", condition='metadata.flag == "1"'),
-        rec("broken", condition='metadata.absent == "x"'),
+        {**rec("broken", condition='metadata.absent == "x"'), "onError": "failOpen"},
         rec("writes", condition='request.method in ["POST", "PUT", "DELETE"]'),
     )
     with caplog.at_level(logging.WARNING, logger="engine.chain"):
-        await run_request(chain, make_request_context(path="/health", request_id="r-9"))
+        outcome = await run_request(chain, make_request_context(path="/health", request_id="r-9"))
+    assert outcome.immediate is None
     assert [label for label, _, _ in calls] == ["flagged"]
     [record] = caplog.records
     assert record.name == "engine.chain"
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith(
-        "request r-9: skipping policy recorder v1.0.0: condition 'metadata.absent == \"x\"' failed"
+        "request r-9: request policy recorder v1.0.0 failed: condition "
+        "'metadata.absent == \"x\"' failed"
     )
+    assert record.getMessage().endswith("(failOpen: continuing)")
+
+
+@pytest.mark.parametrize("status", [500, 401])
+async def test_a_condition_that_fails_at_request_time_fails_its_policy_closed(
+    registry: PolicyRegistry, calls: list[Any], caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    # A guard that errors (the client left the header out) must not skip a guarded
+    # policy: by default that is a silent bypass of e.g. jwtValidation.
+    chain = chain_of(
+        registry,
+        {
+            **rec("guarded", condition='request.headers["x-internal"] != "true"'),
+            "errorStatus": status,
+        },
+        rec("after"),
+    )
+    with caplog.at_level(logging.WARNING, logger="engine.chain"):
+        outcome = await run_request(chain, make_request_context(request_id="r-2"))
+    assert outcome.immediate is not None
+    assert outcome.immediate.status == status
+    assert calls == []
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert "condition" in record.getMessage()
+    assert record.getMessage().endswith("(failClosed: rejecting)")
 
 
 @pytest.mark.parametrize("mode", ["raise", "timeout", "badReturn", "badHeader", "cancel"])

@@ -150,7 +150,11 @@ def test_strip_request_headers_ignores_case_and_underscores(make: Callable[..., 
             {"condition": 'request.path.startsWith("/private")'}, None, id="condition-false"
         ),
         pytest.param(
-            {"condition": 'request.headers["missing"] == "x"'}, None, id="condition-error"
+            # A failing condition fails the policy; only under failOpen does the request go
+            # on without it, so that is where stripping matters.
+            {"condition": 'request.headers["missing"] == "x"', "onError": "failOpen"},
+            None,
+            id="condition-error-failopen",
         ),
         pytest.param({"timeout": "50ms", "onError": "failOpen"}, "unknown-kid", id="failed-open"),
     ],
@@ -163,7 +167,7 @@ async def test_claim_headers_are_stripped_when_the_policy_does_not_process_the_r
     authorization: str | None,
 ) -> None:
     """Issue 8 item 17: the executor skips a policy whose condition is false (or
-    fails), and goes on without one that failed open, so the policy itself cannot
+    fails under failOpen), and goes on without one that failed open, so the policy itself cannot
     strip: the chain asks it what to strip."""
     from engine.chain import run_request
     from engine.config import load_config
