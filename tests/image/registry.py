@@ -8,6 +8,7 @@ it again.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["REGISTRY_BINARY", "RegistryError", "running_registry"]
+__all__ = ["REGISTRY_BINARY", "RegistryError", "push_layout", "running_registry"]
 
 REGISTRY_BINARY = os.environ.get("DOCKER_REGISTRY", "/usr/bin/docker-registry")
 _START_TIMEOUT = 20.0
@@ -98,3 +99,50 @@ def running_registry(workdir: Path) -> Iterator[str]:
             _stop(process)
         # Exited early (port taken meanwhile?) or never answered: try another port.
     raise RegistryError(f"registry did not start; log:\n{log_path.read_text(errors='replace')}")
+
+
+def push_layout(layout: Path, registry: str, repository: str, tag: str) -> str:
+    """Push an OCI layout's image byte for byte (registry API v2); return its digest.
+
+    Where crane is not installed (the host side of the podman test), this is what
+    ``crane push`` does: every blob by a monolithic upload, then the manifest as stored
+    in the layout, so the registry's digest is the layout's.
+    """
+    index = json.loads((layout / "index.json").read_text())
+    descriptor = index["manifests"][0]
+    blobs = layout / "blobs" / "sha256"
+    manifest_bytes = (blobs / descriptor["digest"].split(":")[1]).read_bytes()
+    manifest = json.loads(manifest_bytes)
+    base = f"http://{registry}/v2/{repository}"
+    for blob in [manifest["config"], *manifest["layers"]]:
+        digest = blob["digest"]
+        head = urllib.request.Request(f"{base}/blobs/{digest}", method="HEAD")
+        try:
+            with urllib.request.urlopen(head, timeout=30):
+                continue  # already there
+        except urllib.error.HTTPError as error:
+            if error.code != 404:
+                raise
+        start = urllib.request.Request(f"{base}/blobs/uploads/", method="POST", data=b"")
+        with urllib.request.urlopen(start, timeout=30) as response:
+            location = response.headers["Location"]
+        if location.startswith("/"):
+            location = f"http://{registry}{location}"
+        separator = "&" if "?" in location else "?"
+        upload = urllib.request.Request(
+            f"{location}{separator}digest={digest}",
+            method="PUT",
+            data=(blobs / digest.split(":")[1]).read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(upload, timeout=300):
+            pass
+    put = urllib.request.Request(
+        f"{base}/manifests/{tag}",
+        method="PUT",
+        data=manifest_bytes,
+        headers={"Content-Type": descriptor["mediaType"]},
+    )
+    with urllib.request.urlopen(put, timeout=60) as response:
+        digest_header: str = response.headers["Docker-Content-Digest"]
+    return digest_header
