@@ -15,6 +15,9 @@ What is checked:
   forged token (401) and accepts a valid one, whose ``sub`` claim and a setHeader header
   reach the upstream; the JWKS comes over HTTPS from the host, trusted via the mounted CA;
 * SIGTERM (``podman stop``) drains and exits 0;
+* the Dockerfile the builder emits (``image_docker_context.tar``) builds, with
+  ``podman build``, an image with the same user, entrypoint, command, environment, ports and
+  labels plus a HEALTHCHECK, which passes the same scenario;
 * the same image pushed to a local registry (Debian's docker-registry; byte for byte from
   the OCI layout Bazel wrote) keeps its digest, is pulled back by podman by digest and
   passes the same scenario.
@@ -65,6 +68,8 @@ pytestmark = pytest.mark.skipif(
 IMAGE_DIR = Path(os.environ.get("IMAGE_DIR", "/nonexistent"))
 TARBALL = Path(os.environ.get("IMAGE_TARBALL", "/nonexistent"))
 DIGEST_FILE = Path(os.environ.get("IMAGE_DIGEST", "/nonexistent"))
+DOCKER_CONTEXT = Path(os.environ.get("IMAGE_DOCKER_CONTEXT", "/nonexistent"))
+HEALTHCHECK = ["/usr/bin/python3.11", "-m", "engine.healthcheck"]
 PYTHON = "/usr/bin/python3.11"
 CONFIG_DIR = "/etc/policy-engine"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -279,3 +284,24 @@ def test_pushed_image_pulled_by_digest_runs_the_same(
         pulled = f"{repository}@{digest}"
         with engine_container(stack, pulled, "policy-engine-pulled") as container:
             check_scenario(stack, container)
+
+
+def test_dockerfile_builds_an_equivalent_image(stack: Stack, loaded: str, tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    context.mkdir()
+    with tarfile.open(DOCKER_CONTEXT) as tar:
+        tar.extractall(context, filter="data")
+    tag = "localhost/policy-engine:dockerfile"
+    # --layers=false: one commit at the end (vfs copies the whole tree per commit).
+    stack.podman.run(
+        "build", "--layers=false", "--format", "docker", "--tag", tag, str(context), timeout=600
+    )
+    bazel = json.loads(stack.podman.run("image", "inspect", loaded).stdout)[0]
+    docker = json.loads(stack.podman.run("image", "inspect", tag).stdout)[0]
+    for key in ("User", "Entrypoint", "Cmd", "WorkingDir", "ExposedPorts", "Labels"):
+        assert docker["Config"][key] == bazel["Config"][key], key
+    assert sorted(docker["Config"]["Env"]) == sorted(bazel["Config"]["Env"])
+    assert docker["Healthcheck"]["Test"][0] == "CMD"
+    assert docker["Healthcheck"]["Test"][1:4] == HEALTHCHECK
+    with engine_container(stack, tag, "policy-engine-dockerfile") as container:
+        check_scenario(stack, container)
