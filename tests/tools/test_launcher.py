@@ -97,6 +97,8 @@ def ci_copy(tmp_path: Path) -> Path:
     (root / "tools").mkdir()
     shutil.copy(REPO / "tools/test", root / "tools/test")
     _script(root / "tools/bazel", 'echo "bazel $*"; exit "${FAKE_BAZEL_EXIT:-0}"\n')
+    # tools/test's last step (the podman image test, which drives tools/bazel itself).
+    _script(root / "tests/image/podman_e2e.sh", 'echo "podman_e2e $*"\n')
     return root
 
 
@@ -109,6 +111,7 @@ def test_ci_run_reports_bazel_verdict_without_fallback(
     assert result.returncode == code
     # The tests that drive Bazel run only after `bazel test` passed.
     assert ("bazel run //tools/demo -- --check" in result.stdout) == (code == 0)
+    assert ("podman_e2e" in result.stdout) == (code == 0)
     assert "FALLBACK" not in result.stderr
 
 
