@@ -42,11 +42,13 @@ import inspect
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
+from engine import metrics
 from engine.conditions import Condition
 from engine.errors import ConditionEvaluationError, PolicyError
 from engine.metadata import CURRENT_POLICY
@@ -61,6 +63,7 @@ from engine.policy import (
 
 __all__ = [
     "DENY_UNKNOWN_ROUTE",
+    "SHORT_CIRCUIT_KEY",
     "Chain",
     "ChainPolicy",
     "RequestOutcome",
@@ -74,6 +77,10 @@ __all__ = [
 ]
 
 logger: Final = logging.getLogger("engine.chain")
+
+SHORT_CIRCUIT_KEY: Final = "engine.shortCircuit"
+"""Metadata key naming the policy (``name version``) whose immediate response ended the
+request phase."""
 
 _T = TypeVar("_T")
 
@@ -265,7 +272,9 @@ async def run_request(
     for policy in policies:
         condition = policy.condition
         if condition is not None:
-            runs = _runs(policy, ctx.request_id, "request", condition.evaluate_request, ctx)
+            runs = _runs(
+                policy, ctx.request_id, "request", condition.evaluate_request, ctx, chain.route
+            )
             if isinstance(runs, ImmediateResponse):
                 return RequestOutcome(immediate=runs)
             if not runs:
@@ -274,11 +283,12 @@ async def run_request(
                     return RequestOutcome(immediate=failure)
                 continue
         try:
-            action = await _call(policy, policy.instance.on_request, ctx)
+            action = await _call(policy, chain.route, policy.instance.on_request, ctx)
             if action is None:
                 continue
             if isinstance(action, ImmediateResponse):
                 _check_immediate(action)
+                _short_circuited(policy, chain.route, ctx, action)
                 return RequestOutcome(immediate=action)
             if not isinstance(action, RequestModifications):
                 raise PolicyError(f"returned {type(action).__name__}, not a RequestAction")
@@ -286,9 +296,9 @@ async def run_request(
         except asyncio.CancelledError:
             if _cancelling():
                 raise
-            failure = _failed(policy, ctx.request_id, "request", None)
+            failure = _failed(policy, ctx.request_id, "request", None, chain.route)
         except Exception as exc:
-            failure = _failed(policy, ctx.request_id, "request", exc)
+            failure = _failed(policy, ctx.request_id, "request", exc, chain.route)
         else:
             continue
         if failure is None:  # failed open: the request goes on without this policy
@@ -316,13 +326,15 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
     for policy in chain.response_policies:
         condition = policy.condition
         if condition is not None:
-            runs = _runs(policy, request_id, "response", condition.evaluate_response, ctx)
+            runs = _runs(
+                policy, request_id, "response", condition.evaluate_response, ctx, chain.route
+            )
             if isinstance(runs, ImmediateResponse):
                 return ResponseOutcome(immediate=runs)
             if not runs:
                 continue
         try:
-            action = await _call(policy, policy.instance.on_response, ctx)
+            action = await _call(policy, chain.route, policy.instance.on_response, ctx)
             if action is None:
                 continue
             if not isinstance(action, ResponseModifications):
@@ -331,9 +343,9 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
         except asyncio.CancelledError:
             if _cancelling():
                 raise
-            failure = _failed(policy, request_id, "response", None)
+            failure = _failed(policy, request_id, "response", None, chain.route)
         except Exception as exc:
-            failure = _failed(policy, request_id, "response", exc)
+            failure = _failed(policy, request_id, "response", exc, chain.route)
         else:
             continue
         if failure is not None:
@@ -360,27 +372,39 @@ def _strip_unprocessed(policy: ChainPolicy, ctx: RequestContext) -> ImmediateRes
         names = strip(ctx.headers)
         _apply_headers(ctx.headers, {}, {}, tuple(names))
     except Exception as exc:
-        return _failed(policy, ctx.request_id, "request", exc)
+        return _failed(policy, ctx.request_id, "request", exc, ctx.route)
     return None
 
 
-def _runs(
-    policy: ChainPolicy, request_id: str, phase: str, check: Callable[[_T], bool], ctx: _T
+def _runs(  # noqa: PLR0917 - one call site per phase; keywords would only add noise
+    policy: ChainPolicy,
+    request_id: str,
+    phase: str,
+    check: Callable[[_T], bool],
+    ctx: _T,
+    route: str,
 ) -> bool | ImmediateResponse:
     """Whether ``policy``'s condition holds. A condition that fails at request time (a
     missing map key, a type error) is that policy's failure, not a silent skip: a guarded
     auth policy must never be bypassed because a client left a header out. failClosed
-    answers ``errorStatus`` (returned here); failOpen logs and skips the policy."""
+    answers ``errorStatus`` (returned here); failOpen logs and skips the policy. Counted:
+    a false condition as a skip, a failing one as a failure of kind ``condition_error``."""
     try:
-        return check(ctx)
+        held = check(ctx)
     except ConditionEvaluationError as exc:
-        failure = _failed(policy, request_id, phase, PolicyError(str(exc)))
+        failure = _failed(
+            policy, request_id, phase, PolicyError(str(exc)), route, kind="condition_error"
+        )
         return False if failure is None else failure
+    if not held:
+        metrics.policy_skipped(route, policy.name, policy.version, "condition")
+    return held
 
 
-async def _call(policy: ChainPolicy, hook: Callable[[_T], Any], ctx: _T) -> object:
+async def _call(policy: ChainPolicy, route: str, hook: Callable[[_T], Any], ctx: _T) -> object:
     # Names the policy in the log line when a metadata value it writes is converted.
     writer = CURRENT_POLICY.set(policy.label)
+    started = time.perf_counter() if metrics.enabled() else 0.0
     try:
         result = hook(ctx)
         if not inspect.isawaitable(result):
@@ -398,6 +422,8 @@ async def _call(policy: ChainPolicy, hook: Callable[[_T], Any], ctx: _T) -> obje
             raise
     finally:
         CURRENT_POLICY.reset(writer)
+        if started:
+            metrics.policy_ran(route, policy.name, policy.version, time.perf_counter() - started)
 
 
 def _cancelling() -> bool:
@@ -409,20 +435,31 @@ def _cancelling() -> bool:
 
 
 def _failed(
-    policy: ChainPolicy, request_id: str, phase: str, exc: BaseException | None
+    policy: ChainPolicy,
+    request_id: str,
+    phase: str,
+    exc: BaseException | None,
+    route: str = "",
+    *,
+    kind: str | None = None,
 ) -> ImmediateResponse | None:
-    """Log a policy failure; return the response to send if the policy fails closed."""
+    """Log (and count) a policy failure; return the response to send if it fails closed.
+    ``kind`` overrides the failure kind the exception implies (metrics label)."""
+    kind_given = kind
     exc_info: BaseException | None = None
     if exc is None:
-        reason = "was cancelled"
+        reason, kind = "was cancelled", "cancelled"
     elif isinstance(exc, PolicyError):  # our own diagnosis: no traceback needed
         reason = f"failed: {exc}"
+        kind = "timeout" if str(exc).startswith("timed out") else "bad_result"
     else:
+        kind = "exception"
         exc_info = exc
         try:
             reason = f"failed: {type(exc).__name__}: {exc}"
         except Exception:  # a broken __str__ must not turn a failure into a crash
             reason = f"failed: {type(exc).__name__}"
+    metrics.policy_failed(route, policy.name, policy.version, kind_given or kind)
     mode = "failOpen: continuing" if policy.fail_open else "failClosed: rejecting"
     log = logger.warning if policy.fail_open else logger.error
     log(
@@ -437,6 +474,15 @@ def _failed(
     if policy.fail_open:
         return None
     return failure_response(policy)
+
+
+def _short_circuited(
+    policy: ChainPolicy, route: str, ctx: RequestContext, action: ImmediateResponse
+) -> None:
+    """Count the immediate response and name its policy in the metadata (which Envoy can
+    log: see engine/extproc.py, dynamic metadata)."""
+    metrics.policy_short_circuit(route, policy.name, policy.version, action.status)
+    ctx.metadata[SHORT_CIRCUIT_KEY] = policy.label
 
 
 def failure_response(policy: ChainPolicy) -> ImmediateResponse:

@@ -81,7 +81,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from engine import extproc_messages as msg
+from engine import metrics
 from engine.chain import RequestState, run_request, run_response
+from engine.envoy_metadata import EnvoyMetadata
 from engine.errors import PolicyError, ProtocolError
 from engine.extproc_messages import (
     ATTRIBUTES_KEY,
@@ -156,11 +158,19 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     per-request state outside the stream, so one instance serves all concurrent streams.
     """
 
-    def __init__(self, store: ConfigStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        store: ConfigStore,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        envoy_metadata: EnvoyMetadata | None = None,
+    ) -> None:
         self._store = store
         self._warned_routes: set[str] = set()
         self.max_body_bytes = max_body_bytes
         self.stats = ProcessorStats()
+        # Which request metadata Envoy receives as dynamic metadata (None: none).
+        self.envoy_metadata = envoy_metadata
 
     async def Process(
         self,
@@ -170,9 +180,12 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """Handle one HTTP request; the stream ends (OK) as soon as nothing more is needed."""
         self.stats.streams += 1
         stream = _Stream(self, context)
+        emit = self.envoy_metadata
         try:
             async for request in request_iterator:
                 reply = await stream.handle(request)
+                if emit is not None and stream.request is not None:
+                    emit.attach(reply, stream.request.metadata)
                 yield reply
                 if stream.phase is _Phase.DONE:
                     return
@@ -185,6 +198,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 )
         except ProtocolError as exc:
             self.stats.protocol_errors += 1
+            metrics.extproc_protocol_error()
             log.warning("ext_proc protocol error (route %r): %s", stream.route, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -192,6 +206,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """The route's chain, or (None, the unknownRoute answer; None = pass through)."""
         snapshot = self._store.current
         chain = snapshot.chain_for(route) if route else None
+        metrics.stream(route, has_chain=chain is not None)
         if chain is not None:
             return chain, None
         answer = snapshot.unknown_route

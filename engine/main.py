@@ -17,10 +17,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
+from engine import metrics
 from engine.config import load_config_file
 from engine.cpus import available_cpus
+from engine.envoy_metadata import DEFAULT_KEYS, DEFAULT_NAMESPACE, EnvoyMetadata
 from engine.errors import ConfigError, EngineError
-from engine.extproc import DEFAULT_MAX_BODY_BYTES
+from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.registry import PolicyRegistry
 from engine.server import run_loop, serve, serve_workers
 from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
@@ -106,6 +108,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (GET /metrics) on this address; with --workers > 1 "
+        "every worker binds it (SO_REUSEPORT) and each answer sums all workers (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-dir",
+        metavar="DIR",
+        help="where workers keep their metric files (prometheus-client multiprocess mode; "
+        "default: a private temporary directory, removed at exit)",
+    )
+    parser.add_argument(
+        "--envoy-metadata-namespace",
+        default=DEFAULT_NAMESPACE,
+        metavar="NAMESPACE",
+        help="dynamic metadata namespace for the decisions Envoy may log (list it in the "
+        f"ext_proc filter's metadata_options.receiving_namespaces; default {DEFAULT_NAMESPACE})",
+    )
+    parser.add_argument(
+        "--envoy-metadata-keys",
+        default=",".join(DEFAULT_KEYS),
+        metavar="KEY,...",
+        help="request metadata keys sent to Envoy as dynamic metadata (scalars only; empty: "
+        f"none; default {','.join(DEFAULT_KEYS)})",
     )
     xds_cli.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -220,6 +248,12 @@ def main(
     for line in build_lines(registry, build_info):
         log.info("%s", line)
 
+    if args.metrics_listen:
+        # Before the config loads (the store records it) and before workers fork.
+        metrics.enable(args.metrics_dir)
+    keys = [k.strip() for k in args.envoy_metadata_keys.split(",") if k.strip()]
+    envoy_metadata = EnvoyMetadata(args.envoy_metadata_namespace, keys) if keys else None
+
     store = ConfigStore()
     source: ConfigSource | None = None
     if args.config:
@@ -243,17 +277,33 @@ def main(
         return 1
 
     async def run(reuse_port: bool) -> None:
-        await serve(
-            args.listen,
-            store,
-            source=source,
-            grace=args.grace,
-            drain=args.drain,
-            reuse_port=reuse_port,
-            max_body_bytes=args.max_body_bytes,
+        # In the worker (after fork): its metrics thread never lives in the forking parent.
+        stop_metrics = None
+        if args.metrics_listen:
+            stop_metrics = metrics.serve(args.metrics_listen, reuse_port=reuse_port)
+            log.info("metrics on http://%s/metrics", args.metrics_listen)
+        processor = PolicyProcessor(
+            store, max_body_bytes=args.max_body_bytes, envoy_metadata=envoy_metadata
         )
+        try:
+            await serve(
+                args.listen,
+                store,
+                source=source,
+                grace=args.grace,
+                drain=args.drain,
+                reuse_port=reuse_port,
+                processor=processor,
+            )
+        finally:
+            if stop_metrics is not None:
+                stop_metrics()
 
     try:
+        if args.metrics_listen and args.workers > 1:
+            # Workers bind it with SO_REUSEPORT; a port someone else holds is an error now,
+            # not a worker crash loop later.
+            metrics.serve(args.metrics_listen)()
         if args.workers == 1:
             run_loop(run(reuse_port=False))
             return 0
@@ -263,3 +313,5 @@ def main(
     except (OSError, RuntimeError) as exc:
         log.error("server failed: %s", exc)
         return 1
+    finally:
+        metrics.disable()  # removes the metrics directory (workers never get here)

@@ -22,10 +22,10 @@ Metric names (all prefixed ``policy_engine_``):
 ``requests_total{route}``                          requests that ran a policy chain
 ``policy_duration_seconds{route,name,version}``    histogram of each policy hook run; its
                                                    ``_count`` is the number of runs
-``policy_skips_total{route,name,version,reason}``  ``condition`` false or ``condition_error``
+``policy_skips_total{route,name,version,reason}``  ``condition`` (the condition was false)
 ``policy_short_circuits_total{...,status}``        immediate responses, by HTTP status
-``policy_failures_total{...,kind}``                ``timeout``, ``exception``,
-                                                   ``bad_result``, ``cancelled``
+``policy_failures_total{...,kind}``                ``timeout``, ``exception``, ``bad_result``,
+                                                   ``cancelled``, ``condition_error``
 ``extproc_protocol_errors_total``                  malformed or out-of-order messages
 ``config_version``, ``config_info{source,hash}``   the serving configuration (max / per pid)
 ``config_reloads_total{result}``                   ``ok`` / ``rejected`` / ``failed``
@@ -205,6 +205,8 @@ def enable(directory: str | None = None) -> Metrics:
 
 def disable() -> None:
     """Turn metrics off and remove the directory :func:`enable` created (tests, exit)."""
+    if _state["metrics"] is None:
+        return
     _state["metrics"] = None
     values.ValueClass = values.MutexValue
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -294,7 +296,8 @@ def policy_ran(route: str, name: str, version: str, seconds: float) -> None:
 
 
 def policy_skipped(route: str, name: str, version: str, reason: str) -> None:
-    """``reason``: ``condition`` (false) or ``condition_error`` (it failed to evaluate)."""
+    """``reason``: ``condition`` (it was false; a condition that fails to evaluate is a
+    failure of kind ``condition_error``)."""
     metrics = get()
     if metrics is not None:
         metrics.child(metrics.policy_skips, route, name, version, reason).inc()
@@ -307,7 +310,8 @@ def policy_short_circuit(route: str, name: str, version: str, status: int) -> No
 
 
 def policy_failed(route: str, name: str, version: str, kind: str) -> None:
-    """``kind``: ``timeout``, ``exception``, ``bad_result`` or ``cancelled``."""
+    """``kind``: ``timeout``, ``exception``, ``bad_result``, ``cancelled`` or
+    ``condition_error``."""
     metrics = get()
     if metrics is not None:
         metrics.child(metrics.policy_failures, route, name, version, kind).inc()

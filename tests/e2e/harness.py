@@ -390,8 +390,12 @@ def render_bootstrap(
     ext_proc: Mapping[str, Any] | None = None,
     listener: Mapping[str, Any] | None = None,
     engine_cluster: Mapping[str, Any] | None = None,
+    http_connection_manager: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An Envoy 1.36 bootstrap: one listener, ext_proc in front of the router.
+
+    ``http_connection_manager`` is merged into the HCM's ``typed_config`` (e.g. an
+    ``access_log``).
 
     ``ext_proc``, ``listener`` and ``engine_cluster`` are merged (top-level keys replaced)
     into the ext_proc filter's ``typed_config``, the listener and the engine's cluster, so a
@@ -489,6 +493,7 @@ def render_bootstrap(
                                 {
                                     "name": "envoy.filters.network.http_connection_manager",
                                     "typed_config": {
+                                        **(http_connection_manager or {}),
                                         "@type": _HCM,
                                         "stat_prefix": "ingress",
                                         "route_config": {
@@ -543,6 +548,7 @@ class EnvoyProcess:
         ext_proc: Mapping[str, Any] | None = None,
         listener: Mapping[str, Any] | None = None,
         engine_cluster: Mapping[str, Any] | None = None,
+        http_connection_manager: Mapping[str, Any] | None = None,
     ) -> None:
         self.admin_port = free_port()
         self.port = free_port()
@@ -556,6 +562,7 @@ class EnvoyProcess:
             ext_proc=ext_proc,
             listener=listener,
             engine_cluster=engine_cluster,
+            http_connection_manager=http_connection_manager,
         )
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))

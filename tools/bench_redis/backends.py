@@ -120,6 +120,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        help="extra engine argument, e.g. --engine-arg=--metrics-listen=127.0.0.1:0",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp, running_redis(Path(tmp)) as redis:
@@ -131,7 +137,9 @@ def main() -> int:
         env = {**os.environ, "BENCH_REDIS_URL": redis.url}
         argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}", "--workers", "1"]
         engine = subprocess.Popen(
-            [sys.executable, "-c", ENGINE, *argv, "--log-level", "WARNING"], cwd=ROOT, env=env
+            [sys.executable, "-c", ENGINE, *argv, *args.engine_arg, "--log-level", "WARNING"],
+            cwd=ROOT,
+            env=env,
         )
         try:
             wait_serving(port, engine)
