@@ -88,6 +88,7 @@ class EngineProcess:
     ) -> None:
         self.port = free_port()
         self.workers = workers
+        self.metrics_url = f"http://{HOST}:{free_port()}/metrics"
         self.process = subprocess.Popen(
             [
                 str(binary),
@@ -96,6 +97,8 @@ class EngineProcess:
                 "--listen",
                 f"{HOST}:{self.port}",
                 f"--workers={workers}",
+                "--metrics-listen",
+                self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
             ],
             stdin=subprocess.DEVNULL,
         )
@@ -150,6 +153,7 @@ class DemoStack:
     spread_streams: bool = False
     """Envoy opens one engine connection per request, so a multi-worker engine's workers
     (SO_REUSEPORT) all serve: the shared limit is visible across them."""
+    engine: Engine | None = field(default=None, init=False)
     _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def __enter__(self) -> DemoStack:
@@ -176,7 +180,7 @@ class DemoStack:
                 JWKS_URL=self.jwks.url, JWKS_CA=str(pki.ca_file), RATE_LIMIT_BACKEND=backend
             )
         )
-        engine = self.engine_factory(self.config)
+        engine = self.engine = self.engine_factory(self.config)
         self._exit.callback(engine.close)
         binary = envoy_binary()
         if binary is None or not binary.exists():
@@ -502,6 +506,9 @@ def _run(
         )
     else:
         print("demo: no redis-server installed: the private route limits with the local backend")
+    metrics_url = getattr(stack.engine, "metrics_url", None)
+    if metrics_url:
+        print(f"demo: engine metrics (Prometheus, summed over its workers): {metrics_url}")
     if args.xds:
         from tools.demo import xds_mode  # noqa: PLC0415 - xDS mode only
 
