@@ -54,10 +54,12 @@ IMAGE_USER = "65532:65532"
 # The configuration file the default command reads: mount it here (read-only is fine).
 CONFIG_PATH = "/etc/policy-engine/config.yaml"
 
-# Ports the image exposes. ext_proc + gRPC health share one listener; add the metrics
-# port here when the engine gets one (`--metrics-listen`), and to IMAGE_CMD.
+# Ports the image exposes. ext_proc + gRPC health share one listener. Prometheus metrics
+# are off by default (they need a writable --metrics-dir, and the root is read-only):
+# `--metrics-listen 0.0.0.0:9090 --metrics-dir DIR` on a tmpfs/emptyDir (README).
 EXT_PROC_PORT = 9002
-IMAGE_PORTS = ["%d/tcp" % EXT_PROC_PORT]
+METRICS_PORT = 9090
+IMAGE_PORTS = ["%d/tcp" % EXT_PROC_PORT, "%d/tcp" % METRICS_PORT]
 
 # Default arguments of the entrypoint (`podman run IMAGE --other --flags` replaces them).
 IMAGE_CMD = ["--config", CONFIG_PATH, "--listen", "0.0.0.0:%d" % EXT_PROC_PORT]

@@ -72,7 +72,7 @@ def test_config_has_entrypoint_labels_and_fixed_timestamps() -> None:
     assert config["config"]["Entrypoint"] == ENTRYPOINT
     assert config["config"]["Cmd"] == CMD
     assert config["config"]["User"] == USER
-    assert config["config"]["ExposedPorts"] == {"9002/tcp": {}}
+    assert config["config"]["ExposedPorts"] == {"9002/tcp": {}, "9090/tcp": {}}
     assert config["config"]["WorkingDir"] == "/opt/policy-engine"
     env = dict(e.partition("=")[::2] for e in config["config"]["Env"])
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"  # read-only root file system
@@ -198,7 +198,7 @@ def test_dockerfile_pins_the_base_and_matches_the_config() -> None:
     assert f"ENTRYPOINT {json.dumps(ENTRYPOINT)}\n" in text
     assert f"CMD {json.dumps(CMD)}\n" in text
     assert f"USER {USER}\n" in text
-    assert "EXPOSE 9002/tcp\n" in text
+    assert "EXPOSE 9002/tcp\nEXPOSE 9090/tcp\n" in text
     for entry in _config()["config"]["Env"]:
         key, _, value = entry.partition("=")
         assert f"ENV {key}={json.dumps(value)}\n" in text
