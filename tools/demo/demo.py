@@ -431,8 +431,11 @@ def curl_lines(stack: DemoStack) -> Iterator[str]:
         yield ""
 
 
-def _shared_by_workers(redis: RedisServer, workers: int) -> list[str]:
-    """Problems unless ``workers`` engine processes hold Redis connections (named by pid)."""
+def _shared_by_workers(stack: DemoStack, redis: RedisServer, workers: int) -> list[str]:
+    """Problems unless ``workers`` engine processes hold Redis connections (named by pid),
+    after 20 more users' requests (the chance one worker got none of them is 2**-19)."""
+    for i in range(20):
+        stack.request(Step("/api/v1/private/orders", 200, subject=f"spread-{i}"))
     text = str(redis.command("CLIENT", "LIST"))
     pids = {f for line in text.splitlines() for f in line.split() if f.startswith("name=")}
     pids.discard("name=")
@@ -526,7 +529,7 @@ def _run(
                 print(f"       {problem}")
         total = len(SCENARIOS)
         if redis is not None and not args.xds:
-            problems = _shared_by_workers(redis, workers)
+            problems = _shared_by_workers(stack, redis, workers)
             failed += bool(problems)
             total += 1
             print(
