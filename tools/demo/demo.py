@@ -193,11 +193,19 @@ class DemoStack:
                 upstream_port=self.upstream.port,
                 routes=ROUTES,
                 engine_cluster=_one_stream_per_connection() if self.spread_streams else None,
+                # The engine's decisions (dynamic metadata) are accepted and logged.
+                ext_proc={"metadata_options": {"receiving_namespaces": {"untyped": [NAMESPACE]}}},
+                http_connection_manager={"access_log": [_access_log(self.access_log)]},
             )
         )
 
     def __exit__(self, *exc: object) -> None:
         self._exit.close()
+
+    @property
+    def access_log(self) -> Path:
+        """Envoy's access log: one line per request with the engine's decisions."""
+        return self.workdir / "envoy-access.log"
 
     def token(self, subject: str) -> str:
         """A valid JWT for ``subject`` from the demo IdP (five minutes to live)."""
@@ -444,6 +452,48 @@ def _shared_by_workers(stack: DemoStack, redis: RedisServer, workers: int) -> li
     return []
 
 
+NAMESPACE: Final = "policy_engine"
+"""The engine's default ``--envoy-metadata-namespace``."""
+
+ACCESS_LOG_FORMAT: Final = (
+    "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
+    f"sub=%DYNAMIC_METADATA({NAMESPACE}:jwt.sub)% "
+    f"consumer=%DYNAMIC_METADATA({NAMESPACE}:apiKey.consumer)% "
+    f"rl=%DYNAMIC_METADATA({NAMESPACE}:rateLimit.decision)% "
+    f"short_circuit=%DYNAMIC_METADATA({NAMESPACE}:engine.shortCircuit)%\n"
+)
+
+
+def _access_log(path: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
+        },
+    }
+
+
+def _logged_decisions(stack: DemoStack) -> list[str]:
+    """Problems unless Envoy's access log shows, from the engine's dynamic metadata, the
+    private route's JWT subject with an allowed and with a limited rate-limit decision."""
+    wanted = {("alice", "allowed"), ("alice", "limited")}
+    seen: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + 10  # Envoy flushes its access log about once a second
+    while not wanted <= seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = stack.access_log.read_text() if stack.access_log.exists() else ""
+        for line in text.splitlines():
+            if "/api/v1/private/" in line:
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                seen.add((fields.get("sub", "-"), fields.get("rl", "-")))
+    return [
+        f"access log {stack.access_log}: no private-route line with sub={sub} rl={decision}"
+        for sub, decision in sorted(wanted - seen)
+    ]
+
+
 def _build_engine(repo: Path) -> Path:
     """Build the default manifest's engine with the builder; return the binary's path."""
     from builder.build import main as build  # noqa: PLC0415 - only the CLI path builds
@@ -509,6 +559,7 @@ def _run(
         )
     else:
         print("demo: no redis-server installed: the private route limits with the local backend")
+    print(f"demo: Envoy's access log (the engine's decisions per request): {stack.access_log}")
     metrics_url = getattr(stack.engine, "metrics_url", None)
     if metrics_url:
         print(f"demo: engine metrics (Prometheus, summed over its workers): {metrics_url}")
@@ -538,6 +589,15 @@ def _run(
             )
             for problem in problems:
                 print(f"       {problem}")
+        problems = _logged_decisions(stack)
+        failed += bool(problems)
+        total += 1
+        print(
+            f"{'FAIL' if problems else 'ok  '} access-log-decisions: Envoy's access log shows "
+            "the JWT subject and the rate-limit decision (engine dynamic metadata)"
+        )
+        for problem in problems:
+            print(f"       {problem}")
         if args.xds:
             problems = xds_mode.check_live_change(engines[0], stack.envoy.port)
             failed += bool(problems)
