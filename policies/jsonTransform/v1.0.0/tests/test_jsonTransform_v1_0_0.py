@@ -233,12 +233,37 @@ def test_lone_surrogate_in_a_body_is_a_clear_outcome(caplog: pytest.LogCaptureFi
 
 
 def test_numbers_round_trip_exactly() -> None:
+    # Untouched members are written back byte for byte (their raw JSON text).
     body = b'{"id": 123456789012345678901234567890, "f": 0.1, "n": -0, "u": "\\u00e9"}'
     action = construct(POLICY, {"request": {"set": {"x": True}}}).on_request(request_ctx(body))
     assert isinstance(action, RequestModifications)
     assert action.body == (
-        '{"id":123456789012345678901234567890,"f":0.1,"n":0,"u":"é","x":true}'.encode()
+        b'{"id":123456789012345678901234567890,"f":0.1,"n":-0,"u":"\\u00e9","x":true}'
     )
+    # A member an operation reaches into is decoded and written compactly.
+    body = b'{"user": {"id": 123456789012345678901234567890, "f": 0.1}, "keep": [1,  2]}'
+    action = construct(POLICY, {"request": {"set": {"user.x": 1}}}).on_request(request_ctx(body))
+    assert (
+        action.body
+        == b'{"user":{"id":123456789012345678901234567890,"f":0.1,"x":1},"keep":[1,  2]}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b'{"a": 1, "deep": [1, {"b": }]}', "not valid JSON", id="malformed-member"),
+        pytest.param(b'{"a": 1, "deep": ["\xff"]}', "not valid JSON", id="bad-utf8-member"),
+        pytest.param(
+            b'{"a": 1, "deep": ["\\udc00"]}', "not valid JSON", id="lone-surrogate-member"
+        ),
+    ],
+)
+def test_members_no_operation_touches_are_still_checked(body: bytes, message: str) -> None:
+    action = construct(POLICY, {"request": {"remove": ["a"]}}).on_request(request_ctx(body))
+    assert isinstance(action, ImmediateResponse)
+    assert action.status == 400
+    assert message in json.loads(action.body)["message"]
 
 
 def big_body(size: int) -> bytes:
