@@ -70,6 +70,9 @@ __all__ = [
     "RequestState",
     "ResponseOutcome",
     "Snapshot",
+    "check_static_request",
+    "check_static_response",
+    "count_static_runs",
     "deny_unknown_route",
     "failure_response",
     "run_request",
@@ -103,6 +106,11 @@ class ChainPolicy:
     requires_request_body: bool = False
     requires_response_body: bool = False
     instance_key: str = ""
+    static_request: RequestModifications | ImmediateResponse | None = None
+    """The action the instance returns for every request (``static_request()``, validated at
+    config load): the executor applies it without calling ``on_request``. None: call the hook."""
+    static_response: ResponseModifications | None = None
+    """Likewise for ``static_response()`` / ``on_response``."""
 
     @property
     def label(self) -> str:
@@ -133,6 +141,18 @@ class Chain:
     needs_response: bool = field(init=False)
     """Whether Envoy must send the response at all: a response policy, or an entry
     that reads the response body."""
+    static_request_outcome: RequestOutcome | None = field(init=False)
+    """The request phase's net change when it is the same for every request (every request
+    policy static, unconditional, header/path/method changes only; no request body needed):
+    computed here, at config load. None: the phase runs per request."""
+    static_response_outcome: ResponseOutcome | None = field(init=False)
+    """Likewise for the response phase (no response body needed)."""
+    fully_static: bool = field(init=False)
+    """Both phases static (or absent): a request needs no context at all, only the replies
+    built from the static outcomes."""
+    replies: dict[Any, Any] = field(init=False, default_factory=dict, repr=False)
+    """The ext_proc layer's replies built from the static outcomes, memoized per chain
+    (engine/extproc.py): built once, shared by every request, never mutated."""
 
     def __post_init__(self) -> None:
         # Computed once here so the per-request path reads plain attributes.
@@ -152,6 +172,20 @@ class Chain:
         set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
         set_(self, "requires_response_body", any(p.requires_response_body for p in self.policies))
         set_(self, "needs_response", self.has_response_phase or self.requires_response_body)
+        request_outcome = None
+        if not self.requires_request_body:
+            request_outcome = _static_request_outcome(self.request_policies)
+        response_outcome = None
+        if not self.requires_response_body:
+            response_outcome = _static_response_outcome(self.response_policies)
+        set_(self, "static_request_outcome", request_outcome)
+        set_(self, "static_response_outcome", response_outcome)
+        set_(
+            self,
+            "fully_static",
+            request_outcome is not None
+            and (response_outcome is not None or not self.needs_response),
+        )
 
     @property
     def has_response_phase(self) -> bool:
@@ -233,6 +267,126 @@ _NO_CHANGE_REQUEST: Final = RequestOutcome(set_headers=MappingProxyType({}))
 _NO_CHANGE_RESPONSE: Final = ResponseOutcome(set_headers=MappingProxyType({}))
 
 
+# --------------------------------------------------------------------------- static actions
+
+
+def check_static_request(action: object) -> None:
+    """Validate what a policy's ``static_request()`` returned, once, at config load: the
+    checks the executor would otherwise make on every request. Raises PolicyError."""
+    if isinstance(action, ImmediateResponse):
+        _check_immediate(action)
+    elif isinstance(action, RequestModifications):
+        _check_request(action)
+    else:
+        raise PolicyError(f"static_request() returned {type(action).__name__}, not a RequestAction")
+
+
+def check_static_response(action: object) -> None:
+    """Validate what ``static_response()`` returned (see :func:`check_static_request`)."""
+    if not isinstance(action, ResponseModifications):
+        raise PolicyError(
+            f"static_response() returned {type(action).__name__}, not a ResponseModifications"
+        )
+    _check_response(action)
+
+
+_Net = dict[str, tuple[bool, list[str]]]
+"""Header name -> (replaces the client's values, values): a chain's net header change."""
+
+
+def _compose(net: _Net, action: RequestModifications | ResponseModifications) -> None:
+    """Fold one action into ``net``, in the order the executor applies it: removals,
+    then sets, then appends (see :func:`_apply_headers`)."""
+    for name in action.remove_headers:
+        net[name.lower()] = (True, [])
+    for name, value in action.set_headers.items():
+        net[name.lower()] = (True, [value])
+    for name, value in action.append_headers.items():
+        replaces, values = net.get(name.lower(), (False, []))
+        net[name.lower()] = (replaces, [*values, value])
+
+
+def _net_headers(
+    net: _Net,
+) -> tuple[dict[str, str], tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """``net`` as the (set, append, remove) of an outcome (see :func:`_header_diff`)."""
+    set_headers: dict[str, str] = {}
+    appends: list[tuple[str, str]] = []
+    removes: list[str] = []
+    for name, (replaces, values) in net.items():
+        if not replaces:
+            appends.extend((name, value) for value in values)
+        elif not values:
+            removes.append(name)
+        else:
+            set_headers[name] = values[0]
+            appends.extend((name, value) for value in values[1:])
+    return set_headers, tuple(appends), tuple(removes)
+
+
+def _static_request_outcome(policies: tuple[ChainPolicy, ...]) -> RequestOutcome | None:
+    """The net change of ``policies`` if it is the same for every request, else None.
+
+    Static means: every policy is unconditional and static (``static_request``) with a
+    :class:`RequestModifications` that leaves the body alone. Setting a header to a value
+    it already has, or removing one that is absent, is then in the mutation where the
+    per-request diff would leave it out; Envoy's result is the same.
+    """
+    net: _Net = {}
+    path = method = None
+    for policy in policies:
+        action = policy.static_request
+        if (
+            policy.condition is not None
+            or not isinstance(action, RequestModifications)
+            or action.body is not None
+        ):
+            return None
+        _compose(net, action)
+        path = action.path if action.path is not None else path
+        method = action.method if action.method is not None else method
+    if not net and path is None and method is None:
+        return _NO_CHANGE_REQUEST
+    set_headers, appends, removes = _net_headers(net)
+    return RequestOutcome(
+        set_headers=MappingProxyType(set_headers),
+        append_headers=appends,
+        remove_headers=removes,
+        path=path,
+        method=method,
+    )
+
+
+def _static_response_outcome(policies: tuple[ChainPolicy, ...]) -> ResponseOutcome | None:
+    """Like :func:`_static_request_outcome`, for the response phase."""
+    net: _Net = {}
+    status = None
+    for policy in policies:
+        action = policy.static_response
+        if policy.condition is not None or action is None or action.body is not None:
+            return None
+        _compose(net, action)
+        status = action.status if action.status is not None else status
+    if not net and status is None:
+        return _NO_CHANGE_RESPONSE
+    set_headers, appends, removes = _net_headers(net)
+    return ResponseOutcome(
+        set_headers=MappingProxyType(set_headers),
+        append_headers=appends,
+        remove_headers=removes,
+        status=status,
+    )
+
+
+def count_static_runs(chain: Chain, phase: str) -> None:
+    """Count the runs of a static phase answered from its outcome (metrics only: the
+    duration recorded is 0, as no hook ran)."""
+    if metrics.enabled():
+        policies = chain.request_policies if phase == "request" else chain.response_policies
+        for policy in policies:
+            metrics.policy_ran(chain.route, policy.name, policy.version, 0.0)
+
+
 # --------------------------------------------------------------------------- executor
 
 
@@ -282,6 +436,15 @@ async def run_request(
                 if failure is not None:
                     return RequestOutcome(immediate=failure)
                 continue
+        static = policy.static_request
+        if static is not None:  # validated at config load; no hook to call
+            if metrics.enabled():
+                metrics.policy_ran(chain.route, policy.name, policy.version, 0.0)
+            if isinstance(static, ImmediateResponse):
+                _short_circuited(policy, chain.route, ctx, static)
+                return RequestOutcome(immediate=static)
+            _apply_request(ctx, static)
+            continue
         try:
             action = await _call(policy, chain.route, policy.instance.on_request, ctx)
             if action is None:
@@ -292,6 +455,7 @@ async def run_request(
                 return RequestOutcome(immediate=action)
             if not isinstance(action, RequestModifications):
                 raise PolicyError(f"returned {type(action).__name__}, not a RequestAction")
+            _check_request(action)
             _apply_request(ctx, action)
         except asyncio.CancelledError:
             if _cancelling():
@@ -333,12 +497,19 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
                 return ResponseOutcome(immediate=runs)
             if not runs:
                 continue
+        static = policy.static_response
+        if static is not None:  # validated at config load; no hook to call
+            if metrics.enabled():
+                metrics.policy_ran(chain.route, policy.name, policy.version, 0.0)
+            _apply_response(ctx, static)
+            continue
         try:
             action = await _call(policy, chain.route, policy.instance.on_response, ctx)
             if action is None:
                 continue
             if not isinstance(action, ResponseModifications):
                 raise PolicyError(f"returned {type(action).__name__}, not a ResponseAction")
+            _check_response(action)
             _apply_response(ctx, action)
         except asyncio.CancelledError:
             if _cancelling():
@@ -369,8 +540,9 @@ def _strip_unprocessed(policy: ChainPolicy, ctx: RequestContext) -> ImmediateRes
     if strip is None:
         return None
     try:
-        names = strip(ctx.headers)
-        _apply_headers(ctx.headers, {}, {}, tuple(names))
+        names = tuple(strip(ctx.headers))
+        _check_names(names)
+        _apply_headers(ctx.headers, {}, {}, names)
     except Exception as exc:
         return _failed(policy, ctx.request_id, "request", exc, ctx.route)
     return None
@@ -401,13 +573,17 @@ def _runs(  # noqa: PLR0917 - one call site per phase; keywords would only add n
     return held
 
 
+_ACTIONS: Final = (RequestModifications, ImmediateResponse, ResponseModifications)
+"""What a plain (not async) hook returns: checked before the slower ``isawaitable``."""
+
+
 async def _call(policy: ChainPolicy, route: str, hook: Callable[[_T], Any], ctx: _T) -> object:
     # Names the policy in the log line when a metadata value it writes is converted.
     writer = CURRENT_POLICY.set(policy.label)
     started = time.perf_counter() if metrics.enabled() else 0.0
     try:
         result = hook(ctx)
-        if not inspect.isawaitable(result):
+        if result is None or isinstance(result, _ACTIONS) or not inspect.isawaitable(result):
             return result
         awaitable: Awaitable[object] = result
         if policy.timeout is None:
@@ -556,17 +732,41 @@ def _check_immediate(action: ImmediateResponse) -> None:
         raise PolicyError(f"ImmediateResponse.body must be bytes, got {type(action.body).__name__}")
 
 
+def _check_changes(action: RequestModifications | ResponseModifications) -> None:
+    _check_body(action.body)
+    _check_headers("set_headers", action.set_headers)
+    _check_headers("append_headers", action.append_headers)
+    _check_names(action.remove_headers)
+
+
+def _check_request(action: RequestModifications) -> None:
+    """Validate a request action before anything is applied, so a bad action never leaves
+    the context half-changed (the policy's failure instead)."""
+    _check_changes(action)
+    for attr in ("path", "method"):
+        value = getattr(action, attr)
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise PolicyError(f"{attr} must be a non-empty str, got {value!r}")
+            _check_text(attr, value)
+
+
+def _check_response(action: ResponseModifications) -> None:
+    _check_changes(action)
+    status = action.status
+    if status is not None and (
+        isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599
+    ):
+        raise PolicyError(f"status must be an int in 200-599, got {status!r}")
+
+
 def _apply_headers(
     headers: Headers,
     set_headers: Mapping[str, str],
     append_headers: Mapping[str, str],
     remove_headers: tuple[str, ...],
 ) -> None:
-    # Everything is validated before anything changes, so a bad action never
-    # leaves the context half-applied.
-    _check_headers("set_headers", set_headers)
-    _check_headers("append_headers", append_headers)
-    _check_names(remove_headers)
+    """Apply validated changes: removals first, then sets, then appends."""
     for name in remove_headers:
         headers.pop(name.lower(), None)
     for name, value in set_headers.items():
@@ -576,13 +776,7 @@ def _apply_headers(
 
 
 def _apply_request(ctx: RequestContext, action: RequestModifications) -> None:
-    _check_body(action.body)
-    for attr in ("path", "method"):
-        value = getattr(action, attr)
-        if value is not None:
-            if not isinstance(value, str) or not value:
-                raise PolicyError(f"{attr} must be a non-empty str, got {value!r}")
-            _check_text(attr, value)
+    """Apply a validated request action (see :func:`_check_request`)."""
     _apply_headers(ctx.headers, action.set_headers, action.append_headers, action.remove_headers)
     if action.path is not None:
         ctx.path = action.path
@@ -593,15 +787,10 @@ def _apply_request(ctx: RequestContext, action: RequestModifications) -> None:
 
 
 def _apply_response(ctx: ResponseContext, action: ResponseModifications) -> None:
-    _check_body(action.body)
-    status = action.status
-    if status is not None and (
-        isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599
-    ):
-        raise PolicyError(f"status must be an int in 200-599, got {status!r}")
+    """Apply a validated response action (see :func:`_check_response`)."""
     _apply_headers(ctx.headers, action.set_headers, action.append_headers, action.remove_headers)
-    if status is not None:
-        ctx.status = status
+    if action.status is not None:
+        ctx.status = action.status
     if action.body is not None:
         ctx.body = action.body
 

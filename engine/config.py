@@ -47,10 +47,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from engine.chain import DENY_UNKNOWN_ROUTE, Chain, ChainPolicy, Snapshot, deny_unknown_route
+from engine.chain import (
+    DENY_UNKNOWN_ROUTE,
+    Chain,
+    ChainPolicy,
+    Snapshot,
+    check_static_request,
+    check_static_response,
+    deny_unknown_route,
+)
 from engine.conditions import Condition, compile_condition
 from engine.definition import data_problems, parse_duration
-from engine.errors import ConditionError, ConfigError, RegistryError
+from engine.errors import ConditionError, ConfigError, PolicyError, RegistryError
 from engine.policy import ImmediateResponse
 from engine.registry import PolicyRegistry, RegisteredPolicy, instantiate
 from engine.yamlsafe import YamlError, load_yaml
@@ -283,6 +291,80 @@ def _construct(entry: _Entry, errors: list[str]) -> object | None:
     return instance
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one constructed instance runs: the phases its configuration uses and the
+    actions it returns for every request (see engine/policy.py, "Optional, at config load")."""
+
+    has_request: bool
+    has_response: bool
+    requires_request_body: bool
+    requires_response_body: bool
+    static_request: Any = None
+    static_response: Any = None
+
+
+def _plan(entry: _Entry, instance: object, errors: list[str]) -> _Plan | None:
+    """Ask ``instance`` which phases it uses (``phases()``) and what its static actions are
+    (``static_request()`` / ``static_response()``); None (and an error naming the entry)
+    when it answers wrongly or raises."""
+    definition = entry.policy.definition
+    declared = {
+        phase
+        for phase, has in (
+            ("request", definition.has_request_phase),
+            ("response", definition.has_response_phase),
+        )
+        if has
+    }
+    try:
+        used = set(declared)
+        phases = getattr(instance, "phases", None)
+        if phases is not None:
+            answer = phases()
+            if isinstance(answer, str) or not all(isinstance(p, str) for p in answer):
+                raise PolicyError(f"phases() must return phase names, got {answer!r}")
+            used = set(answer)
+            if not used <= declared:
+                raise PolicyError(
+                    f"phases() returned {sorted(used - declared)}, not among the phases the "
+                    f"definition declares ({sorted(declared)})"
+                )
+        statics: dict[str, Any] = {}
+        for phase, check in (
+            ("request", check_static_request),
+            ("response", check_static_response),
+        ):
+            method = getattr(instance, f"static_{phase}", None)
+            if method is None or phase not in used:
+                continue
+            action = method()
+            if action is None:
+                used.discard(phase)  # does nothing in this phase for this configuration
+                continue
+            check(action)
+            statics[phase] = action
+    except PolicyError as exc:  # our own diagnosis of the answer
+        errors.append(f"{entry.prefix}: {exc}")
+        return None
+    except Exception as exc:  # the policy's method raised: its bug rejects this config
+        errors.append(f"{entry.prefix}: {type(exc).__name__}: {exc}")
+        return None
+    has_request, has_response = "request" in used, "response" in used
+    return _Plan(
+        has_request=has_request,
+        has_response=has_response,
+        # A response policy may read the request body: the flag goes only with the request
+        # phase when the definition has one and this configuration dropped it.
+        requires_request_body=definition.requires_request_body
+        and (has_request or not definition.has_request_phase),
+        requires_response_body=definition.requires_response_body
+        and (has_response or not definition.has_response_phase),
+        static_request=statics.get("request"),
+        static_response=statics.get("response"),
+    )
+
+
 def load_config(
     document: str | bytes | Mapping[str, Any],
     *,
@@ -327,6 +409,11 @@ def load_config(
                 if instance is None:
                     continue
             built[key] = instance
+            plan = _plan(entry, instance, errors)
+            if plan is None:
+                continue
+            if not plan.has_request and not plan.has_response:
+                continue  # this configuration of the policy does nothing in either phase
             definition = entry.policy.definition
             compiled.append(
                 ChainPolicy(
@@ -337,11 +424,13 @@ def load_config(
                     timeout=entry.timeout,
                     fail_open=entry.fail_open,
                     error_status=entry.error_status,
-                    has_request=definition.has_request_phase,
-                    has_response=definition.has_response_phase,
-                    requires_request_body=definition.requires_request_body,
-                    requires_response_body=definition.requires_response_body,
+                    has_request=plan.has_request,
+                    has_response=plan.has_response,
+                    requires_request_body=plan.requires_request_body,
+                    requires_response_body=plan.requires_response_body,
                     instance_key=key,
+                    static_request=plan.static_request,
+                    static_response=plan.static_response,
                 )
             )
         routes[route] = Chain(route=route, policies=tuple(compiled))

@@ -55,8 +55,16 @@ class EnvoyMetadata:
                 found[key] = value
         return found
 
-    def attach(self, reply: Any, metadata: Mapping[str, Any]) -> None:
-        """Add the fields to ``reply`` (a ``ProcessingResponse``), if there are any."""
+    def attach(self, reply: Any, metadata: Mapping[str, Any]) -> Any:
+        """``reply`` (a ``ProcessingResponse``) with the fields added, if there are any.
+
+        Returns a copy then: replies may be shared by many requests (the prebuilt
+        pass-through, error and static-chain replies), so one request's metadata must
+        never be written into them."""
         fields = self.fields(metadata)
-        if fields:
-            reply.dynamic_metadata.fields[self.namespace].struct_value.update(fields)
+        if not fields:
+            return reply
+        copy = type(reply)()
+        copy.CopyFrom(reply)
+        copy.dynamic_metadata.fields[self.namespace].struct_value.update(fields)
+        return copy

@@ -82,7 +82,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from engine import extproc_messages as msg
 from engine import metrics
-from engine.chain import RequestState, run_request, run_response
+from engine.chain import RequestState, count_static_runs, run_request, run_response
 from engine.envoy_metadata import EnvoyMetadata
 from engine.errors import PolicyError, ProtocolError
 from engine.extproc_messages import (
@@ -185,7 +185,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             async for request in request_iterator:
                 reply = await stream.handle(request)
                 if emit is not None and stream.request is not None:
-                    emit.attach(reply, stream.request.metadata)
+                    reply = emit.attach(reply, stream.request.metadata)
                 yield reply
                 if stream.phase is _Phase.DONE:
                     return
@@ -302,7 +302,6 @@ class _Stream:
 
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
-        headers, pseudo = msg.headers_from(http)
         self.route = msg.route_key(self._context, message)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor._chain_for(self.route)
@@ -310,10 +309,14 @@ class _Stream:
             self.phase = _Phase.DONE
             if unknown is not None:
                 return msg.immediate(unknown)
-            return pb.ProcessingResponse(
-                request_headers=pb.HeadersResponse(), mode_override=msg.PASS_THROUGH
-            )
+            return msg.PASS_THROUGH_REPLY
         self.chain = chain
+        if chain.fully_static:
+            # Same answer for every request (computed at config load): no context needed.
+            count_static_runs(chain, "request")
+            self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+            return _static_reply(chain, "request")
+        headers, pseudo = msg.headers_from(http)
         self.request = RequestContext(
             headers=headers,
             path=pseudo.get(":path", ""),
@@ -515,8 +518,12 @@ class _Stream:
     # -- response phase ------------------------------------------------------------------
 
     async def _on_response_headers(self, http: pb.HttpHeaders) -> pb.ProcessingResponse:
-        assert self.request is not None
         assert self.chain is not None
+        if self.chain.static_response_outcome is not None:
+            count_static_runs(self.chain, "response")
+            self.phase = _Phase.DONE
+            return _static_reply(self.chain, "response")
+        assert self.request is not None
         headers, pseudo = msg.headers_from(http)
         try:
             status = int(pseudo.get(":status", "0"))
@@ -607,3 +614,24 @@ class _Stream:
             log.exception("%s chain failed for route %r", phase, self.route)
             self.phase = _Phase.DONE
             return msg.INTERNAL_ERROR_REPLY
+
+
+def _static_reply(chain: Chain, phase: str) -> pb.ProcessingResponse:
+    """The reply to a static phase of ``chain`` (``chain.static_request_outcome`` /
+    ``static_response_outcome``), built on first use and then shared: a few microseconds
+    once per chain and worker instead of running the policies on every request."""
+    reply = chain.replies.get(phase)
+    if reply is None:
+        if phase == "request":
+            assert chain.static_request_outcome is not None
+            common = msg.common_request(chain.static_request_outcome, body_buffered=False)
+            mode = msg.modes(msg.Mode.NONE, chain.needs_response, msg.Mode.NONE)
+            reply = pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(response=common), mode_override=mode
+            )
+        else:
+            assert chain.static_response_outcome is not None
+            common = msg.common_response(chain.static_response_outcome, body_buffered=False)
+            reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        reply = chain.replies.setdefault(phase, reply)
+    return reply

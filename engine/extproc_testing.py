@@ -105,7 +105,8 @@ class Decoded:
     """A ``ProcessingResponse`` as plain Python.
 
     ``kind`` is the oneof set (``request_headers``, ..., ``immediate_response``);
-    ``set_headers`` maps name -> value (decoded from ``raw_value``); ``body`` is the body
+    ``set_headers`` maps name -> value (decoded from ``raw_value``) of the options that
+    overwrite, ``append_headers`` lists the appended ones (``append=true``); ``body`` is the body
     mutation or immediate body (None if absent); ``status`` is the immediate-response status;
     ``replace`` is True for CONTINUE_AND_REPLACE; ``modes`` holds the mode override (enum
     names) when one was sent.
@@ -114,6 +115,7 @@ class Decoded:
     kind: str
     set_headers: dict[str, str] = field(default_factory=dict)
     remove_headers: list[str] = field(default_factory=list)
+    append_headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | None = None
     status: int | None = None
     replace: bool = False
@@ -152,8 +154,11 @@ def decode(reply: Any) -> Decoded:
 def _read_mutation(mutation: Any, out: Decoded) -> None:
     for option in mutation.set_headers:
         assert not option.header.value, "Envoy ignores HeaderValue.value: use raw_value"
-        assert not option.append.value, "set_headers must overwrite (append false)"
-        out.set_headers[option.header.key] = option.header.raw_value.decode("utf-8")
+        value = option.header.raw_value.decode("utf-8")
+        if option.append.value:  # one more header line (a repeated header)
+            out.append_headers.append((option.header.key, value))
+        else:
+            out.set_headers[option.header.key] = value
     out.remove_headers.extend(mutation.remove_headers)
 
 

@@ -43,6 +43,21 @@ Rules of the contract:
   policy fails open, so headers only the policy may set (claim headers) never
   reach the upstream from the client. It must be quick; if it raises, that is a
   failure of the policy (``onError`` applies).
+* Optional, at config load (called once per chain entry, right after ``__init__``; a
+  wrong answer or an exception rejects the config, naming the entry):
+
+  - ``phases() -> Iterable[str]``: the phases THIS configuration uses, a subset of the
+    definition's ``phases`` (see :class:`NarrowsPhases`). Envoy is then not asked for the
+    others on its account: a jsonTransform configured for requests only does not make
+    Envoy buffer and send every response body. A body the definition requires comes
+    only with the phase that reads it.
+  - ``static_request()`` / ``static_response()``: the action the hook returns for EVERY
+    request, whatever the context (see :class:`StaticPolicy`). The engine validates it
+    once and never calls the hook; ``None`` means the policy does nothing in that phase
+    (the phase is dropped, as with ``phases()``). A route whose policies are all static
+    and unconditional is answered from replies built once per configuration: the net
+    header change is computed at load, not per request. Only declare it for actions that
+    truly never depend on the request; a static action must not be mutated afterwards.
 """
 
 from __future__ import annotations
@@ -57,6 +72,7 @@ __all__ = [
     "Headers",
     "ImmediateResponse",
     "Metadata",
+    "NarrowsPhases",
     "ParameterError",
     "RequestAction",
     "RequestContext",
@@ -67,6 +83,7 @@ __all__ = [
     "ResponseContext",
     "ResponseModifications",
     "ResponsePolicy",
+    "StaticPolicy",
     "StripsRequestHeaders",
 ]
 
@@ -110,6 +127,14 @@ class Headers(MutableMapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Headers({self.pairs()!r})"
+
+    @classmethod
+    def adopt(cls, values: dict[str, list[str]]) -> Headers:
+        """Headers holding ``values`` (name -> non-empty list of values) as they are, not
+        copied: the caller hands them over (the engine's message reader)."""
+        headers = cls()
+        headers._values = values
+        return headers
 
     def get_all(self, name: str) -> list[str]:
         """Every value of ``name`` in order (a copy; ``[]`` if absent)."""
@@ -275,4 +300,27 @@ class StripsRequestHeaders(Protocol):
 
     def strip_request_headers(self, headers: Mapping[str, str]) -> Iterable[str]:
         """Names of headers in ``headers`` to remove (lower-case)."""
+        ...
+
+
+@runtime_checkable
+class NarrowsPhases(Protocol):
+    """A policy whose configuration may use fewer phases than its definition declares."""
+
+    def phases(self) -> Iterable[str]:
+        """``"request"`` and/or ``"response"``: the phases this instance acts in."""
+        ...
+
+
+@runtime_checkable
+class StaticPolicy(Protocol):
+    """A policy whose action is the same for every request. Implement the method of each
+    declared phase; it is called once, at config load."""
+
+    def static_request(self) -> RequestAction | None:
+        """What ``on_request`` returns for every request (None: nothing, ever)."""
+        ...
+
+    def static_response(self) -> ResponseAction | None:
+        """What ``on_response`` returns for every request (None: nothing, ever)."""
         ...

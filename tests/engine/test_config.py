@@ -591,3 +591,111 @@ def test_two_phase_policy_may_pick_the_response_phase(registry: PolicyRegistry) 
     condition = snapshot.routes["r"].policies[0].condition
     assert condition is not None
     assert condition.reads_response
+
+
+PLANNED_DEFINITION = """
+    name: planned
+    version: v1.0.0
+    description: Answers phases() and static_*() as its parameters say.
+    phases: [request, response]
+    requiresRequestBody: true
+    requiresResponseBody: true
+    parameters:
+      phases: {type: array, items: {type: string}}
+      static: {type: string}
+"""
+
+PLANNED_CODE = """
+    from engine.policy import RequestModifications, ResponseModifications
+
+    class Policy:
+        def __init__(self, params):
+            self.params = params
+            if "phases" in params:
+                # ["str"]: a bare string, a classic slip
+                self.phases = lambda: "request" if params["phases"] == ["str"] else params["phases"]
+            kind = params.get("static")
+            if kind is not None:
+                self.static_request = self._static_request
+                self.static_response = lambda: None
+
+        def _static_request(self):
+            kind = self.params["static"]
+            if kind == "raise":
+                raise RuntimeError("no static answer today")
+            if kind == "wrong-type":
+                return "x-a: 1"
+            if kind == "bad-header":
+                return RequestModifications(set_headers={"x a": "1"})
+            return RequestModifications(set_headers={"x-a": "1"})
+
+        def on_request(self, ctx):
+            return None
+
+        def on_response(self, ctx):
+            return None
+"""
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> PolicyRegistry:
+    root = tmp_path_factory.mktemp("planned")
+    return registry_from(
+        write_policy(root, "planned", definition=PLANNED_DEFINITION, code=PLANNED_CODE)
+    )
+
+
+def planned_entry(**params: Any) -> dict[str, Any]:
+    return {"name": "planned", "version": "v1.0.0", "parameters": params}
+
+
+def test_phases_narrow_what_envoy_is_asked_for(planned: PolicyRegistry) -> None:
+    chains = load(
+        planned,
+        {
+            "both": route(planned_entry()),
+            "request": route(planned_entry(phases=["request"])),
+            "response": route(planned_entry(phases=["response"])),
+            "none": route(planned_entry(phases=[])),
+        },
+    ).routes
+    both, request, response = chains["both"], chains["request"], chains["response"]
+    assert (both.requires_request_body, both.needs_response) == (True, True)
+    # Request only: no response headers or body from Envoy on this policy's account.
+    assert (request.requires_request_body, request.needs_response) == (True, False)
+    assert request.response_policies == ()
+    # Response only: the request body goes with the request phase it dropped.
+    assert (response.requires_request_body, response.requires_response_body) == (False, True)
+    assert response.request_policies == ()
+    assert chains["none"].policies == ()
+
+
+def test_static_actions_are_taken_at_load(planned: PolicyRegistry) -> None:
+    chain = load(planned, {"r": route(planned_entry(static="ok"))}).routes["r"]
+    (policy,) = chain.policies
+    assert policy.static_request is not None
+    assert policy.static_request.set_headers == {"x-a": "1"}
+    # static_response() said None: the response phase is dropped.
+    assert (policy.has_request, policy.has_response) == (True, False)
+    assert not chain.needs_response
+    # The body requirement keeps the chain off the static path (the body policy runs).
+    assert chain.static_request_outcome is None
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"phases": ["request", "trailers"]}, "phases() returned ['trailers'], not among"),
+        ({"phases": ["str"]}, "phases() must return phase names"),
+        ({"static": "raise"}, "RuntimeError: no static answer today"),
+        ({"static": "wrong-type"}, "static_request() returned str, not a RequestAction"),
+        ({"static": "bad-header"}, "set_headers: 'x a' is not a valid header name"),
+    ],
+)
+def test_wrong_load_time_answers_are_config_errors_naming_the_entry(
+    planned: PolicyRegistry, params: dict[str, Any], expected: str
+) -> None:
+    errors = errors_of(planned, {"routes": {"r": route(planned_entry(**params))}})
+    assert len(errors) == 1
+    assert errors[0].startswith("routes[r].policies[0] planned v1.0.0: "), errors[0]
+    assert expected in errors[0]

@@ -18,10 +18,12 @@ from typing import Any
 import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import extproc, extproc_messages, server
 from engine.chain import Chain, ChainPolicy, RequestOutcome, Snapshot
+from engine.envoy_metadata import EnvoyMetadata
 from engine.extproc import PolicyProcessor
 from engine.extproc_testing import (
     ExtProcClient,
@@ -886,3 +888,141 @@ async def test_bodies_over_the_limit_are_refused(engine, client):
     assert (decode(replies[3]).kind, decode(replies[3]).status) == ("immediate_response", 500)
     assert engine.seen.bodies == [b"ok"]
     assert engine.processor.stats.too_large == 3
+
+
+# ----------------------------------------------------------------------------- static chains
+
+
+class Static:
+    """Declares its actions static: the engine must never call its hooks."""
+
+    def __init__(
+        self,
+        request: RequestModifications | ImmediateResponse | None = None,
+        response: ResponseModifications | None = None,
+    ) -> None:
+        self.request, self.response = request, response
+
+    def static_request(self) -> RequestModifications | ImmediateResponse | None:
+        return self.request
+
+    def static_response(self) -> ResponseModifications | None:
+        return self.response
+
+    def on_request(self, ctx: RequestContext) -> None:
+        raise AssertionError("a static policy's hook was called")
+
+    def on_response(self, ctx: ResponseContext) -> None:
+        raise AssertionError("a static policy's hook was called")
+
+
+def static_entry(policy: Static, **flags: Any) -> ChainPolicy:
+    return entry(
+        policy,
+        has_request=policy.request is not None,
+        has_response=policy.response is not None,
+        static_request=policy.request,
+        static_response=policy.response,
+        **flags,
+    )
+
+
+def options(reply: Any, phase: str) -> list[tuple[str, str, bool]]:
+    mutation = getattr(reply, phase).response.header_mutation
+    return [
+        (o.header.key, o.header.raw_value.decode(), o.append.value) for o in mutation.set_headers
+    ]
+
+
+async def test_a_static_chain_is_answered_with_its_net_change_without_calling_hooks(engine, client):
+    first = Static(
+        RequestModifications(set_headers={"x-a": "1", "x-gone": "v"}, append_headers={"x-b": "2"}),
+        ResponseModifications(set_headers={"x-served": "engine"}),
+    )
+    second = Static(
+        RequestModifications(
+            remove_headers=("x-gone", "x-client"), append_headers={"x-a": "3"}, path="/static"
+        )
+    )
+    use(engine, public=[static_entry(first), static_entry(second)])
+    chain = engine.store.current.chain_for("public")
+    assert chain.fully_static
+    for _ in range(2):  # the second request gets the same, shared replies
+        replies = await client.exchange(
+            "public",
+            [request_headers("/", headers={"x-client": "c", "x-b": "0"}), response_headers(200)],
+        )
+        assert len(replies) == 2
+        assert options(replies[0], "request_headers") == [
+            ("x-a", "1", False),
+            (":path", "/static", False),
+            ("x-a", "3", True),
+            ("x-b", "2", True),
+        ]
+        assert sorted(decode(replies[0]).remove_headers) == ["x-client", "x-gone"]
+        assert (decode(replies[0]).modes or {}).get("response_header_mode") == "SEND"
+        assert options(replies[1], "response_headers") == [("x-served", "engine", False)]
+
+
+async def test_a_static_phase_beside_a_dynamic_one_runs_in_order(engine, client):
+    # The dynamic policy between two static ones sees the first one's change.
+    first = Static(RequestModifications(set_headers={"x-step": "1"}))
+    last = Static(response=ResponseModifications(set_headers={"x-served": "engine"}))
+    use(
+        engine,
+        public=[static_entry(first), entry(Recorder(engine.seen)), static_entry(last)],
+    )
+    chain = engine.store.current.chain_for("public")
+    assert chain.static_request_outcome is None
+    assert chain.static_response_outcome is not None
+    replies = await client.exchange(
+        "public", [request_headers("/", headers={"x-step": "0"}), response_headers(200)]
+    )
+    assert engine.seen.requests[0].headers["x-step"] == "1"
+    assert decode(replies[0]).set_headers == {"x-step": "1"}
+    assert options(replies[1], "response_headers") == [("x-served", "engine", False)]
+
+
+async def test_a_static_immediate_response_short_circuits(engine, client):
+    deny = Static(ImmediateResponse(403, {"content-type": "text/plain"}, b"no"))
+    use(engine, public=[static_entry(deny), entry(Recorder(engine.seen))])
+    replies = await client.exchange("public", [request_headers("/")])
+    assert (decode(replies[0]).status, decode(replies[0]).body) == (403, b"no")
+    assert engine.seen.requests == []
+
+
+class UserFromHeader:
+    def on_request(self, ctx: RequestContext) -> None:
+        if "x-user" in ctx.headers:
+            ctx.metadata["user"] = ctx.headers["x-user"]
+
+
+async def test_one_requests_metadata_never_lands_in_a_shared_reply(engine, client):
+    # Regression: EnvoyMetadata.attach wrote into the reply in place, and some replies are
+    # shared (the 500 reply; now also static-phase replies): a later request's reply then
+    # carried an earlier request's metadata (here: another user's name in Envoy's log).
+    engine.processor.envoy_metadata = EnvoyMetadata(keys=("user",))
+    served = Static(response=ResponseModifications(set_headers={"x-served": "engine"}))
+    use(engine, public=[entry(UserFromHeader()), static_entry(served)])
+
+    async def metadata(headers: dict[str, str]) -> dict[str, Any]:
+        replies = await client.exchange(
+            "public", [request_headers("/", headers=headers), response_headers(200)]
+        )
+        return MessageToDict(replies[-1].dynamic_metadata)
+
+    assert await metadata({"x-user": "alice"}) == {"policy_engine": {"user": "alice"}}
+    assert await metadata({}) == {}
+    # The 500 reply built once at import (a policy's body over the limit gets it).
+    engine.processor.max_body_bytes = 4
+    use(
+        engine,
+        public=[
+            entry(UserFromHeader()),
+            entry(Modify(RequestModifications(body=b"too long"))),
+        ],
+    )
+    replies = await client.exchange("public", [request_headers("/", headers={"x-user": "bob"})])
+    assert decode(replies[0]).status == 500
+    assert MessageToDict(replies[0].dynamic_metadata) == {"policy_engine": {"user": "bob"}}
+    assert not extproc_messages.INTERNAL_ERROR_REPLY.HasField("dynamic_metadata")

@@ -15,7 +15,8 @@ default manifest; ``tools/bench/engine_main.py``) and trivial ext_proc servicers
 Then: 2,000 and 10,000 concurrent connections on the 5-header chain (errors, non-2xx, rps,
 p99; and, in full mode, 2,000 with Envoy's default cluster settings, which fail); streams per
 engine worker with Envoy at 1 and 2 workers, with and without the recommended cluster settings,
-and the 1 -> 2 engine worker scaling; a micro section (``tools/bench/micro.py``).
+and the 1 -> 2 engine worker scaling; a micro section (``tools/bench/micro.py``); and the
+engine's own cost per request in-process, without gRPC (``tools/bench/hotpath.py``).
 
 Output: a table on stdout and a JSON file (default ``bench-results.json`` in the workspace).
 Exit status 1 if any path errored or a ratio could not be computed: no timing is asserted
@@ -44,7 +45,7 @@ from typing import Any, Final
 
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tests.e2e.harness import envoy_binary
-from tools.bench import micro, profile
+from tools.bench import hotpath, micro, profile
 from tools.bench.envoy_config import bench_bootstrap
 from tools.bench.floor import IMPLS
 from tools.bench.loadtools import Tools, find_tools, run_wrk
@@ -434,6 +435,8 @@ class Bench:
         self.results["micro"] = micro.run(
             self.mode.micro_iterations, alternatives=self.mode is not QUICK
         )
+        print("bench: in-process hot path ...", flush=True)
+        self.results["hotpath"] = hotpath.run(self.mode.micro_iterations * 4)
 
 
 def _machine() -> dict[str, Any]:
@@ -512,6 +515,9 @@ def format_table(results: dict[str, Any]) -> Iterator[str]:
             f"its own CPU {generator['client_cpu_share']:.0%} of a core"
         )
     yield from micro.format_lines(results.get("micro", {}))
+    if "hotpath" in results:
+        yield ""
+        yield from hotpath.format_lines(results["hotpath"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,10 @@ class Policy:
             body=str(params.get("body", "")).encode("utf-8"),
         )
 
+    def static_request(self) -> ImmediateResponse:
+        """The same answer for every request, validated once at config load."""
+        return self._response
+
     def on_request(self, ctx: RequestContext) -> ImmediateResponse:
         """The configured response; the request itself is not inspected."""
         return self._response

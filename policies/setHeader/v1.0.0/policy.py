@@ -7,7 +7,10 @@ token (RFC 9110 ``tchar``) and every value free of CR, LF and NUL, so that no
 configuration can smuggle an extra header line; names are lower-cased, and a
 name may appear in only one operation per phase (``set`` and ``remove`` of the
 same header would be order-dependent). The hooks are pure and return the same
-modifications for every request.
+modifications for every request, so the policy also declares them as static
+(``static_request`` / ``static_response``, see engine/policy.py): the engine validates
+them once, drops a phase with no operations, and answers a route made only of such
+policies from replies built once.
 """
 
 from __future__ import annotations
@@ -121,6 +124,15 @@ class Policy:
             if response.set or response.append or response.remove
             else None
         )
+
+    def static_request(self) -> RequestModifications | None:
+        """The same changes for every request, known at config load (the engine then
+        answers from a reply built once); ``None``: no request operations configured."""
+        return self._request
+
+    def static_response(self) -> ResponseModifications | None:
+        """Likewise for responses; ``None`` keeps Envoy from sending them for this policy."""
+        return self._response
 
     def on_request(self, ctx: RequestContext) -> RequestModifications | None:
         """The configured request changes (``None`` when there are none)."""
