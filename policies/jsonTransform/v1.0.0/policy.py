@@ -90,13 +90,19 @@ _TOP_LEVEL: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 # unseen inside them: invalid UTF-8 and escaped lone surrogates. A body that may hold
 # either (the check over-approximates: any \\uD... escape) is decoded whole instead.
 # (A number beyond float range in a skipped member passes as the client wrote it.)
-_SURROGATE_ESCAPES: Final = (b"\\ud", b"\\uD")
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD]")
+
+
+def _may_hold_surrogate(body: bytes) -> bool:
+    # A backslash is rare in JSON bodies, and a one-byte search is memchr-fast; searching
+    # for the escape itself is ~40x slower on 100 KB (bytes.find skips on its last byte).
+    return b"\\" in body and _SURROGATE_ESCAPE.search(body) is not None
 
 
 def _load_top_level(body: bytes) -> dict[str, Any]:
     """The body's top-level object, its member values raw (``msgspec.Raw``) unless the
     body needs the strict whole-body decode (then every value is decoded)."""
-    if (body.isascii() or _is_utf8(body)) and not any(e in body for e in _SURROGATE_ESCAPES):
+    if (body.isascii() or _is_utf8(body)) and not _may_hold_surrogate(body):
         try:
             return _TOP_LEVEL.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
