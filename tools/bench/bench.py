@@ -268,7 +268,9 @@ class Bench:
             row = table[path.name]
             if "error" in row:
                 continue
-            base = table.get(path.baseline if path.baseline != "native" else "direct", {})
+            # rps and latency always compare to Envoy's own path without ext_proc
+            base_name = "direct" if path.baseline.startswith("native") else path.baseline
+            base = table.get(base_name, {})
             ratios: dict[str, float | None] = {}
             try:
                 ratios["rps_vs_direct"] = row["saturation"]["rps"] / base["saturation"]["rps"]

@@ -126,8 +126,11 @@ def bench_bootstrap(
         for k, v in NATIVE_RESPONSE_HEADERS
     ]
     extra.append(native)
+    native_request = _disabled(_route("native-request", "/native-request/"))
+    native_request["request_headers_to_add"] = copy.deepcopy(native["request_headers_to_add"])
+    extra.append(native_request)
     for impl in floors:
-        for messages in (1, 2):
+        for messages in ("1", "2", "body"):
             entry = _route(f"floor{messages}-{impl}", f"/floor{messages}/{impl}/")
             entry["typed_per_filter_config"] = {
                 "envoy.filters.http.ext_proc": {

@@ -8,7 +8,10 @@ The route key (``x-policy-route`` invocation metadata) says how many messages En
 * ``floor1``: the ``request_headers`` reply skips the response phase (one message per request,
   like the engine's empty chain);
 * ``floor2``: it asks for response headers too (two messages, like a chain with a response
-  policy: the 5-header chain).
+  policy: the 5-header chain with its response header);
+* ``floorbody``: it asks for the request body BUFFERED and answers it with the same body
+  as a body mutation (two messages, the body crossing gRPC both ways, like a request body
+  transform: the floor of the 100 KB jsonTransform path).
 
 IMPL is one transport: ``grpcaio`` (grpcio's asyncio server, the engine's), ``grpcaio-uvloop``
 (the same on uvloop's event loop), ``grpclib-uvloop`` (grpclib: pure-Python HTTP/2 from
@@ -69,9 +72,27 @@ _OTHERS: Final = {
 }
 
 
-def reply_for(message: pb.ProcessingRequest, *, response_phase: bool) -> tuple[Any, bool]:
-    """(The prebuilt reply, whether the stream is done after it)."""
+_BODY_FIRST: Final = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(),
+    mode_override=_Mode(
+        request_body_mode=_Mode.BUFFERED,
+        response_header_mode=_Mode.SKIP,
+        response_body_mode=_Mode.NONE,
+    ),
+)
+
+
+def reply_for(message: pb.ProcessingRequest, *, route: str) -> tuple[Any, bool]:
+    """(The reply for ``route``'s kind of floor, whether the stream is done after it)."""
     kind = message.WhichOneof("request")
+    if route == "floorbody":
+        if kind == "request_headers" and not message.request_headers.end_of_stream:
+            return _BODY_FIRST, False
+        if kind == "request_body":
+            common = pb.CommonResponse()
+            common.body_mutation.body = message.request_body.body
+            return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common)), True
+    response_phase = route == "floor2"
     if kind == "request_headers":
         return _FIRST[response_phase], not response_phase
     return _OTHERS[kind or "request_body"], kind == "response_headers"
@@ -87,11 +108,9 @@ async def _serve_grpcaio(port: int, stop: asyncio.Event) -> None:
         async def Process(
             self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
         ) -> AsyncIterator[Any]:
-            response_phase = any(
-                k == _ROUTE_KEY and v == "floor2" for k, v in context.invocation_metadata() or ()
-            )
+            route = next((v for k, v in context.invocation_metadata() or () if k == _ROUTE_KEY), "")
             async for message in request_iterator:
-                reply, done = reply_for(message, response_phase=response_phase)
+                reply, done = reply_for(message, route=route)
                 yield reply
                 if done:
                     return
@@ -114,9 +133,9 @@ async def _serve_grpclib(port: int, stop: asyncio.Event) -> None:
     from grpclib.server import Server, Stream  # noqa: PLC0415
 
     async def process(stream: Stream[Any, Any]) -> None:
-        response_phase = stream.metadata is not None and stream.metadata.get(_ROUTE_KEY) == "floor2"
+        route = str(stream.metadata.get(_ROUTE_KEY, "")) if stream.metadata is not None else ""
         async for message in stream:
-            reply, done = reply_for(message, response_phase=response_phase)
+            reply, done = reply_for(message, route=route)
             await stream.send_message(reply)
             if done:
                 return

@@ -59,7 +59,7 @@ _RESPONSE_HEADERS: Final = (
     ("x-envoy-upstream-service-time", "0"),
 )
 # route key -> ext_proc messages Envoy sends for it (the reply's mode override decides).
-_CHAINS: Final = ("empty", "headers", "auth", "json")
+_CHAINS: Final = ("empty", "headers-request", "headers", "auth", "json")
 _API_KEY: Final = "bench-key-0123456789"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -17,7 +18,7 @@ __all__ = [
     "paths",
 ]
 
-ENGINE_KEYS: Final = ("empty", "headers", "jwt", "json")
+ENGINE_KEYS: Final = ("empty", "headers-request", "headers", "jwt", "json")
 ENGINE_TRANSPORT: Final = "grpcaio-uvloop"
 """The floor implementation on the engine's own transport (grpc.aio on uvloop: engine/server.py)."""
 JSON_BODY_BYTES: Final = 100 * 1024
@@ -33,11 +34,13 @@ def engine_config(jwks_url: str, jwks_ca: str) -> dict[str, Any]:
         }
         for name, value in NATIVE_REQUEST_HEADERS
     ]
+    request_only = copy.deepcopy(headers)
     # The native route also sets a response header: the last policy does too.
     headers[-1]["parameters"]["response"] = {"set": dict(NATIVE_RESPONSE_HEADERS)}
     return {
         "routes": {
             "empty": {"policies": []},
+            "headers-request": {"policies": request_only},
             "headers": {"policies": headers},
             "jwt": {
                 "policies": [
@@ -117,6 +120,7 @@ def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
     json_headers = {"content-type": "application/json"}
     result = [
         BenchPath("direct", "Envoy direct -> nginx", "/direct/x"),
+        BenchPath("native-request", "Envoy native headers (5 req)", "/native-request/x"),
         BenchPath("native", "Envoy native headers (5 req + 1 resp)", "/native/x"),
     ]
     for impl in floor_impls:
@@ -126,20 +130,39 @@ def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
             )
         )
     floor1, floor2 = f"floor1-{ENGINE_TRANSPORT}", f"floor2-{ENGINE_TRANSPORT}"
+    floor_body = f"floorbody-{ENGINE_TRANSPORT}"
     if ENGINE_TRANSPORT in floor_impls:
-        result.append(
+        result += [
             BenchPath(
                 floor2,
                 f"trivial servicer, {ENGINE_TRANSPORT}, 2 messages",
                 f"/floor2/{ENGINE_TRANSPORT}/x",
                 f"floor-{ENGINE_TRANSPORT}",
-            )
-        )
+            ),
+            BenchPath(
+                floor_body,
+                f"trivial servicer, {ENGINE_TRANSPORT}, 100 KB body echoed",
+                f"/floorbody/{ENGINE_TRANSPORT}/x",
+                f"floor-{ENGINE_TRANSPORT}",
+                method="POST",
+                headers=json_headers,
+                body=True,
+                baseline="direct-json",
+            ),
+        ]
     result += [
         BenchPath("empty", "engine, empty chain", "/empty/x", "engine", floor1),
         BenchPath(
+            "headers-request",
+            "engine, 5 x setHeader (request headers)",
+            "/headers-request/x",
+            "engine",
+            floor1,
+            baseline="native-request",
+        ),
+        BenchPath(
             "headers",
-            "engine, 5 x setHeader",
+            "engine, 5 x setHeader + 1 response header",
             "/headers/x",
             "engine",
             floor2,
@@ -166,7 +189,7 @@ def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
             "engine, jsonTransform 100 KB",
             "/json/x",
             "engine",
-            None,
+            floor_body,
             method="POST",
             headers=json_headers,
             body=True,
