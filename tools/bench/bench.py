@@ -12,6 +12,10 @@ default manifest; ``tools/bench/engine_main.py``) and trivial ext_proc servicers
 * the server's RSS; ratios to Envoy direct and to the floor (the trivial grpc.aio servicer
   with the same number of ext_proc messages per request).
 
+Saturation and 1-connection runs are interleaved: 3 passes over all paths in full mode, each
+figure the median of its passes, so a burst of other load on the machine moves one pass of
+every path instead of every figure of whichever path was running.
+
 Then: 2,000 and 10,000 concurrent connections on the 5-header chain (errors, non-2xx, rps,
 p99; and, in full mode, 2,000 with Envoy's default cluster settings, which fail); streams per
 engine worker with Envoy at 1 and 2 workers, with and without the recommended cluster settings,
@@ -34,6 +38,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -79,11 +84,12 @@ class Mode:
     workers_s: float
     defaults_repro: bool
     micro_iterations: int
+    rounds: int = 3
 
 
-FULL: Final = Mode(6, 5, 5, 250, 50, (2000, 10000), 8, 10, True, 5000)
+FULL: Final = Mode(9, 6, 5, 250, 50, (2000, 10000), 8, 10, True, 5000, rounds=3)
 LOAD_TIMEOUT_S: Final = 60.0
-QUICK: Final = Mode(1, 1, 1, 100, 20, (200,), 2, 1, False, 300)
+QUICK: Final = Mode(1, 1, 1, 100, 20, (200,), 2, 1, False, 300, rounds=1)
 
 
 def _raise_file_limit() -> int:
@@ -179,52 +185,91 @@ class Bench:
         )
 
     def measure(
-        self, port: int, path: BenchPath, server_pid: int | None, envoy_pid: int
-    ) -> dict[str, Any]:
+        self,
+        port: int,
+        spec: list[tuple[BenchPath, int | None]],
+        envoy_pid: int,
+    ) -> dict[str, dict[str, Any]]:
+        """Measure every path of ``spec`` ((path, pid of its ext_proc server)), interleaved.
+
+        Saturation and the one-connection runs go in ``mode.rounds`` passes over all paths
+        (each pass a slice of the time), and each figure is the median over the passes:
+        a burst of load elsewhere on the machine then moves one pass of every path, not
+        every figure of one path. CPU per request is also per pass, then the median."""
         mode = self.mode
-        _check_request(port, path, self.body)
-        self.wrk(port, path, connections=4, seconds=1)  # warm-up (JIT-free, but caches, pools)
+        rows: dict[str, dict[str, Any]] = {}
+        passes: dict[str, dict[str, list[Any]]] = {}
+        live: list[tuple[BenchPath, int | None]] = []
+        for path, pid in spec:
+            try:
+                _check_request(port, path, self.body)
+                self.wrk(port, path, connections=4, seconds=1)  # warm-up: caches, pools
+            except Exception as exc:  # one broken path must not hide the others
+                self.failures.append(f"{path.name}: {exc}")
+                rows[path.name] = {"label": path.label, "error": str(exc)}
+                continue
+            live.append((path, pid))
+            passes[path.name] = {"saturation": [], "cpu": [], "envoy_cpu": [], "one": []}
 
-        def cpu() -> float:
-            return sum(cpu_seconds(server_pid).values()) if server_pid else 0.0
+        def cpu(pid: int | None) -> float:
+            return sum(cpu_seconds(pid).values()) if pid else 0.0
 
-        envoy_cpu0, cpu0 = sum(cpu_seconds(envoy_pid).values()), cpu()
-        saturation = self.wrk(
-            port, path, connections=mode.saturation_conns, seconds=mode.saturation_s
-        )
-        cpu1, envoy_cpu1 = cpu(), sum(cpu_seconds(envoy_pid).values())
-        rss = sum(rss_bytes(server_pid).values()) if server_pid else 0
-        one = self.wrk(port, path, connections=1, seconds=mode.one_conn_s)
-        request = build_request(
-            path.url_path,
-            host=f"{HOST}:{port}",
-            method=path.method,
-            headers=path.headers,
-            body=self.body if path.body else b"",
-        )
-        # A fixed rate, but never above a quarter of this path's saturation: near saturation
-        # an open-loop run measures only its queue (and this machine's load varies).
-        rate = max(10.0, min(mode.rate, round(saturation.rps / 4)))
-        cpu2 = cpu()
-        opened = run_open_loop(HOST, port, request, rate=rate, seconds=mode.open_loop_s)
-        cpu3 = cpu()
-        requests = max(saturation.requests, 1)
-        result: dict[str, Any] = {
-            "label": path.label,
-            "saturation": saturation.as_dict(),
-            "one_connection": one.as_dict(),
-            "open_loop": opened.as_dict(),
-            "envoy_cpu_us_per_request": (envoy_cpu1 - envoy_cpu0) / requests * 1e6,
-        }
-        if server_pid:
-            result["server"] = path.server
-            result["cpu_us_per_request"] = (cpu1 - cpu0) / requests * 1e6
-            result["cpu_us_per_request_open_loop"] = (cpu3 - cpu2) / max(opened.ok, 1) * 1e6
-            result["rss_mb"] = rss / 2**20
-        errors = saturation.errors + one.errors + opened.errors
-        if errors:
-            self.failures.append(f"{path.name}: {errors} errors or non-2xx responses")
-        return result
+        for round_ in range(mode.rounds):
+            print(f"bench: pass {round_ + 1}/{mode.rounds} over {len(live)} paths", flush=True)
+            for path, pid in live:
+                got = passes[path.name]
+                envoy0, cpu0 = cpu(envoy_pid), cpu(pid)
+                saturation = self.wrk(
+                    port,
+                    path,
+                    connections=mode.saturation_conns,
+                    seconds=mode.saturation_s / mode.rounds,
+                )
+                cpu1, envoy1 = cpu(pid), cpu(envoy_pid)
+                requests = max(saturation.requests, 1)
+                got["saturation"].append(saturation)
+                got["cpu"].append((cpu1 - cpu0) / requests * 1e6)
+                got["envoy_cpu"].append((envoy1 - envoy0) / requests * 1e6)
+                got["one"].append(
+                    self.wrk(port, path, connections=1, seconds=mode.one_conn_s / mode.rounds)
+                )
+        for path, pid in live:
+            got = passes[path.name]
+            saturation = _median_run(got["saturation"], "rps")
+            one = _median_run(got["one"], "p50_ms")
+            request = build_request(
+                path.url_path,
+                host=f"{HOST}:{port}",
+                method=path.method,
+                headers=path.headers,
+                body=self.body if path.body else b"",
+            )
+            # A fixed rate, but never above a quarter of this path's saturation: near
+            # saturation an open-loop run measures only its queue (and the load varies).
+            rate = max(10.0, min(mode.rate, round(saturation.rps / 4)))
+            cpu2 = cpu(pid)
+            opened = run_open_loop(HOST, port, request, rate=rate, seconds=mode.open_loop_s)
+            cpu3 = cpu(pid)
+            row: dict[str, Any] = {
+                "label": path.label,
+                "saturation": saturation.as_dict(),
+                "saturation_rps_per_pass": [round(r.rps, 1) for r in got["saturation"]],
+                "one_connection": one.as_dict(),
+                "one_connection_p50_ms_per_pass": [round(r.p50_ms, 3) for r in got["one"]],
+                "open_loop": opened.as_dict(),
+                "envoy_cpu_us_per_request": statistics.median(got["envoy_cpu"]),
+            }
+            if pid:
+                row["server"] = path.server
+                row["cpu_us_per_request"] = statistics.median(got["cpu"])
+                row["cpu_us_per_request_per_pass"] = [round(c, 1) for c in got["cpu"]]
+                row["cpu_us_per_request_open_loop"] = (cpu3 - cpu2) / max(opened.ok, 1) * 1e6
+                row["rss_mb"] = sum(rss_bytes(pid).values()) / 2**20
+            errors = sum(r.errors for r in (*got["saturation"], *got["one"])) + opened.errors
+            if errors:
+                self.failures.append(f"{path.name}: {errors} errors or non-2xx responses")
+            rows[path.name] = row
+        return {path.name: rows[path.name] for path, _ in spec}
 
     # -- sections ---------------------------------------------------------------------
 
@@ -239,19 +284,15 @@ class Bench:
             settings=RECOMMENDED,
         )
         self.main_admin = admin
-        table: dict[str, Any] = {}
+        spec: list[tuple[BenchPath, int | None]] = []
         for path in paths(tuple(floors), token):
             pid = None
             if path.server == "engine":
                 pid = engine[1]
             elif path.server and path.server.startswith("floor-"):
                 pid = floors[path.server.removeprefix("floor-")][1]
-            print(f"bench: {path.name} ...", flush=True)
-            try:
-                table[path.name] = self.measure(listener, path, pid, envoy_pid)
-            except Exception as exc:  # one broken path must not hide the others
-                self.failures.append(f"{path.name}: {exc}")
-                table[path.name] = {"label": path.label, "error": str(exc)}
+            spec.append((path, pid))
+        table = self.measure(listener, spec, envoy_pid)
         self._ratios(table, paths(tuple(floors), token))
         self.results["paths"] = table
         self.results["generator_floor"] = self._generator_floor()
@@ -439,6 +480,12 @@ class Bench:
         )
         print("bench: in-process hot path ...", flush=True)
         self.results["hotpath"] = hotpath.run(self.mode.micro_iterations * 4)
+
+
+def _median_run(runs: list[Any], key: str) -> Any:
+    """The run whose ``key`` is the median (its other figures stay consistent with it)."""
+    ordered = sorted(runs, key=lambda run: getattr(run, key))
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _machine() -> dict[str, Any]:
