@@ -112,3 +112,33 @@ def test_metadata_written_in_request_phase_is_read_in_response_phase(e2e):
     assert reply.status == 200
     assert reply.echo["headers"]["x-meta-user"] == "alice"
     assert reply.headers["x-meta-user"] == "alice"
+
+
+def messages(e2e, route: str) -> dict[str, int]:
+    stats = e2e.engine.processor.stats
+    kinds = ("request_headers", "request_body", "response_headers", "response_body")
+    return {kind: stats.count(kind, route) for kind in kinds}
+
+
+def test_static_routes_answer_from_prebuilt_replies_and_ask_only_what_they_use(e2e):
+    # Request-only: Envoy is not asked for the response at all (before this change, a
+    # two-phase policy always had Envoy send the response headers). The hooks raise if
+    # called: the replies are the ones built at config load.
+    e2e.configure(
+        {
+            "public": {"policies": [policy("staticHeaders", request={"x-static": "yes"})]},
+            "meta": {"policies": [policy("staticHeaders", response={"x-served-by": "engine"})]},
+        }
+    )
+    assert e2e.engine.store.current.chain_for("public").fully_static
+    before = messages(e2e, "public"), messages(e2e, "meta")
+    for _ in range(2):
+        reply = e2e.request("/api/v1/public/s", headers={"x-static": "client"})
+        assert reply.status == 200
+        assert reply.echo["headers"]["x-static"] == "yes"
+        served = e2e.request("/meta/s")
+        assert (served.status, served.headers["x-served-by"]) == (200, "engine")
+    public, meta = messages(e2e, "public"), messages(e2e, "meta")
+    assert public["request_headers"] - before[0]["request_headers"] == 2
+    assert public["response_headers"] == before[0]["response_headers"]
+    assert meta["response_headers"] - before[1]["response_headers"] == 2

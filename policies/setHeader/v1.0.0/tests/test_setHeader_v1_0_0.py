@@ -159,6 +159,9 @@ def test_phase_without_operations_returns_none(
     ctx = make_response_context(request_ctx())
     assert (policy.on_request(request_ctx()) is not None) is request_changes
     assert (policy.on_response(ctx) is not None) is response_changes
+    # Declared static: the same actions, known at config load (None drops the phase).
+    assert policy.static_request() is policy.on_request(request_ctx())
+    assert policy.static_response() is policy.on_response(ctx)
 
 
 def test_empty_value_is_allowed() -> None:
