@@ -22,6 +22,13 @@ How the route is found
     logged once per key (for up to 1024 keys, then debug). The empty chain of a KNOWN route
     passes through.
 
+Static routes
+    A phase whose policies are all static and unconditional (``Chain.static_request_outcome``
+    / ``static_response_outcome``, computed at config load) is answered with a reply built
+    once per chain and shared (``_static_reply``): no context, no header conversion, no
+    policy call. A chain static in both phases (``Chain.fully_static``) never builds a
+    ``RequestContext``. Shared replies are never mutated (dynamic metadata goes into a copy).
+
 Copy-on-write
     The snapshot is read once at ``request_headers``; the request and its response finish on
     that snapshot even if a hot reload swaps ``store.current`` meanwhile.
