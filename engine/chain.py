@@ -43,7 +43,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -290,26 +290,43 @@ def check_static_response(action: object) -> None:
     _check_response(action)
 
 
-_Net = dict[str, tuple[bool, list[str]]]
-"""Header name -> (replaces the client's values, values): a chain's net header change."""
-
-
-def _compose(net: _Net, action: RequestModifications | ResponseModifications) -> None:
-    """Fold one action into ``net``, in the order the executor applies it: removals,
-    then sets, then appends (see :func:`_apply_headers`)."""
-    for name in action.remove_headers:
-        net[name.lower()] = (True, [])
-    for name, value in action.set_headers.items():
-        net[name.lower()] = (True, [value])
-    for name, value in action.append_headers.items():
-        replaces, values = net.get(name.lower(), (False, []))
-        net[name.lower()] = (replaces, [*values, value])
+def _static_actions(
+    policies: tuple[ChainPolicy, ...], attr: str
+) -> list[RequestModifications | ResponseModifications] | None:
+    """The static actions (``attr``: ``static_request`` / ``static_response``) of
+    ``policies`` if the phase is the same for every request, else None: every policy
+    unconditional and static with header (and path, method, status) changes only, the body
+    left alone."""
+    actions: list[RequestModifications | ResponseModifications] = []
+    for policy in policies:
+        action = getattr(policy, attr)
+        if (
+            policy.condition is not None
+            or not isinstance(action, RequestModifications | ResponseModifications)
+            or action.body is not None
+        ):
+            return None
+        actions.append(action)
+    return actions
 
 
 def _net_headers(
-    net: _Net,
+    actions: list[RequestModifications | ResponseModifications],
 ) -> tuple[dict[str, str], tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """``net`` as the (set, append, remove) of an outcome (see :func:`_header_diff`)."""
+    """The net header change of ``actions`` applied in order, as the (set, append, remove)
+    of an outcome (see :func:`_header_diff`). Within an action the executor's order:
+    removals, then sets, then appends (:func:`_apply_headers`). Setting a header to a value
+    it already has, or removing one that is absent, is then in the mutation where the
+    per-request diff would leave it out; Envoy's result is the same."""
+    net: dict[str, tuple[bool, list[str]]] = {}  # name -> (replaces the client's, values)
+    for action in actions:
+        for name in action.remove_headers:
+            net[name.lower()] = (True, [])
+        for name, value in action.set_headers.items():
+            net[name.lower()] = (True, [value])
+        for name, value in action.append_headers.items():
+            replaces, values = net.get(name.lower(), (False, []))
+            net[name.lower()] = (replaces, [*values, value])
     set_headers: dict[str, str] = {}
     appends: list[tuple[str, str]] = []
     removes: list[str] = []
@@ -324,30 +341,26 @@ def _net_headers(
     return set_headers, tuple(appends), tuple(removes)
 
 
-def _static_request_outcome(policies: tuple[ChainPolicy, ...]) -> RequestOutcome | None:
-    """The net change of ``policies`` if it is the same for every request, else None.
+def _last_set(values: Iterable[_T | None]) -> _T | None:
+    """The last value that is not None (what a later action's path, method or status
+    leaves after an earlier one's)."""
+    last = None
+    for value in values:
+        if value is not None:
+            last = value
+    return last
 
-    Static means: every policy is unconditional and static (``static_request``) with a
-    :class:`RequestModifications` that leaves the body alone. Setting a header to a value
-    it already has, or removing one that is absent, is then in the mutation where the
-    per-request diff would leave it out; Envoy's result is the same.
-    """
-    net: _Net = {}
-    path = method = None
-    for policy in policies:
-        action = policy.static_request
-        if (
-            policy.condition is not None
-            or not isinstance(action, RequestModifications)
-            or action.body is not None
-        ):
-            return None
-        _compose(net, action)
-        path = action.path if action.path is not None else path
-        method = action.method if action.method is not None else method
-    if not net and path is None and method is None:
+
+def _static_request_outcome(policies: tuple[ChainPolicy, ...]) -> RequestOutcome | None:
+    """The request phase's net change if it is the same for every request, else None."""
+    actions = _static_actions(policies, "static_request")
+    if actions is None:
+        return None
+    set_headers, appends, removes = _net_headers(actions)
+    path = _last_set(getattr(a, "path", None) for a in actions)
+    method = _last_set(getattr(a, "method", None) for a in actions)
+    if not (set_headers or appends or removes) and path is None and method is None:
         return _NO_CHANGE_REQUEST
-    set_headers, appends, removes = _net_headers(net)
     return RequestOutcome(
         set_headers=MappingProxyType(set_headers),
         append_headers=appends,
@@ -358,18 +371,14 @@ def _static_request_outcome(policies: tuple[ChainPolicy, ...]) -> RequestOutcome
 
 
 def _static_response_outcome(policies: tuple[ChainPolicy, ...]) -> ResponseOutcome | None:
-    """Like :func:`_static_request_outcome`, for the response phase."""
-    net: _Net = {}
-    status = None
-    for policy in policies:
-        action = policy.static_response
-        if policy.condition is not None or action is None or action.body is not None:
-            return None
-        _compose(net, action)
-        status = action.status if action.status is not None else status
-    if not net and status is None:
+    """The response phase's net change if it is the same for every request, else None."""
+    actions = _static_actions(policies, "static_response")
+    if actions is None:
+        return None
+    set_headers, appends, removes = _net_headers(actions)
+    status = _last_set(getattr(a, "status", None) for a in actions)
+    if not (set_headers or appends or removes) and status is None:
         return _NO_CHANGE_RESPONSE
-    set_headers, appends, removes = _net_headers(net)
     return ResponseOutcome(
         set_headers=MappingProxyType(set_headers),
         append_headers=appends,
@@ -378,13 +387,16 @@ def _static_response_outcome(policies: tuple[ChainPolicy, ...]) -> ResponseOutco
     )
 
 
-def count_static_runs(chain: Chain, phase: str) -> None:
-    """Count the runs of a static phase answered from its outcome (metrics only: the
-    duration recorded is 0, as no hook ran)."""
+def _ran_static(route: str, policy: ChainPolicy) -> None:
+    """Count one run of a static policy (metrics only: duration 0, as no hook ran)."""
     if metrics.enabled():
-        policies = chain.request_policies if phase == "request" else chain.response_policies
-        for policy in policies:
-            metrics.policy_ran(chain.route, policy.name, policy.version, 0.0)
+        metrics.policy_ran(route, policy.name, policy.version, 0.0)
+
+
+def count_static_runs(chain: Chain, phase: str) -> None:
+    """Count the runs of a static phase answered from its outcome (see :func:`_ran_static`)."""
+    for policy in chain.request_policies if phase == "request" else chain.response_policies:
+        _ran_static(chain.route, policy)
 
 
 # --------------------------------------------------------------------------- executor
@@ -438,8 +450,7 @@ async def run_request(
                 continue
         static = policy.static_request
         if static is not None:  # validated at config load; no hook to call
-            if metrics.enabled():
-                metrics.policy_ran(chain.route, policy.name, policy.version, 0.0)
+            _ran_static(chain.route, policy)
             if isinstance(static, ImmediateResponse):
                 _short_circuited(policy, chain.route, ctx, static)
                 return RequestOutcome(immediate=static)
@@ -499,8 +510,7 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
                 continue
         static = policy.static_response
         if static is not None:  # validated at config load; no hook to call
-            if metrics.enabled():
-                metrics.policy_ran(chain.route, policy.name, policy.version, 0.0)
+            _ran_static(chain.route, policy)
             _apply_response(ctx, static)
             continue
         try:
