@@ -118,14 +118,19 @@ def _is_utf8(body: bytes) -> bool:
     return True
 
 
-def _load_object(body: bytes) -> dict[str, Any]:
+def _strict_decode(data: bytes | msgspec.Raw) -> Any:
+    """``data`` decoded whole, or :class:`_NotJsonObjectError` saying why it is not JSON."""
     try:
-        value = msgspec.json.decode(body)
+        return msgspec.json.decode(data)
     except RecursionError:
         raise _NotJsonObjectError("body is nested too deeply") from None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         # Also: invalid UTF-8, NaN/Infinity, lone surrogate escapes, numbers out of range.
         raise _NotJsonObjectError(f"body is not valid JSON: {exc}") from None
+
+
+def _load_object(body: bytes) -> dict[str, Any]:
+    value = _strict_decode(body)
     if not isinstance(value, dict):
         raise _NotJsonObjectError(f"body must be a JSON object, not {type(value).__name__}")
     return value
@@ -166,14 +171,7 @@ def _path(field: str, text: object) -> tuple[str, ...]:
 
 def _decoded(value: object) -> object:
     """A member value as Python data (raw JSON text decoded, strictly)."""
-    if isinstance(value, msgspec.Raw):
-        try:
-            return msgspec.json.decode(value)
-        except RecursionError:
-            raise _NotJsonObjectError("body is nested too deeply") from None
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise _NotJsonObjectError(f"body is not valid JSON: {exc}") from None
-    return value
+    return _strict_decode(value) if isinstance(value, msgspec.Raw) else value
 
 
 def _child(container: object, segment: str) -> object:
