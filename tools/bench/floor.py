@@ -45,24 +45,24 @@ GRPC_SERVER_OPTIONS: Final = (
 _METHOD: Final = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 _Mode = processing_mode_pb2.ProcessingMode
 
+
+def _headers_reply(*, request_body: int, response: bool) -> pb.ProcessingResponse:
+    """The ``request_headers`` reply with a full mode override (omitted modes merge as NONE)."""
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(),
+        mode_override=_Mode(
+            request_body_mode=request_body,
+            response_header_mode=_Mode.SEND if response else _Mode.SKIP,
+            response_body_mode=_Mode.NONE,
+        ),
+    )
+
+
 _FIRST: Final = {
-    False: pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(),
-        mode_override=_Mode(
-            request_body_mode=_Mode.NONE,
-            response_header_mode=_Mode.SKIP,
-            response_body_mode=_Mode.NONE,
-        ),
-    ),
-    True: pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(),
-        mode_override=_Mode(
-            request_body_mode=_Mode.NONE,
-            response_header_mode=_Mode.SEND,
-            response_body_mode=_Mode.NONE,
-        ),
-    ),
+    response: _headers_reply(request_body=_Mode.NONE, response=response)
+    for response in (False, True)
 }
+_BODY_FIRST: Final = _headers_reply(request_body=_Mode.BUFFERED, response=False)
 _OTHERS: Final = {
     "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
     "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
@@ -70,16 +70,6 @@ _OTHERS: Final = {
     "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
     "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
 }
-
-
-_BODY_FIRST: Final = pb.ProcessingResponse(
-    request_headers=pb.HeadersResponse(),
-    mode_override=_Mode(
-        request_body_mode=_Mode.BUFFERED,
-        response_header_mode=_Mode.SKIP,
-        response_body_mode=_Mode.NONE,
-    ),
-)
 
 
 def reply_for(message: pb.ProcessingRequest, *, route: str) -> tuple[Any, bool]:
