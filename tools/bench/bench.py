@@ -86,7 +86,7 @@ class Mode:
     workers_s: float
     defaults_repro: bool
     micro_iterations: int
-    rounds: int = 3
+    rounds: int
 
 
 FULL: Final = Mode(10, 5, 5, 250, 50, (2000, 10000), 8, 10, True, 5000, rounds=5)
