@@ -35,6 +35,7 @@ from engine.extproc import PolicyProcessor
 from engine.extproc_messages import ROUTE_METADATA_KEY
 from engine.store import ConfigStore
 from tools.bench.engine_main import manifest_registry
+from tools.bench.floor import reply_for
 from tools.bench.paths import engine_config, json_body
 
 __all__ = ["format_lines", "run"]
@@ -126,20 +127,17 @@ def _engine_request(processor: PolicyProcessor, route: str) -> Callable[[], Any]
     return one
 
 
-_EMPTY_REPLIES: Final = {
-    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
-    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
-    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
-}
-
-
 def _floor_request(messages_per_request: int) -> Callable[[], Any]:
-    """The trivial servicer (tools/bench/floor.py) on the same messages: parse, reply empty."""
+    """The trivial servicer (tools/bench/floor.py, its own replies) on the same messages."""
     messages = _messages("headers")[:messages_per_request]
+    route = f"floor{messages_per_request}"
 
     async def process(requests: AsyncIterator[pb.ProcessingRequest]) -> AsyncIterator[Any]:
         async for request in requests:
-            yield _EMPTY_REPLIES[request.WhichOneof("request")]
+            reply, done = reply_for(request, route=route)
+            yield reply
+            if done:
+                return
 
     async def one() -> int:
         replies = 0
