@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from google.protobuf import any_pb2, duration_pb2, struct_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from policy_engine.v1 import route_chain_pb2
 
 from engine.definition import parse_duration
@@ -56,7 +56,6 @@ MAX_RESOURCE_BYTES: Final = 1 << 20
 """One route's chain larger than 1 MiB is refused: no sane chain is that big, and
 decoding it would cost the event loop (and memory) for nothing."""
 
-_CHAIN_NAME: Final = "policy_engine.v1.RouteChain"
 _MAX_SAFE_INTEGER: Final = 2**53  # doubles represent every integer up to here exactly
 _ON_ERROR_NAMES: Final = {
     route_chain_pb2.FAIL_CLOSED: "failClosed",
@@ -138,22 +137,31 @@ def _unwrap(index: int, resource: any_pb2.Any, errors: list[str]) -> any_pb2.Any
     return resource
 
 
-def _checked(index: int, raw: any_pb2.Any, type_url: str, errors: list[str]) -> any_pb2.Any | None:
-    """The resource if it has ``type_url`` and a sane size; else None and an error."""
+def _parsed(
+    index: int, raw: any_pb2.Any, type_url: str, message: Message, errors: list[str]
+) -> bool:
+    """Parse resource ``index`` into ``message`` if it has ``type_url`` and a sane size;
+    else False and an error naming the resource."""
     resource = _unwrap(index, raw, errors)
     if resource is None:
-        return None
+        return False
     if resource.type_url != type_url:
         errors.append(f"resources[{index}]: type URL {resource.type_url!r} is not {type_url}")
-        return None
+        return False
     size = len(resource.value)
     if size > MAX_RESOURCE_BYTES:
         errors.append(
             f"resources[{index}]: {size} bytes, over the limit of {MAX_RESOURCE_BYTES} "
             "bytes per resource"
         )
-        return None
-    return resource
+        return False
+    try:
+        message.ParseFromString(resource.value)
+    except DecodeError as exc:
+        name = message.DESCRIPTOR.full_name
+        errors.append(f"resources[{index}]: cannot decode as {name}: {exc}")
+        return False
+    return True
 
 
 _ACTION_NAMES: Final = {
@@ -170,16 +178,8 @@ def decode_settings(resources: Sequence[any_pb2.Any]) -> tuple[dict[str, Any], l
         return {}, [f"{len(resources)} EngineSettings resources; at most one is allowed"]
     fields: dict[str, Any] = {}
     for index, raw in enumerate(resources):
-        resource = _checked(index, raw, SETTINGS_TYPE, errors)
-        if resource is None:
-            continue
         settings = route_chain_pb2.EngineSettings()
-        try:
-            settings.ParseFromString(resource.value)
-        except DecodeError as exc:
-            errors.append(
-                f"resources[{index}]: cannot decode as policy_engine.v1.EngineSettings: {exc}"
-            )
+        if not _parsed(index, raw, SETTINGS_TYPE, settings, errors):
             continue
         if settings.HasField("unknown_route"):
             unknown = settings.unknown_route
@@ -217,14 +217,8 @@ def decode_resources(resources: Sequence[any_pb2.Any]) -> tuple[dict[str, Any], 
     routes: dict[str, Any] = {}
     seen: dict[str, int] = {}
     for index, raw in enumerate(resources):
-        resource = _checked(index, raw, ROUTE_CHAIN_TYPE, errors)
-        if resource is None:
-            continue
         chain = route_chain_pb2.RouteChain()
-        try:
-            chain.ParseFromString(resource.value)
-        except DecodeError as exc:
-            errors.append(f"resources[{index}]: cannot decode as {_CHAIN_NAME}: {exc}")
+        if not _parsed(index, raw, ROUTE_CHAIN_TYPE, chain, errors):
             continue
         if not chain.key:
             errors.append(f"resources[{index}]: key: must be a non-empty route key")
