@@ -76,6 +76,7 @@ Errors
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections import Counter
@@ -163,6 +164,12 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     ``store.current`` is read once per stream (at ``request_headers``). The processor keeps no
     per-request state outside the stream, so one instance serves all concurrent streams.
+
+    Streams in flight
+        A ``Process`` stream counts as in flight from its first message until gRPC has
+        finished it (its final status sent: the context's done callback), so
+        :meth:`wait_idle` returning means every stream's status is already on its connection.
+        The server's stop sequence relies on that (see ``engine.server.serve``).
     """
 
     def __init__(
@@ -178,6 +185,32 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.stats = ProcessorStats()
         # Which request metadata Envoy receives as dynamic metadata (None: none).
         self.envoy_metadata = envoy_metadata
+        self._in_flight = 0
+        # Futures (created on the waiting loop: a processor is not bound to one loop)
+        # resolved when _in_flight drops to 0.
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def streams_in_flight(self) -> int:
+        """``Process`` streams started and not yet finished by gRPC (status not yet sent)."""
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Return once no ``Process`` stream is in flight (at once if none is). New streams
+        may start again afterwards: the caller decides what idle is worth (the server's stop
+        sequence calls it before it sends GOAWAY)."""
+        while self._in_flight:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _stream_finished(self, _context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():  # a waiter whose wait was cancelled (timeout)
+                    waiter.set_result(None)
 
     async def Process(
         self,
@@ -186,6 +219,11 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ProcessingResponse]:
         """Handle one HTTP request; the stream ends (OK) as soon as nothing more is needed."""
         self.stats.streams += 1
+        # gRPC calls this once the RPC is over, final status sent, whichever way it ended
+        # (returned, aborted, cancelled by the peer); the end of this generator comes earlier.
+        # (grpc-stubs declare the callback as a class, not a Protocol: no function matches.)
+        context.add_done_callback(self._stream_finished)  # type: ignore[arg-type]
+        self._in_flight += 1
         stream = _Stream(self, context)
         emit = self.envoy_metadata
         try:

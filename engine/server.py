@@ -9,8 +9,10 @@ Health (``grpc.health.v1.Health``; services ``""`` and
 configuration (from the first publish if :func:`serve` starts with an empty store) and
 NOT_SERVING from the moment shutdown starts. Shutdown then keeps serving for the drain
 period (``--drain``) so Envoy's health checker sees NOT_SERVING and moves new streams away
-while they still succeed, and only then stops with the grace period (``--grace``) for the
-streams still in flight.
+while they still succeed, then waits, within the grace period (``--grace``), for the
+streams still in flight, and only then stops the server (GOAWAY, connections closed): gRPC
+closes a connection at once when its last stream ends after the GOAWAY, which can cost the
+peer that stream's status (see :func:`_quiesce`).
 
 Workers
     :func:`serve_workers` forks N processes that each run their own grpc.aio server on the same
@@ -93,9 +95,11 @@ async def serve(
     or, when ``handle_signals`` (default: only in the main thread) on SIGTERM/SIGINT. Then:
     health reports NOT_SERVING at once, the server keeps serving (new streams too) for
     ``drain`` seconds so Envoy's health checks see NOT_SERVING and move traffic away
-    (a second stop request ends the drain early), then ``source`` stops and the server
-    stops accepting, waiting up to ``grace`` seconds for in-flight streams. Raises
-    ``RuntimeError`` if ``listen`` cannot be bound.
+    (a second stop request ends the drain early), then ``source`` stops. In-flight streams
+    then get ``grace`` seconds in all: the server waits until none is in flight (still
+    accepting), then stops accepting (GOAWAY) and closes its connections; streams still
+    running when the grace period ends are cancelled. Raises ``RuntimeError`` if ``listen``
+    cannot be bound.
 
     ``max_body_bytes`` (ignored when ``processor`` is given: its own limit counts) bounds the
     bodies policies see; the gRPC message limits are sized from it (:func:`grpc_options`).
@@ -153,12 +157,14 @@ async def serve(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), drain)
         log.info("stopping: in-flight streams may finish (grace %.1fs)", grace)
+        deadline = loop.time() + grace
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await server.stop(grace)
+        await _quiesce(processor, deadline)
+        await server.stop(max(0.0, deadline - loop.time()))
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")
@@ -196,6 +202,41 @@ def grpc_options(max_body_bytes: int, *, reuse_port: bool) -> list[tuple[str, in
         ("grpc.server.max_pending_requests", _PENDING_CALLS_LIMIT),
         ("grpc.server.max_pending_requests_hard_limit", _PENDING_CALLS_LIMIT),
     ]
+
+
+async def _quiesce(processor: PolicyProcessor, deadline: float) -> None:
+    """Wait (at most until ``deadline``, loop time) until no ext_proc stream is in flight, still
+    accepting new ones, so that ``server.stop`` sends its GOAWAY on idle connections.
+
+    Why not leave the in-flight streams to ``server.stop(grace)``: after its GOAWAY, gRPC core
+    closes a connection the moment the connection's last stream has written its final status,
+    without a lingering close. Frames the peer sent meanwhile (its half-close, a BDP ping, a
+    WINDOW_UPDATE) are then unread, so the kernel answers with a TCP reset, and a peer that
+    handles its failed write before parsing what it has received loses the OK status already
+    in its receive buffer: the stream ends UNAVAILABLE (gRPC's own client, seen in its
+    transport trace; RFC 9112 section 9.6 describes the same hazard for HTTP/1.1). Envoy
+    answers a non-OK ext_proc status like a failed engine (``status_on_error`` unless
+    ``failure_mode_allow``). On an idle connection gRPC core's graceful GOAWAY waits for a
+    PING round trip before it closes, and a PING is acknowledged only after every frame
+    sent before it was processed: every status has been read.
+
+    A stream that starts after the wait and before the GOAWAY still races; with a drain
+    period (health NOT_SERVING first) no new streams come. When ``deadline`` passes with
+    streams in flight (traffic never paused), the grace period is spent: ``server.stop``
+    cancels them.
+    """
+    in_flight = processor.streams_in_flight
+    if not in_flight:
+        return
+    log.info("stopping: waiting for %d in-flight streams before closing connections", in_flight)
+    try:
+        async with asyncio.timeout_at(deadline):
+            await processor.wait_idle()
+    except TimeoutError:
+        log.warning(
+            "stopping: %d streams still in flight after the grace period",
+            processor.streams_in_flight,
+        )
 
 
 def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -8,6 +8,7 @@ loading.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -627,33 +628,95 @@ def test_serve_workers_forwards_a_stop_signal_that_arrives_while_forking(monkeyp
     assert code == 0
 
 
-async def test_stop_drains_in_flight_stream():
-    """Graceful stop: a stream whose policy is still running when stop is requested completes."""
+class Held:
+    """A response policy that runs until released: a stop request can land while it runs."""
 
-    class Slow:
-        async def on_response(self, ctx: ResponseContext) -> ResponseModifications:
-            await asyncio.sleep(0.3)
-            return ResponseModifications(set_headers={"x-slow": "done"})
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.finished = False
 
-    store = ConfigStore(snapshot(public=[entry(Slow())]))
+    async def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+        self.started.set()
+        await self.release.wait()
+        self.finished = True
+        return ResponseModifications(set_headers={"x-held": "done"})
+
+
+async def stop_during_policy(
+    policy: Held, *, release_after: Callable[[], Any]
+) -> tuple[grpc.StatusCode, str]:
+    """Serve ``policy``, send a stream into it, request the stop while it runs, release it
+    once ``release_after()`` returns; return the stream's final status (the reply checked)."""
+    store = ConfigStore(snapshot(public=[entry(policy)]))
     ports: list[int] = []
     ready, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        serve("127.0.0.1:0", store, grace=3, ready=ready, stop=stop, on_bound=ports.append)
+        serve("127.0.0.1:0", store, grace=5, ready=ready, stop=stop, on_bound=ports.append)
     )
     async with asyncio.timeout(5):
         await ready.wait()
     async with ExtProcClient(f"127.0.0.1:{ports[0]}") as client:
-        stream = client.open("public")
+        stream = client.open("public", timeout=10)
         await stream.send(request_headers("/"))
         pending = asyncio.create_task(stream.send(response_headers(200)))
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(5):
+            await policy.started.wait()
         stop.set()
+        await release_after()
+        policy.release.set()
         reply = decode(await pending)
-        assert reply.set_headers == {"x-slow": "done"}
-        assert await stream.finish() == (grpc.StatusCode.OK, "")
-    async with asyncio.timeout(5):
+        assert reply.set_headers == {"x-held": "done"}
+        status = await stream.finish()
+    async with asyncio.timeout(10):
         await task
+    return status
+
+
+async def test_stop_drains_in_flight_stream():
+    """Graceful stop: a stream whose policy is still running when stop is requested completes,
+    with status OK (it flaked UNAVAILABLE "broken pipe", see the next test)."""
+    policy = Held()
+    assert await stop_during_policy(policy, release_after=lambda: asyncio.sleep(0.2)) == (
+        grpc.StatusCode.OK,
+        "",
+    )
+
+
+async def test_stop_closes_connections_only_after_the_in_flight_streams(monkeypatch):
+    """Regression (issue 16, item 15): ``server.stop`` (GOAWAY) ran while a stream was in
+    flight. gRPC core then closes the connection the moment that stream's OK status is
+    written; the client's frames sent meanwhile are unread, the kernel resets the
+    connection, and the client, failing its next write, dropped the status it had already
+    received: UNAVAILABLE "broken pipe" in about 1 run in 10. Now the stop sequence calls
+    ``server.stop`` only once no stream is in flight. Checked deterministically: the policy
+    is released only once ``server.stop`` was called (or 0.5 s after the stop request, if
+    the stop sequence rightly waits for it), and ``server.stop`` must find it finished."""
+    policy = Held()
+    finished_at_stop: list[bool] = []
+    stop_called = asyncio.Event()
+    make_server = grpc.aio.server
+
+    def recording_server(*args: Any, **kwargs: Any) -> grpc.aio.Server:
+        grpc_server = make_server(*args, **kwargs)
+        stop_server = grpc_server.stop
+
+        async def stop(grace: float | None) -> None:
+            finished_at_stop.append(policy.finished)
+            stop_called.set()
+            await stop_server(grace)
+
+        monkeypatch.setattr(grpc_server, "stop", stop)
+        return grpc_server
+
+    async def until_stop_called() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_called.wait(), 0.5)
+
+    monkeypatch.setattr(grpc.aio, "server", recording_server)
+    status = await stop_during_policy(policy, release_after=until_stop_called)
+    assert finished_at_stop == [True], "server.stop ran while the stream was still in flight"
+    assert status == (grpc.StatusCode.OK, "")
 
 
 async def test_drain_reports_not_serving_and_keeps_serving():

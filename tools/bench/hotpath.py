@@ -107,6 +107,10 @@ class _Context:
     async def abort(self, code: Any, details: str) -> None:
         raise RuntimeError(f"stream aborted: {code} {details}")
 
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        # gRPC would call it once the stream is over; the bench never stops a server.
+        pass
+
 
 async def _incoming(messages: list[bytes]) -> AsyncIterator[pb.ProcessingRequest]:
     for raw in messages:
