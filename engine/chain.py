@@ -684,10 +684,14 @@ def failure_response(policy: ChainPolicy) -> ImmediateResponse:
 # --------------------------------------------------------------------------- applying actions
 
 
-# RFC 9110 token characters: anything else (space, ':', CR, LF, NUL, non-ASCII) is not a
-# header name Envoy accepts; pseudo-headers change through path/method/status instead.
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# An RFC 9110 token (section 5.6.2): a header name (section 5.1) or a method (section 9.1).
+# Anything else (space, ':', CR, LF, NUL, non-ASCII) is not a name Envoy accepts;
+# pseudo-headers change through path/method/status instead.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_CHARS: Final = re.compile("[\r\n\x00]")
+# No request target has whitespace or a control character (RFC 9112 section 3.2, RFC 3986):
+# a space would end the request line Envoy writes to an HTTP/1 upstream.
+_BAD_PATH_CHARS: Final = re.compile("[\x00-\x20\x7f]")
 
 
 def _check_text(what: str, text: object) -> None:
@@ -708,7 +712,7 @@ def _check_text(what: str, text: object) -> None:
 
 
 def _check_name(what: str, name: object) -> None:
-    if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+    if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
         raise PolicyError(f"{what}: {name!r} is not a valid header name")
 
 
@@ -751,7 +755,14 @@ def _check_changes(action: RequestModifications | ResponseModifications) -> None
 
 def _check_request(action: RequestModifications) -> None:
     """Validate a request action before anything is applied, so a bad action never leaves
-    the context half-changed (the policy's failure instead)."""
+    the context half-changed (the policy's failure instead).
+
+    A new ``path`` must be an origin-form request target (RFC 9112 section 3.2.1: it starts
+    with ``/``, as the ``:path`` of an ``http``/``https`` request does, RFC 9113 section
+    8.3.1) without whitespace or control characters. The asterisk form (``*``, a server-wide
+    OPTIONS) and absolute or authority forms are refused: Envoy has already routed the request
+    by its path, and ``:authority`` is a header of its own. A new ``method`` must be an
+    RFC 9110 token (section 9.1)."""
     _check_changes(action)
     for attr in ("path", "method"):
         value = getattr(action, attr)
@@ -759,6 +770,14 @@ def _check_request(action: RequestModifications) -> None:
             if not isinstance(value, str) or not value:
                 raise PolicyError(f"{attr} must be a non-empty str, got {value!r}")
             _check_text(attr, value)
+    path, method = action.path, action.method
+    if path is not None:
+        if not path.startswith("/"):
+            raise PolicyError(f"path {path!r} is not an origin-form path (must start with '/')")
+        if _BAD_PATH_CHARS.search(path):
+            raise PolicyError(f"path {path!r} contains whitespace or a control character")
+    if method is not None and _TOKEN.fullmatch(method) is None:
+        raise PolicyError(f"method {method!r} is not an RFC 9110 token")
 
 
 def _check_response(action: ResponseModifications) -> None:

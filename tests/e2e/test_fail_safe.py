@@ -34,6 +34,37 @@ def test_unencodable_header_value_fails_closed_even_with_failure_mode_allow(e2e)
     assert len(e2e.upstream.requests_to("/api/v1/public/spoof")) == before
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param({"path": "admin"}, id="path-without-slash"),
+        pytest.param({"path": "*"}, id="path-asterisk"),
+        pytest.param({"path": "/x /admin"}, id="path-with-space"),
+        pytest.param({"method": "GET /admin"}, id="method-not-a-token"),
+    ],
+)
+def test_a_policy_set_path_or_method_that_is_not_a_request_line_fails_closed(e2e, line):
+    # Issue 16 item 13. Before, only CR/LF/NUL/UTF-8 were checked: Envoy took the mutation
+    # and the request went upstream with the bad request line. Now it is the policy's
+    # failure (its errorStatus), and nothing reaches the upstream.
+    e2e.configure({"fail": {"policies": [{**policy("requestLine", **line), "errorStatus": 503}]}})
+    before = len(e2e.upstream.requests)
+    reply = e2e.request("/fail/line")
+    assert reply.status == 503
+    assert reply.json() == {"error": "policy requestLine v1.0.0 failed"}
+    assert len(e2e.upstream.requests) == before
+
+
+def test_a_policy_set_origin_form_path_and_token_method_pass(e2e):
+    e2e.configure(
+        {"fail": {"policies": [policy("requestLine", path="/fail/v2?q=1", method="PATCH")]}}
+    )
+    reply = e2e.request("/fail/line")
+    assert reply.status == 200
+    [seen] = e2e.upstream.requests_to("/fail/v2")[-1:]
+    assert (seen.path, seen.method) == ("/fail/v2?q=1", "PATCH")
+
+
 DENY_WITHOUT_TOKEN = {**policy("deny"), "condition": '!("x-token" in request.headers)'}
 
 

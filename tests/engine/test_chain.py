@@ -16,11 +16,13 @@ from engine.chain import (
     ResponseOutcome,
     _apply_headers,
     _header_diff,
+    check_static_request,
     run_request,
     run_response,
 )
 from engine.config import load_config
-from engine.policy import Headers, ImmediateResponse, RequestContext
+from engine.errors import PolicyError
+from engine.policy import Headers, ImmediateResponse, RequestContext, RequestModifications
 from engine.registry import PolicyRegistry
 from engine.testing import make_request_context, make_response_context
 from tests.support import registry_from, write_policy
@@ -254,6 +256,85 @@ async def test_body_rewrite(registry: PolicyRegistry) -> None:
     assert (chain.requires_request_body, chain.requires_response_body) == (True, True)
     assert (await run_request(chain, make_request_context(body=b"abc"))).body == b"ABC"
     assert (await run_request(chain, make_request_context(body=None))).body is None
+
+
+class FixedAction:
+    """Returns one request action as is (``rewrite``'s definition pins path and method)."""
+
+    def __init__(self, action: RequestModifications) -> None:
+        self.action = action
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return self.action
+
+
+def fixed_chain(action: RequestModifications, *, fail_open: bool) -> Chain:
+    entry = ChainPolicy(
+        name="fixed",
+        version="v1.0.0",
+        instance=FixedAction(action),
+        has_request=True,
+        fail_open=fail_open,
+        error_status=503,
+    )
+    return Chain(route="r", policies=(entry,))
+
+
+@pytest.mark.parametrize(
+    ("action", "problem"),
+    [
+        pytest.param(RequestModifications(path="v2/x"), "not an origin-form path", id="relative"),
+        pytest.param(RequestModifications(path="*"), "not an origin-form path", id="asterisk"),
+        pytest.param(
+            RequestModifications(path="http://other.test/x"),
+            "not an origin-form path",
+            id="absolute-form",
+        ),
+        pytest.param(RequestModifications(path="/a b"), "whitespace or a control", id="space"),
+        pytest.param(RequestModifications(path="/a\tb"), "whitespace or a control", id="tab"),
+        pytest.param(RequestModifications(path="/a\x7f"), "whitespace or a control", id="del"),
+        pytest.param(RequestModifications(method="GET /admin"), "not an RFC 9110 token", id="sp"),
+        pytest.param(RequestModifications(method="PO:ST"), "not an RFC 9110 token", id="colon"),
+        pytest.param(RequestModifications(method="(GET)"), "not an RFC 9110 token", id="delim"),
+        pytest.param(RequestModifications(method="G\u00c9T"), "not an RFC 9110 token", id="latin1"),
+    ],
+)
+@pytest.mark.parametrize("on_error", ["failClosed", "failOpen"])
+async def test_a_path_or_method_that_is_not_a_request_line_is_a_bad_result(
+    caplog: pytest.LogCaptureFixture, action: RequestModifications, problem: str, on_error: str
+) -> None:
+    # Issue 16 item 13. Before, only CR/LF/NUL/UTF-8 were checked: Envoy sent "v2/x" or
+    # "GET /admin" upstream as the request line.
+    ctx = make_request_context(path="/orig", method="GET")
+    chain = fixed_chain(action, fail_open=on_error == "failOpen")
+    with caplog.at_level(logging.WARNING, logger="engine.chain"):
+        outcome = await run_request(chain, ctx)
+    [record] = caplog.records
+    assert problem in record.getMessage()
+    assert (ctx.path, ctx.method) == ("/orig", "GET"), "nothing of a bad action is applied"
+    if on_error == "failOpen":
+        assert outcome == RequestOutcome()
+    else:
+        assert outcome.immediate is not None
+        assert (outcome.immediate.status, outcome.immediate.body) == (503, failure_body("fixed"))
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/", None), ("/v2/x?q=a/b&c", None), ("//double", None), (None, "PATCH"), (None, "M-SEARCH")],
+)
+async def test_an_origin_form_path_and_a_token_method_apply(
+    path: str | None, method: str | None
+) -> None:
+    action = RequestModifications(path=path, method=method)
+    ctx = make_request_context(path="/orig", method="GET")
+    outcome = await run_request(fixed_chain(action, fail_open=False), ctx)
+    assert outcome == RequestOutcome(path=path, method=method)
+
+
+def test_a_static_action_with_a_bad_path_fails_at_config_load() -> None:
+    with pytest.raises(PolicyError, match="not an origin-form path"):
+        check_static_request(RequestModifications(path="v2"))
 
 
 # --------------------------------------------------------------------------- response phase
