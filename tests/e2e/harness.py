@@ -243,9 +243,11 @@ class EngineThread:
         start_timeout: float = 10.0,
         settle: float = 0.0,
         drain: float = 0.0,
+        grace: float = 1.0,
     ) -> None:
         self.registry = registry
         self.drain = drain
+        self.grace = grace
         self.config_path = config_path
         self.store = ConfigStore()
         # settle=0: apply_config replaces the file atomically, so nothing to wait for.
@@ -283,7 +285,7 @@ class EngineThread:
                 f"{HOST}:0",
                 self.store,
                 source=self.source,
-                grace=1.0,
+                grace=self.grace,
                 drain=self.drain,
                 stop=self._stop,
                 on_bound=self._on_bound,
