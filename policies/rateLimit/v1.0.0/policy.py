@@ -51,12 +51,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from engine.errors import PolicyError
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 
-__all__ = ["BUCKET_BYTES", "MAX_KEY_CHARS", "Policy"]
+__all__ = ["BUCKET_BYTES", "MAX_KEY_CHARS", "NO_CLIENT_ADDRESS", "Policy"]
 
 _log = logging.getLogger(__name__)
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+NO_CLIENT_ADDRESS: Final = (
+    "keyBy clientIp: Envoy sent no client address; add source.address to the ext_proc "
+    "filter's request_attributes (x-forwarded-for is never trusted)"
+)
+"""The failure of a ``keyBy: clientIp`` decision without Envoy's ``source.address``."""
 
 MAX_KEY_CHARS: Final = 64
 """Identifiers longer than this are kept as their SHA-256 digest."""
@@ -130,7 +137,9 @@ class Policy:
 
     def _identifier(self, ctx: RequestContext) -> _Key:
         if self._key_by == "clientIp":
-            value: object = client_ip(ctx.client_address) if ctx.client_address else None
+            if not ctx.client_address:
+                raise PolicyError(NO_CLIENT_ADDRESS)
+            value: object = client_ip(ctx.client_address)
         elif self._key_by == "header":
             value = ctx.headers.get(self._key_name)
         else:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine import metrics
 from engine.definition import parse_duration
+from engine.errors import PolicyError
 from engine.policy import (
     ImmediateResponse,
     ParameterError,
@@ -62,11 +63,17 @@ else:
     from .gcra import MICROS, Decision, LocalBuckets, interval_us
     from .redis_backend import BackendUnavailable, RedisBackend, check_redis_url
 
-__all__ = ["DECISION_KEY", "Policy", "client_ip"]
+__all__ = ["DECISION_KEY", "NO_CLIENT_ADDRESS", "Policy", "client_ip"]
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SCOPE: Final = re.compile(r"[A-Za-z0-9_.:-]+")
+
+NO_CLIENT_ADDRESS: Final = (
+    "keyBy clientIp: Envoy sent no client address; add source.address to the ext_proc "
+    "filter's request_attributes (x-forwarded-for is never trusted)"
+)
+"""The failure of a ``keyBy: clientIp`` decision without Envoy's ``source.address``."""
 
 DECISION_KEY: Final = "rateLimit.decision"
 _LIMIT_KEY: Final = "rateLimit.limit"
@@ -175,7 +182,9 @@ class Policy:
 
     def _identifier(self, ctx: RequestContext) -> str | None:
         if self._key_by == "clientIp":
-            value: object = client_ip(ctx.client_address) if ctx.client_address else None
+            if not ctx.client_address:
+                raise PolicyError(NO_CLIENT_ADDRESS)
+            value: object = client_ip(ctx.client_address)
         elif self._key_by == "header":
             value = ctx.headers.get(self._key_name)
         else:
