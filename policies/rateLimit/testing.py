@@ -179,9 +179,7 @@ async def delaying_proxy(port: int, delay: float) -> AsyncIterator[str]:
     client sends for ``delay`` seconds before passing it on (replies pass at once), so
     each round trip takes at least ``delay``. Yields its ``redis://`` URL (database 0)."""
 
-    async def pipe(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float
-    ) -> None:
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> None:
         try:
             while data := await reader.read(65536):
                 if wait:
