@@ -54,8 +54,9 @@ class Seen:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Answers ``x-doc`` (its bytes as sent; or SECRET_DOC) as JSON; gzips it when the request accepts gzip,
-    or codes it as ``x-force-coding`` says; ``/t/bomb`` answers a gzip bomb."""
+    """Answers ``x-doc`` (its bytes as sent; or SECRET_DOC) as JSON; gzips it when the
+    request accepts gzip, or codes it as ``x-force-coding`` says; ``/t/bomb`` answers a
+    gzip bomb."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True

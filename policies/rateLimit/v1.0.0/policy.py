@@ -10,8 +10,13 @@ Contract:
 * The identifier is the client IP (``keyBy: clientIp``; the port of an
   ``ip:port`` address is dropped), a request header or a metadata value
   (``keyBy: header|metadata`` with ``keyName``, e.g. ``jwt.sub`` or
-  ``apiKey.consumer`` written by an earlier policy). Requests that lack the
-  identifier share one bucket, so they are limited together rather than not at all.
+  ``apiKey.consumer`` written by an earlier policy). Requests that lack a header or
+  metadata identifier share one bucket, so they are limited together rather than not
+  at all. The client IP is only Envoy's ``source.address`` attribute
+  (``ctx.client_address``), never ``x-forwarded-for``; without it a ``clientIp``
+  decision raises :class:`~engine.errors.PolicyError` naming the attribute to add
+  (``onError`` decides; the default answers 500), because the request's address is
+  unknown, not absent.
 * Memory is bounded: at most ``maxKeys`` buckets are kept, and an identifier
   longer than :data:`MAX_KEY_CHARS` characters is stored as its SHA-256 digest
   (32 bytes), so one bucket costs at most ~:data:`BUCKET_BYTES` bytes whatever the

@@ -4,7 +4,10 @@ Contract:
 
 * Keying is v1's: the client IP (``keyBy: clientIp``; the port is dropped), a request
   header or a metadata value (``keyBy: header|metadata`` + ``keyName``, e.g.
-  ``jwt.sub``). Requests lacking the identifier share one bucket.
+  ``jwt.sub``). Requests lacking a header or metadata identifier share one bucket; a
+  ``clientIp`` decision without Envoy's ``source.address`` attribute raises
+  :class:`~engine.errors.PolicyError` naming the attribute (``onError`` decides), as
+  ``x-forwarded-for`` is never trusted.
 * The algorithm is GCRA (``gcra.py``): the decisions of a token bucket of
   ``burstSize`` requests refilled at ``requestsPerSecond``, with one number of state
   per client.
@@ -15,7 +18,8 @@ Contract:
   variable ``redisUrlEnv``), so every worker and every engine sharing that Redis
   enforces ONE limit per client. Keys are ``keyPrefix`` + scope + a hash of the
   identity, where scope is the route key (``scope`` to share a limit across routes).
-  Each decision is bounded by ``backendTimeout``; when Redis cannot decide,
+  Each decision is bounded by ``backendTimeout`` (running out of it switches only
+  this instance to ``onBackendError``, see ``redis_backend.py``); when Redis cannot decide,
   ``onBackendError`` says what happens: ``deny`` (the default: fail closed) answers
   503, ``allow`` lets the request through. See ``redis_backend.py``.
 * Every decision carries the standard headers ``RateLimit-Limit`` (the burst),
