@@ -196,7 +196,8 @@ class RequestContext:
     ``body`` is ``None`` unless the chain declared that it needs the request body
     (``requiresRequestBody``) and the request has one. ``client_address`` is the
     client's IP as Envoy established it (its ``source.address``), never a value the
-    client wrote into ``x-forwarded-for``; empty when unknown.
+    client wrote into ``x-forwarded-for``; empty when unknown (Envoy did not send the
+    ``source.address`` request attribute: see ``engine.extproc_messages.client_address``).
     """
 
     headers: Headers

@@ -36,7 +36,9 @@ Contract:
   and sets ``accept-encoding: identity``, so the upstream does not compress in the
   first place. (With a STREAMED request body mode in Envoy's filter config, a route
   that transforms request bodies too cannot change that header after the body: the
-  engine fails such requests closed; use body modes NONE or BUFFERED.)
+  engine fails such requests closed; likewise a STREAMED response body mode with a
+  coded response that must be rewritten, as ``content-encoding`` must go. Use body
+  modes NONE or BUFFERED, as recommended.)
 * Duplicate member names: the body forwarded is always the policy's own reading of it.
   msgspec keeps the LAST of duplicate names; a parser that keeps the first would read
   ``{"user": {"password": "s3cret"}, "user": "x"}`` differently. So whenever a member
@@ -442,7 +444,7 @@ class Policy:
 
     def on_request(
         self, ctx: RequestContext
-    ) -> RequestModifications | ImmediateResponse | Awaitable[RequestAction] | None:
+    ) -> RequestModifications | ImmediateResponse | Awaitable[RequestAction | None] | None:
         """Transform the request body: 400 if it is not a JSON object, 413 if it is larger
         than ``maxBodyBytes`` (as sent or once decoded), 415 for a content coding not read.
         On a route that transforms responses, also set ``accept-encoding: identity``.
@@ -473,13 +475,12 @@ class Policy:
 
     async def _request_in_thread(
         self, body: bytes, codings: tuple[str, ...], identity: dict[str, str]
-    ) -> RequestAction:
+    ) -> RequestAction | None:
         try:
             data = await asyncio.to_thread(_decode, body, codings, self._max_body)
         except _UnreadableError as exc:
             return _error(exc.status, exc.error, f"request {exc}")
-        action = self._transform_request(data, True, identity)
-        return action if action is not None else RequestModifications()
+        return self._transform_request(data, True, identity)
 
     def _transform_request(
         self, data: bytes, decoded: bool, identity: dict[str, str]
