@@ -133,6 +133,15 @@ CONFIG = {
                 }
             ]
         },
+        "resp": {
+            "policies": [
+                {
+                    "name": "jsonTransform",
+                    "version": "v1.0.0",
+                    "parameters": {"response": {"remove": ["user.password"]}},
+                }
+            ]
+        },
         "rl1": {"policies": [_limit("v1.0.0")]},
         "rl2": {"policies": [_limit("v2.0.0")]},
     }
@@ -255,6 +264,23 @@ def test_a_bom_response_is_transformed(stack: Stack) -> None:
     reply = stack.request("/t/bom", headers={"x-doc": doc.encode().decode("latin-1")})
     assert reply.status == 200
     assert json.loads(reply.body) == {"user": {"name": "dana"}, "id": 7}
+
+
+def test_a_response_only_transform_asks_for_identity_without_buffering_uploads(
+    stack: Stack,
+) -> None:
+    # The request phase runs for its header only (bodies()): a 2 MiB upload, over Envoy's
+    # 1 MiB buffer, passes as it would without the policy instead of getting a 413.
+    upload = b"x" * (2 << 20)
+    reply = stack.request(
+        "/resp/upload", method="POST", headers={"accept-encoding": "gzip"}, body=upload
+    )
+    assert reply.status == 200
+    assert json.loads(reply.body) == {"user": {"name": "dana"}, "id": 7}
+    seen = stack.upstream.last("/resp/upload")
+    assert seen.headers["accept-encoding"] == "identity"
+    assert len(seen.body) == len(upload)
+    assert stack.engine.processor.stats.count("request_body", "resp") == 0
 
 
 # ----------------------------------------------------------------------------- item 9
