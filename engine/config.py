@@ -330,6 +330,7 @@ def _plan(entry: _Entry, instance: object, errors: list[str]) -> _Plan | None:
                     f"phases() returned {sorted(used - declared)}, not among the phases the "
                     f"definition declares ({sorted(declared)})"
                 )
+        bodies = _bodies(instance, definition)
         statics: dict[str, Any] = {}
         for phase, check in (
             ("request", check_static_request),
@@ -357,12 +358,41 @@ def _plan(entry: _Entry, instance: object, errors: list[str]) -> _Plan | None:
         # A response policy may read the request body: the flag goes only with the request
         # phase when the definition has one and this configuration dropped it.
         requires_request_body=definition.requires_request_body
-        and (has_request or not definition.has_request_phase),
+        and (has_request or not definition.has_request_phase)
+        and (bodies is None or "request" in bodies),
         requires_response_body=definition.requires_response_body
-        and (has_response or not definition.has_response_phase),
+        and (has_response or not definition.has_response_phase)
+        and (bodies is None or "response" in bodies),
         static_request=statics.get("request"),
         static_response=statics.get("response"),
     )
+
+
+def _bodies(instance: object, definition: Any) -> set[str] | None:
+    """The bodies ``instance`` says this configuration reads (``bodies()``), or None when
+    it does not say (then the definition's ``requires*Body`` flags decide). Raises
+    PolicyError for an answer that is not a subset of the bodies the definition requires."""
+    method = getattr(instance, "bodies", None)
+    if method is None:
+        return None
+    answer = method()
+    if isinstance(answer, str) or not all(isinstance(b, str) for b in answer):
+        raise PolicyError(f"bodies() must return body names, got {answer!r}")
+    required = {
+        body
+        for body, needed in (
+            ("request", definition.requires_request_body),
+            ("response", definition.requires_response_body),
+        )
+        if needed
+    }
+    bodies = set(answer)
+    if not bodies <= required:
+        raise PolicyError(
+            f"bodies() returned {sorted(bodies - required)}, not among the bodies the "
+            f"definition requires ({sorted(required)})"
+        )
+    return bodies
 
 
 def load_config(

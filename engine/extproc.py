@@ -369,7 +369,7 @@ class _Stream:
             request_id=headers.get("x-request-id", ""),
             route=self.route,
             metadata=RequestMetadata(),
-            client_address=msg.client_address(headers, message),
+            client_address=msg.client_address(message),
         )
         config = message.protocol_config
         self.request_mode = msg.body_mode(config.request_body_mode)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTRIBUTES_KEY",
+    "CLIENT_ADDRESS_ATTRIBUTE",
     "DEFAULT_MAX_BODY_BYTES",
     "HOLD_CHUNK",
     "INTERNAL_ERROR",
@@ -187,23 +188,25 @@ def _strip_port(address: str) -> str:
     return address
 
 
-def client_address(headers: Mapping[str, str], message: pb.ProcessingRequest) -> str:
-    """The client's address as Envoy established it, never as the client claims it.
+CLIENT_ADDRESS_ATTRIBUTE: Final = "source.address"
+"""The request attribute holding the client's address as Envoy established it."""
 
-    ``source.address`` (a request attribute: configure ``request_attributes:
-    [source.address]``) is Envoy's downstream remote address, which already honours
-    its ``use_remote_address`` / ``xff_num_trusted_hops`` settings. Without it, the
-    *last* ``x-forwarded-for`` hop (the one Envoy appended) is used: the first hops
-    are written by the client, so keying a rate limit on them would let every
-    client pick its own bucket.
+
+def client_address(message: pb.ProcessingRequest) -> str:
+    """The client's address as Envoy established it, never as a request header claims it.
+
+    Only Envoy's ``source.address`` request attribute counts (configure the ext_proc
+    filter's ``request_attributes: [source.address]``): Envoy's downstream remote address,
+    which follows its ``use_remote_address`` / ``xff_num_trusted_hops`` /
+    ``original_ip_detection_extensions`` settings. The engine never reads
+    ``x-forwarded-for`` itself: it cannot tell which hops Envoy appended and which the
+    client wrote. Without the attribute the address is ``""`` (unknown), and a policy
+    keyed on it fails (rateLimit ``keyBy: clientIp`` names the attribute to add).
     """
     if ATTRIBUTES_KEY in message.attributes:
         fields = message.attributes[ATTRIBUTES_KEY].fields
-        if "source.address" in fields:
-            return _strip_port(str(fields["source.address"].string_value))
-    forwarded = headers.get("x-forwarded-for")
-    if forwarded:
-        return forwarded.rsplit(",", 1)[-1].strip()
+        if CLIENT_ADDRESS_ATTRIBUTE in fields:
+            return _strip_port(str(fields[CLIENT_ADDRESS_ATTRIBUTE].string_value))
     return ""
 
 

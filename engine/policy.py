@@ -51,6 +51,13 @@ Rules of the contract:
     others on its account: a jsonTransform configured for requests only does not make
     Envoy buffer and send every response body. A body the definition requires comes
     only with the phase that reads it.
+  - ``bodies() -> Iterable[str]``: the bodies THIS configuration reads (``"request"``,
+    ``"response"``), a subset of those the definition requires (``requiresRequestBody``,
+    ``requiresResponseBody``; see :class:`NarrowsBodies`). A phase the policy keeps for
+    its headers only then runs without Envoy buffering its body: jsonTransform keeps
+    the request phase on routes that transform responses, to ask the upstream not to
+    compress, without buffering request bodies it does not transform. Without the
+    method, a used phase brings the body the definition requires.
   - ``static_request()`` / ``static_response()``: the action the hook returns for EVERY
     request, whatever the context (see :class:`StaticPolicy`). The engine validates it
     once and never calls the hook; ``None`` means the policy does nothing in that phase
@@ -72,6 +79,7 @@ __all__ = [
     "Headers",
     "ImmediateResponse",
     "Metadata",
+    "NarrowsBodies",
     "NarrowsPhases",
     "ParameterError",
     "RequestAction",
@@ -188,7 +196,8 @@ class RequestContext:
     ``body`` is ``None`` unless the chain declared that it needs the request body
     (``requiresRequestBody``) and the request has one. ``client_address`` is the
     client's IP as Envoy established it (its ``source.address``), never a value the
-    client wrote into ``x-forwarded-for``; empty when unknown.
+    client wrote into ``x-forwarded-for``; empty when unknown (Envoy did not send the
+    ``source.address`` request attribute: see ``engine.extproc_messages.client_address``).
     """
 
     headers: Headers
@@ -309,6 +318,15 @@ class NarrowsPhases(Protocol):
 
     def phases(self) -> Iterable[str]:
         """``"request"`` and/or ``"response"``: the phases this instance acts in."""
+        ...
+
+
+@runtime_checkable
+class NarrowsBodies(Protocol):
+    """A policy whose configuration reads fewer bodies than its definition requires."""
+
+    def bodies(self) -> Iterable[str]:
+        """``"request"`` and/or ``"response"``: the bodies this instance reads."""
         ...
 
 

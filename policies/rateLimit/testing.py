@@ -13,23 +13,27 @@ Use :func:`running_redis` (a context manager) or the ``redis_server`` fixture
         redis_server.stop(); redis_server.start()   # same port: "Redis restarted"
         redis_server.command("DBSIZE")
 
+:func:`delaying_proxy` puts a TCP proxy in front of it that delays every command by a
+fixed time: a Redis that answers slowly, but answers (``DEBUG SLEEP`` blocks everyone).
+
 Test-only code: nothing here is imported by a policy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["REDIS_SERVER", "RedisServer", "redis_server", "running_redis"]
+__all__ = ["REDIS_SERVER", "RedisServer", "delaying_proxy", "redis_server", "running_redis"]
 
 REDIS_SERVER = (
     os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -167,3 +171,44 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh, empty Redis for one test."""
     with running_redis(tmp_path) as server:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def delaying_proxy(port: int, delay: float) -> AsyncIterator[str]:
+    """A TCP proxy on the running loop to ``127.0.0.1:port`` that holds every chunk the
+    client sends for ``delay`` seconds before passing it on (replies pass at once), so
+    each round trip takes at least ``delay``. Yields its ``redis://`` URL (database 0)."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                if wait:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer, delay)),
+            asyncio.create_task(pipe(up_reader, writer, 0.0)),
+        ):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    proxy_port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{proxy_port}/0"
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()

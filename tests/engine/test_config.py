@@ -602,6 +602,7 @@ PLANNED_DEFINITION = """
     requiresResponseBody: true
     parameters:
       phases: {type: array, items: {type: string}}
+      bodies: {type: array, items: {type: string}}
       static: {type: string}
 """
 
@@ -614,6 +615,8 @@ PLANNED_CODE = """
             if "phases" in params:
                 # ["str"]: a bare string, a classic slip
                 self.phases = lambda: "request" if params["phases"] == ["str"] else params["phases"]
+            if "bodies" in params:
+                self.bodies = lambda: params["bodies"]
             kind = params.get("static")
             if kind is not None:
                 self.static_request = self._static_request
@@ -670,6 +673,26 @@ def test_phases_narrow_what_envoy_is_asked_for(planned: PolicyRegistry) -> None:
     assert chains["none"].policies == ()
 
 
+def test_bodies_narrow_the_bodies_envoy_buffers(planned: PolicyRegistry) -> None:
+    # Both phases used, only the response body read (jsonTransform on a response-only
+    # route: its request phase sets accept-encoding, it never reads request bodies).
+    chains = load(
+        planned,
+        {
+            "response-body": route(planned_entry(bodies=["response"])),
+            "no-body": route(planned_entry(bodies=[])),
+        },
+    ).routes
+    chain = chains["response-body"]
+    assert (chain.requires_request_body, chain.requires_response_body) == (False, True)
+    assert [p.has_request for p in chain.policies] == [True]
+    assert chain.request_head == chain.request_policies  # runs at the request headers
+    assert (chains["no-body"].requires_request_body, chains["no-body"].needs_response) == (
+        False,
+        True,
+    )
+
+
 def test_static_actions_are_taken_at_load(planned: PolicyRegistry) -> None:
     chain = load(planned, {"r": route(planned_entry(static="ok"))}).routes["r"]
     (policy,) = chain.policies
@@ -687,6 +710,7 @@ def test_static_actions_are_taken_at_load(planned: PolicyRegistry) -> None:
     [
         ({"phases": ["request", "trailers"]}, "phases() returned ['trailers'], not among"),
         ({"phases": ["str"]}, "phases() must return phase names"),
+        ({"bodies": ["trailers"]}, "bodies() returned ['trailers'], not among the bodies"),
         ({"static": "raise"}, "RuntimeError: no static answer today"),
         ({"static": "wrong-type"}, "static_request() returned str, not a RequestAction"),
         ({"static": "bad-header"}, "set_headers: 'x a' is not a valid header name"),

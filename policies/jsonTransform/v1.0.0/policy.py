@@ -11,13 +11,42 @@ Contract:
   a no-op.
 * Only a body that parses as a JSON *object* is transformed. A request body that
   does not is answered ``400`` with ``{"error": "bad_request", "message": ...}``
-  (the upstream is not contacted). A response body that does not (an upstream HTML
-  error page, a compressed body) is passed through unchanged and logged at
-  warning level: failing the response with a 502 would hide the upstream's real
-  answer. An absent or empty body is left alone. ``NaN``/``Infinity`` are not JSON.
-  A string holding an escaped lone surrogate (``"\\ud800"``) is not valid Unicode, so
-  such a body is not valid JSON: a request gets the ``400``, a response passes
-  unchanged (before, it parsed and then failed to serialise, failing the request).
+  (the upstream is not contacted). A response body the policy cannot read (not JSON:
+  an HTML error page, ``NaN``, invalid UTF-8, an escaped lone surrogate ``"\\ud800"``;
+  JSON whose top level is not an object, e.g. an array of users; an unsupported or
+  broken content coding) FAILS THE POLICY: ``onError`` decides, by default the client
+  gets ``errorStatus``. Passing it unchanged (as before) let a lenient client parser
+  (Python's ``json`` reads ``NaN``, browsers strip a BOM) or a decompressing client
+  read the very field the policy removes. ``onError: failOpen`` passes such responses
+  unchanged, logged; a ``condition`` can limit the policy to the responses it is meant
+  for. An absent or empty body is left alone. A leading UTF-8 byte order mark is
+  stripped before parsing (RFC 8259 lets parsers ignore it; a rewritten body has none).
+* Content codings (``content-encoding``) ``gzip`` (``x-gzip``) and ``deflate`` (zlib
+  or raw), also stacked, are decoded in both phases; the decoded size is capped at
+  ``maxBodyBytes`` (a zip bomb stops there: ``413`` for a request, a failure of the
+  policy for a response). A body decoded and then rewritten is sent without coding:
+  ``content-encoding`` removed, ``content-length`` fixed by the engine. A body that
+  needs no change passes as it came (still compressed). Any other coding (``br``,
+  ``zstd``, ``compress``) is not read: ``415`` for a request, a failure for a
+  response. Up to 64 KiB of output is decoded inline; a body that inflates further is
+  decoded in a worker thread (zlib releases the GIL), so a big one does not stall the
+  event loop.
+* Defence in depth: on a route that transforms responses the policy also runs in the
+  request phase (headers only: it never buffers request bodies it does not transform)
+  and sets ``accept-encoding: identity``, so the upstream does not compress in the
+  first place. (With a STREAMED request body mode in Envoy's filter config, a route
+  that transforms request bodies too cannot change that header after the body: the
+  engine fails such requests closed; likewise a STREAMED response body mode with a
+  coded response that must be rewritten, as ``content-encoding`` must go. Use body
+  modes NONE or BUFFERED, as recommended.)
+* Duplicate member names: the body forwarded is always the policy's own reading of it.
+  msgspec keeps the LAST of duplicate names; a parser that keeps the first would read
+  ``{"user": {"password": "s3cret"}, "user": "x"}`` differently. So whenever a member
+  an operation reaches into exists (``user`` for ``user.password``), the body is
+  rewritten even if no operation changed anything: that member and the top level are
+  written from what the policy read, and every duplicate there collapses to the one
+  the policy saw. (Before, "nothing changed" forwarded the original bytes and the
+  password with them.) Bodies where no path reaches anything pass as they came.
 * Only the top level of the body and the members an operation reaches INTO
   (``user`` for ``user.name``) are decoded; every other member is kept as its raw
   JSON text and written back byte for byte (whitespace, number spelling and escapes
@@ -28,14 +57,16 @@ Contract:
   before. A number beyond float range (``1e999``) in a skipped member is passed on as
   written (decoded, it is not valid JSON). The rewritten top level is written compactly
   (UTF-8, no ASCII escaping); only the body is changed (the engine fixes
-  ``content-length``). When no operation changed anything the hook returns
-  ``None``. Integers of any size and floats round-trip exactly.
+  ``content-length``). When no operation changed anything and no member a path reaches
+  into exists, the hook returns ``None``. Integers of any size and floats round-trip
+  exactly.
 * Bodies larger than ``maxBodyBytes`` (default 1 MiB) are not parsed: the hooks
   run on the event loop, and parsing is the cost (tens of ms per MiB here, while
   every other request waits). A worker thread does not help: msgspec, orjson and
   the standard library's C parser all hold the GIL while parsing (measured: a
   4.6 MiB body in ``asyncio.to_thread`` stalled the loop 214 ms of its 242 ms). A
-  larger request body is answered ``413`` with ``{"error": "payload_too_large"}``;
+  larger request body (as sent, or once decoded) is answered ``413`` with
+  ``{"error": "payload_too_large"}``;
   a larger response body fails the policy (``onError`` decides: by default the
   client gets the ``errorStatus``), because passing it unchanged could leak fields
   the policy is configured to remove.
@@ -49,11 +80,13 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -63,13 +96,14 @@ from engine.errors import PolicyError
 from engine.policy import (
     ImmediateResponse,
     ParameterError,
+    RequestAction,
     RequestContext,
     RequestModifications,
     ResponseContext,
     ResponseModifications,
 )
 
-__all__ = ["MAX_VALUE_NODES", "Policy"]
+__all__ = ["INLINE_DECODE_BYTES", "MAX_CODINGS", "MAX_VALUE_NODES", "Policy"]
 
 _log = logging.getLogger(__name__)
 _INDEX: Final = re.compile(r"[0-9]+")
@@ -79,8 +113,100 @@ MAX_VALUE_NODES: Final = 10_000
 """Most JSON nodes one configured ``set`` value may have."""
 
 
-class _NotJsonObjectError(ValueError):
+INLINE_DECODE_BYTES: Final = 64 * 1024
+"""Most decoded bytes produced on the event loop; a body inflating further is decoded in a
+worker thread (from the start: the inline attempt is thrown away, at most this much)."""
+
+MAX_CODINGS: Final = 2
+"""Most stacked content codings read (``deflate, gzip``); more is refused, not decoded."""
+
+_BOM: Final = b"\xef\xbb\xbf"
+
+
+class _UnreadableError(ValueError):
+    """A body the policy cannot read; ``status``/``error`` answer it in the request phase."""
+
+    status = 400
+    error = "bad_request"
+
+
+class _NotJsonObjectError(_UnreadableError):
     pass
+
+
+class _UnsupportedCodingError(_UnreadableError):
+    status = 415
+    error = "unsupported_media_type"
+
+
+class _TooLargeError(_UnreadableError):
+    status = 413
+    error = "payload_too_large"
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+def _codings(header: str | None) -> tuple[str, ...]:
+    """The content codings of a ``content-encoding`` value, in the order applied
+    (``identity`` dropped); :class:`_UnsupportedCodingError` for one not read here."""
+    if not header:
+        return ()
+    codings = tuple(
+        c for c in (part.strip().lower() for part in header.split(",")) if c and c != "identity"
+    )
+    for coding in codings:
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            raise _UnsupportedCodingError(
+                f"content-encoding {coding!r} is not supported (gzip and deflate are)"
+            )
+    if len(codings) > MAX_CODINGS:
+        raise _UnsupportedCodingError(
+            f"content-encoding {header!r}: more than {MAX_CODINGS} stacked codings"
+        )
+    return codings
+
+
+def _decode(body: bytes, codings: tuple[str, ...], limit: int) -> bytes:
+    """``body`` with ``codings`` undone (last applied first), never more than ``limit``
+    bytes produced by any step: :class:`_TooLargeError` past it (a zip bomb stops there),
+    :class:`_NotJsonObjectError` for a broken or truncated stream or trailing garbage."""
+    data = body
+    for coding in reversed(codings):
+        data = _inflate(data, coding, limit)
+    return data
+
+
+def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+    if coding == "deflate":
+        # RFC 9110 deflate is zlib-wrapped; some servers send raw deflate. A zlib header
+        # is method 8 with a check sum divisible by 31.
+        zlib_wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        wbits = zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS  # gzip
+    out: list[bytes] = []
+    size = 0
+    rest = data
+    try:
+        while True:  # one pass per gzip member (RFC 1952 allows several)
+            inflater = zlib.decompressobj(wbits)
+            chunk = inflater.decompress(rest, limit - size + 1)
+            size += len(chunk)
+            out.append(chunk)
+            if size > limit or inflater.unconsumed_tail:
+                raise _TooLargeError(f"body is larger than {limit} bytes once decoded", limit)
+            if not inflater.eof:
+                raise _NotJsonObjectError(f"body is not valid {coding}: the stream is truncated")
+            rest = inflater.unused_data
+            if not rest or wbits != 16 + zlib.MAX_WBITS:
+                break
+    except zlib.error as exc:
+        raise _NotJsonObjectError(f"body is not valid {coding}: {exc}") from None
+    if rest:
+        raise _NotJsonObjectError(f"body is not valid {coding}: data after the end of the stream")
+    return b"".join(out)
 
 
 # The top level of the body, each member's value left as its raw JSON text: only the
@@ -101,7 +227,10 @@ def _may_hold_surrogate(body: bytes) -> bool:
 
 def _load_top_level(body: bytes) -> dict[str, Any]:
     """The body's top-level object, its member values raw (``msgspec.Raw``) unless the
-    body needs the strict whole-body decode (then every value is decoded)."""
+    body needs the strict whole-body decode (then every value is decoded). A leading
+    UTF-8 byte order mark is skipped."""
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :]
     if (body.isascii() or _is_utf8(body)) and not _may_hold_surrogate(body):
         try:
             return _TOP_LEVEL.decode(body)
@@ -263,20 +392,26 @@ class _Ops:
         return bool(self.remove or self.set)
 
     def apply(self, body: bytes) -> bytes | None:
-        """The transformed body, or ``None`` if nothing changed.
+        """The transformed body; ``None`` if nothing changed and no member a path reaches
+        into exists (then the original says nothing the policy would read differently).
 
+        Whenever such a member exists the body is written from what was read, changed or
+        not: duplicate member names collapse to the one read (the last), so a parser
+        keeping the first duplicate upstream or downstream reads what the policy did.
         Raises :class:`_NotJsonObjectError` when ``body`` is not a JSON object.
         """
         document = _load_top_level(body)
+        reached = False
         for name in self.reached_into:
             if name in document:
                 document[name] = _decoded(document[name])
+                reached = True
         changed = False
         for path in self.remove:
             changed = _remove(document, path) or changed
         for path, value in self.set:
             changed = _set(document, path, value) or changed
-        if not changed:
+        if not (changed or reached):
             return None
         return msgspec.json.encode(document)
 
@@ -292,49 +427,122 @@ class Policy:
         self._max_body = int(params.get("maxBodyBytes", 1 << 20))
 
     def phases(self) -> tuple[str, ...]:
-        """The phases this configuration changes: Envoy buffers and sends only those bodies
-        (a request-only transform costs 2 ext_proc messages instead of 4)."""
+        """The phases this configuration acts in: the request phase when it transforms
+        requests or responses (for responses it sets ``accept-encoding``), the response
+        phase when it transforms responses. A request-only transform costs 2 ext_proc
+        messages instead of 4."""
+        return ("request", "response") if self._response else ("request",)
+
+    def bodies(self) -> tuple[str, ...]:
+        """The bodies this configuration reads: only those of the phases it transforms
+        (a response-only transform never has Envoy buffer request bodies)."""
         return tuple(
             phase
             for phase, ops in (("request", self._request), ("response", self._response))
             if ops
         )
 
-    def on_request(self, ctx: RequestContext) -> RequestModifications | ImmediateResponse | None:
-        """Transform the request body; 400 if it is not a JSON object, 413 if it is
-        larger than ``maxBodyBytes``."""
+    def on_request(
+        self, ctx: RequestContext
+    ) -> RequestModifications | ImmediateResponse | Awaitable[RequestAction | None] | None:
+        """Transform the request body: 400 if it is not a JSON object, 413 if it is larger
+        than ``maxBodyBytes`` (as sent or once decoded), 415 for a content coding not read.
+        On a route that transforms responses, also set ``accept-encoding: identity``.
+        Returns an awaitable when the body is decoded in a worker thread."""
+        identity = {}
+        if self._response and ctx.headers.get("accept-encoding") != "identity":
+            identity = {"accept-encoding": "identity"}
         if not self._request or not ctx.body:
-            return None
-        if len(ctx.body) > self._max_body:
+            return RequestModifications(set_headers=identity) if identity else None
+        body = ctx.body
+        if len(body) > self._max_body:
             return _error(
                 413, "payload_too_large", f"request body larger than {self._max_body} bytes"
             )
         try:
-            body = self._request.apply(ctx.body)
-        except _NotJsonObjectError as exc:
-            return _error(400, "bad_request", f"request {exc}")
-        return None if body is None else RequestModifications(body=body)
+            codings = _codings(ctx.headers.get("content-encoding"))
+            if codings:
+                data = _decode(body, codings, min(self._max_body, INLINE_DECODE_BYTES))
+            else:
+                data = body
+        except _TooLargeError as exc:
+            if exc.limit >= self._max_body:
+                return _error(exc.status, exc.error, f"request {exc}")
+            return self._request_in_thread(body, codings, identity)
+        except _UnreadableError as exc:
+            return _error(exc.status, exc.error, f"request {exc}")
+        return self._transform_request(data, bool(codings), identity)
 
-    def on_response(self, ctx: ResponseContext) -> ResponseModifications | None:
-        """Transform the response body; a non-JSON-object body passes unchanged; one
-        larger than ``maxBodyBytes`` raises :class:`~engine.errors.PolicyError`."""
+    async def _request_in_thread(
+        self, body: bytes, codings: tuple[str, ...], identity: dict[str, str]
+    ) -> RequestAction | None:
+        try:
+            data = await asyncio.to_thread(_decode, body, codings, self._max_body)
+        except _UnreadableError as exc:
+            return _error(exc.status, exc.error, f"request {exc}")
+        return self._transform_request(data, True, identity)
+
+    def _transform_request(
+        self, data: bytes, decoded: bool, identity: dict[str, str]
+    ) -> RequestModifications | ImmediateResponse | None:
+        try:
+            body = self._request.apply(data)
+        except _UnreadableError as exc:
+            return _error(exc.status, exc.error, f"request {exc}")
+        if body is None:
+            return RequestModifications(set_headers=identity) if identity else None
+        # A decoded body goes on without its coding (content-length: the engine).
+        remove = ("content-encoding",) if decoded else ()
+        return RequestModifications(body=body, set_headers=identity, remove_headers=remove)
+
+    def on_response(
+        self, ctx: ResponseContext
+    ) -> ResponseModifications | Awaitable[ResponseModifications | None] | None:
+        """Transform the response body; raise :class:`~engine.errors.PolicyError` (so
+        ``onError`` decides) for a body it cannot read: not a JSON object, larger than
+        ``maxBodyBytes`` (as sent or once decoded), a content coding not read. Returns an
+        awaitable when the body is decoded in a worker thread."""
         if not self._response or not ctx.body:
             return None
-        if len(ctx.body) > self._max_body:
+        body = ctx.body
+        if len(body) > self._max_body:
             raise PolicyError(
-                f"response body of {len(ctx.body)} bytes is larger than maxBodyBytes "
+                f"response body of {len(body)} bytes is larger than maxBodyBytes "
                 f"({self._max_body}): not transformed"
             )
         try:
-            body = self._response.apply(ctx.body)
-        except _NotJsonObjectError as exc:
-            _log.warning(
-                "jsonTransform: response of request %s left unchanged: %s",
-                ctx.request.request_id,
-                exc,
-            )
-            return None
-        return None if body is None else ResponseModifications(body=body)
+            codings = _codings(ctx.headers.get("content-encoding"))
+            if not codings:
+                return self._transform_response(body, decoded=False)
+            data = _decode(body, codings, min(self._max_body, INLINE_DECODE_BYTES))
+        except _TooLargeError as exc:
+            if exc.limit >= self._max_body:
+                raise PolicyError(f"response {exc} (maxBodyBytes): not transformed") from None
+            return self._response_in_thread(body, codings)
+        except _UnreadableError as exc:
+            raise PolicyError(f"response {exc}: not transformed") from None
+        return self._transform_response(data, decoded=True)
+
+    async def _response_in_thread(
+        self, body: bytes, codings: tuple[str, ...]
+    ) -> ResponseModifications | None:
+        try:
+            data = await asyncio.to_thread(_decode, body, codings, self._max_body)
+        except _TooLargeError as exc:
+            raise PolicyError(f"response {exc} (maxBodyBytes): not transformed") from None
+        except _UnreadableError as exc:
+            raise PolicyError(f"response {exc}: not transformed") from None
+        return self._transform_response(data, decoded=True)
+
+    def _transform_response(self, data: bytes, *, decoded: bool) -> ResponseModifications | None:
+        try:
+            body = self._response.apply(data)
+        except _UnreadableError as exc:
+            raise PolicyError(f"response {exc}: not transformed") from None
+        if body is None:
+            return None  # nothing the policy reads differently: the original, still coded
+        remove = ("content-encoding",) if decoded else ()
+        return ResponseModifications(body=body, remove_headers=remove)
 
 
 def _error(status: int, error: str, message: str) -> ImmediateResponse:

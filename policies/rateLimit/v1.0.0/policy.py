@@ -10,8 +10,13 @@ Contract:
 * The identifier is the client IP (``keyBy: clientIp``; the port of an
   ``ip:port`` address is dropped), a request header or a metadata value
   (``keyBy: header|metadata`` with ``keyName``, e.g. ``jwt.sub`` or
-  ``apiKey.consumer`` written by an earlier policy). Requests that lack the
-  identifier share one bucket, so they are limited together rather than not at all.
+  ``apiKey.consumer`` written by an earlier policy). Requests that lack a header or
+  metadata identifier share one bucket, so they are limited together rather than not
+  at all. The client IP is only Envoy's ``source.address`` attribute
+  (``ctx.client_address``), never ``x-forwarded-for``; without it a ``clientIp``
+  decision raises :class:`~engine.errors.PolicyError` naming the attribute to add
+  (``onError`` decides; the default answers 500), because the request's address is
+  unknown, not absent.
 * Memory is bounded: at most ``maxKeys`` buckets are kept, and an identifier
   longer than :data:`MAX_KEY_CHARS` characters is stored as its SHA-256 digest
   (32 bytes), so one bucket costs at most ~:data:`BUCKET_BYTES` bytes whatever the
@@ -51,12 +56,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from engine.errors import PolicyError
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 
-__all__ = ["BUCKET_BYTES", "MAX_KEY_CHARS", "Policy"]
+__all__ = ["BUCKET_BYTES", "MAX_KEY_CHARS", "NO_CLIENT_ADDRESS", "Policy"]
 
 _log = logging.getLogger(__name__)
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+NO_CLIENT_ADDRESS: Final = (
+    "keyBy clientIp: Envoy sent no client address; add source.address to the ext_proc "
+    "filter's request_attributes (x-forwarded-for is never trusted)"
+)
+"""The failure of a ``keyBy: clientIp`` decision without Envoy's ``source.address``."""
 
 MAX_KEY_CHARS: Final = 64
 """Identifiers longer than this are kept as their SHA-256 digest."""
@@ -130,7 +142,9 @@ class Policy:
 
     def _identifier(self, ctx: RequestContext) -> _Key:
         if self._key_by == "clientIp":
-            value: object = client_ip(ctx.client_address) if ctx.client_address else None
+            if not ctx.client_address:
+                raise PolicyError(NO_CLIENT_ADDRESS)
+            value: object = client_ip(ctx.client_address)
         elif self._key_by == "header":
             value = ctx.headers.get(self._key_name)
         else:

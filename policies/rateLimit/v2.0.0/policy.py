@@ -4,7 +4,10 @@ Contract:
 
 * Keying is v1's: the client IP (``keyBy: clientIp``; the port is dropped), a request
   header or a metadata value (``keyBy: header|metadata`` + ``keyName``, e.g.
-  ``jwt.sub``). Requests lacking the identifier share one bucket.
+  ``jwt.sub``). Requests lacking a header or metadata identifier share one bucket; a
+  ``clientIp`` decision without Envoy's ``source.address`` attribute raises
+  :class:`~engine.errors.PolicyError` naming the attribute (``onError`` decides), as
+  ``x-forwarded-for`` is never trusted.
 * The algorithm is GCRA (``gcra.py``): the decisions of a token bucket of
   ``burstSize`` requests refilled at ``requestsPerSecond``, with one number of state
   per client.
@@ -15,7 +18,8 @@ Contract:
   variable ``redisUrlEnv``), so every worker and every engine sharing that Redis
   enforces ONE limit per client. Keys are ``keyPrefix`` + scope + a hash of the
   identity, where scope is the route key (``scope`` to share a limit across routes).
-  Each decision is bounded by ``backendTimeout``; when Redis cannot decide,
+  Each decision is bounded by ``backendTimeout`` (running out of it switches only
+  this instance to ``onBackendError``, see ``redis_backend.py``); when Redis cannot decide,
   ``onBackendError`` says what happens: ``deny`` (the default: fail closed) answers
   503, ``allow`` lets the request through. See ``redis_backend.py``.
 * Every decision carries the standard headers ``RateLimit-Limit`` (the burst),
@@ -44,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine import metrics
 from engine.definition import parse_duration
+from engine.errors import PolicyError
 from engine.policy import (
     ImmediateResponse,
     ParameterError,
@@ -62,11 +67,17 @@ else:
     from .gcra import MICROS, Decision, LocalBuckets, interval_us
     from .redis_backend import BackendUnavailable, RedisBackend, check_redis_url
 
-__all__ = ["DECISION_KEY", "Policy", "client_ip"]
+__all__ = ["DECISION_KEY", "NO_CLIENT_ADDRESS", "Policy", "client_ip"]
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SCOPE: Final = re.compile(r"[A-Za-z0-9_.:-]+")
+
+NO_CLIENT_ADDRESS: Final = (
+    "keyBy clientIp: Envoy sent no client address; add source.address to the ext_proc "
+    "filter's request_attributes (x-forwarded-for is never trusted)"
+)
+"""The failure of a ``keyBy: clientIp`` decision without Envoy's ``source.address``."""
 
 DECISION_KEY: Final = "rateLimit.decision"
 _LIMIT_KEY: Final = "rateLimit.limit"
@@ -175,7 +186,9 @@ class Policy:
 
     def _identifier(self, ctx: RequestContext) -> str | None:
         if self._key_by == "clientIp":
-            value: object = client_ip(ctx.client_address) if ctx.client_address else None
+            if not ctx.client_address:
+                raise PolicyError(NO_CLIENT_ADDRESS)
+            value: object = client_ip(ctx.client_address)
         elif self._key_by == "header":
             value = ctx.headers.get(self._key_name)
         else:

@@ -14,12 +14,24 @@ Contract:
   parent must never be used by two processes (inherited entries are also dropped
   in a forked child, ``os.register_at_fork``).
 * Failures: every call is bounded by the policy's ``backendTimeout``; redis-py's
-  own retries are off. A failure (refused, timeout, protocol error) marks that
-  Redis *down* for the worker: one WARNING line, then decisions follow
-  ``onBackendError`` immediately without touching Redis, and at most one request
-  per :data:`RETRY_INTERVAL` probes it. The first success marks it *up* again (one
-  INFO line). So a dead or slow Redis never hangs a request and logs one line per
-  transition, not per request.
+  own retries are off. Two kinds, kept apart so that one route cannot switch the
+  others to ``onBackendError``:
+
+  - A failure that is a fact about Redis (connection refused or reset, redis-py's
+    connect timeout, an error reply, a malformed reply) marks that Redis *down* for
+    the worker (every route): one WARNING line, then decisions follow
+    ``onBackendError`` immediately without touching Redis, and at most one request
+    per :data:`RETRY_INTERVAL` probes it. The first success marks it *up* again (one
+    INFO line).
+  - A decision that runs out of its own ``backendTimeout`` says only that Redis is
+    slower than THIS policy instance allows (a 5 ms route against a Redis answering in
+    20 ms): it marks only that instance *slow* (one WARNING line): its decisions
+    follow ``onBackendError`` at once, one per :data:`RETRY_INTERVAL` probes, and the
+    first in time marks it fast again (one INFO line). Other instances (routes) with a
+    longer ``backendTimeout`` keep asking Redis.
+
+  So a dead or slow Redis never hangs a request and logs one line per transition,
+  not per request.
 """
 
 from __future__ import annotations
@@ -171,10 +183,12 @@ class RedisBackend:
 
     ``interval``/``burst`` are the GCRA parameters (see ``gcra.py``); ``timeout`` bounds
     each decision in seconds; ``key_prefix`` starts every key. :meth:`take` raises
-    :class:`BackendUnavailable` when Redis cannot decide in time.
+    :class:`BackendUnavailable` when Redis cannot decide in time. The health of the Redis
+    itself is shared by the worker's instances; being too slow for ``timeout`` is this
+    instance's own state (see the module docstring).
     """
 
-    __slots__ = ("_args", "_label", "_prefix", "_timeout", "url")
+    __slots__ = ("_args", "_label", "_prefix", "_probing", "_slow_until", "_timeout", "url")
 
     def __init__(
         self, url: str, *, interval: int, burst: int, timeout: float, key_prefix: str
@@ -184,6 +198,15 @@ class RedisBackend:
         self._args = (interval, burst)
         self._timeout = timeout
         self._prefix = key_prefix
+        # Monotonic time of this instance's next probe after a timeout; 0: not slow.
+        self._slow_until = 0.0
+        self._probing = False
+
+    @property
+    def slow(self) -> bool:
+        """Whether this instance's last decision ran out of its ``backendTimeout`` (and no
+        probe has been answered in time since)."""
+        return self._slow_until != 0.0
 
     def key(self, scope: str, identity: str) -> str:
         """The Redis key: prefix, scope (route key or configured scope), then a hash of
@@ -194,29 +217,67 @@ class RedisBackend:
     async def take(self, key: str) -> Decision:
         """One decision for ``key`` (see ``gcra.lua``)."""
         shared = _shared(self.url)
-        probe = False
+        now = time.monotonic()
+        probe = own_probe = False
         if not shared.up:
-            now = time.monotonic()
             if shared.probing or now < shared.next_probe:
                 raise BackendUnavailable(f"Redis {self._label} is marked down")
-            shared.probing = probe = True
+            probe = True
+        if self._slow_until:
+            if self._probing or now < self._slow_until:
+                raise BackendUnavailable(
+                    f"Redis {self._label} was slower than backendTimeout ({self._timeout}s)"
+                )
+            own_probe = True
+        shared.probing = shared.probing or probe
+        self._probing = self._probing or own_probe
+        deadline = asyncio.timeout(self._timeout)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with deadline:
                 reply = await shared.script(keys=[key], args=list(self._args))
             decision = _parse(reply, self._args[1])
-        except Exception as exc:  # redis errors, TimeoutError, a malformed reply
+        except Exception as exc:  # redis errors (connection, reply), a malformed reply
+            if deadline.expired():  # our own deadline: this instance's budget, not Redis
+                self._too_slow(shared, probe)
+                raise BackendUnavailable(f"Redis {self._label}: timed out") from exc
             self._down(shared, exc)
             raise BackendUnavailable(f"Redis {self._label}: {_describe(exc)}") from exc
         finally:
             if probe:
                 shared.probing = False
+            if own_probe:
+                self._probing = False
         # Only the probe brings Redis back: a late success of a call that started before
         # Redis was marked down must not flip the state (up/down/up... log lines).
         if probe and not shared.up:
             shared.up = True
             shared.transitions += 1
             log.info("rateLimit: Redis %s is reachable again: limiting resumes", self._label)
+        if own_probe and self._slow_until:
+            self._slow_until = 0.0
+            log.info(
+                "rateLimit: Redis %s answers within backendTimeout (%ss) again",
+                self._label,
+                self._timeout,
+            )
         return decision
+
+    def _too_slow(self, shared: _Shared, probe: bool) -> None:
+        shared.errors += 1
+        metrics.ratelimit_backend_error("redis")
+        now = time.monotonic()
+        if probe:  # a probe of a Redis marked down that timed out: it stays down
+            shared.next_probe = now + RETRY_INTERVAL
+        if not self._slow_until:
+            log.warning(
+                "rateLimit: Redis %s did not answer within backendTimeout (%ss): this "
+                "policy's decisions follow onBackendError until one does (probed every "
+                "%.1fs); other routes keep asking Redis",
+                self._label,
+                self._timeout,
+                RETRY_INTERVAL,
+            )
+        self._slow_until = now + RETRY_INTERVAL
 
     def _down(self, shared: _Shared, exc: BaseException) -> None:
         shared.errors += 1

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
+import inspect
 import json
-import logging
+import sys
+import threading
+import time
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine.errors import PolicyError
 from engine.policy import (
     ImmediateResponse,
     ParameterError,
@@ -123,8 +129,18 @@ def test_request_transformations(ops: dict[str, Any], body: Any, expected: Any) 
     ],
 )
 def test_inapplicable_operations_change_nothing(ops: dict[str, Any], body: Any) -> None:
+    # A member a path reaches into exists, so the body is written from what was read
+    # (see test_duplicate_names_collapse_to_what_the_policy_read): equal JSON.
     policy = construct(POLICY, {"request": ops})
-    assert policy.on_request(request_ctx(json.dumps(body).encode())) is None
+    action = policy.on_request(request_ctx(json.dumps(body).encode()))
+    assert isinstance(action, RequestModifications)
+    assert action.body is not None
+    assert json.loads(action.body) == body
+
+
+def test_a_body_no_path_reaches_passes_as_it_came() -> None:
+    policy = construct(POLICY, {"request": {"remove": ["user.password", "secret"]}})
+    assert policy.on_request(request_ctx(b'{"other": {"password": 1}}')) is None
 
 
 @pytest.mark.parametrize(
@@ -151,8 +167,11 @@ def test_bad_request_body_is_a_400(body: bytes, message: str) -> None:
 
 @pytest.mark.parametrize("body", [None, b""], ids=["absent", "empty"])
 def test_no_body_is_left_alone(body: bytes | None) -> None:
+    assert construct(POLICY, {"request": {"set": {"a": 1}}}).on_request(request_ctx(body)) is None
     policy = construct(POLICY, {"request": {"set": {"a": 1}}, "response": {"set": {"a": 1}}})
-    assert policy.on_request(request_ctx(body)) is None
+    action = policy.on_request(request_ctx(body))
+    assert isinstance(action, RequestModifications)
+    assert action.body is None  # only accept-encoding (test_response_routes_ask_for_identity)
     assert policy.on_response(response_ctx(body)) is None
 
 
@@ -168,19 +187,32 @@ def test_response_transformation() -> None:
     assert action.status is None
 
 
-def test_non_json_response_passes_unchanged_and_is_logged(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    policy = construct(POLICY, {"response": {"set": {"a": 1}}})
-    with caplog.at_level(logging.WARNING):
-        assert policy.on_response(response_ctx(b"<html>502 Bad Gateway</html>")) is None
-    assert "left unchanged" in caplog.text
-    assert "req-1" in caplog.text
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"<html>502 Bad Gateway</html>", "not valid JSON", id="html"),
+        pytest.param(b'{"user": {"password": "s"}, "x": NaN}', "not valid JSON", id="nan"),
+        pytest.param(
+            b'[{"user": {"password": "s"}}]', "must be a JSON object, not list", id="array"
+        ),
+        pytest.param(b'"text"', "must be a JSON object, not str", id="string"),
+        pytest.param(b'{"user": {"password": "\xff"}}', "not valid JSON", id="bad-utf8"),
+    ],
+)
+def test_unreadable_response_fails_the_policy(body: bytes, message: str) -> None:
+    """Issue 16 item 8: these passed unchanged, so a client whose parser reads them
+    (Python's json reads NaN; a list endpoint on the route) got the removed field."""
+    policy = construct(POLICY, {"response": {"remove": ["user.password"]}})
+    with pytest.raises(PolicyError, match=message):
+        policy.on_response(response_ctx(body))
 
 
 def test_phase_without_operations_is_skipped() -> None:
-    policy = construct(POLICY, {"response": {"set": {"a": 1}}})
-    assert policy.on_request(request_ctx(b"not json")) is None
+    # The response-only transform runs in the request phase for its header only.
+    action = construct(POLICY, {"response": {"set": {"a": 1}}}).on_request(request_ctx(b"x"))
+    assert action == RequestModifications(set_headers={"accept-encoding": "identity"})
+    policy = construct(POLICY, {"request": {"set": {"a": 1}}})
+    assert policy.on_response(response_ctx(b"not json")) is None
 
 
 def test_configured_values_are_not_shared_between_requests() -> None:
@@ -218,7 +250,7 @@ def test_nan_value_rejected_by_engine_and_constructor() -> None:
 # --------------------------------------------------------------------------- fail safe (issue 8)
 
 
-def test_lone_surrogate_in_a_body_is_a_clear_outcome(caplog: pytest.LogCaptureFixture) -> None:
+def test_lone_surrogate_in_a_body_is_a_clear_outcome() -> None:
     """Issue 8 item 9: "\\ud800" parsed, then failed to serialise (UnicodeEncodeError
     out of the hook). It is not valid Unicode, so the body is not valid JSON."""
     body = b'{"name": "\\ud800", "ok": 1}'
@@ -227,9 +259,8 @@ def test_lone_surrogate_in_a_body_is_a_clear_outcome(caplog: pytest.LogCaptureFi
     assert isinstance(action, ImmediateResponse)
     assert action.status == 400
     assert "request body is not valid JSON" in json.loads(action.body)["message"]
-    with caplog.at_level(logging.WARNING):
-        assert policy.on_response(response_ctx(body)) is None
-    assert "left unchanged" in caplog.text
+    with pytest.raises(PolicyError, match="not valid JSON"):
+        policy.on_response(response_ctx(body))
 
 
 def test_numbers_round_trip_exactly() -> None:
@@ -290,8 +321,6 @@ def test_request_body_over_max_body_bytes_is_a_413() -> None:
 
 def test_response_body_over_max_body_bytes_fails_the_policy() -> None:
     """Passing it unchanged could leak a field the policy is configured to remove."""
-    from engine.errors import PolicyError
-
     policy = construct(POLICY, {"response": {"remove": ["internal"]}, "maxBodyBytes": 1000})
     with pytest.raises(PolicyError, match="larger than maxBodyBytes"):
         policy.on_response(response_ctx(big_body(2000)))
@@ -324,3 +353,215 @@ def test_set_values_must_be_plain_json(value: Any, message: str) -> None:
         POLICY.factory({"response": {"set": {"a.b": value}}})
     assert info.value.field == "response.set.a.b"
     assert message in info.value.message
+
+
+# ----------------------------------------------------------- issue 16: codings, BOM, duplicates
+
+SECRET = {"user": {"name": "dana", "password": "s3cret"}, "id": 7}
+
+
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+def coded_response_ctx(body: bytes, encoding: str) -> ResponseContext:
+    return make_response_context(
+        request_ctx(None), headers={"content-encoding": encoding}, body=body
+    )
+
+
+async def resolve(action: Any) -> Any:
+    return await action if inspect.isawaitable(action) else action
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "encode"),
+    [
+        pytest.param("gzip", gzipped, id="gzip"),
+        pytest.param("x-gzip", gzipped, id="x-gzip"),
+        pytest.param("deflate", zlib.compress, id="deflate-zlib"),
+        pytest.param("deflate", raw_deflate, id="deflate-raw"),
+        pytest.param("deflate, gzip", lambda d: gzipped(zlib.compress(d)), id="stacked"),
+        pytest.param("GZIP", lambda d: gzipped(d[:10]) + gzipped(d[10:]), id="gzip-two-members"),
+    ],
+)
+async def test_coded_response_is_decoded_and_sent_as_identity(encoding: str, encode: Any) -> None:
+    """Issue 16 item 8: a gzip response passed unchanged, password included."""
+    policy = construct(POLICY, {"response": {"remove": ["user.password"]}})
+    action = await resolve(
+        policy.on_response(coded_response_ctx(encode(json.dumps(SECRET).encode()), encoding))
+    )
+    assert isinstance(action, ResponseModifications)
+    assert action.body is not None
+    assert json.loads(action.body) == {"user": {"name": "dana"}, "id": 7}
+    assert action.remove_headers == ("content-encoding",)
+
+
+def test_coded_response_needing_no_change_passes_still_coded() -> None:
+    policy = construct(POLICY, {"response": {"remove": ["user.password"]}})
+    ctx = coded_response_ctx(gzipped(b'{"id": 7}'), "gzip")
+    assert policy.on_response(ctx) is None
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "message"),
+    [
+        pytest.param("br", b"\x1b\x00", "content-encoding 'br' is not supported", id="br"),
+        pytest.param("zstd", b"(\xb5/\xfd", "'zstd' is not supported", id="zstd"),
+        pytest.param("gzip", b"not gzip at all", "not valid gzip", id="not-gzip"),
+        pytest.param(
+            "gzip", gzipped(json.dumps(SECRET).encode())[:-12], "truncated", id="truncated"
+        ),
+        pytest.param("gzip", gzipped(b"{}") + b"junk", "not valid gzip", id="trailing-garbage"),
+        pytest.param(
+            "deflate", zlib.compress(b"{}") + b"{}", "after the end", id="deflate-trailing"
+        ),
+        pytest.param(
+            "gzip, gzip, gzip", gzipped(gzipped(gzipped(b"{}"))), "stacked", id="three-codings"
+        ),
+    ],
+)
+async def test_unreadable_coding_fails_the_response_and_refuses_the_request(
+    encoding: str, body: bytes, message: str
+) -> None:
+    policy = construct(
+        POLICY,
+        {"request": {"remove": ["user.password"]}, "response": {"remove": ["user.password"]}},
+    )
+    with pytest.raises(PolicyError, match=message):
+        await resolve(policy.on_response(coded_response_ctx(body, encoding)))
+    request = make_request_context(headers={"content-encoding": encoding}, method="POST", body=body)
+    action = await resolve(policy.on_request(request))
+    assert isinstance(action, ImmediateResponse)
+    assert action.status == (415 if "supported" in message or "stacked" in message else 400)
+    assert message in json.loads(action.body)["message"]
+
+
+async def test_zip_bomb_stops_at_max_body_bytes() -> None:
+    bomb = gzipped(b'{"a": "' + b"0" * (50 << 20) + b'"}')  # 50 MiB in ~50 KB
+    assert len(bomb) < 100_000
+    policy = construct(
+        POLICY,
+        {"request": {"remove": ["a"]}, "response": {"remove": ["a"]}, "maxBodyBytes": 1 << 20},
+    )
+    started = time.perf_counter()
+    with pytest.raises(PolicyError, match="larger than 1048576 bytes once decoded"):
+        await resolve(policy.on_response(coded_response_ctx(bomb, "gzip")))
+    request = make_request_context(headers={"content-encoding": "gzip"}, method="POST", body=bomb)
+    action = await resolve(policy.on_request(request))
+    assert isinstance(action, ImmediateResponse)
+    assert action.status == 413
+    assert time.perf_counter() - started < 2.0  # stopped at 1 MiB, never inflated 50 MiB
+
+
+async def test_large_decoding_runs_in_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past INLINE_DECODE_BYTES the hook returns an awaitable that decodes off the loop."""
+    module = sys.modules[type(construct(POLICY, {"response": {"set": {"a": 1}}})).__module__]
+    threads: list[str] = []
+    real = module._decode
+
+    def spy(body: bytes, codings: tuple[str, ...], limit: int) -> bytes:
+        threads.append(threading.current_thread().name)
+        decoded: bytes = real(body, codings, limit)
+        return decoded
+
+    monkeypatch.setattr(module, "_decode", spy)
+    document = {"user": {"password": "s"}, "pad": "x" * (200 * 1024)}
+    policy = construct(POLICY, {"response": {"remove": ["user.password"]}})
+    action = policy.on_response(coded_response_ctx(gzipped(json.dumps(document).encode()), "gzip"))
+    assert inspect.isawaitable(action)
+    result = await action
+    assert json.loads(result.body) == {"user": {}, "pad": document["pad"]}
+    assert threads[0] == threading.current_thread().name  # the inline attempt (64 KiB)
+    assert threads[1] != threading.current_thread().name  # the rest in a worker thread
+    small = policy.on_response(coded_response_ctx(gzipped(json.dumps(SECRET).encode()), "gzip"))
+    assert isinstance(small, ResponseModifications)  # small bodies stay inline
+
+
+async def test_coded_request_is_decoded_and_forwarded_as_identity() -> None:
+    policy = construct(POLICY, {"request": {"remove": ["user.password"]}})
+    request = make_request_context(
+        headers={"content-encoding": "gzip"},
+        method="POST",
+        body=gzipped(json.dumps(SECRET).encode()),
+    )
+    action = await resolve(policy.on_request(request))
+    assert isinstance(action, RequestModifications)
+    assert action.body is not None
+    assert json.loads(action.body) == {"user": {"name": "dana"}, "id": 7}
+    assert action.remove_headers == ("content-encoding",)
+
+
+@pytest.mark.parametrize("phase", ["request", "response"])
+def test_a_utf8_bom_is_stripped_and_the_body_transformed(phase: str) -> None:
+    """Issue 16 item 8: a BOM made the body "not JSON"; a response passed unchanged, and
+    browsers (fetch().json()) strip the BOM and read the password."""
+    body = b"\xef\xbb\xbf" + json.dumps(SECRET).encode()
+    policy = construct(POLICY, {phase: {"remove": ["user.password"]}})
+    hook = policy.on_request if phase == "request" else policy.on_response
+    action = hook(request_ctx(body) if phase == "request" else response_ctx(body))
+    assert action is not None
+    assert action.body is not None
+    assert not action.body.startswith(b"\xef\xbb\xbf")
+    assert json.loads(action.body) == {"user": {"name": "dana"}, "id": 7}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(
+            b'{"user": {"password": "s3cret"}, "user": "x"}', {"user": "x"}, id="nested-first"
+        ),
+        pytest.param(
+            b'{"user": {"password": "a", "password": "b", "name": "n"}}',
+            {"user": {"name": "n"}},
+            id="inner-duplicates",
+        ),
+        pytest.param(
+            b'{"user": {"profile": {"password": "s"}, "profile": 1}}',
+            {"user": {"profile": 1}},
+            id="deeper",
+        ),
+    ],
+)
+@pytest.mark.parametrize("phase", ["request", "response"])
+def test_duplicate_names_collapse_to_what_the_policy_read(
+    phase: str, body: bytes, expected: Any
+) -> None:
+    """Issue 16 item 9: with the last duplicate read, removing user.password was a
+    no-op and the ORIGINAL bytes went on: a first-duplicate parser read the password."""
+    policy = construct(POLICY, {phase: {"remove": ["user.password", "user.profile.password"]}})
+    hook = policy.on_request if phase == "request" else policy.on_response
+    action = hook(request_ctx(body) if phase == "request" else response_ctx(body))
+    assert action is not None
+    assert action.body is not None
+    assert b"password" not in action.body
+    assert json.loads(action.body) == expected
+    assert action.body.count(b'"user"') == 1
+
+
+def test_response_routes_ask_the_upstream_for_identity() -> None:
+    policy = construct(POLICY, {"request": {"set": {"a": 1}}, "response": {"remove": ["x"]}})
+    assert policy.phases() == ("request", "response")
+    assert policy.bodies() == ("request", "response")
+    request = make_request_context(
+        headers={"accept-encoding": "gzip, br", "content-type": "application/json"},
+        method="POST",
+        body=b"{}",
+    )
+    action = policy.on_request(request)
+    assert isinstance(action, RequestModifications)
+    assert action.set_headers == {"accept-encoding": "identity"}
+    assert action.body is not None
+    assert json.loads(action.body) == {"a": 1}
+    response_only = construct(POLICY, {"response": {"remove": ["x"]}})
+    assert response_only.phases() == ("request", "response")
+    assert response_only.bodies() == ("response",)  # request bodies are never buffered
+    request_only = construct(POLICY, {"request": {"remove": ["x"]}})
+    assert (request_only.phases(), request_only.bodies()) == (("request",), ("request",))
+    assert request_only.on_request(request_ctx(None)) is None

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from engine.errors import PolicyError
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 from engine.registry import load_policy
 from engine.testing import (
@@ -157,13 +158,21 @@ def test_429_with_retry_after(rate: float, advance: float, retry_after: str) -> 
         pytest.param("10.0.0.1:1000", "10.0.0.1:2000", True, id="same-ip-other-port"),
         pytest.param("10.0.0.1:1000", "10.0.0.2:1000", False, id="other-ip"),
         pytest.param("[::1]:80", "0:0::1", True, id="ipv6-normalised"),
-        pytest.param("", "", True, id="no-address-shares-a-bucket"),
     ],
 )
 def test_client_ip_identifier(first: str, second: str, shared: bool) -> None:
     policy = make({"requestsPerSecond": 1, "burstSize": 1})
     assert allowed(policy, ctx(client=first))
     assert allowed(policy, ctx(client=second)) is not shared
+
+
+def test_client_ip_without_envoys_address_fails_naming_the_attribute() -> None:
+    # No source.address attribute: before, every such request shared one bucket keyed on
+    # nothing, and the engine filled the address from a client-written x-forwarded-for.
+    policy = make({"requestsPerSecond": 1, "burstSize": 1})
+    request = ctx(client="", headers={"x-forwarded-for": "6.6.6.6"})
+    with pytest.raises(PolicyError, match=r"add source\.address to the ext_proc filter's"):
+        policy.on_request(request)
 
 
 def test_header_identifier() -> None:

@@ -21,7 +21,7 @@ import pytest
 from engine.policy import ImmediateResponse, RequestContext
 from engine.registry import load_policy
 from engine.testing import construct, make_request_context
-from policies.rateLimit.testing import RedisServer, redis_server
+from policies.rateLimit.testing import RedisServer, delaying_proxy, redis_server
 
 __all__ = ["redis_server"]  # the fixture, imported so pytest finds it
 
@@ -171,12 +171,41 @@ async def test_slow_redis_is_bounded_by_the_timeout(redis_server: RedisServer) -
         assert request.metadata["rateLimit.decision"] == "backendErrorAllowed"
         # The decision did not wait for Redis (blocked ~1.4 s more): the timeout cut it.
         assert waited < 1.0, waited
-        # Marked down: the next requests do not even try (no second wait).
+        # This instance is marked slow: its next requests do not even try (no second wait).
         started = time.monotonic()
         assert await decide(policy, ctx()) is None
         assert time.monotonic() - started < 0.05
     finally:
         sleeper.join(5)
+
+
+async def test_one_routes_short_timeout_does_not_switch_other_routes(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis answers every command ~40 ms late. Route "fast" allows 5 ms: its decisions time
+    # out. Route "patient" allows 5 s: it must keep asking Redis. Before, the first
+    # timeout marked the worker's Redis down and "patient" answered onBackendError (503)
+    # without asking.
+    caplog.set_level(logging.INFO, logger="policies.rateLimit.redis")
+    async with delaying_proxy(redis_server.port, 0.04) as url:
+        patient = make(redis_server, redisUrl=url, backendTimeout="5s")
+        fast = make(redis_server, redisUrl=url, backendTimeout="5ms")
+        assert await decide(patient, ctx(route="patient")) is None  # warm: connect, script
+        for _ in range(2):
+            request = ctx(route="fast")
+            action = await decide(fast, request)
+            assert action is not None
+            assert action.status == 503
+            assert request.metadata["rateLimit.decision"] == "backendErrorDenied"
+            request = ctx(route="patient")
+            started = time.monotonic()
+            assert await decide(patient, request) is None
+            assert request.metadata["rateLimit.decision"] == "allowed"
+            assert time.monotonic() - started >= 0.04  # Redis was asked, through the delay
+        assert BACKEND.is_up(url) is True
+    slow = [r for r in caplog.records if "did not answer within backendTimeout" in r.getMessage()]
+    assert len(slow) == 1  # one line per transition of the fast route, not per request
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage()]
 
 
 async def test_ten_thousand_keys_stay_bounded(redis_server: RedisServer) -> None:
