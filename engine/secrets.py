@@ -356,13 +356,15 @@ def document_secrets(document: Any, registry: PolicyRegistry) -> frozenset[str]:
 
 
 def restore_document(
-    submitted: Any, current: Mapping[str, Any], registry: PolicyRegistry
+    submitted: Any, current: Mapping[str, Any] | None, registry: PolicyRegistry
 ) -> tuple[Any, list[str]]:
     """``submitted`` with each :data:`MARKER` in a secret field replaced by the value
     that field has in ``current``; returns (document, errors).
 
     Errors name route, entry, policy and field for each marker that has no value to
-    keep (see the module docstring for when a value is kept). ``submitted`` is not
+    keep (see the module docstring for when a value is kept); with ``current`` None
+    nothing is kept and every marker in a secret field is an error (a document that
+    must stand on its own, such as a watched config file). ``submitted`` is not
     changed; a document without markers comes back equal.
     """
     out = copy.deepcopy(submitted)
@@ -372,24 +374,20 @@ def restore_document(
         params = entry.get("parameters")
         if not secrets or not isinstance(params, Mapping):
             continue
-        prefix = f"routes[{route}].policies[{index}] {entry['name']} {entry['version']}"
-        old = _entry_at(current, route, index)
-        same = old is not None and (old.get("name"), old.get("version")) == (
-            entry["name"],
-            entry["version"],
+        key = (entry["name"], entry["version"])
+        old = _entry_at(current, route, index) if current is not None else None
+        old_params = old.get("parameters") if old is not None else None
+        if old is None or (old.get("name"), old.get("version")) != key:
+            old_params = None  # another policy there now: nothing of it to keep
+        restorer = _Restorer(
+            f"routes[{route}].policies[{index}] {key[0]} {key[1]}", current is not None, errors
         )
-        old_params = old.get("parameters") if same and old is not None else None
         for name, tree in secrets.items():
             if name in params:
-                restored = _restore(
-                    params[name],
-                    old_params.get(name, _MISSING) if isinstance(old_params, Mapping) else _MISSING,
-                    tree,
-                    name,
-                    prefix,
-                    errors,
+                previous = (
+                    old_params.get(name, _MISSING) if isinstance(old_params, Mapping) else _MISSING
                 )
-                params[name] = restored  # type: ignore[index]
+                params[name] = restorer.restore(params[name], previous, tree, name)  # type: ignore[index]
     return out, errors
 
 
@@ -409,65 +407,68 @@ def _entry_at(document: Mapping[str, Any], route: str, index: int) -> Mapping[st
     return None
 
 
-def _restore(
-    value: Any,
-    old: Any,
-    spec: SecretSpec,
-    path: str,
-    prefix: str,
-    errors: list[str],
-) -> Any:
-    where = f"{prefix}: {path}"
-    if spec.kind == "value":
-        if value != MARKER:
-            return value
-        if isinstance(old, _Missing):
-            errors.append(
-                f"{where}: is {MARKER!r} (how secrets are shown) but this entry has no "
-                "current value there to keep; send the value itself"
-            )
-        return old
-    if spec.kind == "urlCredentials":
-        if not isinstance(value, str) or MARKER not in value:
-            return value
-        split = _url_parts(value)
+@dataclass(slots=True)
+class _Restorer:
+    """Puts current values back in place of markers inside one entry's parameters."""
+
+    prefix: str
+    keeping: bool
+    errors: list[str]
+
+    def _missing(self, path: str, what: str, instead: str) -> None:
+        if self.keeping:
+            reason = "this entry has no current value there to keep"
+        else:
+            reason = "no current value is kept here"
+        self.errors.append(
+            f"{self.prefix}: {path}: is {MARKER!r} (how {what} are shown) but {reason}; "
+            f"send {instead}"
+        )
+
+    def restore(self, value: Any, old: Any, spec: SecretSpec, path: str) -> Any:
+        """``value`` with its markers replaced from ``old`` (the same position now)."""
+        if spec.kind == "value":
+            if value != MARKER:
+                return value
+            if isinstance(old, _Missing):
+                self._missing(path, "secrets", "the value itself")
+            return old
+        if spec.kind == "urlCredentials":
+            return self._restore_url(value, old, path)
+        if isinstance(value, Mapping) and (spec.properties or spec.additional is not None):
+            old_map = old if isinstance(old, Mapping) else {}
+            out: dict[str, Any] = {}
+            for key, child in value.items():
+                sub = spec.child(key)
+                out[key] = (
+                    child
+                    if sub is None
+                    else self.restore(child, old_map.get(key, _MISSING), sub, f"{path}.{key}")
+                )
+            return out
+        if isinstance(value, list) and spec.items is not None:
+            old_list = old if isinstance(old, list) else []
+            restored: list[Any] = []
+            for i, child in enumerate(value):
+                previous: Any = old_list[i] if i < len(old_list) else _MISSING
+                if not isinstance(previous, _Missing) and redact_value(previous, spec.items) != (
+                    redact_value(child, spec.items)
+                ):
+                    # Kept values are taken by position, and only where the visible rest
+                    # of the item is unchanged: a reordered list must never pair a kept
+                    # key with another item's consumer.
+                    previous = _MISSING
+                restored.append(self.restore(child, previous, spec.items, f"{path}[{i}]"))
+            return restored
+        return value
+
+    def _restore_url(self, value: Any, old: Any, path: str) -> Any:
+        split = _url_parts(value) if isinstance(value, str) else None
         if split is None or MARKER not in split[1]:
-            return value  # the marker is not where credentials go: the URL as written
+            return value  # no marker where credentials go: the URL as written
         old_split = _url_parts(old) if isinstance(old, str) else None
         if old_split is None or not old_split[1] or _shown_userinfo(old_split[1]) != split[1]:
-            errors.append(
-                f"{where}: has {MARKER!r} (how credentials are shown) but this entry has no "
-                "current credentials for that user to keep; send the URL with its credentials"
-            )
+            self._missing(path, "credentials", "the URL with its credentials")
             return value
         parts, _, host = split
         return parts._replace(netloc=f"{old_split[1]}@{host}").geturl()
-    if isinstance(value, Mapping) and (spec.properties or spec.additional is not None):
-        old_map = old if isinstance(old, Mapping) else {}
-        return {
-            key: _restore(child, old_map.get(key, _MISSING), sub, f"{path}.{key}", prefix, errors)
-            if (sub := spec.child(key)) is not None
-            else child
-            for key, child in value.items()
-        }
-    if isinstance(value, list) and spec.items is not None:
-        old_list = old if isinstance(old, list) else []
-        restored: list[Any] = []
-        for i, child in enumerate(value):
-            previous: Any = old_list[i] if i < len(old_list) else _MISSING
-            if (
-                not isinstance(previous, _Missing)
-                and _has_marker(child)
-                and redact_value(previous, spec.items) != child
-            ):
-                # Kept values are taken by position: only where the visible rest of the
-                # item is unchanged, so a reordered list never pairs a key with another
-                # item's consumer.
-                previous = _MISSING
-            restored.append(_restore(child, previous, spec.items, f"{path}[{i}]", prefix, errors))
-        return restored
-    return value
-
-
-def _has_marker(value: Any) -> bool:
-    return any(MARKER in text for text in _leaves(value))
