@@ -415,15 +415,12 @@ class _Restorer:
     keeping: bool
     errors: list[str]
 
-    def _missing(self, path: str, what: str, instead: str) -> None:
+    def _missing(self, path: str, shown: str, instead: str) -> None:
         if self.keeping:
             reason = "this entry has no current value there to keep"
         else:
             reason = "no current value is kept here"
-        self.errors.append(
-            f"{self.prefix}: {path}: is {MARKER!r} (how {what} are shown) but {reason}; "
-            f"send {instead}"
-        )
+        self.errors.append(f"{self.prefix}: {path}: {shown} but {reason}; send {instead}")
 
     def restore(self, value: Any, old: Any, spec: SecretSpec, path: str) -> Any:
         """``value`` with its markers replaced from ``old`` (the same position now)."""
@@ -431,7 +428,7 @@ class _Restorer:
             if value != MARKER:
                 return value
             if isinstance(old, _Missing):
-                self._missing(path, "secrets", "the value itself")
+                self._missing(path, f"is {MARKER!r} (how secrets are shown)", "the value itself")
             return old
         if spec.kind == "urlCredentials":
             return self._restore_url(value, old, path)
@@ -468,7 +465,12 @@ class _Restorer:
             return value  # no marker where credentials go: the URL as written
         old_split = _url_parts(old) if isinstance(old, str) else None
         if old_split is None or not old_split[1] or _shown_userinfo(old_split[1]) != split[1]:
-            self._missing(path, "credentials", "the URL with its credentials")
+            self._missing(
+                path,
+                f"has {MARKER!r} as credentials (how they are shown; the user must be the "
+                "current one)",
+                "the URL with its credentials",
+            )
             return value
         parts, _, host = split
         return parts._replace(netloc=f"{old_split[1]}@{host}").geturl()
