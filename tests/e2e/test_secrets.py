@@ -90,6 +90,7 @@ def test_secrets_never_leave_the_processes(tmp_path: Path) -> None:
         plane.wait_acked(version, {"engine-s"})
         reply = http_request(envoy.port, "/keyed/x", headers={"x-api-key": API_KEY})
         assert reply.status == 200, reply.body
+        assert reply.echo is not None
         assert reply.echo["headers"]["x-api-key"] == API_KEY  # stripKey: false arrived
         assert http_request(envoy.port, "/keyed/x", headers={"x-api-key": "nope"}).status == 403
         assert (
