@@ -184,6 +184,9 @@ def _url_secrets(url: str) -> Iterator[str]:
     _, userinfo, _ = split
     if not userinfo:
         return
+    # The URL as written too: a short password (under MIN_BARE_SCRUB) quoted bare inside
+    # it is still scrubbed with the URL around it.
+    yield url
     user, colon, password = userinfo.partition(":")
     secret = password if colon else user
     if secret:
@@ -429,6 +432,7 @@ class _Restorer:
                 return value
             if isinstance(old, _Missing):
                 self._missing(path, f"is {MARKER!r} (how secrets are shown)", "the value itself")
+                return value
             return old
         if spec.kind == "urlCredentials":
             return self._restore_url(value, old, path)

@@ -24,6 +24,7 @@ from engine.secrets import (
     redact_value,
     restore_document,
     scrub,
+    secret_strings,
 )
 from tests.support import policy_folder, registry_from
 
@@ -155,6 +156,15 @@ def test_redact_value_follows_the_tree() -> None:
     assert redact_value([KEY_A], spec) == [MARKER]
     assert redact_value(KEY_A, spec) == MARKER
     assert value[0]["key"] == KEY_A  # a copy
+
+
+def test_scrub_url_with_a_short_password() -> None:
+    spec = _definition({"url": {"type": "string", "secret": "urlCredentials"}}).secrets["url"]
+    url = "redis://u:pw@cache:6379/0"
+    text = f"cannot connect to {url}; retrying {url!r}"
+    assert scrub(text, secret_strings(url, spec)) == (
+        f"cannot connect to {MARKER}; retrying {MARKER!r}"
+    )
 
 
 def test_scrub() -> None:
