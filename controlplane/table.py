@@ -51,7 +51,10 @@ about a version a few changes old."""
 
 @dataclass(frozen=True, slots=True)
 class TableVersion:
-    """One accepted state: the document, its version and its encoded resources."""
+    """One accepted state: the document, its version and its encoded resources.
+
+    ``document`` holds the secrets (it is what engines get): show
+    :meth:`RouteTable.routes` instead, never this."""
 
     version: str
     generation: int
