@@ -156,6 +156,8 @@ class XdsConfigSource:
     """
 
     name: Final = "xds"
+    _candidate_secrets: frozenset[str] = frozenset()
+    """The secret strings of the routes last built (see :meth:`_nack`)."""
 
     def __init__(
         self,
@@ -283,6 +285,7 @@ class XdsConfigSource:
     def _build(self, candidate: dict[str, list[Any]], version: str, previous: Snapshot) -> Snapshot:
         source = f"xds {self.target} version {version}"
         document, errors = decode_resources(candidate[ROUTE_CHAIN_TYPE])
+        self._candidate_secrets = document_secrets(document, self.registry)  # for _nack
         settings, problems = decode_settings(candidate[SETTINGS_TYPE])
         errors += [f"settings: {problem}" for problem in problems]
         if errors:
@@ -294,8 +297,9 @@ class XdsConfigSource:
         version = response.version_info
         self.status.nacked_version = version
         # Config errors never show a secret; an internal error's text might: the NACK
-        # (shown by the control plane's /status) and the log lines go out scrubbed.
-        secrets = self._secrets_of(response)
+        # (shown by the control plane's /status) and the log lines go out scrubbed of the
+        # secrets of the routes being built (whichever response of the pair this is).
+        secrets = self._candidate_secrets | self._secrets_of(response)
         errors = [scrub(line, secrets) for line in errors]
         self.status.last_error = "\n".join(errors)
         self._remember("NACK", version)
