@@ -114,7 +114,15 @@ class RouteTable:
         The second validation runs on the decoded resources, exactly what an engine
         sees, so a value the protobuf ``Struct`` cannot carry faithfully (a YAML date,
         an integer beyond 2**53) is caught here and not on the engines.
+
+        A redaction marker left in a secret field is an error here, whoever calls: the
+        marker is a valid string to the schema, and an apiKey key "<redacted>" would let
+        in anyone who sends that. Callers that keep current values (``put_route``,
+        ``replace(keep_redacted=True)``) restore them before calling this.
         """
+        _, markers = restore_document(document, None, self.registry)
+        if markers:
+            return (), (), markers
         try:
             load_config(document, source=source, registry=self.registry)
         except ConfigError as exc:
@@ -160,10 +168,10 @@ class RouteTable:
         """
         if not isinstance(document, Mapping) or not isinstance(document.get("routes"), Mapping):
             return self.check_shape(document)
-        current = self._current.document if keep_redacted else None
-        document, errors = restore_document(document, current, self.registry)
-        if errors:
-            return errors
+        if keep_redacted:
+            document, errors = restore_document(document, self._current.document, self.registry)
+            if errors:
+                return errors
         resources, settings, errors = self._prepare(document, source)
         if not errors:
             await self._publish(copy.deepcopy(dict(document)), resources, settings, source)

@@ -101,6 +101,18 @@ async def test_markers_keep_values_only_when_asked(registry: PolicyRegistry) -> 
     assert table.current.document == _document(key="ak-new-key-000")
 
 
+async def test_no_path_publishes_a_marker(registry: PolicyRegistry) -> None:
+    # Every writer of the table validates through _prepare (check() runs it): a marker is
+    # a valid string to the schema, and an apiKey key "<redacted>" would let in anyone
+    # who sends that. It is refused there, not only where the admin API calls in.
+    table = RouteTable(registry)
+    errors = table.check(_document(key=MARKER), "any writer")
+    assert errors == [
+        f"routes[r].policies[0] apiKey v1.0.0: keys[0].key: is {MARKER!r} (how secrets are "
+        "shown) but no current value is kept here; send the value itself"
+    ]
+
+
 async def test_put_route_keeps_secrets_and_delete_keeps_others(registry: PolicyRegistry) -> None:
     table = RouteTable(registry)
     document = _document()
