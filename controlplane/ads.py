@@ -196,10 +196,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             engine.last_change = time.time()
             if request.HasField("error_detail"):
                 engine.nacked_version = sent[1]
-                engine.nack_error = request.error_detail.message
-                log.warning(
-                    "engine %s NACKed %s: %s", engine.node_id, sent[1], request.error_detail.message
-                )
+                # An engine's words (an older build, a policy's own message) may quote a
+                # secret: neither /status nor the log shows it.
+                engine.nack_error = self.table.scrub(request.error_detail.message)
+                log.warning("engine %s NACKed %s: %s", engine.node_id, sent[1], engine.nack_error)
             elif type_url == ROUTE_CHAIN_TYPE:
                 engine.acked_version = request.version_info
             else:

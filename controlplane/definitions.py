@@ -3,7 +3,9 @@
 The builder writes ``<engine>_definitions.json`` next to the registry and the build
 metadata (``builder/private/gen_registry.py`` calls :func:`definitions_document`), so a
 control plane validates against exactly what that engine contains: names, versions,
-parameter schemas. Format (``schemaVersion`` 1)::
+parameter schemas, and which parameters are ``secret`` (the definitions are carried as
+written, marks included, so the control plane never shows those values; see
+:mod:`engine.secrets`). Format (``schemaVersion`` 1)::
 
     {"schemaVersion": 1,
      "buildInfo": {...the engine's build metadata...},

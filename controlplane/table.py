@@ -11,11 +11,23 @@ counts accepted changes of this process and ``hash`` is the first 12 hex digits 
 sha256 of the canonical document, so "which config does this engine run" can be compared
 across control plane restarts (same hash, same config). The encoded resources
 (one ``RouteChain`` per route, packed in ``Any``) are built once per version.
+
+Secrets (parameters whose definition marks them ``secret``, :mod:`engine.secrets`) stay
+inside: :meth:`RouteTable.routes`, what the admin API shows, returns the specs redacted,
+and :meth:`RouteTable.scrub` removes the secrets of recent versions from text that comes
+from elsewhere (an engine's NACK). The raw document (``TableVersion.document``) is what
+engines get; nothing that outputs configuration may read it. A submitted document may
+carry the redaction marker in a secret field (a spec read from the admin API and sent
+back): :meth:`RouteTable.put_route` (and :meth:`RouteTable.replace` with
+``keep_redacted=True``) keep that field's current value, see
+:func:`engine.secrets.restore_document`; everywhere else the marker is an error naming
+the field.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import hashlib
 from collections.abc import Mapping
@@ -27,14 +39,22 @@ from google.protobuf import any_pb2
 from engine.config import canonical_json, load_config
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
+from engine.secrets import document_secrets, redact_document, restore_document, scrub
 from engine.xds.resources import decode_resources, decode_settings, encode_route, encode_settings
 
 __all__ = ["RouteTable", "TableVersion"]
 
+_SECRET_VERSIONS = 16
+"""How many versions' secrets :meth:`RouteTable.scrub` knows: an engine's NACK may be
+about a version a few changes old."""
+
 
 @dataclass(frozen=True, slots=True)
 class TableVersion:
-    """One accepted state: the document, its version and its encoded resources."""
+    """One accepted state: the document, its version and its encoded resources.
+
+    ``document`` holds the secrets (it is what engines get): show
+    :meth:`RouteTable.routes` instead, never this."""
 
     version: str
     generation: int
@@ -44,6 +64,8 @@ class TableVersion:
     settings: tuple[any_pb2.Any, ...] = ()
     """The EngineSettings resource (``unknownRoute``), or none for the defaults."""
     settings_hash: str = ""
+    secrets: frozenset[str] = frozenset()
+    """The secret strings of ``document`` (see :func:`engine.secrets.document_secrets`)."""
 
 
 class RouteTable:
@@ -52,6 +74,9 @@ class RouteTable:
     def __init__(self, registry: PolicyRegistry) -> None:
         self.registry = registry
         self._generation = 0
+        self._recent_secrets: collections.deque[frozenset[str]] = collections.deque(
+            maxlen=_SECRET_VERSIONS
+        )
         self._current = self._make({"routes": {}}, (), "<empty>")
         self._changed = asyncio.Condition()
 
@@ -60,8 +85,22 @@ class RouteTable:
         return self._current
 
     def routes(self) -> dict[str, Any]:
-        """A copy of the current route specs."""
+        """A copy of the current route specs, every secret parameter redacted: what
+        may be shown (the admin API's ``GET /routes``)."""
+        shown = redact_document(self._current.document, self.registry)
+        return dict(shown["routes"])
+
+    def _raw_routes(self) -> dict[str, Any]:
+        """A copy of the current route specs with their secrets: never to be output."""
         return copy.deepcopy(dict(self._current.document["routes"]))
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the secret values of the current and recent versions (for
+        text the control plane did not write, such as an engine's NACK)."""
+        known: set[str] = set()
+        for secrets in self._recent_secrets:
+            known |= secrets
+        return scrub(text, known)
 
     def check(self, document: Mapping[str, Any], source: str) -> list[str]:
         """Every error ``document`` has (empty: valid). Pure: nothing changes."""
@@ -75,7 +114,15 @@ class RouteTable:
         The second validation runs on the decoded resources, exactly what an engine
         sees, so a value the protobuf ``Struct`` cannot carry faithfully (a YAML date,
         an integer beyond 2**53) is caught here and not on the engines.
+
+        A redaction marker left in a secret field is an error here, whoever calls: the
+        marker is a valid string to the schema, and an apiKey key "<redacted>" would let
+        in anyone who sends that. Callers that keep current values (``put_route``,
+        ``replace(keep_redacted=True)``) restore them before calling this.
         """
+        _, markers = restore_document(document, None, self.registry)
+        if markers:
+            return (), (), markers
         try:
             load_config(document, source=source, registry=self.registry)
         except ConfigError as exc:
@@ -93,7 +140,9 @@ class RouteTable:
             try:
                 packed.Pack(encode_route(key, spec))
             except (TypeError, ValueError) as exc:
-                errors.append(f"routes[{key}]: cannot be sent as a RouteChain: {exc}")
+                # The converter's words may quote a value.
+                shown = scrub(str(exc), document_secrets(document, self.registry))
+                errors.append(f"routes[{key}]: cannot be sent as a RouteChain: {shown}")
                 continue
             resources.append(packed)
         if errors:
@@ -108,10 +157,21 @@ class RouteTable:
             problems += exc.errors
         return tuple(resources), settings, problems
 
-    async def replace(self, document: Mapping[str, Any], source: str) -> list[str]:
-        """Make ``document`` (``{"routes": {...}}``) the table if valid; else its errors."""
+    async def replace(
+        self, document: Mapping[str, Any], source: str, *, keep_redacted: bool = False
+    ) -> list[str]:
+        """Make ``document`` (``{"routes": {...}}``) the table if valid; else its errors.
+
+        A redaction marker in a secret field is an error, or, with ``keep_redacted``
+        (a document read from the admin API and sent back), keeps the value the same
+        route and entry have now (:func:`engine.secrets.restore_document`).
+        """
         if not isinstance(document, Mapping) or not isinstance(document.get("routes"), Mapping):
             return self.check_shape(document)
+        if keep_redacted:
+            document, errors = restore_document(document, self._current.document, self.registry)
+            if errors:
+                return errors
         resources, settings, errors = self._prepare(document, source)
         if not errors:
             await self._publish(copy.deepcopy(dict(document)), resources, settings, source)
@@ -126,13 +186,16 @@ class RouteTable:
         return ["routes: must be a mapping of route key -> route"]
 
     async def put_route(self, key: str, spec: Any, source: str) -> list[str]:
-        """Submit or replace route ``key``; the whole resulting table is validated."""
-        document = {**self._current.document, "routes": {**self.routes(), key: spec}}
-        return await self.replace(document, source)
+        """Submit or replace route ``key``; the whole resulting table is validated.
+
+        A redaction marker in a secret field of ``spec`` keeps that field's current value
+        (``GET /routes/<key>``, change, ``PUT`` works without knowing the secrets)."""
+        document = {**self._current.document, "routes": {**self._raw_routes(), key: spec}}
+        return await self.replace(document, source, keep_redacted=True)
 
     async def delete_route(self, key: str, source: str) -> bool:
         """Remove route ``key``; False if there is no such route."""
-        routes = self.routes()
+        routes = self._raw_routes()
         if key not in routes:
             return False
         del routes[key]
@@ -169,6 +232,8 @@ class RouteTable:
     ) -> TableVersion:
         digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()[:12]
         settings_hash = canonical_json(document.get("unknownRoute"))
+        secrets = document_secrets(document, self.registry)
+        self._recent_secrets.append(secrets)
         return TableVersion(
             version=f"{self._generation}-{digest}",
             generation=self._generation,
@@ -177,4 +242,5 @@ class RouteTable:
             source=source,
             settings=settings,
             settings_hash=settings_hash,
+            secrets=secrets,
         )

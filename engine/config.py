@@ -25,7 +25,9 @@ Loading happens in two passes, and nothing is published unless both pass:
    ``ValueError`` from a constructor, or any other exception, is one more error.
 
 Every error line names route, index, policy and field, e.g.
-``routes[private].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS``.
+``routes[private].policies[0] jwtValidation v1.0.0: jwksUrl must be HTTPS``, and none
+shows the value of a parameter its definition marks ``secret`` (:mod:`engine.secrets`):
+schema messages show it redacted, a policy's own messages are scrubbed.
 They are raised together as one :class:`~engine.errors.ConfigError`.
 
 Instance identity: an instance is keyed by (route, name, version, canonical JSON
@@ -61,6 +63,7 @@ from engine.definition import data_problems, parse_duration
 from engine.errors import ConditionError, ConfigError, PolicyError, RegistryError
 from engine.policy import ImmediateResponse
 from engine.registry import PolicyRegistry, RegisteredPolicy, instantiate
+from engine.secrets import parameters_secrets, scrub
 from engine.yamlsafe import YamlError, load_yaml
 
 __all__ = [
@@ -284,6 +287,12 @@ def _unknown_route(document: Any, errors: list[str]) -> ImmediateResponse | None
     return DENY_UNKNOWN_ROUTE
 
 
+def _scrubbed(entry: _Entry, text: str) -> str:
+    """``text`` (words of the policy's code, which may quote an answer built from the
+    parameters) without the entry's secret values."""
+    return scrub(text, parameters_secrets(entry.params, entry.policy.definition.secrets))
+
+
 def _construct(entry: _Entry, errors: list[str]) -> object | None:
     instance, error = instantiate(entry.policy, entry.params)
     if error:
@@ -346,10 +355,10 @@ def _plan(entry: _Entry, instance: object, errors: list[str]) -> _Plan | None:
             check(action)
             statics[phase] = action
     except PolicyError as exc:  # our own diagnosis of the answer
-        errors.append(f"{entry.prefix}: {exc}")
+        errors.append(f"{entry.prefix}: {_scrubbed(entry, str(exc))}")
         return None
     except Exception as exc:  # the policy's method raised: its bug rejects this config
-        errors.append(f"{entry.prefix}: {type(exc).__name__}: {exc}")
+        errors.append(f"{entry.prefix}: {_scrubbed(entry, f'{type(exc).__name__}: {exc}')}")
         return None
     has_request, has_response = "request" in used, "response" in used
     return _Plan(

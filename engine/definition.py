@@ -8,9 +8,12 @@ once, each naming the file and the field path) and checks that each parameter's
 :meth:`PolicyDefinition.validate_parameters` costs no schema compilation at
 config time.
 
-Parameter specs are a restricted JSON-schema (Draft 2020-12) fragment plus two
-extensions: ``required: true|false`` on top-level parameters and ``errorMessage``
-(replaces the validator's message for any failure of that parameter). Supported
+Parameter specs are a restricted JSON-schema (Draft 2020-12) fragment plus three
+extensions: ``required: true|false`` on top-level parameters, ``errorMessage``
+(replaces the validator's message for any failure of that parameter) and ``secret``
+(``true`` or ``urlCredentials``, at any level: the value, or a URL's credentials, is
+never shown; see :mod:`engine.secrets`). Validation messages about a secret value name
+the field but show the value redacted. Supported
 formats are ``uri`` (needs a scheme and a host) and ``duration`` (``250ms``,
 ``1.5s``, ``2m``, ``1h``).
 
@@ -37,6 +40,14 @@ from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from engine.errors import DefinitionError
+from engine.secrets import (
+    SecretSpec,
+    parameter_secrets,
+    parameters_secrets,
+    redact_message,
+    scrub,
+    secret_at,
+)
 from engine.yamlsafe import MAX_DEPTH, YamlError, load_yaml
 
 __all__ = [
@@ -237,13 +248,22 @@ def _leaf(error: ValidationError) -> ValidationError:
     return error
 
 
-def _error_lines(errors: Iterable[ValidationError], prefix: Iterable[str | int] = ()) -> list[str]:
+def _error_lines(
+    errors: Iterable[ValidationError],
+    prefix: Iterable[str | int] = (),
+    secret: SecretSpec | None = None,
+) -> list[str]:
+    """One line per error, ``path: message``; with ``secret`` (the tree of the value
+    validated) a message never shows the secrets of the value it is about."""
     lines: list[tuple[str, str]] = []
     base = list(prefix)
     for error in errors:
         leaf = _leaf(error)
         path = format_path([*base, *leaf.absolute_path])
-        lines.append((path, f"{path}: {leaf.message}" if path else leaf.message))
+        message = leaf.message
+        if secret is not None:
+            message = redact_message(message, leaf.instance, secret_at(secret, leaf.absolute_path))
+        lines.append((path, f"{path}: {message}" if path else message))
     # Sorted by path so that a definition's report is stable between runs.
     return [line for _, line in sorted(lines, key=lambda item: item[0])]
 
@@ -258,7 +278,8 @@ class PolicyDefinition:
     Build it with :func:`load_definition` or :func:`parse_definition`, never
     directly. ``parameters`` holds the raw specs as written; ``parameters_schema``
     is the equivalent JSON schema of the whole parameter object (for tools and
-    documentation). Treat every mapping here as read-only.
+    documentation); ``secrets`` maps each parameter holding a secret to where it is
+    (:mod:`engine.secrets`). Treat every mapping here as read-only.
     """
 
     name: str
@@ -271,6 +292,7 @@ class PolicyDefinition:
     examples: tuple[Mapping[str, Any], ...]
     source: str
     parameters_schema: Mapping[str, Any]
+    secrets: Mapping[str, SecretSpec]
     _validators: Mapping[str, Draft202012Validator] = field(repr=False)
 
     @property
@@ -295,6 +317,8 @@ class PolicyDefinition:
         the parameter path: ``jwksUrl must be HTTPS`` (the spec's
         ``errorMessage``), ``rate: -1 is less than the minimum of 0``,
         ``missing required parameter(s): a, b``, ``unknown parameter 'foo'``.
+        No error shows a secret parameter's value (``keys[0].key: '<redacted>' is
+        too short``).
         """
         given: object = params  # callers may pass any parsed YAML/JSON
         if not isinstance(given, Mapping):
@@ -316,7 +340,9 @@ class PolicyDefinition:
                 continue
             unfit = data_problems(value, [name])
             if unfit:
-                errors.extend(unfit)
+                # These lines quote numbers and keys; a secret's are scrubbed.
+                shown = parameters_secrets({name: value}, self.secrets)
+                errors.extend(scrub(line, shown) for line in unfit)
                 continue
             problems = list(validator.iter_errors(value))
             if problems:
@@ -324,7 +350,9 @@ class PolicyDefinition:
                 if custom is not None:
                     errors.append(f"{name} {custom}")
                 else:
-                    errors.extend(_error_lines(problems, prefix=[name]))
+                    errors.extend(
+                        _error_lines(problems, prefix=[name], secret=self.secrets.get(name))
+                    )
                 continue
             normalised[name] = copy.deepcopy(value)
         for name, spec in self.parameters.items():
@@ -429,6 +457,7 @@ def parse_definition(data: Any, source: str) -> PolicyDefinition:
         examples=tuple(data.get("examples") or ()),
         source=source,
         parameters_schema=MappingProxyType(parameters_schema),
+        secrets=parameter_secrets(specs),
         _validators=MappingProxyType(validators),
     )
 

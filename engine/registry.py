@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import traceback
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from engine.definition import (
 )
 from engine.errors import RegistryError
 from engine.policy import ParameterError
+from engine.secrets import parameters_secrets, scrub
 
 __all__ = [
     "POLICY_MODULE",
@@ -92,12 +94,26 @@ def instantiate(policy: RegisteredPolicy, params: Mapping[str, Any]) -> tuple[ob
     try:
         return policy.factory(params), ""
     except ParameterError as exc:
-        return None, f"{exc.field}: {exc.message}"
+        return None, _scrubbed(policy, params, f"{exc.field}: {exc.message}")
     except ValueError as exc:
-        return None, str(exc)
+        return None, _scrubbed(policy, params, str(exc))
     except Exception as exc:
-        _log.error("%s %s: constructor raised", policy.name, policy.version, exc_info=exc)
-        return None, f"constructor failed: {type(exc).__name__}: {exc}"
+        # The traceback is logged as text so that the secrets the policy's message may
+        # quote are scrubbed from it too.
+        trace = "".join(traceback.format_exception(exc))
+        _log.error(
+            "%s %s: constructor raised\n%s",
+            policy.name,
+            policy.version,
+            _scrubbed(policy, params, trace.rstrip()),
+        )
+        return None, _scrubbed(policy, params, f"constructor failed: {type(exc).__name__}: {exc}")
+
+
+def _scrubbed(policy: RegisteredPolicy, params: Mapping[str, Any], text: str) -> str:
+    """``text`` (a policy's own words) without the secret parameters' values: a
+    constructor may quote what it rejects."""
+    return scrub(text, parameters_secrets(params, policy.definition.secrets))
 
 
 class PolicyRegistry:

@@ -55,6 +55,7 @@ from engine.chain import Snapshot
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
+from engine.secrets import document_secrets, scrub
 from engine.store import ConfigStore
 from engine.xds.resources import (
     ROUTE_CHAIN_TYPE,
@@ -155,6 +156,8 @@ class XdsConfigSource:
     """
 
     name: Final = "xds"
+    _candidate_secrets: frozenset[str] = frozenset()
+    """The secret strings of the routes last built (see :meth:`_nack`)."""
 
     def __init__(
         self,
@@ -282,6 +285,7 @@ class XdsConfigSource:
     def _build(self, candidate: dict[str, list[Any]], version: str, previous: Snapshot) -> Snapshot:
         source = f"xds {self.target} version {version}"
         document, errors = decode_resources(candidate[ROUTE_CHAIN_TYPE])
+        self._candidate_secrets = document_secrets(document, self.registry)  # for _nack
         settings, problems = decode_settings(candidate[SETTINGS_TYPE])
         errors += [f"settings: {problem}" for problem in problems]
         if errors:
@@ -292,6 +296,11 @@ class XdsConfigSource:
     def _nack(self, response: discovery_pb2.DiscoveryResponse, errors: list[str]) -> Any:
         version = response.version_info
         self.status.nacked_version = version
+        # Config errors never show a secret; an internal error's text might: the NACK
+        # (shown by the control plane's /status) and the log lines go out scrubbed of the
+        # secrets of the routes being built (whichever response of the pair this is).
+        secrets = self._candidate_secrets | self._secrets_of(response)
+        errors = [scrub(line, secrets) for line in errors]
         self.status.last_error = "\n".join(errors)
         self._remember("NACK", version)
         previous = self._version_of(response.type_url)
@@ -312,6 +321,13 @@ class XdsConfigSource:
                 code=code_pb2.INVALID_ARGUMENT, message=self.status.last_error
             ),
         )
+
+    def _secrets_of(self, response: discovery_pb2.DiscoveryResponse) -> frozenset[str]:
+        """The secret strings of the routes in ``response`` (none for other types)."""
+        if response.type_url != ROUTE_CHAIN_TYPE:
+            return frozenset()
+        document, _ = decode_resources(list(response.resources))
+        return document_secrets(document, self.registry)
 
     def _remember(self, verdict: str, version: str) -> None:
         metrics.xds_response(verdict)

@@ -19,7 +19,7 @@ from controlplane.testing import ControlPlane, write_definitions
 from engine.registry import PolicyRegistry
 from engine.store import ConfigStore
 from engine.xds.client import Backoff, XdsConfigSource, make_node
-from tests.support import registry_from
+from tests.support import policy_folder, registry_from
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p for p in (REPO / "policies").glob("*/v*") if p.is_dir())
@@ -288,6 +288,150 @@ async def test_engine_nack_shows_in_status(plane):
         assert row["node"] == "old-engine"
         assert "policy 'deny' is not in this engine" in row["nackError"]
         assert row["ackedVersion"] == ""
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+API_KEY_VALUE = "ak-live-6f1c0b9e4d"
+REDIS_PASSWORD = "rp-9d2e7a51c3"
+SECRET_ROUTE: dict[str, Any] = {
+    "policies": [
+        {
+            "name": "apiKey",
+            "version": "v1.0.0",
+            "parameters": {"keys": [{"key": API_KEY_VALUE, "consumer": "mobile"}]},
+        },
+        {
+            "name": "rateLimit",
+            "version": "v2.0.0",
+            "parameters": {
+                "requestsPerSecond": 5,
+                "backend": "redis",
+                "redisUrl": f"redis://app:{REDIS_PASSWORD}@cache.internal:6379/0",
+            },
+        },
+    ]
+}
+
+
+async def test_admin_api_and_status_never_show_secrets(plane):
+    status, body = await call(plane.admin_port, "PUT", "/routes/r", SECRET_ROUTE)
+    assert status == 200, body
+    shown = [
+        json.dumps(await call(plane.admin_port, "GET", path))
+        for path in ("/routes", "/routes/r", "/status", "/healthz")
+    ]
+    for text in shown:
+        assert API_KEY_VALUE not in text
+        assert REDIS_PASSWORD not in text
+    _, body = await call(plane.admin_port, "GET", "/routes/r")
+    entries = body["spec"]["policies"]
+    assert entries[0]["parameters"]["keys"] == [{"key": "<redacted>", "consumer": "mobile"}]
+    # Host, port and database stay visible for operators.
+    assert entries[1]["parameters"]["redisUrl"] == "redis://app:<redacted>@cache.internal:6379/0"
+    # Engines get the real values.
+    pushed = plane.table.current.document["routes"]["r"]["policies"]
+    assert pushed[0]["parameters"]["keys"][0]["key"] == API_KEY_VALUE
+
+    # GET, change, PUT: the markers keep the current secrets.
+    spec = body["spec"]
+    spec["policies"][0]["parameters"]["stripKey"] = False
+    status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+    assert status == 200, body
+    pushed = plane.table.current.document["routes"]["r"]["policies"]
+    assert pushed[0]["parameters"] == {
+        "keys": [{"key": API_KEY_VALUE, "consumer": "mobile"}],
+        "stripKey": False,
+    }
+    assert REDIS_PASSWORD in pushed[1]["parameters"]["redisUrl"]
+    # A marker with nothing to keep (a new route) is a 400 naming the field.
+    status, body = await call(plane.admin_port, "PUT", "/routes/other", spec)
+    assert status == 400
+    assert body["errors"][0].startswith(
+        "routes[other].policies[0] apiKey v1.0.0: keys[0].key: is '<redacted>'"
+    )
+
+
+async def test_invalid_secret_is_400_without_its_value(plane):
+    bad = {
+        "policies": [
+            {"name": "apiKey", "version": "v1.0.0", "parameters": {"keys": [API_KEY_VALUE]}},
+            {
+                "name": "rateLimit",
+                "version": "v2.0.0",
+                "parameters": {
+                    "requestsPerSecond": 5,
+                    "burstSize": 0,
+                    "backend": "redis",
+                    "redisUrl": f"redis://app:{REDIS_PASSWORD}@cache.internal:6379/0",
+                },
+            },
+        ]
+    }
+    status, body = await call(plane.admin_port, "PUT", "/routes/r", bad)
+    assert status == 400
+    text = json.dumps(body)
+    expected = "routes[r].policies[0] apiKey v1.0.0: keys[0]: (secret, not shown) is not of type"
+    assert expected in text
+    assert API_KEY_VALUE not in text
+    assert REDIS_PASSWORD not in text
+
+
+@pytest.mark.parametrize("engine_build", ["current", "old-build"])
+async def test_nack_text_never_shows_secrets(plane, tmp_path, engine_build):
+    # The control plane validates against definitions only; the engine's constructor
+    # rejects the token and quotes it, as careless policy code might. An engine built
+    # before `secret` existed (old-build: its definition marks nothing) sends the
+    # token in its NACK: the control plane scrubs it from /status.
+    definitions = write_definitions(
+        tmp_path / "defs.json", [policy_folder("secretToken")], {"target": "t"}
+    )
+    plane.table.registry = load_validation_registry(definitions).registry
+    folder = policy_folder("secretToken")
+    if engine_build == "old-build":
+        folder = tmp_path / "secretToken" / "v1.0.0"
+        folder.mkdir(parents=True)
+        definition = (policy_folder("secretToken") / "policy-definition.yaml").read_text()
+        (folder / "policy-definition.yaml").write_text(
+            "\n".join(line for line in definition.splitlines() if "secret:" not in line)
+        )
+        (folder / "policy.py").write_text((policy_folder("secretToken") / "policy.py").read_text())
+    engine_registry = registry_from(folder)
+    token = "revoked-tk-0c4f8e21b7"
+    source = XdsConfigSource(
+        f"127.0.0.1:{plane.xds_port}",
+        engine_registry,
+        ConfigStore(),
+        node=lambda: make_node("engine", "edge", engine_registry, "0.1.0"),
+    )
+    task = asyncio.create_task(source.run())
+    try:
+        spec = {
+            "policies": [
+                {"name": "secretToken", "version": "v1.0.0", "parameters": {"token": token}}
+            ]
+        }
+        status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+        assert status == 200, body
+
+        async def nacked() -> dict[str, Any]:
+            while True:
+                _, status_body = await call(plane.admin_port, "GET", "/status")
+                rows = [e for e in status_body["engines"] if e["nackedVersion"] == body["version"]]
+                if rows:
+                    return dict(rows[0])
+                await asyncio.sleep(0.05)
+
+        row = await asyncio.wait_for(nacked(), 10)
+        assert "routes[r].policies[0] secretToken v1.0.0: token:" in row["nackError"]
+        assert token not in row["nackError"]
+        assert "<redacted>" in row["nackError"]
+        if engine_build == "current":  # the engine's own NACK text is clean too
+            assert token not in source.status.last_error
+            assert "'<redacted>' is revoked" in source.status.last_error
+        else:
+            assert token in source.status.last_error
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -45,13 +45,14 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from engine import metrics
+from engine.secrets import redact_url
 
 if TYPE_CHECKING:  # see policy.py: relative at run time, top-level for mypy
     from gcra import Decision
@@ -115,18 +116,10 @@ def check_redis_url(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs and errors)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return "<unparseable URL>"
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return SplitResult(
-        parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment
-    ).geturl()
+    """``url`` as logs and errors show it: :func:`engine.secrets.redact_url`, the one
+    redaction the control plane and config errors use too (password, or a lone
+    userinfo, replaced by ``<redacted>``)."""
+    return redact_url(url)
 
 
 @dataclass(slots=True)
