@@ -7,8 +7,10 @@ stream:
 * the first request names the engine (``node``); the current version is sent at once,
   whatever ``version_info`` the engine reports (it may come from another control
   plane instance, and re-sending an unchanged config costs the engine nothing);
-* afterwards every new table version is sent as soon as it exists; versions created
-  while a response is in flight coalesce into the newest one;
+* afterwards every new table version is sent as soon as it exists, as one
+  EngineSettings and one RouteChain response with the same ``version_info`` (the engine
+  applies the pair as one unit, see :mod:`engine.xds.client`); versions created while a
+  response is in flight coalesce into the newest one;
 * a request whose ``response_nonce`` is the last nonce sent is the engine's verdict on
   that response: ACK (``version_info`` = that version, no ``error_detail``) or NACK
   (``error_detail`` set). Requests with an older nonce are stale and ignored, as the
@@ -41,8 +43,9 @@ log: Final = logging.getLogger("controlplane.ads")
 
 _KEEP_DISCONNECTED: Final = 100  # closed streams kept in the status, newest last
 SERVED: Final = (SETTINGS_TYPE, ROUTE_CHAIN_TYPE)
-"""The types served, in the order a new version is sent: settings first, so that when an
-engine ACKs the routes of a version it already has that version's settings."""
+"""The types served, in the order a new version is sent. Every version is sent as both
+types with the same ``version_info``; an engine applies (and ACKs) a version only when it
+has both, so its routes ACK means it runs that version's routes *and* settings."""
 
 
 @dataclass
@@ -56,9 +59,10 @@ class _Stream:
 
     @staticmethod
     def key(type_url: str, current: TableVersion) -> object:
-        # Routes are resent with every version (their ACK is the engine's "I run version
-        # N"); settings only when they changed.
-        return current.generation if type_url == ROUTE_CHAIN_TYPE else current.settings_hash
+        # Both types go out with every version, under the same version_info: the engine
+        # applies a version only once it holds both halves (settings and routes are one
+        # unit), so skipping unchanged settings would leave it waiting forever.
+        return current.generation
 
     def due(self, current: TableVersion) -> list[str]:
         """The subscribed types whose current content this stream has not been sent."""
