@@ -23,7 +23,8 @@ Limits (:class:`AdsLimits`): nothing a client sends makes the control plane's me
 grow without bound. Open streams are capped in total, per peer address and per node id;
 a stream over a cap is refused with ``RESOURCE_EXHAUSTED`` naming the cap (and a log
 line), before it costs more than its counter. Per stream, the status keeps node
-metadata up to :data:`MAX_METADATA_BYTES` (else a note of its size) and NACK texts up to
+metadata up to :data:`MAX_METADATA_BYTES` (else a note of its size), node ids and
+clusters up to :data:`MAX_NODE_FIELD` characters (else INVALID_ARGUMENT), NACK texts up to
 :data:`MAX_NACK_TEXT` characters; subscriptions are only the served types, and unknown
 type URLs are logged at most :data:`MAX_WARNED_TYPES` times per stream. Closed streams
 kept for ``/status``: the newest :data:`_KEEP_DISCONNECTED`.
@@ -50,6 +51,7 @@ from engine.xds.resources import ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 __all__ = [
     "MAX_METADATA_BYTES",
     "MAX_NACK_TEXT",
+    "MAX_NODE_FIELD",
     "MAX_WARNED_TYPES",
     "AdsLimits",
     "AdsServer",
@@ -82,8 +84,18 @@ class AdsLimits:
     max_streams_per_node: int = 64
 
 
+MAX_NODE_FIELD: Final = 256
+"""Longest node id / cluster accepted (both are kept in the status and logged)."""
+
+
 class _Refused(Exception):
-    """A stream over a limit: abort it with RESOURCE_EXHAUSTED and this message."""
+    """A stream to end with ``code`` and this message (over a limit, or a bad node)."""
+
+    def __init__(
+        self, message: str, code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED
+    ) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _peer_address(peer: str) -> str:
@@ -214,10 +226,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     waiter.cancel()
                     poked.cancel()
                     if reader in finished:
-                        if not reader.cancelled() and isinstance(reader.exception(), _Refused):
-                            await context.abort(
-                                grpc.StatusCode.RESOURCE_EXHAUSTED, str(reader.exception())
-                            )
+                        failure = None if reader.cancelled() else reader.exception()
+                        if isinstance(failure, _Refused):
+                            await context.abort(failure.code, str(failure))
                         return
                     continue
                 for type_url in due:  # settings first: routes then apply with them
@@ -237,6 +248,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     )
         finally:
             reader.cancel()
+            if reader.done() and not reader.cancelled():
+                reader.exception()  # retrieved: a refusal the stream's end overtook is no error
             engine.connected = False
             engine.last_change = time.time()
             log.info("engine %s stream %d closed", engine.node_id, engine.stream)
@@ -270,6 +283,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         warned: set[str] = set()  # at most MAX_WARNED_TYPES entries
         async for request in requests:
             if request.HasField("node") and not engine.node_id:
+                _check_node(request.node)
                 engine.node_id = request.node.id
                 engine.cluster = request.node.cluster
                 engine.metadata = _bounded_metadata(request.node)
@@ -328,6 +342,16 @@ def _release(counter: collections.Counter[str], key: str) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]  # keys of closed streams must not pile up
+
+
+def _check_node(node: Any) -> None:
+    """Raise :class:`_Refused` (INVALID_ARGUMENT) for an id or cluster the status would
+    have to keep at any length."""
+    for name, value in (("id", node.id), ("cluster", node.cluster)):
+        if len(value) > MAX_NODE_FIELD:
+            message = f"node {name} of {len(value)} characters; at most {MAX_NODE_FIELD}"
+            log.warning("refusing ADS stream: %s", message)
+            raise _Refused(message, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def _bounded_text(text: str, limit: int) -> str:

@@ -141,3 +141,13 @@ async def test_what_a_client_sends_stays_bounded(caplog):
         unknown = [r for r in caplog.records if "not served" in r.getMessage()]
         assert len(unknown) == MAX_WARNED_TYPES
         assert "further unknown types on this stream are not logged" in unknown[-1].getMessage()
+
+
+async def test_an_oversized_node_id_is_refused(caplog):
+    async with serving(AdsLimits()) as rig:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rig.open("n" * 10_000)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "node id of 10000 characters; at most 256"
+        await until(lambda: rig.ads._open == 0, "the refused stream released")
+        assert not rig.ads._per_node
