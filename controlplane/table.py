@@ -43,7 +43,6 @@ class TableVersion:
     source: str
     settings: tuple[any_pb2.Any, ...] = ()
     """The EngineSettings resource (``unknownRoute``), or none for the defaults."""
-    settings_hash: str = ""
 
 
 class RouteTable:
@@ -168,7 +167,6 @@ class RouteTable:
         settings: tuple[any_pb2.Any, ...] = (),
     ) -> TableVersion:
         digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()[:12]
-        settings_hash = canonical_json(document.get("unknownRoute"))
         return TableVersion(
             version=f"{self._generation}-{digest}",
             generation=self._generation,
@@ -176,5 +174,4 @@ class RouteTable:
             resources=resources,
             source=source,
             settings=settings,
-            settings_hash=settings_hash,
         )

@@ -130,9 +130,10 @@ class XdsStatus:
 
     connected: bool = False
     acked_version: str = ""
-    """The RouteChain version last ACKed."""
+    """The version whose RouteChain response was last ACKed (= the version published)."""
     settings_version: str = ""
-    """The EngineSettings version last ACKed."""
+    """The version whose EngineSettings response was last ACKed (always equal to
+    :attr:`acked_version`: the two types are accepted only together)."""
     nacked_version: str = ""
     last_error: str = ""
     responses: int = 0
