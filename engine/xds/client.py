@@ -313,18 +313,18 @@ class XdsConfigSource:
         elif accepted is not None and accepted.version == version:
             partner = accepted.resources  # the server re-sent one half of the pair we run
         else:
-            superseded = self._held.get(type_url)
+            self._drop_superseded(type_url, version)
             self._held[type_url] = response
-            log.info(
-                "xDS: holding %s version %s until %s version %s arrives%s",
+            # Routine (the control plane sends settings, then routes), hence debug.
+            log.debug(
+                "xDS: holding %s version %s until %s version %s arrives",
                 _short(type_url),
                 version,
                 _short(partner_type),
                 version,
-                f" (drops unanswered version {superseded.version_info})" if superseded else "",
             )
             return []
-        self._held.pop(type_url, None)
+        self._drop_superseded(type_url, version)
         candidate = {type_url: tuple(response.resources), partner_type: partner}
         if all(
             (a := self._accepted.get(t)) is not None
@@ -351,6 +351,23 @@ class XdsConfigSource:
             snapshot.version,
         )
         return [self._ack(r) for r in answering]
+
+    def _drop_superseded(self, type_url: str, version: str) -> None:
+        """Forget the held response of ``type_url`` (unanswered: the server reads only
+        verdicts on its latest nonce); a warning, as its partner never came: the server
+        may not be sending both types for every version."""
+        superseded = self._held.pop(type_url, None)
+        if superseded is not None and superseded.version_info != version:  # not a re-send
+            log.warning(
+                "xDS: %s version %s superseded by version %s before %s version %s arrived: "
+                "dropped unanswered (a server must send both types for every version, with "
+                "the same version_info)",
+                _short(type_url),
+                superseded.version_info,
+                version,
+                _short(_PARTNER[type_url]),
+                superseded.version_info,
+            )
 
     def _ack(self, response: discovery_pb2.DiscoveryResponse) -> Any:
         self._remember("ACK", response.version_info)

@@ -238,7 +238,8 @@ def test_settings_arriving_before_their_routes_open_nothing(tmp_path):
         port = loops.run(server.start())
         with (
             EchoUpstream() as upstream,
-            EngineXdsProcess(port, "raw", tmp_path) as engine,
+            # DEBUG: the engine logs that it holds the settings (main: that it ACKed them).
+            EngineXdsProcess(port, "raw", tmp_path, extra=["--log-level", "DEBUG"]) as engine,
             EnvoyProcess(
                 binary,
                 tmp_path,

@@ -412,7 +412,7 @@ async def test_invalid_settings_reject_the_whole_version(rig, settings, reason):
     assert rig.header_value() == "one"
 
 
-async def test_a_response_waits_for_its_partner_of_the_same_version(rig):
+async def test_a_response_waits_for_its_partner_of_the_same_version(rig, caplog):
     await rig.server.push([settings_any(ALLOW)], version="1", type_url=SETTINGS_TYPE)
     await rig.server.push([route_any("r", add_header("two"))], version="2")
     await until(lambda: rig.source.status.responses == 2, "both responses handled")
@@ -421,8 +421,12 @@ async def test_a_response_waits_for_its_partner_of_the_same_version(rig):
     routes_ack = await rig.server.next_request()
     assert routes_ack.version_info == "2"
     settings_ack = await rig.server.next_request(type_url=SETTINGS_TYPE)
-    # The superseded settings of version 1 are never answered (nor applied).
+    # The superseded settings of version 1 are never answered (nor applied), but said.
     assert (settings_ack.version_info, settings_ack.response_nonce) == ("2", settings.nonce)
+    assert (
+        "EngineSettings version 1 superseded by version 2 before RouteChain version 1 "
+        "arrived: dropped unanswered"
+    ) in caplog.text
     assert rig.store.current.unknown_route is not None  # version 2's settings: defaults
     assert rig.header_value() == "two"
 
