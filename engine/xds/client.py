@@ -5,8 +5,9 @@ stream (``envoy.service.discovery.v3.AggregatedDiscoveryService``) to the contro
 plane, subscribes to :data:`~engine.xds.resources.ROUTE_CHAIN_TYPE` and
 :data:`~engine.xds.resources.SETTINGS_TYPE` (``unknownRoute``) with a wildcard (no
 resource names: the engine cannot know the route keys in advance) and treats every
-response as the complete state of its type; the configuration is the accepted state of
-both types (a server that never sends settings leaves the defaults).
+response as the complete state of its type; the configuration is the accepted pair of
+both types (an EngineSettings response without a resource means the defaults; a server
+that never sends EngineSettings never configures the engine).
 
 Protocol, per the xDS spec:
 
@@ -25,8 +26,8 @@ Protocol, per the xDS spec:
   e.g. ``unknownRoute: allow`` with zero routes, never go live; a warm-start config and
   NOT_SERVING health stay until then), and new settings never run with old routes or
   the reverse. A held response superseded by a newer one of its type is dropped
-  unanswered (the server only reads verdicts on its latest nonce); a server that never
-  sends the partner leaves the engine on its previous state, with a warning.
+  unanswered (the server only reads verdicts on its latest nonce), with a warning; a
+  server that never sends the partner leaves the engine on its previous state.
 * ACK: ``version_info`` = the response's version, ``response_nonce`` = its nonce.
 * NACK: ``version_info`` = the last ACKed version of that type, the nonce, and
   ``error_detail`` (``google.rpc.Status``, code INVALID_ARGUMENT) whose message lists
