@@ -27,7 +27,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane.admin import AdminApi
-from controlplane.ads import AdsServer
+from controlplane.ads import AdsLimits, AdsServer
 from controlplane.definitions import load_validation_registry
 from controlplane.gitops import ConfigWatcher
 from controlplane.http import HttpServer
@@ -50,6 +50,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--xds-listen", default="127.0.0.1:18000", metavar="HOST:PORT")
     parser.add_argument("--admin-listen", default="127.0.0.1:18001", metavar="HOST:PORT")
     parser.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS")
+    parser.add_argument(  # ADS stream caps (controlplane.ads.AdsLimits); over one: refused
+        "--xds-max-streams", type=int, default=AdsLimits.max_streams, metavar="N"
+    )
+    parser.add_argument(
+        "--xds-max-streams-per-client",
+        type=int,
+        default=AdsLimits.max_streams_per_peer,
+        metavar="N",
+        help="per peer address and per node id",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -59,6 +69,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.poll_interval > 0:
         parser.error("--poll-interval must be greater than 0")
+    if args.xds_max_streams < 1 or args.xds_max_streams_per_client < 1:
+        parser.error("--xds-max-streams and --xds-max-streams-per-client must be at least 1")
     return args
 
 
@@ -78,7 +90,8 @@ async def serve(
         errors = await watcher.load_initial()
         if errors:
             return 1
-    ads = AdsServer(table)
+    per_client = args.xds_max_streams_per_client
+    ads = AdsServer(table, AdsLimits(args.xds_max_streams, per_client, per_client))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
     xds_port = server.add_insecure_port(args.xds_listen)

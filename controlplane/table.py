@@ -63,7 +63,6 @@ class TableVersion:
     source: str
     settings: tuple[any_pb2.Any, ...] = ()
     """The EngineSettings resource (``unknownRoute``), or none for the defaults."""
-    settings_hash: str = ""
     secrets: frozenset[str] = frozenset()
     """The secret strings of ``document`` (see :func:`engine.secrets.document_secrets`)."""
 
@@ -231,7 +230,6 @@ class RouteTable:
         settings: tuple[any_pb2.Any, ...] = (),
     ) -> TableVersion:
         digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()[:12]
-        settings_hash = canonical_json(document.get("unknownRoute"))
         secrets = document_secrets(document, self.registry)
         self._recent_secrets.append(secrets)
         return TableVersion(
@@ -241,6 +239,5 @@ class RouteTable:
             resources=resources,
             source=source,
             settings=settings,
-            settings_hash=settings_hash,
             secrets=secrets,
         )

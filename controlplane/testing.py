@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from controlplane.ads import AdsLimits
 from controlplane.definitions import definitions_document, folder_definitions
 from controlplane.main import serve
 from controlplane.table import RouteTable
@@ -33,6 +34,8 @@ class ControlPlane:
             xds_listen="127.0.0.1:0",
             admin_listen="127.0.0.1:0",
             poll_interval=0.05,
+            xds_max_streams=AdsLimits.max_streams,
+            xds_max_streams_per_client=AdsLimits.max_streams_per_peer,
         )
         self.xds_port = 0
         self.admin_port = 0

@@ -10,10 +10,17 @@ own memory-mapped file there; the ``/metrics`` endpoint (served by the parent, o
 single worker) sums them with ``MultiProcessCollector``. Counters and histograms are
 the sum over workers; gauges say how they combine (``max``, or ``liveall`` per pid).
 
-Label cardinality is bounded: ``route`` is a route key of the configuration or the
-single value ``(unknown)`` (see :func:`route_label`); policy labels are the configured
-name and version; other labels come from small fixed sets (``reason``, ``kind``,
-``status``, ``result``, ``decision``).
+Label cardinality is bounded by configuration, never by time or traffic: ``route`` is a
+route key of the configuration or the single value ``(unknown)`` (see
+:func:`route_label`); policy labels are the configured name and version; other labels
+come from small fixed sets (``reason``, ``kind``, ``status``, ``result``, ``decision``,
+``source`` = the publisher, ``file`` or ``xds``). What changes with every push (a
+version, a content hash) is a *value*, never a label: each label value is a series
+Prometheus keeps, and multiprocess files cannot forget one. Per-process gauges
+(``liveall``: a ``pid`` label) leave the exposition when their worker dies: the
+supervisor calls :func:`process_dead` as it reaps it. A dead worker's counter and
+histogram files stay: their counts belong to the totals (no ``pid`` label, so no
+series of their own).
 
 Metric names (all prefixed ``policy_engine_``):
 
@@ -27,7 +34,11 @@ Metric names (all prefixed ``policy_engine_``):
 ``policy_failures_total{...,kind}``                ``timeout``, ``exception``, ``bad_result``,
                                                    ``cancelled``, ``condition_error``
 ``extproc_protocol_errors_total``                  malformed or out-of-order messages
-``config_version``, ``config_info{source,hash}``   the serving configuration (max / per pid)
+``config_version``                                 version of the serving configuration (max)
+``config_info{source}``                            1 for the publisher of the serving
+                                                   configuration (``file``/``xds``; per pid)
+``config_hash``                                    its sha256, first 12 hex digits as a
+                                                   number (exact in a double; per pid)
 ``config_reloads_total{result}``                   ``ok`` / ``rejected`` / ``failed``
 ``config_last_reload_timestamp_seconds{result}``   when (Unix time)
 ``xds_connected``, ``xds_responses_total{result}``  xDS stream state, ``ACK`` / ``NACK``
@@ -55,6 +66,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
     values,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -69,10 +81,12 @@ __all__ = [
     "enabled",
     "extproc_protocol_error",
     "get",
+    "hash_value",
     "policy_failed",
     "policy_ran",
     "policy_short_circuit",
     "policy_skipped",
+    "process_dead",
     "ratelimit_backend_error",
     "ratelimit_decision",
     "render",
@@ -135,8 +149,15 @@ class Metrics:
         self.config_version = gauge("config_version", "version of the serving configuration")
         self.config_info = gauge(
             "config_info",
-            "configurations served: 1 for the current one, 0 for earlier ones (per process)",
-            ["source", "hash"],
+            "1 for the publisher (file or xds) of the serving configuration, 0 for one that "
+            "published earlier (per process)",
+            ["source"],
+            mode="liveall",
+        )
+        self.config_hash = gauge(
+            "config_hash",
+            "sha256 of the serving configuration: its first 12 hex digits as a number "
+            "(per process; equal values = same configuration)",
             mode="liveall",
         )
         self.config_reloads = counter(
@@ -160,7 +181,7 @@ class Metrics:
         )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._known_routes: frozenset[str] = frozenset()
-        self._info_labels: tuple[str, str] | None = None
+        self._info_source: str | None = None
 
     def child(self, family: Any, *labels: str) -> Any:
         """``family.labels(*labels)``, cached: the hot path avoids label validation."""
@@ -323,22 +344,46 @@ def extproc_protocol_error() -> None:
         metrics.protocol_errors.inc()
 
 
+def hash_value(content_hash: str) -> int:
+    """The first 12 hex digits of ``content_hash`` as an integer (48 bits: a double holds
+    it exactly, so dashboards can compare engines); 0 if it is not hex."""
+    try:
+        return int(content_hash[:12], 16)
+    except ValueError:
+        return 0
+
+
 def config_published(version: int, source: str, content_hash: str, routes: Iterable[str]) -> None:
-    """A configuration is now serving (initial load, file reload or xDS)."""
+    """A configuration is now serving (initial load, file reload or xDS).
+
+    ``source`` names the publisher (``file``, ``xds``): a label, so it must come from a
+    fixed set, never a path, a version or anything a push changes.
+    """
     metrics = get()
     if metrics is None:
         return
     metrics._known_routes = frozenset(routes)
     metrics.config_version.set(version)
-    # Multiprocess mode cannot remove a series: the previous one drops to 0, and the
-    # serving configuration is the series whose value is 1.
-    labels = (source, content_hash[:12])
-    if metrics._info_labels is not None and metrics._info_labels != labels:
-        metrics.config_info.labels(*metrics._info_labels).set(0)
-    metrics._info_labels = labels
-    metrics.config_info.labels(*labels).set(1)
+    metrics.config_hash.set(hash_value(content_hash))
+    # Multiprocess mode cannot remove a series: a previous publisher's drops to 0 (at
+    # most one per publisher kind), and the serving one is the series whose value is 1.
+    if metrics._info_source is not None and metrics._info_source != source:
+        metrics.config_info.labels(metrics._info_source).set(0)
+    metrics._info_source = source
+    metrics.config_info.labels(source).set(1)
     metrics.config_reloads.labels("ok").inc()
     metrics.config_reload_time.labels("ok").set(time.time())
+
+
+def process_dead(pid: int) -> None:
+    """Worker ``pid`` has exited (called by the supervisor as it reaps it): remove its
+    per-process gauge files, so its ``pid`` series leave /metrics instead of piling up
+    with every restart. Counter and histogram files stay (their counts are the totals')."""
+    if get() is None:
+        return
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def config_reload_failed(result: str) -> None:

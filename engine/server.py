@@ -47,6 +47,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from engine import metrics
 from engine.chain import Snapshot
 from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
@@ -380,6 +381,7 @@ class _Supervisor:
 
     def _exited(self, pid: int, code: int) -> None:
         index = self.alive.pop(pid)
+        metrics.process_dead(pid)  # its per-process series leave /metrics (bounded labels)
         if self.requested or self.failed:
             # SIGTERM before a (re)started worker installed its handlers kills it outright:
             # still a clean stop.

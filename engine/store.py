@@ -94,9 +94,9 @@ class ConfigStore:
         Call it on the serving event loop (listeners run there)."""
         self._current = snapshot
         self._last_source = source
-        metrics.config_published(
-            snapshot.version, snapshot.source, snapshot.content_hash, snapshot.routes
-        )
+        # The publisher's name, not snapshot.source: that one holds paths and xDS
+        # versions, and a metric label must not change with every push.
+        metrics.config_published(snapshot.version, source, snapshot.content_hash, snapshot.routes)
         for listener in tuple(self._listeners):
             try:
                 listener(snapshot)

@@ -5,21 +5,35 @@ stream (``envoy.service.discovery.v3.AggregatedDiscoveryService``) to the contro
 plane, subscribes to :data:`~engine.xds.resources.ROUTE_CHAIN_TYPE` and
 :data:`~engine.xds.resources.SETTINGS_TYPE` (``unknownRoute``) with a wildcard (no
 resource names: the engine cannot know the route keys in advance) and treats every
-response as the complete state of its type; the configuration is the accepted state of
-both types (a server that never sends settings leaves the defaults).
+response as the complete state of its type; the configuration is the accepted pair of
+both types (an EngineSettings response without a resource means the defaults; a server
+that never sends EngineSettings never configures the engine).
 
 Protocol, per the xDS spec:
 
 * First requests of a stream, one per type: ``type_url``, ``version_info`` = the version
   of that type last ACKed (empty at first start), no nonce; the first carries ``node``.
-* Each response is decoded (:func:`~engine.xds.resources.decode_resources`) and
-  validated by :func:`engine.config.load_config`, the code path of the file source,
-  in a worker thread (validation and policy construction never block the event
-  loop); the snapshot is then published on the loop, whole or not at all.
+* **One version = one unit.** The configuration is a *pair*: the RouteChain response and
+  the EngineSettings response of the same ``version_info`` (the control plane sends both
+  for every version). A response is held, unanswered, until its partner of the same
+  version has arrived (or that partner is the accepted state already, e.g. a server
+  re-sending one type). Only then is the pair decoded
+  (:func:`~engine.xds.resources.decode_resources`) and validated by
+  :func:`engine.config.load_config`, the code path of the file source, in a worker
+  thread (validation and policy construction never block the event loop); the snapshot
+  is published on the loop, whole or not at all, and both responses are answered alike.
+  So nothing is published before both types have been accepted once (settings alone,
+  e.g. ``unknownRoute: allow`` with zero routes, never go live; a warm-start config and
+  NOT_SERVING health stay until then), and new settings never run with old routes or
+  the reverse. A held response superseded by a newer one of its type is dropped
+  unanswered (the server only reads verdicts on its latest nonce), with a warning; a
+  server that never sends the partner leaves the engine on its previous state.
 * ACK: ``version_info`` = the response's version, ``response_nonce`` = its nonce.
-* NACK: ``version_info`` = the last ACKed version, the nonce, and ``error_detail``
-  (``google.rpc.Status``, code INVALID_ARGUMENT) whose message lists every problem,
-  one per line, naming route, policy and field. The last good snapshot keeps serving.
+* NACK: ``version_info`` = the last ACKed version of that type, the nonce, and
+  ``error_detail`` (``google.rpc.Status``, code INVALID_ARGUMENT) whose message lists
+  every problem, one per line, naming route, policy and field. A rejected pair NACKs
+  both of its responses with the same text; the last accepted pair keeps serving, both
+  of its halves.
 
 Why state of the world and not delta: the engine must validate and apply the whole
 route table atomically anyway, a wildcard SotW response *is* that table (a route
@@ -30,7 +44,9 @@ kilobytes for hundreds of routes; one resource per route keeps delta open.
 Connection loss: the engine keeps serving the last good snapshot and reconnects with
 exponential backoff and full jitter (:class:`Backoff`), each attempt on a fresh
 channel so gRPC's own reconnect backoff (up to two minutes) cannot exceed ours. The
-delay resets once a stream has delivered a response.
+delay resets only after a stream has stayed up for :data:`HEALTHY_AFTER` seconds since
+its first response: a control plane that answers and then drops the stream is retried
+with growing delays, not every 0.25 s.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -65,6 +82,7 @@ from engine.xds.resources import (
 )
 
 __all__ = [
+    "HEALTHY_AFTER",
     "MAX_MESSAGE_BYTES",
     "Backoff",
     "XdsConfigSource",
@@ -78,6 +96,11 @@ MAX_MESSAGE_BYTES: Final = 64 << 20
 """gRPC's default 4 MiB receive limit would turn one oversized resource into a stream
 error and a reconnect loop; above it we NACK resources larger than
 :data:`~engine.xds.resources.MAX_RESOURCE_BYTES` with a clear reason instead."""
+
+HEALTHY_AFTER: Final = 10.0
+"""Seconds a stream must stay up after its first response before the reconnect backoff
+resets. Longer than the default maximum backoff, so a flapping control plane is retried
+at the maximum delay rather than at the base."""
 
 
 @dataclass
@@ -109,9 +132,10 @@ class XdsStatus:
 
     connected: bool = False
     acked_version: str = ""
-    """The RouteChain version last ACKed."""
+    """The version whose RouteChain response was last ACKed (= the version published)."""
     settings_version: str = ""
-    """The EngineSettings version last ACKed."""
+    """The version whose EngineSettings response was last ACKed (always equal to
+    :attr:`acked_version`: the two types are accepted only together)."""
     nacked_version: str = ""
     last_error: str = ""
     responses: int = 0
@@ -123,6 +147,15 @@ class XdsStatus:
 _HISTORY: Final = 100
 SUBSCRIBED: Final = (ROUTE_CHAIN_TYPE, SETTINGS_TYPE)
 """The types the engine subscribes to on its ADS stream (wildcard), in this order."""
+_PARTNER: Final = {ROUTE_CHAIN_TYPE: SETTINGS_TYPE, SETTINGS_TYPE: ROUTE_CHAIN_TYPE}
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    """One type's half of the accepted (published) pair."""
+
+    version: str
+    resources: tuple[Any, ...]
 
 
 def make_node(
@@ -167,16 +200,23 @@ class XdsConfigSource:
         *,
         node: Callable[[], base_pb2.Node],
         backoff: Backoff | None = None,
+        healthy_after: float = HEALTHY_AFTER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
         self.registry = registry
         self.store = store
         self._node_factory = node
         self.backoff = backoff if backoff is not None else Backoff()
+        self.healthy_after = healthy_after
+        self._clock = clock
         self.status = XdsStatus()
-        # The resources last ACKed, per type: an update of one type is validated together
-        # with the accepted state of the other, as one document.
-        self._accepted: dict[str, list[Any]] = {t: [] for t in SUBSCRIBED}
+        # The published pair, per type; empty until both types were accepted together.
+        self._accepted: dict[str, _Accepted] = {}
+        # Responses of the current stream waiting for their partner, per type (the newest).
+        self._held: dict[str, discovery_pb2.DiscoveryResponse] = {}
+        # When the current stream delivered its first response (None: not yet).
+        self._first_response_at: float | None = None
 
     def load_initial(self) -> Snapshot:
         """The current snapshot (see the class docstring)."""
@@ -200,6 +240,8 @@ class XdsConfigSource:
                 log.exception("xDS: unexpected client failure; reconnecting")
             self.status.connected = False
             metrics.xds_connected(False)
+            if self._stream_was_healthy():
+                self.backoff.reset()
             delay = self.backoff.next_delay()
             log.info(
                 "xDS: reconnecting in %.2fs; serving version %d meanwhile",
@@ -223,6 +265,8 @@ class XdsConfigSource:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources()
             self.status.connects += 1
+            self._first_response_at = None
+            self._held.clear()  # nonces belong to the stream that sent them
             for index, type_url in enumerate(SUBSCRIBED):
                 await call.write(
                     discovery_pb2.DiscoveryRequest(
@@ -236,43 +280,106 @@ class XdsConfigSource:
                     self.status.connected = True
                     metrics.xds_connected(True)
                     log.info("xDS: connected to %s", self.target)
-                self.backoff.reset()
-                await call.write(await self.handle(response))
+                if self._first_response_at is None:
+                    self._first_response_at = self._clock()
+                for reply in await self.handle(response):
+                    await call.write(reply)
 
-    async def handle(self, response: discovery_pb2.DiscoveryResponse) -> Any:
-        """Validate and apply one response; return the ACK or NACK to send back."""
+    def _stream_was_healthy(self) -> bool:
+        """True if the stream that just ended stayed up ``healthy_after`` seconds after
+        its first response (only then may the backoff start again from its base)."""
+        since = self._first_response_at
+        self._first_response_at = None
+        return since is not None and self._clock() - since >= self.healthy_after
+
+    async def handle(self, response: discovery_pb2.DiscoveryResponse) -> list[Any]:
+        """Take one response; return the ACKs / NACKs to send now, in order.
+
+        The list is empty while the response waits for its partner of the same version
+        (see the module docstring); once the pair is complete it holds one verdict per
+        response of the pair that was not answered yet, all ACK or all NACK.
+        """
         self.status.responses += 1
+        type_url = response.type_url
         version = response.version_info
-        if response.type_url not in SUBSCRIBED:
+        if type_url not in SUBSCRIBED:
             subscribed = " and ".join(SUBSCRIBED)
-            errors = [f"type URL {response.type_url!r} was not subscribed ({subscribed} are)"]
-            return self._nack(response, errors)
-        candidate = {**self._accepted, response.type_url: list(response.resources)}
-        try:
-            snapshot = await asyncio.to_thread(
-                self._build, candidate, response.version_info, self.store.current
+            errors = [f"type URL {type_url!r} was not subscribed ({subscribed} are)"]
+            return [self._nack(response, errors)]
+        partner_type = _PARTNER[type_url]
+        held = self._held.get(partner_type)
+        accepted = self._accepted.get(partner_type)
+        answering = [response]
+        if held is not None and held.version_info == version:
+            del self._held[partner_type]
+            answering.insert(0, held)  # it arrived first: answered first
+            partner: tuple[Any, ...] = tuple(held.resources)
+        elif accepted is not None and accepted.version == version:
+            partner = accepted.resources  # the server re-sent one half of the pair we run
+        else:
+            self._drop_superseded(type_url, version)
+            self._held[type_url] = response
+            # Routine (the control plane sends settings, then routes), hence debug.
+            log.debug(
+                "xDS: holding %s version %s until %s version %s arrives",
+                _short(type_url),
+                version,
+                _short(partner_type),
+                version,
             )
+            return []
+        self._drop_superseded(type_url, version)
+        candidate = {type_url: tuple(response.resources), partner_type: partner}
+        if all(
+            (a := self._accepted.get(t)) is not None
+            and a.version == version
+            and a.resources == candidate[t]
+            for t in SUBSCRIBED
+        ):  # a re-send of the pair we run (a reconnect): nothing to rebuild
+            return [self._ack(r) for r in answering]
+        try:
+            snapshot = await asyncio.to_thread(self._build, candidate, version, self.store.current)
         except ConfigError as exc:
-            return self._nack(response, list(exc.errors))
+            return [self._nack(r, list(exc.errors)) for r in answering]
         except Exception as exc:  # a bug must NACK (and be logged), never end the stream
             log.exception("xDS: building version %s failed", version)
-            return self._nack(response, [f"internal error: {type(exc).__name__}: {exc}"])
+            errors = [f"internal error: {type(exc).__name__}: {exc}"]
+            return [self._nack(r, errors) for r in answering]
         self.store.publish(snapshot, self.name)
-        self._accepted = candidate
-        if response.type_url == ROUTE_CHAIN_TYPE:
-            self.status.acked_version = version
-        else:
-            self.status.settings_version = version
-        self._remember("ACK", version)
+        self._accepted = {t: _Accepted(version, candidate[t]) for t in SUBSCRIBED}
+        self.status.acked_version = self.status.settings_version = version
         log.info(
-            "xDS: ACK %s version %s: %d routes (snapshot %d)",
-            response.type_url.rpartition(".")[2],
+            "xDS: accepted version %s: %d routes (snapshot %d)",
             version,
             len(snapshot.routes),
             snapshot.version,
         )
+        return [self._ack(r) for r in answering]
+
+    def _drop_superseded(self, type_url: str, version: str) -> None:
+        """Forget the held response of ``type_url`` (unanswered: the server reads only
+        verdicts on its latest nonce); a warning, as its partner never came: the server
+        may not be sending both types for every version."""
+        superseded = self._held.pop(type_url, None)
+        if superseded is not None and superseded.version_info != version:  # not a re-send
+            log.warning(
+                "xDS: %s version %s superseded by version %s before %s version %s arrived: "
+                "dropped unanswered (a server must send both types for every version, with "
+                "the same version_info)",
+                _short(type_url),
+                superseded.version_info,
+                version,
+                _short(_PARTNER[type_url]),
+                superseded.version_info,
+            )
+
+    def _ack(self, response: discovery_pb2.DiscoveryResponse) -> Any:
+        self._remember("ACK", response.version_info)
+        log.info("xDS: ACK %s version %s", _short(response.type_url), response.version_info)
         return discovery_pb2.DiscoveryRequest(
-            type_url=response.type_url, version_info=version, response_nonce=response.nonce
+            type_url=response.type_url,
+            version_info=response.version_info,
+            response_nonce=response.nonce,
         )
 
     def _version_of(self, type_url: str) -> str:
@@ -282,7 +389,9 @@ class XdsConfigSource:
             return self.status.settings_version
         return ""
 
-    def _build(self, candidate: dict[str, list[Any]], version: str, previous: Snapshot) -> Snapshot:
+    def _build(
+        self, candidate: dict[str, tuple[Any, ...]], version: str, previous: Snapshot
+    ) -> Snapshot:
         source = f"xds {self.target} version {version}"
         document, errors = decode_resources(candidate[ROUTE_CHAIN_TYPE])
         self._candidate_secrets = document_secrets(document, self.registry)  # for _nack
@@ -335,3 +444,8 @@ class XdsConfigSource:
         history.append((verdict, version))
         if len(history) > _HISTORY:
             del history[: len(history) - _HISTORY]
+
+
+def _short(type_url: str) -> str:
+    """``RouteChain`` / ``EngineSettings`` for log lines."""
+    return type_url.rpartition(".")[2]

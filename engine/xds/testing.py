@@ -7,9 +7,13 @@ the engine's ACK/NACK requests back. Runs on the caller's event loop::
     server = RawXdsServer()
     port = await server.start()
     ... XdsConfigSource(f"127.0.0.1:{port}", ...) ...
-    await server.push([route_any("r", {"policies": []})], version="1")
+    await server.push([], version="1", type_url=SETTINGS_TYPE)  # a version is a pair:
+    await server.push([route_any("r", {"policies": []})], version="1")  # settings + routes
     ack = await server.next_request()
     await server.stop()
+
+The engine answers a response only once it has both types of its version (see
+:mod:`engine.xds.client`), so a test pushing one type alone gets no reply.
 """
 
 from __future__ import annotations

@@ -176,17 +176,25 @@ async def test_unknown_route_setting_reaches_engines(plane):
         assert status == 200
 
         await asyncio.wait_for(applied_version(source, body["version"]), 10)
-        # Settings are sent before the routes of the same version.
+        # Settings and routes of one version are applied (and ACKed) together.
         assert source.status.settings_version == body["version"]
         assert store.current.unknown_route is None  # allow
-        # A route change keeps the setting; settings are not resent when unchanged.
+        # A route change keeps the setting; every version carries both types, so the
+        # engine can pair them by version.
         status, again = await call(plane.admin_port, "PUT", "/routes/s", {"policies": []})
         assert status == 200
         await asyncio.wait_for(applied_version(source, again["version"]), 10)
         assert store.current.unknown_route is None
-        assert source.status.settings_version == body["version"]
-        _, table = await call(plane.admin_port, "GET", "/status")
-        assert table["engines"][0]["settingsAckedVersion"] == body["version"]
+        assert source.status.settings_version == again["version"]
+
+        async def settings_acked() -> None:
+            while True:
+                _, table = await call(plane.admin_port, "GET", "/status")
+                if table["engines"][0]["settingsAckedVersion"] == again["version"]:
+                    return
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(settings_acked(), 10)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -7,8 +7,6 @@ One stack serves the module (control plane watching a config directory, engine
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import pytest
 import yaml
 from google.protobuf import any_pb2, struct_pb2
 
-from engine.xds.resources import MAX_RESOURCE_BYTES, ROUTE_CHAIN_TYPE
+from engine.xds.resources import MAX_RESOURCE_BYTES, ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 from engine.xds.testing import RawXdsServer, route_any
 from tests.e2e.harness import (
     EchoUpstream,
@@ -32,6 +30,7 @@ from tests.e2e.harness import (
 from tests.e2e.xds_harness import (
     ControlPlaneProcess,
     EngineXdsProcess,
+    LoopThread,
     PacedLoad,
     assert_switched,
     wait_until,
@@ -353,27 +352,10 @@ def test_control_plane_killed_under_traffic_then_restarted(xds):
     assert [r["node"] for r in rows] == ["engine-a"]
 
 
-class _LoopThread:
-    """An event loop on a thread, for the raw xDS server beside synchronous tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Any, timeout: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
-
-
 def test_raw_server_pushing_invalid_or_malformed_resources_gets_nacks(tmp_path):
     binary = envoy_binary()
     assert binary is not None
-    loops = _LoopThread()
+    loops = LoopThread()
     server = RawXdsServer()
     try:
         port = loops.run(_make_server(server))
@@ -390,11 +372,22 @@ def test_raw_server_pushing_invalid_or_malformed_resources_gets_nacks(tmp_path):
         ):
             first = loops.run(server.next_request())
             assert first.node.id == "raw"
-            good = loops.run(server.push([route_any("xraw", add_header("good"))], version="1"))
+            loops.run(server.next_request(type_url=SETTINGS_TYPE))  # its settings subscription
+
+            def push(resources: list[any_pb2.Any], version: str) -> Any:
+                # One version = settings (none: the defaults) + routes, same version_info;
+                # the engine answers both halves alike, once it has both.
+                settings = loops.run(server.push([], version=version, type_url=SETTINGS_TYPE))
+                routes = loops.run(server.push(resources, version=version))
+                verdict = loops.run(server.next_request(type_url=SETTINGS_TYPE))
+                assert verdict.response_nonce == settings.nonce
+                return routes
+
+            good = push([route_any("xraw", add_header("good"))], "1")
             ack = loops.run(server.next_request())
             assert (ack.version_info, ack.response_nonce) == ("1", good.nonce)
             bad_spec = add_header("bad", header="Not A Header")
-            bad = loops.run(server.push([route_any("xraw", bad_spec)], version="2"))
+            bad = push([route_any("xraw", bad_spec)], "2")
             nack = loops.run(server.next_request())
             assert (nack.version_info, nack.response_nonce) == ("1", bad.nonce)
             assert nack.error_detail.message == (
@@ -423,7 +416,7 @@ def test_raw_server_pushing_invalid_or_malformed_resources_gets_nacks(tmp_path):
                 ),
             ]
             for index, (resources, reason) in enumerate(cases):
-                sent = loops.run(server.push(resources, version=f"bad-{index}"))
+                sent = push(resources, f"bad-{index}")
                 verdict = loops.run(server.next_request())
                 assert (verdict.version_info, verdict.response_nonce) == ("1", sent.nonce)
                 assert reason in verdict.error_detail.message

@@ -9,12 +9,14 @@ test's PYTHONPATH reaches the children), bounded in time and always stopped.
 * :class:`ControlPlaneProcess`: ``python -m controlplane.main``; can be killed (SIGKILL)
   and restarted on the same ports; small admin API client methods.
 * :class:`EngineXdsProcess`: the engine CLI with ``--xds``; RSS for memory checks.
+* :class:`LoopThread`: an event loop on a thread, for an in-test raw xDS server.
 * :class:`PacedLoad`: a client thread sending N requests/s through Envoy, recording every
   status and the value of one upstream-seen header, and every exception as a failure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -37,6 +39,7 @@ from tests.e2e.harness import HOST, free_port, http_request
 __all__ = [
     "ControlPlaneProcess",
     "EngineXdsProcess",
+    "LoopThread",
     "PacedLoad",
     "assert_switched",
     "e2e_policy_folders",
@@ -215,6 +218,7 @@ class EngineXdsProcess:
     """The engine CLI as a child process, configured by ``--xds``. A context manager.
 
     ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
+    ``port``: the ext_proc port (default: a free one), so an Envoy can be started first.
     """
 
     def __init__(
@@ -227,8 +231,9 @@ class EngineXdsProcess:
         extra: list[str] | None = None,
         binary: Path | None = None,
         start_timeout: float = 20.0,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.node_id = node_id
         self.log_path = workdir / f"engine-{node_id}.log"
         argv = [
@@ -289,6 +294,24 @@ class EngineXdsProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LoopThread:
+    """An event loop on a thread, for the raw xDS server beside synchronous tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        """Run ``coro`` on the loop; its result, within ``timeout`` seconds."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
 
 
 @dataclass

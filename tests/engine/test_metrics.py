@@ -49,7 +49,7 @@ def test_routes_outside_the_config_share_one_label(enabled: metrics.Metrics) -> 
 
 
 def test_config_and_ratelimit_families(enabled: metrics.Metrics) -> None:
-    metrics.config_published(7, "file:c.yaml", "0123456789abcdef", ["api"])
+    metrics.config_published(7, "file", "0123456789abcdef", ["api"])
     metrics.config_reload_failed("rejected")
     metrics.ratelimit_decision("redis", "limited")
     metrics.ratelimit_decision("redis", "limited")
@@ -58,8 +58,8 @@ def test_config_and_ratelimit_families(enabled: metrics.Metrics) -> None:
     metrics.xds_response("NACK")
     found = samples(metrics.render())
     assert found[("policy_engine_config_version", ())] == 7
-    info = (("hash", "0123456789ab"), ("source", "file:c.yaml"))
-    assert found[("policy_engine_config_info", info)] == 1
+    assert found[("policy_engine_config_info", (("source", "file"),))] == 1
+    assert found[("policy_engine_config_hash", ())] == 0x0123456789AB
     assert found[("policy_engine_config_reloads_total", (("result", "ok"),))] == 1
     assert found[("policy_engine_config_reloads_total", (("result", "rejected"),))] == 1
     limited = (("backend", "redis"), ("decision", "limited"))
@@ -67,13 +67,11 @@ def test_config_and_ratelimit_families(enabled: metrics.Metrics) -> None:
     assert found[("policy_engine_ratelimit_backend_errors_total", (("backend", "redis"),))] == 1
     assert found[("policy_engine_xds_connected", ())] == 1
     assert found[("policy_engine_xds_responses_total", (("result", "NACK"),))] == 1
-    metrics.config_published(8, "file:c.yaml", "fedcba9876543210", ["api"])
+    metrics.config_published(8, "xds", "fedcba9876543210", ["api"])
     found = samples(metrics.render())
-    assert found[("policy_engine_config_info", info)] == 0
-    assert (
-        found[("policy_engine_config_info", (("hash", "fedcba987654"), ("source", "file:c.yaml")))]
-        == 1
-    )
+    assert found[("policy_engine_config_info", (("source", "file"),))] == 0
+    assert found[("policy_engine_config_info", (("source", "xds"),))] == 1
+    assert found[("policy_engine_config_hash", ())] == 0xFEDCBA987654
 
 
 def test_counts_from_forked_workers_are_summed(enabled: metrics.Metrics) -> None:
@@ -136,3 +134,66 @@ def test_store_publish_and_ratelimit_policy_record(enabled: metrics.Metrics) -> 
     limited = (("backend", "local"), ("decision", "limited"))
     assert found[("policy_engine_ratelimit_decisions_total", allowed)] == 1
     assert found[("policy_engine_ratelimit_decisions_total", limited)] == 2
+
+
+def series(text: bytes) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every series (name and all labels, pid included) in an exposition."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+
+
+def test_many_pushes_keep_the_series_count_constant(enabled: metrics.Metrics) -> None:
+    """Issue 16.12: every xDS push used to add a config_info series (its source held the
+    version, its hash label the content hash); labels are bounded by configuration now."""
+    from engine.chain import Snapshot
+    from engine.store import ConfigStore
+
+    store = ConfigStore()
+
+    def push(n: int) -> None:
+        snapshot = Snapshot(
+            routes={},
+            source=f"xds 127.0.0.1:18000 version {n}-{n:012x}",
+            version=n,
+            content_hash=f"{n:012x}" + "0" * 52,
+        )
+        store.publish(snapshot, "xds")
+        metrics.xds_response("ACK")
+
+    push(1)
+    first = series(metrics.render())
+    for n in range(2, 60):
+        push(n)
+    last = metrics.render()
+    assert series(last) == first
+    found = samples(last)
+    assert found[("policy_engine_config_hash", ())] == 59
+    assert found[("policy_engine_config_version", ())] == 59
+
+
+def test_a_dead_workers_series_leave_the_exposition(enabled: metrics.Metrics) -> None:
+    """Per-process gauges carry a pid label; process_dead (the supervisor calls it when
+    it reaps a worker) removes them, while the dead worker's counts stay in the totals."""
+    pid = os.fork()
+    if pid == 0:  # a worker: record, then leave without running pytest's teardown
+        code = 1
+        try:
+            metrics.xds_connected(True)
+            metrics.config_published(3, "xds", "ab" * 32, ["api"])
+            metrics.ratelimit_decision("local", "allowed")
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+    def pids() -> set[str]:
+        return {dict(labels).get("pid", "") for _, labels in series(metrics.render())} - {""}
+
+    assert str(pid) in pids()
+    metrics.process_dead(pid)
+    assert str(pid) not in pids()
+    allowed = (("backend", "local"), ("decision", "allowed"))
+    assert samples(metrics.render())[("policy_engine_ratelimit_decisions_total", allowed)] == 1

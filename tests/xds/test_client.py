@@ -7,17 +7,18 @@ and read the engine's ACK / NACK requests back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2
 from policy_engine.v1 import route_chain_pb2
 
-from engine.store import ConfigStore
-from engine.xds.client import Backoff, XdsConfigSource, make_node
+from engine.config import load_config
+from engine.store import EMPTY_SNAPSHOT, ConfigStore
+from engine.xds.client import SUBSCRIBED, Backoff, XdsConfigSource, make_node
 from engine.xds.resources import MAX_RESOURCE_BYTES, ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 from engine.xds.testing import RawXdsServer, route_any
 from tests.support import registry_from
@@ -49,14 +50,29 @@ class Rig:
         assert chain is not None
         return str(chain.policies[0].instance.value)
 
-    async def push_ok(self, version: str, routes: dict[str, Any]) -> None:
-        response = await self.server.push(
-            [route_any(k, v) for k, v in routes.items()], version=version
-        )
-        ack = await self.server.next_request()
-        assert ack.response_nonce == response.nonce
-        assert ack.version_info == version, ack.error_detail.message
-        assert not ack.HasField("error_detail")
+    async def push_ok(
+        self, version: str, routes: dict[str, Any], settings: list[any_pb2.Any] | None = None
+    ) -> None:
+        """Push one version as the control plane does (settings, then routes, same
+        version_info) and check both halves are ACKed."""
+        sent = await push_pair(self.server, version, routes, settings)
+        for response in sent:
+            ack = await self.server.next_request(type_url=response.type_url)
+            assert ack.response_nonce == response.nonce
+            assert ack.version_info == version, ack.error_detail.message
+            assert not ack.HasField("error_detail")
+
+
+async def push_pair(
+    server: RawXdsServer,
+    version: str,
+    routes: dict[str, Any] | list[any_pb2.Any],
+    settings: list[any_pb2.Any] | None = None,
+) -> list[Any]:
+    """Settings (default: none, i.e. the defaults) then routes, both as ``version``."""
+    resources = [route_any(k, v) for k, v in routes.items()] if isinstance(routes, dict) else routes
+    first = await server.push(settings or [], version=version, type_url=SETTINGS_TYPE)
+    return [first, await server.push(resources, version=version)]
 
 
 @pytest.fixture
@@ -107,18 +123,27 @@ async def test_ack_applies_the_update(rig):
 
 
 async def nack(rig: Rig, resources: list[any_pb2.Any], version: str, **kwargs: Any) -> str:
+    """Push ``resources`` (with valid default settings of the same version unless
+    ``type_url`` is given) and check every response of that version is NACKed alike."""
     before = rig.store.current
-    response = await rig.server.push(resources, version=version, **kwargs)
-    type_url = kwargs.get("type_url", ROUTE_CHAIN_TYPE)
-    reply = await rig.server.next_request(type_url=type_url)
-    assert reply.type_url == type_url
-    assert reply.response_nonce == response.nonce
-    previous = {ROUTE_CHAIN_TYPE: rig.source.status.acked_version}.get(type_url, "")
-    assert reply.version_info == previous  # the previous version of that type
-    assert reply.version_info != version
-    assert reply.error_detail.code == code_pb2.INVALID_ARGUMENT
+    previous = rig.source.status.acked_version
+    if "type_url" in kwargs:
+        sent = [await rig.server.push(resources, version=version, **kwargs)]
+    else:
+        sent = await push_pair(rig.server, version, resources)
+    messages = set()
+    for response in sent:
+        reply = await rig.server.next_request(type_url=response.type_url)
+        assert reply.type_url == response.type_url
+        assert reply.response_nonce == response.nonce
+        # The previous version of that type (none for a type never subscribed).
+        assert reply.version_info == (previous if response.type_url in SUBSCRIBED else "")
+        assert reply.version_info != version
+        assert reply.error_detail.code == code_pb2.INVALID_ARGUMENT
+        messages.add(reply.error_detail.message)
     assert rig.store.current is before, "a NACKed update must not be applied, even in part"
-    return str(reply.error_detail.message)
+    assert len(messages) == 1, "both halves of a version are rejected with the same reason"
+    return str(messages.pop())
 
 
 async def test_invalid_update_is_nacked_naming_route_policy_field(rig):
@@ -207,11 +232,17 @@ async def test_malformed_input_is_nacked_with_a_clear_reason(rig, resources, kwa
 
 async def test_reconnects_and_resumes_from_the_acked_version(rig):
     await rig.push_ok("7", {"r": add_header("before")})
+    served = rig.store.current
     rig.server.close_streams()  # the control plane drops the stream
     again = await rig.server.next_request()
     assert again.version_info == "7"
     assert again.response_nonce == ""
+    settings_again = await rig.server.next_request(type_url=SETTINGS_TYPE)
+    assert settings_again.version_info == "7"
     assert rig.header_value() == "before"  # still serving meanwhile
+    # A control plane re-sends the version the engine runs: ACKed, nothing rebuilt.
+    await rig.push_ok("7", {"r": add_header("before")})
+    assert rig.store.current is served
     await rig.push_ok("8", {"r": add_header("after")})
     assert rig.header_value() == "after"
     assert rig.source.status.connects == 2
@@ -231,7 +262,7 @@ async def test_control_plane_restart_on_the_same_port():
     task = asyncio.create_task(source.run())
     try:
         await server.next_request()
-        await server.push([route_any("r", add_header("one"))], version="1")
+        await push_pair(server, "1", {"r": add_header("one")})
         await server.next_request()
         await server.stop()
         await asyncio.sleep(1.0)  # several failed attempts while it is down
@@ -240,7 +271,7 @@ async def test_control_plane_restart_on_the_same_port():
         await server.start(port)
         resumed = await server.next_request(timeout=5)
         assert resumed.version_info == "1"
-        await server.push([route_any("r", add_header("two"))], version="2")
+        await push_pair(server, "2", {"r": add_header("two")})
         assert (await server.next_request()).version_info == "2"
         chain = store.current.chain_for("r")
         assert chain is not None
@@ -279,40 +310,179 @@ def settings_any(action: int, status: int = 0) -> any_pb2.Any:
     return packed
 
 
-async def test_settings_apply_together_with_the_accepted_routes(rig):
+ALLOW: Final = route_chain_pb2.UnknownRoute.ALLOW
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Bounded polling of state the client exposes no event for; no timed assertion."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def allows_unknown(rig: Rig) -> bool:
+    """``unknownRoute: allow`` is serving (a function: mypy would narrow the attribute)."""
+    return rig.store.current.unknown_route is None
+
+
+async def test_settings_and_routes_of_one_version_apply_as_one_unit(rig):
     await rig.push_ok("1", {"r": add_header("one")})
-    assert rig.store.current.unknown_route is not None  # default: deny
-    response = await rig.server.push(
-        [settings_any(route_chain_pb2.UnknownRoute.ALLOW)], version="s1", type_url=SETTINGS_TYPE
-    )
-    ack = await rig.server.next_request(type_url=SETTINGS_TYPE)
-    assert (ack.version_info, ack.response_nonce) == ("s1", response.nonce)
-    assert not ack.HasField("error_detail")
-    assert rig.store.current.unknown_route is None  # allow
-    assert rig.header_value() == "one"  # the routes stayed
-    # A later routes update keeps the accepted settings.
-    await rig.push_ok("2", {"r": add_header("two")})
+    assert not allows_unknown(rig)  # default: deny
+    await rig.push_ok("2", {"r": add_header("one")}, [settings_any(ALLOW)])
+    assert allows_unknown(rig)
+    assert rig.header_value() == "one"
+    assert rig.source.status.settings_version == rig.source.status.acked_version == "2"
+    # A version without a settings resource means the defaults again.
+    await rig.push_ok("3", {"r": add_header("two")})
+    assert not allows_unknown(rig)
+    assert rig.header_value() == "two"
+
+
+async def test_settings_alone_publish_nothing(rig):
+    """Issue 16.1: on first connect, settings (here unknownRoute: allow) must not go live
+    with zero routes; the engine publishes (and turns SERVING) only with both halves."""
+    settings = await rig.server.push([settings_any(ALLOW)], version="1", type_url=SETTINGS_TYPE)
+    await until(lambda: rig.source.status.responses == 1, "the settings response handled")
+    assert rig.store.last_source == "", "settings alone were published"
+    assert rig.store.current is EMPTY_SNAPSHOT
+    routes = await rig.server.push([route_any("r", add_header("one"))], version="1")
+    for response in (settings, routes):  # the pair is ACKed together once complete
+        ack = await rig.server.next_request(type_url=response.type_url)
+        assert (ack.version_info, ack.response_nonce) == ("1", response.nonce)
+        assert not ack.HasField("error_detail")
     assert rig.store.current.unknown_route is None
-    assert rig.source.status.settings_version == "s1"
+    assert rig.header_value() == "one"
 
 
-async def test_invalid_settings_are_nacked_and_change_nothing(rig):
+async def test_first_version_nacked_publishes_nothing_even_with_allow(rig):
+    """Routes the engine rejects (here a policy version it lacks) must not leave the
+    accepted settings (allow) running with no routes."""
+    bad = [route_any("r", {"policies": [{"name": "addHeader", "version": "v9.0.0"}]})]
+    sent = await push_pair(rig.server, "1", bad, [settings_any(ALLOW)])
+    for response in sent:
+        reply = await rig.server.next_request(type_url=response.type_url)
+        assert reply.response_nonce == response.nonce
+        assert reply.version_info == ""
+        assert "version v9.0.0 is not in this engine" in reply.error_detail.message
+    assert rig.store.current is EMPTY_SNAPSHOT
+    assert rig.source.status.settings_version == ""
+
+
+async def test_nacked_routes_keep_the_previous_settings_with_them(rig):
     await rig.push_ok("1", {"r": add_header("one")})
     before = rig.store.current
-    response = await rig.server.push(
-        [settings_any(route_chain_pb2.UnknownRoute.DENY, status=200)],
-        version="s1",
-        type_url=SETTINGS_TYPE,
-    )
-    nack = await rig.server.next_request(type_url=SETTINGS_TYPE)
-    assert (nack.version_info, nack.response_nonce) == ("", response.nonce)
-    assert nack.error_detail.message == (
-        "unknownRoute: status: must be an integer in 400-599, got 200"
-    )
+    bad = [route_any("r", add_header("bad", header="X-Upper"))]
+    sent = await push_pair(rig.server, "2", bad, [settings_any(ALLOW)])
+    for response in sent:
+        reply = await rig.server.next_request(type_url=response.type_url)
+        assert reply.version_info == "1"
+        assert "does not match" in reply.error_detail.message
     assert rig.store.current is before
-    two = [settings_any(1), settings_any(2)]
-    await rig.server.push(two, version="s2", type_url=SETTINGS_TYPE)
-    nack = await rig.server.next_request(type_url=SETTINGS_TYPE)
-    assert nack.error_detail.message == (
-        "settings: 2 EngineSettings resources; at most one is allowed"
+    assert rig.store.current.unknown_route is not None  # still deny: version 1 whole
+    assert rig.source.status.settings_version == "1"
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        pytest.param(
+            [settings_any(route_chain_pb2.UnknownRoute.DENY, status=200)],
+            "unknownRoute: status: must be an integer in 400-599, got 200",
+            id="bad-status",
+        ),
+        pytest.param(
+            [settings_any(1), settings_any(2)],
+            "settings: 2 EngineSettings resources; at most one is allowed",
+            id="two-resources",
+        ),
+    ],
+)
+async def test_invalid_settings_reject_the_whole_version(rig, settings, reason):
+    await rig.push_ok("1", {"r": add_header("one")})
+    before = rig.store.current
+    sent = await push_pair(rig.server, "2", {"r": add_header("two")}, settings)
+    for response in sent:  # the routes were fine, yet their version is rejected too
+        reply = await rig.server.next_request(type_url=response.type_url)
+        assert (reply.version_info, reply.response_nonce) == ("1", response.nonce)
+        assert reply.error_detail.message == reason
+    assert rig.store.current is before
+    assert rig.header_value() == "one"
+
+
+async def test_a_response_waits_for_its_partner_of_the_same_version(rig, caplog):
+    await rig.server.push([settings_any(ALLOW)], version="1", type_url=SETTINGS_TYPE)
+    await rig.server.push([route_any("r", add_header("two"))], version="2")
+    await until(lambda: rig.source.status.responses == 2, "both responses handled")
+    assert rig.store.current is EMPTY_SNAPSHOT  # no pair of one version yet
+    settings = await rig.server.push([], version="2", type_url=SETTINGS_TYPE)
+    routes_ack = await rig.server.next_request()
+    assert routes_ack.version_info == "2"
+    settings_ack = await rig.server.next_request(type_url=SETTINGS_TYPE)
+    # The superseded settings of version 1 are never answered (nor applied), but said.
+    assert (settings_ack.version_info, settings_ack.response_nonce) == ("2", settings.nonce)
+    assert (
+        "EngineSettings version 1 superseded by version 2 before RouteChain version 1 "
+        "arrived: dropped unanswered"
+    ) in caplog.text
+    assert rig.store.current.unknown_route is not None  # version 2's settings: defaults
+    assert rig.header_value() == "two"
+
+
+async def test_a_warm_start_config_stays_whole_until_a_complete_state(rig):
+    warm = load_config({"routes": {"r": add_header("warm")}}, source="warm.yaml", registry=REGISTRY)
+    rig.store.publish(warm, "file")
+    await rig.server.push([settings_any(ALLOW)], version="1", type_url=SETTINGS_TYPE)
+    await until(lambda: rig.source.status.responses == 1, "the settings response handled")
+    assert rig.store.current is warm
+    await rig.server.push([route_any("r", add_header("xds"))], version="1")
+    await until(lambda: rig.store.current is not warm, "the complete state published")
+    assert rig.header_value() == "xds"
+    assert rig.store.current.unknown_route is None
+
+
+async def _flap(server: RawXdsServer, streams: int) -> None:
+    """Each stream: answer one version, then drop it (a control plane that answers then
+    falls over)."""
+    for opened in range(1, streams + 1):
+        await until(lambda n=opened: server.opened >= n and server.streams, f"stream {opened}")  # type: ignore[misc]
+        await server.next_request()
+        await server.next_request(type_url=SETTINGS_TYPE)
+        sent = await push_pair(server, "1", {"r": add_header("one")})
+        for response in sent:
+            await server.next_request(type_url=response.type_url)
+        server.close_streams()
+
+
+@pytest.mark.parametrize(
+    ("healthy_after", "attempts"),
+    [
+        pytest.param(None, 4, id="answers-then-drops-keeps-growing"),
+        pytest.param(0.0, 1, id="healthy-stream-resets"),
+    ],
+)
+async def test_backoff_resets_only_after_a_healthy_stream(healthy_after, attempts):
+    """Issue 16.14: a response alone must not reset the reconnect backoff."""
+    server = RawXdsServer()
+    port = await server.start()
+    kwargs: dict[str, Any] = {} if healthy_after is None else {"healthy_after": healthy_after}
+    source = XdsConfigSource(
+        f"127.0.0.1:{port}",
+        REGISTRY,
+        ConfigStore(),
+        node=lambda: make_node("flappy", "edge", REGISTRY, "0.1.0"),
+        backoff=Backoff(base=0.01, maximum=0.05, rand=lambda: 1.0),
+        **kwargs,  # default: HEALTHY_AFTER (10 s), far longer than these streams live
     )
+    task = asyncio.create_task(source.run())
+    try:
+        await _flap(server, 4)
+        await until(lambda: server.opened >= 5, "the fifth stream")
+        assert source.backoff.attempt == attempts
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await server.stop()
