@@ -83,6 +83,11 @@ class SettledFiles:
         """Forget what was handed over: the next poll treats the content as new."""
         self._state, self._digest, self._candidate = None, "", None
 
+    def accept(self, contents: Mapping[Path, bytes]) -> None:
+        """Record ``contents`` (read by the caller) as handed over: later polls report
+        only content that differs from it."""
+        self._state, self._digest, self._candidate = None, _digest(contents), None
+
     def take(self) -> dict[Path, bytes]:
         """Read the files now, without settling, and record that content as handed over
         (start-up reads of small files). Raises :class:`OSError`."""
@@ -114,7 +119,7 @@ class SettledFiles:
             if digest == self._digest:  # touched or replaced, same content
                 self._state, self._candidate = state, None
                 return None
-            first = self._state is None and candidate is None
+            first = not self._digest and candidate is None  # nothing handed over yet
             if candidate is None or candidate.digest != digest:
                 candidate = _Candidate(state, digest, self._clock())
             else:  # same bytes under a new state (rewritten identically): keep waiting
