@@ -224,6 +224,13 @@ async def serve(
     admin = AdminServer(
         AdminApi(table, ads, writer, limits), certs.context if certs is not None else None
     )
+    if host.strip("[]") in ("", "0.0.0.0", "::") and not args.admin_allowed_host:
+        log.warning(
+            "admin API on %s answers only Host %s: name the host clients use with "
+            "--admin-allowed-host",
+            args.admin_listen,
+            ", ".join(sorted(limits.allowed_hosts)),
+        )
     try:
         admin_port = await admin.start(host.strip("[]"), int(port))
     except OSError as exc:
