@@ -20,16 +20,25 @@ the admin API calls that change a route's chain while traffic flows;
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from engine.definition import load_yaml
 from tests.e2e.harness import HOST, http_request
 from tests.e2e.xds_harness import ControlPlaneProcess, EngineXdsProcess, wait_until
 
-__all__ = ["XdsEngine", "check_live_change", "live_change_lines"]
+__all__ = [
+    "AdminTarget",
+    "XdsEngine",
+    "admin_commands",
+    "check_live_change",
+    "live_change_lines",
+    "run_printed",
+]
 
 NODE_ID: Final = "demo-engine-1"
 LIVE_ROUTE: Final = "public"
@@ -84,7 +93,20 @@ class XdsEngine:
         self.plane.close()
 
 
-def _curl(engine: XdsEngine, *options: str, url: str, auth: bool = True) -> str:
+class AdminTarget(Protocol):
+    """What the printed admin calls need: :class:`XdsEngine`, or a test's stand-in."""
+
+    @property
+    def admin(self) -> str: ...
+
+    @property
+    def token_file(self) -> Path: ...
+
+    @property
+    def plane(self) -> ControlPlaneProcess: ...
+
+
+def _curl(engine: AdminTarget, *options: str, url: str, auth: bool = True) -> str:
     """A curl command line; with ``auth`` the shell reads the token from its file."""
     line = shlex.join(["curl", "-s", *options])
     if auth:  # double quotes, so the shell runs the $(cat ...)
@@ -92,7 +114,7 @@ def _curl(engine: XdsEngine, *options: str, url: str, auth: bool = True) -> str:
     return f"{line} {shlex.quote(url)}"
 
 
-def _commands(engine: XdsEngine) -> dict[str, str]:
+def admin_commands(engine: AdminTarget) -> dict[str, str]:
     put = ["-X", "PUT", "--data-binary"]
     route = f"{engine.admin}/routes/{LIVE_ROUTE}"
     return {
@@ -103,9 +125,9 @@ def _commands(engine: XdsEngine) -> dict[str, str]:
     }
 
 
-def live_change_lines(engine: XdsEngine, envoy_port: int) -> list[str]:
+def live_change_lines(engine: AdminTarget, envoy_port: int) -> list[str]:
     """curl lines: change a chain live, see it, submit an invalid one, read the status."""
-    commands = _commands(engine)
+    commands = admin_commands(engine)
     return [
         f"# xDS mode: the control plane's admin API at {engine.admin}; its token file is "
         f"{engine.plane.token_file} (name role token), the token alone is in {engine.token_file}",
@@ -121,10 +143,17 @@ def live_change_lines(engine: XdsEngine, envoy_port: int) -> list[str]:
     ]
 
 
-def _run(line: str) -> Any:
+def _curl_dir() -> str | None:
+    """The directory of a curl binary (``bazel run`` may leave /usr/bin off PATH)."""
+    found = shutil.which("curl") or shutil.which("curl", path="/usr/local/bin:/usr/bin:/bin")
+    return str(Path(found).parent) if found else None
+
+
+def run_printed(line: str, curl_dir: str) -> Any:
     """Run a printed command line as a newcomer would (bash), return its JSON output."""
+    env = {**os.environ, "PATH": f"{curl_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
     done = subprocess.run(
-        ["bash", "-c", line], capture_output=True, timeout=20, check=False, text=True
+        ["bash", "-c", line], capture_output=True, timeout=20, check=False, text=True, env=env
     )
     try:
         return json.loads(done.stdout)
@@ -132,23 +161,40 @@ def _run(line: str) -> Any:
         return {"unreadable": done.stdout[-500:], "stderr": done.stderr[-500:]}
 
 
-def check_live_change(engine: XdsEngine, envoy_port: int) -> list[str]:
-    """Run the printed lines of :func:`live_change_lines` with bash; return what went wrong."""
+def _call(engine: AdminTarget, name: str, curl_dir: str | None) -> Any:
+    """The printed line ``name`` run with bash, or (no curl here) the same request made by
+    the harness's client with the same token."""
+    if curl_dir is not None:
+        return run_printed(admin_commands(engine)[name], curl_dir)
+    method, path, body, token = {
+        "change": ("PUT", f"/routes/{LIVE_ROUTE}", LIVE_CHAIN, ""),
+        "invalid": ("PUT", f"/routes/{LIVE_ROUTE}", INVALID_CHAIN, ""),
+        "status": ("GET", "/status", None, ""),
+        "no-token": ("GET", "/routes", None, None),
+    }[name]
+    return engine.plane.call(method, path, body, token=token)[1]
+
+
+def check_live_change(engine: AdminTarget, envoy_port: int) -> list[str]:
+    """Run the printed lines of :func:`live_change_lines` with bash (when curl is installed);
+    return what went wrong."""
     problems: list[str] = []
-    commands = _commands(engine)
-    body = _run(commands["invalid"])
+    curl_dir = _curl_dir()
+    if curl_dir is None:
+        print("demo: no curl here; the printed admin calls are made by the Python client")
+    body = _call(engine, "invalid", curl_dir)
     if not any("requestsPerSecond" in e for e in body.get("errors", [])):
         problems.append(f"invalid chain: expected 400 naming requestsPerSecond, got {body}")
-    body = _run(commands["no-token"])
+    body = _call(engine, "no-token", curl_dir)
     if not any("authentication required" in e for e in body.get("errors", [])):
         problems.append(f"no token: expected 401, got {body}")
-    body = _run(commands["change"])
+    body = _call(engine, "change", curl_dir)
     version = body.get("version")
     if not version:
         problems.append(f"live change: expected a version, got {body}")
         return problems
     engine.plane.wait_acked(version, {NODE_ID})
-    status = _run(commands["status"])
+    status = _call(engine, "status", curl_dir)
     if not any(e.get("ackedVersion") == version for e in status.get("engines", [])):
         problems.append(f"status: expected an engine at {version}, got {status}")
 
