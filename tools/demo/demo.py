@@ -608,7 +608,8 @@ def _run(
             print(
                 f"{'FAIL' if problems else 'ok  '} xds-live-change: a chain changed "
                 "through the control plane's admin API is served; an invalid one is 400, "
-                "one without the token 401 (the printed curl lines, run with bash where curl is installed)"
+                "one without the token 401 (the printed curl lines, run with bash where "
+                "curl is installed)"
             )
             for problem in problems:
                 print(f"       {problem}")
