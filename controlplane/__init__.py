@@ -6,9 +6,13 @@ One process (``bazel run //controlplane -- --definitions <engine>_definitions.js
   builder writes them next to the registry), as a validation-only registry;
 * :mod:`controlplane.table`: the route table, versioned; every change is validated
   whole by :func:`engine.config.load_config` (the engine's own code) before it exists;
-* :mod:`controlplane.gitops`: a watched file or directory that replaces the table;
+* :mod:`controlplane.writer`: every change to the table, one at a time, validated in a
+  worker thread;
+* :mod:`controlplane.gitops`: a watched file or directory that replaces the table, once
+  settled (:mod:`engine.settle`);
 * :mod:`controlplane.ads`: the ADS server (state of the world) and per-engine status;
-* :mod:`controlplane.admin`: the admin HTTP API (submit / replace / delete a route, status);
-* :mod:`controlplane.http`: the small asyncio HTTP/1.1 server the admin API runs on;
+* :mod:`controlplane.admin`: the admin HTTP API (submit / replace / delete a route,
+  status) on aiohttp's server: Host allow list, limits, TLS, audit log;
+* :mod:`controlplane.auth`: the admin API's bearer tokens (names, roles, reload);
 * :mod:`controlplane.main`: the command line.
 """

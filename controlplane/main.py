@@ -1,7 +1,11 @@
 """Command line of the control plane.
 
-    controlplane --definitions ENGINE_definitions.json [--config FILE|DIR]
+    controlplane --definitions ENGINE_definitions.json [--config FILE|DIR] [--settle S]
                  [--xds-listen 127.0.0.1:18000] [--admin-listen 127.0.0.1:18001]
+                 (--admin-token-file FILE | --admin-no-auth)
+                 [--admin-tls-cert FILE --admin-tls-key FILE] [--admin-insecure]
+                 [--admin-allowed-host HOST ...] [--admin-max-body BYTES]
+                 [--admin-max-connections N] [--admin-timeout SECONDS]
 
 Serves ADS (engines connect with ``--xds``) and the admin API (:mod:`controlplane.admin`)
 on one event loop. ``--definitions`` is the file the builder wrote for the engine build
@@ -9,7 +13,17 @@ being deployed (``bazel-bin/generated/<...>/engine_definitions.json``). With ``-
 the table starts from that file or directory and follows its changes; an invalid initial
 config is an error (exit 1), an invalid later change is logged and ignored.
 
-Exit codes: 0 after SIGTERM/SIGINT, 1 bad definitions/config or a port in use, 2 usage.
+The admin API fails closed (see :mod:`controlplane.admin`, :mod:`controlplane.auth`):
+
+* it needs ``--admin-token-file`` (bearer tokens with a name and a role); running it
+  without authentication takes ``--admin-no-auth``, said explicitly;
+* on an address that is not loopback it needs TLS (``--admin-tls-cert`` and
+  ``--admin-tls-key``) and authentication, unless ``--admin-insecure`` says otherwise;
+* ``Host`` must be one of ``--admin-allowed-host`` (default: the listen host, plus the
+  localhost forms for a loopback or wildcard bind).
+
+Exit codes: 0 after SIGTERM/SIGINT, 1 bad definitions/config/token file/certificate or a
+port in use, 2 usage (including the admin flag rules above).
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -26,13 +41,22 @@ from typing import Final
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from controlplane.admin import AdminApi
+from controlplane.admin import (
+    AdminApi,
+    AdminLimits,
+    AdminServer,
+    CertReloader,
+    default_allowed_hosts,
+    is_loopback,
+)
 from controlplane.ads import AdsLimits, AdsServer
+from controlplane.auth import TokenFile, TokenFileError
 from controlplane.definitions import load_validation_registry
 from controlplane.gitops import ConfigWatcher
-from controlplane.http import HttpServer
 from controlplane.table import RouteTable
+from controlplane.writer import TableWriter
 from engine.errors import DefinitionError
+from engine.settle import DEFAULT_SETTLE
 
 __all__ = ["main", "parse_args", "serve"]
 
@@ -61,6 +85,51 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="per peer address and per node id",
     )
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=DEFAULT_SETTLE,
+        metavar="SECONDS",
+        help="a changed watched file (--config, token file, admin certificate) is loaded "
+        f"once unchanged for this long (default {DEFAULT_SETTLE:g}; 0: at once)",
+    )
+    admin = parser.add_argument_group("admin API")
+    admin.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="bearer tokens, one 'name role token' per line (role read-only or read-write); "
+        "reloaded when it changes",
+    )
+    admin.add_argument(
+        "--admin-no-auth",
+        action="store_true",
+        help="run the admin API WITHOUT authentication (anyone reaching the port may change "
+        "every route); loopback only unless --admin-insecure",
+    )
+    admin.add_argument("--admin-tls-cert", metavar="FILE", help="PEM certificate (chain)")
+    admin.add_argument("--admin-tls-key", metavar="FILE", help="PEM private key")
+    admin.add_argument(
+        "--admin-insecure",
+        action="store_true",
+        help="allow the admin API on a non-loopback address without TLS or without tokens",
+    )
+    admin.add_argument(
+        "--admin-allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a Host header value (without port) the admin API answers; repeatable "
+        "(default: the listen host, plus localhost forms for loopback/wildcard binds)",
+    )
+    admin.add_argument("--admin-max-body", type=int, default=8 * 1024 * 1024, metavar="BYTES")
+    admin.add_argument("--admin-max-connections", type=int, default=32, metavar="N")
+    admin.add_argument(
+        "--admin-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="an admin connection is closed this long after it opened (slow clients)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -71,7 +140,36 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--poll-interval must be greater than 0")
     if args.xds_max_streams < 1 or args.xds_max_streams_per_client < 1:
         parser.error("--xds-max-streams and --xds-max-streams-per-client must be at least 1")
+    if not 0 <= args.settle < 3600:
+        parser.error("--settle must be between 0 and 3600 seconds")
+    if not (args.admin_max_body > 0 and args.admin_max_connections > 0):
+        parser.error("--admin-max-body and --admin-max-connections must be greater than 0")
+    if not args.admin_timeout > 0:
+        parser.error("--admin-timeout must be greater than 0")
+    _check_admin_security(parser, args)
     return args
+
+
+def _check_admin_security(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The admin API's fail-closed rules (module docstring); parser.error() on a breach."""
+    if bool(args.admin_token_file) == bool(args.admin_no_auth):
+        parser.error(
+            "the admin API needs --admin-token-file FILE (bearer tokens), or --admin-no-auth "
+            "to run it without authentication (not both)"
+        )
+    if bool(args.admin_tls_cert) != bool(args.admin_tls_key):
+        parser.error("--admin-tls-cert and --admin-tls-key go together")
+    host = args.admin_listen.rpartition(":")[0]
+    if not is_loopback(host) and not args.admin_insecure:
+        if not args.admin_tls_cert:
+            parser.error(
+                f"--admin-listen {args.admin_listen} is not a loopback address: give "
+                "--admin-tls-cert/--admin-tls-key, or --admin-insecure to serve plaintext"
+            )
+        if args.admin_no_auth:
+            parser.error(
+                f"--admin-no-auth on {args.admin_listen} (not loopback) needs --admin-insecure"
+            )
 
 
 async def serve(
@@ -84,9 +182,38 @@ async def serve(
 ) -> int:
     """Run until ``stop`` (or, with ``handle_signals``, SIGTERM/SIGINT); returns the exit code."""
     stop = stop if stop is not None else asyncio.Event()
+    tokens = None
+    if args.admin_token_file:
+        tokens = TokenFile(
+            args.admin_token_file, settle=args.settle, poll_interval=args.poll_interval
+        )
+        try:
+            await asyncio.to_thread(tokens.load_initial)
+        except TokenFileError as exc:
+            for line in exc.errors:
+                log.error("admin token file: %s", line)
+            return 1
+        log.info("admin API tokens from %s: %s", args.admin_token_file, ", ".join(tokens.names))
+    else:
+        log.warning("admin API WITHOUT authentication (--admin-no-auth)")
+    certs = None
+    if args.admin_tls_cert:
+        try:
+            certs = CertReloader(
+                args.admin_tls_cert,
+                args.admin_tls_key,
+                interval=args.poll_interval,
+                settle=args.settle,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "admin TLS: cannot load %s / %s: %s", args.admin_tls_cert, args.admin_tls_key, exc
+            )
+            return 1
+    writer = TableWriter(table)
     watcher = None
     if args.config:
-        watcher = ConfigWatcher(args.config, table, args.poll_interval)
+        watcher = ConfigWatcher(args.config, writer, args.poll_interval, settle=args.settle)
         errors = await watcher.load_initial()
         if errors:
             return 1
@@ -98,10 +225,27 @@ async def serve(
     if xds_port == 0:
         log.error("cannot listen on %s", args.xds_listen)
         return 1
-    admin = HttpServer(AdminApi(table, ads))
     host, _, port = args.admin_listen.rpartition(":")
+    limits = AdminLimits(
+        allowed_hosts=frozenset(h.strip("[]").lower() for h in args.admin_allowed_host)
+        or default_allowed_hosts(host),
+        tokens=tokens,
+        max_body=args.admin_max_body,
+        max_connections=args.admin_max_connections,
+        timeout=args.admin_timeout,
+    )
+    admin = AdminServer(
+        AdminApi(table, ads, writer, limits), certs.context if certs is not None else None
+    )
+    if host.strip("[]") in ("", "0.0.0.0", "::") and not args.admin_allowed_host:
+        log.warning(
+            "admin API on %s answers only Host %s: name the host clients use with "
+            "--admin-allowed-host",
+            args.admin_listen,
+            ", ".join(sorted(limits.allowed_hosts)),
+        )
     try:
-        admin_port = await admin.start(host, int(port))
+        admin_port = await admin.start(host.strip("[]"), int(port))
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.admin_listen, exc)
         return 1
@@ -110,13 +254,21 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(watcher.run())] if watcher is not None else []
+    tasks: list[asyncio.Task[None]] = []
+    if watcher is not None:
+        tasks.append(asyncio.create_task(watcher.run()))
+    if tokens is not None:
+        tasks.append(asyncio.create_task(tokens.run()))
+    if certs is not None:
+        tasks.append(asyncio.create_task(certs.run()))
     log.info(
-        "control plane: ADS on %s (port %d), admin API on http://%s:%d, version %s",
+        "control plane: ADS on %s (port %d), admin API on %s://%s:%d (Host: %s), version %s",
         args.xds_listen,
         xds_port,
+        "https" if certs is not None else "http",
         host,
         admin_port,
+        ", ".join(sorted(limits.allowed_hosts)),
         table.current.version,
     )
     if on_bound is not None:

@@ -1,12 +1,15 @@
-"""Helpers for tests of the control plane: definitions files and an in-process plane."""
+"""Helpers for tests of the control plane: definitions and token files, an in-process plane."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-from collections.abc import Iterable
+import secrets
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from controlplane.ads import AdsLimits
 from controlplane.definitions import definitions_document, folder_definitions
@@ -14,7 +17,7 @@ from controlplane.main import serve
 from controlplane.table import RouteTable
 from engine.registry import PolicyRegistry
 
-__all__ = ["ControlPlane", "write_definitions"]
+__all__ = ["ControlPlane", "new_token", "write_definitions", "write_tokens"]
 
 
 def write_definitions(path: Path, folders: Iterable[Path], build_info: dict[str, str]) -> Path:
@@ -24,11 +27,45 @@ def write_definitions(path: Path, folders: Iterable[Path], build_info: dict[str,
     return path
 
 
-class ControlPlane:
-    """:func:`controlplane.main.serve` as a task on the running loop (ports picked free)."""
+def new_token() -> str:
+    """A fresh random admin token (43 URL-safe characters)."""
+    return secrets.token_urlsafe(32)
 
-    def __init__(self, registry: PolicyRegistry, config: Path | None = None) -> None:
+
+def write_tokens(path: Path, tokens: Mapping[str, tuple[str, str]]) -> Path:
+    """Write a token file: ``{name: (role, token)}``; the file is readable by its owner only."""
+    lines = ["# name role token"] + [f"{n} {role} {tok}" for n, (role, tok) in tokens.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+class ControlPlane:
+    """:func:`controlplane.main.serve` as a task on the running loop (ports picked free).
+
+    Authenticated by default: a token file with :attr:`admin_token` (``admin``,
+    read-write) and :attr:`reader_token` (``reader``, read-only) is written to
+    ``token_file`` (default: a new temporary directory). ``admin`` overrides other
+    ``--admin-*`` settings by argument name (e.g. ``admin_max_body=100``).
+    """
+
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        config: Path | None = None,
+        *,
+        settle: float = 0.0,
+        token_file: Path | None = None,
+        **admin: Any,
+    ) -> None:
         self.table = RouteTable(registry)
+        self.admin_token, self.reader_token = new_token(), new_token()
+        if token_file is None:
+            token_file = Path(tempfile.mkdtemp(prefix="cp-tokens-")) / "tokens"
+        self.token_file = write_tokens(
+            token_file,
+            {"admin": ("read-write", self.admin_token), "reader": ("read-only", self.reader_token)},
+        )
         self.args = argparse.Namespace(
             config=str(config) if config else None,
             xds_listen="127.0.0.1:0",
@@ -36,7 +73,21 @@ class ControlPlane:
             poll_interval=0.05,
             xds_max_streams=AdsLimits.max_streams,
             xds_max_streams_per_client=AdsLimits.max_streams_per_peer,
+            settle=settle,
+            admin_token_file=str(self.token_file),
+            admin_no_auth=False,
+            admin_tls_cert=None,
+            admin_tls_key=None,
+            admin_insecure=False,
+            admin_allowed_host=[],
+            admin_max_body=8 * 1024 * 1024,
+            admin_max_connections=32,
+            admin_timeout=30.0,
         )
+        for name, value in admin.items():
+            if not hasattr(self.args, name):
+                raise TypeError(f"unknown control plane setting {name!r}")
+            setattr(self.args, name, value)
         self.xds_port = 0
         self.admin_port = 0
         self._stop = asyncio.Event()

@@ -24,7 +24,8 @@ editors, ``>`` redirection) is seen half-written by any reader, and a prefix of 
 valid config is often itself valid (JWT routes simply missing). So a changed file
 is loaded only after it has stayed unchanged, by (inode, size, mtime_ns) and
 sha256, for ``settle`` seconds of polls (default :data:`DEFAULT_SETTLE`); the
-deferral is logged once per change. A writer that pauses for longer than
+deferral is logged once per change. The rule lives in :mod:`engine.settle`, shared
+with the control plane's watched config. A writer that pauses for longer than
 ``settle`` in the middle of an in-place write can still be read mid-write: write
 atomically.
 """
@@ -32,12 +33,10 @@ atomically.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Protocol, runtime_checkable
@@ -47,6 +46,7 @@ from engine.chain import Snapshot
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
+from engine.settle import DEFAULT_SETTLE, SettledFiles
 
 __all__ = [
     "DEFAULT_SETTLE",
@@ -60,9 +60,6 @@ __all__ = [
 logger: Final = logging.getLogger("engine.store")
 
 EMPTY_SNAPSHOT: Final = Snapshot(routes=MappingProxyType({}), source="<empty>", version=0)
-
-DEFAULT_SETTLE: Final = 2.0
-"""Seconds a changed config file must stay unchanged before it is loaded."""
 
 Listener = Callable[[Snapshot], None]
 """Called synchronously after each publish with the new snapshot."""
@@ -132,15 +129,6 @@ class ConfigSource(Protocol):
 _FileState = tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size)
 
 
-@dataclass(slots=True)
-class _Candidate:
-    """A changed file waiting to be loaded: what it was when first seen."""
-
-    state: _FileState
-    digest: str
-    seen: float  # clock reading of the first poll that saw this content
-
-
 class FileConfigSource:
     """Publishes the configuration in ``path``, re-reading it when it changes.
 
@@ -168,12 +156,18 @@ class FileConfigSource:
         self.registry = registry
         self.store = store
         self.poll_interval = poll_interval
-        self.settle = settle
-        self._clock = clock  # measures `settle` between polls (tests pass a fake)
-        self._state: _FileState | None = None  # of the content last loaded (valid or not)
-        self._digest = ""
-        self._candidate: _Candidate | None = None
+        # `clock` measures `settle` between polls (tests pass a fake).
+        self._files = SettledFiles(lambda: [self.path], settle, clock=clock)
         self._unreadable = False
+
+    @property
+    def settle(self) -> float:
+        """Seconds a change must stay unchanged before it is loaded (settable)."""
+        return self._files.settle
+
+    @settle.setter
+    def settle(self, seconds: float) -> None:
+        self._files.settle = seconds
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -205,7 +199,7 @@ class FileConfigSource:
                 break  # unchanged for `settle` seconds (whatever the file's clock says)
             state, data = again
         snapshot = self._load(data)
-        self._state, self._digest = state, hashlib.sha256(data).hexdigest()
+        self._files.accept({self.path: data})
         self._publish(snapshot)
         return snapshot
 
@@ -241,11 +235,9 @@ class FileConfigSource:
 
     def _prepare(self) -> Snapshot | None:
         """Everything but the publish: stat, read, settle, validate, build. Never raises."""
+        waiting = self._files.waiting
         try:
-            state = self._stat()
-            if state == self._state and self._candidate is None:
-                return None
-            data = self._take(state)
+            contents = self._files.poll()
         except OSError as exc:
             if not self._unreadable:  # log the transition, not every poll
                 logger.error(
@@ -255,14 +247,19 @@ class FileConfigSource:
                     self.store.current.version,
                 )
             self._unreadable = True
-            self._state = None
-            self._candidate = None
             return None
         self._unreadable = False
-        if data is None:
+        if contents is None:
+            if self._files.waiting and not waiting and self.settle > 0:  # once per change
+                logger.info(
+                    "config file %s changed; loading it once unchanged for %gs "
+                    "(write it atomically, temp file + rename, to skip nothing)",
+                    self.path,
+                    self.settle,
+                )
             return None
         try:
-            return self._load(data)
+            return self._load(contents[self.path])
         except ConfigError as exc:
             metrics.config_reload_failed("rejected")
             logger.error(
@@ -284,42 +281,6 @@ class FileConfigSource:
                 exc_info=exc,
             )
         return None
-
-    def _take(self, state: _FileState) -> bytes | None:
-        """The file's content if it is new and has settled, else None (deferred or
-        unchanged). Raises OSError when the file cannot be read."""
-        candidate = self._candidate
-        if candidate is None or candidate.state != state:
-            state, data = self._read()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest == self._digest:  # touched or replaced, same content
-                self._state, self._candidate = state, None
-                return None
-            if candidate is None or candidate.digest != digest:
-                if candidate is None and self.settle > 0:  # once per change, not per poll
-                    logger.info(
-                        "config file %s changed; loading it once unchanged for %gs "
-                        "(write it atomically, temp file + rename, to skip nothing)",
-                        self.path,
-                        self.settle,
-                    )
-                candidate = _Candidate(state, digest, self._clock())
-            else:  # same bytes under a new state (rewritten identically): keep waiting
-                candidate = _Candidate(state, digest, candidate.seen)
-            self._candidate = candidate
-            if self.settle > 0:
-                return None
-        elif self._clock() - candidate.seen < self.settle:
-            return None
-        # Settled: read once more and load only if nothing moved meanwhile.
-        state, data = self._read()
-        digest = hashlib.sha256(data).hexdigest()
-        if (state, digest) != (candidate.state, candidate.digest):
-            self._candidate = _Candidate(state, digest, self._clock())
-            return None
-        self._candidate = None
-        self._state, self._digest = state, digest
-        return data
 
     # -- helpers --------------------------------------------------------------------------
 

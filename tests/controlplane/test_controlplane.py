@@ -45,12 +45,25 @@ def definitions(tmp_path_factory: pytest.TempPathFactory) -> PolicyRegistry:
     return loaded.registry
 
 
-async def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+async def call(
+    plane: ControlPlane,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = "admin",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One admin API request; ``token``: "admin", "reader", None (no header) or a value."""
+    secret = {"admin": plane.admin_token, "reader": plane.reader_token}.get(token or "", token)
+    sent = {"Authorization": f"Bearer {secret}"} if secret else {}
+    sent.update(headers or {})
+
     def run() -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn = http.client.HTTPConnection("127.0.0.1", plane.admin_port, timeout=5)
         try:
             data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
-            conn.request(method, path, body=data)
+            conn.request(method, path, body=data, headers=sent)
             reply = conn.getresponse()
             return reply.status, json.loads(reply.read() or b"null")
         finally:
@@ -70,23 +83,23 @@ async def plane(definitions: PolicyRegistry) -> AsyncIterator[ControlPlane]:
 
 
 async def test_submit_replace_delete_a_route(plane):
-    status, body = await call(plane.admin_port, "PUT", "/routes/private", {"policies": [JWT]})
+    status, body = await call(plane, "PUT", "/routes/private", {"policies": [JWT]})
     assert status == 200, body
     first = body["version"]
     assert first.startswith("1-")
-    status, body = await call(plane.admin_port, "GET", "/routes/private")
+    status, body = await call(plane, "GET", "/routes/private")
     assert body["spec"] == {"policies": [JWT]}
     # YAML bodies work too (the config file's format).
     yaml_body = yaml.safe_dump({"policies": [JWT, LIMIT]})
-    status, body = await call(plane.admin_port, "PUT", "/routes/private", yaml_body)
+    status, body = await call(plane, "PUT", "/routes/private", yaml_body)
     assert status == 200
     assert body["version"].startswith("2-")
-    status, body = await call(plane.admin_port, "DELETE", "/routes/private")
+    status, body = await call(plane, "DELETE", "/routes/private")
     assert status == 200
-    status, body = await call(plane.admin_port, "GET", "/routes")
+    status, body = await call(plane, "GET", "/routes")
     assert body["routes"] == {}
-    assert (await call(plane.admin_port, "DELETE", "/routes/private"))[0] == 404
-    assert (await call(plane.admin_port, "POST", "/routes/private", {}))[0] == 405
+    assert (await call(plane, "DELETE", "/routes/private"))[0] == 404
+    assert (await call(plane, "POST", "/routes/private", {}))[0] == 405
 
 
 def _with(entry: dict[str, Any], **params: Any) -> dict[str, Any]:
@@ -132,9 +145,9 @@ def _with(entry: dict[str, Any], **params: Any) -> dict[str, Any]:
     ],
 )
 async def test_invalid_submission_is_400_naming_route_policy_field(plane, entry, expected):
-    assert (await call(plane.admin_port, "PUT", "/routes/keep", {"policies": [LIMIT]}))[0] == 200
+    assert (await call(plane, "PUT", "/routes/keep", {"policies": [LIMIT]}))[0] == 200
     before = plane.table.current
-    status, body = await call(plane.admin_port, "PUT", "/routes/r", {"policies": [entry]})
+    status, body = await call(plane, "PUT", "/routes/r", {"policies": [entry]})
     assert status == 400
     assert any(error.startswith(expected) for error in body["errors"]), body["errors"]
     assert plane.table.current is before  # nothing changed, so nothing is pushed
@@ -142,10 +155,10 @@ async def test_invalid_submission_is_400_naming_route_policy_field(plane, entry,
 
 async def test_every_error_is_reported(plane):
     bad = [_with(JWT, jwksUrl="http://x"), _with(LIMIT, requestsPerSecond=-1)]
-    status, body = await call(plane.admin_port, "PUT", "/routes/r", {"policies": bad})
+    status, body = await call(plane, "PUT", "/routes/r", {"policies": bad})
     assert status == 400
     assert len(body["errors"]) == 2
-    status, body = await call(plane.admin_port, "PUT", "/routes/r", "policies: [")
+    status, body = await call(plane, "PUT", "/routes/r", "policies: [")
     assert status == 400
     assert body["errors"][0].startswith("body: ")
 
@@ -163,12 +176,12 @@ async def test_unknown_route_setting_reaches_engines(plane):
     task = asyncio.create_task(source.run())
     try:
         status, body = await call(
-            plane.admin_port, "PUT", "/routes", {"routes": {}, "unknownRoute": {"status": 200}}
+            plane, "PUT", "/routes", {"routes": {}, "unknownRoute": {"status": 200}}
         )
         assert status == 400
         assert body["errors"] == ["unknownRoute: status: must be an integer in 400-599, got 200"]
         status, body = await call(
-            plane.admin_port,
+            plane,
             "PUT",
             "/routes",
             {"routes": {"r": {"policies": []}}, "unknownRoute": {"action": "allow"}},
@@ -181,7 +194,7 @@ async def test_unknown_route_setting_reaches_engines(plane):
         assert store.current.unknown_route is None  # allow
         # A route change keeps the setting; every version carries both types, so the
         # engine can pair them by version.
-        status, again = await call(plane.admin_port, "PUT", "/routes/s", {"policies": []})
+        status, again = await call(plane, "PUT", "/routes/s", {"policies": []})
         assert status == 200
         await asyncio.wait_for(applied_version(source, again["version"]), 10)
         assert store.current.unknown_route is None
@@ -189,7 +202,7 @@ async def test_unknown_route_setting_reaches_engines(plane):
 
         async def settings_acked() -> None:
             while True:
-                _, table = await call(plane.admin_port, "GET", "/status")
+                _, table = await call(plane, "GET", "/status")
                 if table["engines"][0]["settingsAckedVersion"] == again["version"]:
                     return
                 await asyncio.sleep(0.02)
@@ -233,13 +246,13 @@ async def test_engines_get_accepted_versions_and_status_shows_each(plane):
                 }
             ]
         }
-        status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+        status, body = await call(plane, "PUT", "/routes/r", spec)
         assert status == 200
         version = body["version"]
 
         async def converged() -> list[dict[str, Any]]:
             while True:
-                _, status_body = await call(plane.admin_port, "GET", "/status")
+                _, status_body = await call(plane, "GET", "/status")
                 acked = [e for e in status_body["engines"] if e["ackedVersion"] == version]
                 if len(acked) == 2:
                     return list(status_body["engines"])
@@ -256,7 +269,7 @@ async def test_engines_get_accepted_versions_and_status_shows_each(plane):
         # Rejected: nothing reaches the engines (no new response at all).
         responses = [source.status.responses for _, source, _ in engines]
         bad = {"policies": [{**spec["policies"][0], "parameters": {"header": "X"}}]}
-        status, _ = await call(plane.admin_port, "PUT", "/routes/r", bad)
+        status, _ = await call(plane, "PUT", "/routes/r", bad)
         assert status == 400
         await asyncio.sleep(0.3)
         assert [source.status.responses for _, source, _ in engines] == responses
@@ -281,12 +294,12 @@ async def test_engine_nack_shows_in_status(plane):
     task = asyncio.create_task(source.run())
     try:
         spec = {"policies": [{"name": "deny", "version": "v1.0.0"}]}
-        status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+        status, body = await call(plane, "PUT", "/routes/r", spec)
         assert status == 200
 
         async def nacked() -> dict[str, Any]:
             while True:
-                _, status_body = await call(plane.admin_port, "GET", "/status")
+                _, status_body = await call(plane, "GET", "/status")
                 rows = [e for e in status_body["engines"] if e["nackedVersion"] == body["version"]]
                 if rows:
                     return dict(rows[0])
@@ -324,16 +337,16 @@ SECRET_ROUTE: dict[str, Any] = {
 
 
 async def test_admin_api_and_status_never_show_secrets(plane):
-    status, body = await call(plane.admin_port, "PUT", "/routes/r", SECRET_ROUTE)
+    status, body = await call(plane, "PUT", "/routes/r", SECRET_ROUTE)
     assert status == 200, body
     shown = [
-        json.dumps(await call(plane.admin_port, "GET", path))
+        json.dumps(await call(plane, "GET", path))
         for path in ("/routes", "/routes/r", "/status", "/healthz")
     ]
     for text in shown:
         assert API_KEY_VALUE not in text
         assert REDIS_PASSWORD not in text
-    _, body = await call(plane.admin_port, "GET", "/routes/r")
+    _, body = await call(plane, "GET", "/routes/r")
     entries = body["spec"]["policies"]
     assert entries[0]["parameters"]["keys"] == [{"key": "<redacted>", "consumer": "mobile"}]
     # Host, port and database stay visible for operators.
@@ -345,7 +358,7 @@ async def test_admin_api_and_status_never_show_secrets(plane):
     # GET, change, PUT: the markers keep the current secrets.
     spec = body["spec"]
     spec["policies"][0]["parameters"]["stripKey"] = False
-    status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+    status, body = await call(plane, "PUT", "/routes/r", spec)
     assert status == 200, body
     pushed = plane.table.current.document["routes"]["r"]["policies"]
     assert pushed[0]["parameters"] == {
@@ -354,7 +367,7 @@ async def test_admin_api_and_status_never_show_secrets(plane):
     }
     assert REDIS_PASSWORD in pushed[1]["parameters"]["redisUrl"]
     # A marker with nothing to keep (a new route) is a 400 naming the field.
-    status, body = await call(plane.admin_port, "PUT", "/routes/other", spec)
+    status, body = await call(plane, "PUT", "/routes/other", spec)
     assert status == 400
     assert body["errors"][0].startswith(
         "routes[other].policies[0] apiKey v1.0.0: keys[0].key: is '<redacted>'"
@@ -377,7 +390,7 @@ async def test_invalid_secret_is_400_without_its_value(plane):
             },
         ]
     }
-    status, body = await call(plane.admin_port, "PUT", "/routes/r", bad)
+    status, body = await call(plane, "PUT", "/routes/r", bad)
     assert status == 400
     text = json.dumps(body)
     expected = "routes[r].policies[0] apiKey v1.0.0: keys[0]: (secret, not shown) is not of type"
@@ -420,12 +433,12 @@ async def test_nack_text_never_shows_secrets(plane, tmp_path, engine_build):
                 {"name": "secretToken", "version": "v1.0.0", "parameters": {"token": token}}
             ]
         }
-        status, body = await call(plane.admin_port, "PUT", "/routes/r", spec)
+        status, body = await call(plane, "PUT", "/routes/r", spec)
         assert status == 200, body
 
         async def nacked() -> dict[str, Any]:
             while True:
-                _, status_body = await call(plane.admin_port, "GET", "/status")
+                _, status_body = await call(plane, "GET", "/status")
                 rows = [e for e in status_body["engines"] if e["nackedVersion"] == body["version"]]
                 if rows:
                     return dict(rows[0])

@@ -7,6 +7,9 @@ One stack serves the module (control plane watching a config directory, engine
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from tests.e2e.xds_harness import (
     write_e2e_definitions,
 )
 from tests.support import write_policy
+from tools.demo import xds_mode
 
 pytestmark = pytest.mark.envoy
 
@@ -230,6 +234,35 @@ def test_us3_3_engine_lacking_the_version_nacks_naming_its_versions(xds):
     assert xds.header("/xver/x") == "old"  # the last good chain keeps serving
     xds.put_and_wait("xver", add_header("fixed"))  # and the next good version is ACKed
     assert xds.header("/xver/x") == "fixed"
+
+
+@dataclass
+class DemoAdmin:
+    admin: str
+    token_file: Path
+    plane: ControlPlaneProcess
+
+
+def test_demo_admin_curl_lines_work_as_printed(xds):
+    """The xDS demo's printed admin calls (token read by $(cat ...)), run with bash + curl."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("no curl on PATH (the demo's --check then uses the Python client)")
+    demo = DemoAdmin(
+        f"http://127.0.0.1:{xds.plane.admin_port}", xds.plane.token_only_file, xds.plane
+    )
+    commands = xds_mode.admin_commands(demo)
+    assert '-H "Authorization: Bearer $(cat ' in commands["change"]
+    curl_dir = str(Path(curl).parent)
+    invalid = xds_mode.run_printed(commands["invalid"], curl_dir)
+    assert any("requestsPerSecond" in e for e in invalid["errors"])
+    assert xds_mode.run_printed(commands["no-token"], curl_dir)["errors"] == [
+        "authentication required: Authorization: Bearer <token>"
+    ]
+    version = xds_mode.run_printed(commands["change"], curl_dir)["version"]
+    assert xds_mode.run_printed(commands["status"], curl_dir)["version"] == version
+    assert xds.plane.token not in "\n".join(xds_mode.live_change_lines(demo, xds.envoy.port))
+    xds.plane.call("DELETE", f"/routes/{xds_mode.LIVE_ROUTE}")
 
 
 def test_unknown_route_setting_over_xds(xds):

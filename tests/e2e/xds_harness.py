@@ -7,7 +7,10 @@ test's PYTHONPATH reaches the children), bounded in time and always stopped.
   tests/e2e) and every sample policy; :func:`write_e2e_definitions` writes its
   definitions file as the builder would.
 * :class:`ControlPlaneProcess`: ``python -m controlplane.main``; can be killed (SIGKILL)
-  and restarted on the same ports; small admin API client methods.
+  and restarted on the same ports; small admin API client methods, which send the
+  read-write token of the token file the harness writes (``admin-tokens`` in the work
+  directory; the token alone in ``admin.token``, for ``curl -H "Authorization: Bearer
+  $(cat admin.token)"``).
 * :class:`EngineXdsProcess`: the engine CLI with ``--xds``; RSS for memory checks.
 * :class:`LoopThread`: an event loop on a thread, for an in-test raw xDS server.
 * :class:`PacedLoad`: a client thread sending N requests/s through Envoy, recording every
@@ -32,7 +35,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controlplane.testing import write_definitions
+from controlplane.testing import new_token, write_definitions, write_tokens
 from engine.registry import PolicyRegistry, load_policy
 from tests.e2e.harness import HOST, free_port, http_request
 
@@ -123,13 +126,26 @@ class ControlPlaneProcess:
         *,
         config: Path | None = None,
         engine: Path | None = None,
+        settle: float = 0.2,
+        extra: list[str] | None = None,
     ) -> None:
         self.definitions = definitions
         self.config = config
         self.engine = engine
+        self.settle = settle
+        self.extra = list(extra or ())
         self.xds_port = free_port()
         self.admin_port = free_port()
         self.log_path = workdir / "controlplane.log"
+        self.token = new_token()
+        self.reader_token = new_token()
+        self.token_file = write_tokens(
+            workdir / "admin-tokens",
+            {"operator": ("read-write", self.token), "viewer": ("read-only", self.reader_token)},
+        )
+        self.token_only_file = workdir / "admin.token"
+        self.token_only_file.write_text(self.token + "\n")
+        self.token_only_file.chmod(0o600)
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -139,8 +155,13 @@ class ControlPlaneProcess:
             f"{HOST}:{self.xds_port}",
             "--admin-listen",
             f"{HOST}:{self.admin_port}",
+            "--admin-token-file",
+            str(self.token_file),
             "--poll-interval",
             "0.1",
+            "--settle",
+            str(self.settle),
+            *self.extra,
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
@@ -169,12 +190,21 @@ class ControlPlaneProcess:
         return self.log_path.read_text(errors="replace")[-20000:]
 
     def call(
-        self, method: str, path: str, body: Any = None, *, timeout: float = 5.0
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout: float = 5.0,
+        token: str | None = "",
     ) -> tuple[int, Any]:
+        """One admin request with ``token`` (default: the read-write one; None: no header)."""
         conn = http.client.HTTPConnection(HOST, self.admin_port, timeout=timeout)
+        token = self.token if token == "" else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
-            conn.request(method, path, body=data)
+            conn.request(method, path, body=data, headers=headers)
             reply = conn.getresponse()
             return reply.status, json.loads(reply.read() or b"null")
         finally:

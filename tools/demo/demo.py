@@ -567,7 +567,10 @@ def _run(
         from tools.demo import xds_mode  # noqa: PLC0415 - xDS mode only
 
         routes = stack.config.parent / "routes"
-        print(f"demo: control plane admin API {engines[0].admin}; it watches {routes}\n")
+        print(
+            f"demo: control plane admin API {engines[0].admin} (token in "
+            f"{engines[0].token_file}); it watches {routes}\n"
+        )
     else:
         print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
     if args.check:
@@ -604,7 +607,9 @@ def _run(
             total += 1
             print(
                 f"{'FAIL' if problems else 'ok  '} xds-live-change: a chain changed "
-                "through the control plane's admin API is served; an invalid one is 400"
+                "through the control plane's admin API is served; an invalid one is 400, "
+                "one without the token 401 (the printed curl lines, run with bash where "
+                "curl is installed)"
             )
             for problem in problems:
                 print(f"       {problem}")

@@ -1,4 +1,7 @@
-"""A small asyncio HTTP/1.1 server: enough for an admin API, nothing more.
+"""The control plane's former admin HTTP server (``controlplane/http.py`` until aiohttp
+replaced it), kept only as the baseline of ``tools/measure/admin_http_servers.py``.
+
+A small asyncio HTTP/1.1 server: enough for an admin API, nothing more.
 
 One request per connection (``Connection: close``), ``Content-Length`` bodies only
 (no chunked uploads), bounded head and body sizes, a read timeout. Handlers are
