@@ -48,6 +48,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from engine.chain import Snapshot
 from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
+from engine.tls import ServerTls
 
 __all__ = [
     "EXT_PROC_SERVICE",
@@ -85,8 +86,13 @@ async def serve(
     reuse_port: bool = False,
     handle_signals: bool | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tls: ServerTls | None = None,
 ) -> None:
     """Serve ext_proc + health on ``listen`` (``host:port``; port 0 picks a free one).
+
+    ``tls``: serve TLS with its files (mTLS when it has a client CA: a client without a
+    valid certificate fails the handshake and never reaches a servicer), re-read when they
+    change, before the next handshake (:mod:`engine.tls`); ``None``: plaintext.
 
     Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
     ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set
@@ -107,7 +113,10 @@ async def serve(
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(listen)
+    if tls is not None:
+        port = server.add_secure_port(listen, tls.grpc_credentials())
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {listen}")
 
@@ -136,7 +145,14 @@ async def serve(
         await server.start()
         if source is not None:
             tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
-        log.info("policy engine listening on %s (port %d, pid %d)", listen, port, os.getpid())
+        security = "plaintext" if tls is None else "mTLS" if tls.mutual else "TLS"
+        log.info(
+            "policy engine listening on %s (port %d, %s, pid %d)",
+            listen,
+            port,
+            security,
+            os.getpid(),
+        )
         if on_bound is not None:
             on_bound(port)
         if ready is not None:

@@ -31,6 +31,12 @@ Connection loss: the engine keeps serving the last good snapshot and reconnects 
 exponential backoff and full jitter (:class:`Backoff`), each attempt on a fresh
 channel so gRPC's own reconnect backoff (up to two minutes) cannot exceed ours. The
 delay resets once a stream has delivered a response.
+
+TLS (``tls``, :class:`~engine.tls.ClientTlsFiles`): each attempt's channel reads the
+CA, client certificate and key as they are then, so a rotated certificate is presented
+from the next connect on; a running stream keeps its connection (nothing is dropped
+when the files change). A file that cannot be used at a reconnect is logged (file and
+flag named) and retried with the backoff; the last good snapshot keeps serving.
 """
 
 from __future__ import annotations
@@ -53,9 +59,10 @@ from google.rpc import code_pb2, status_pb2
 from engine import metrics
 from engine.chain import Snapshot
 from engine.config import load_config
-from engine.errors import ConfigError
+from engine.errors import ConfigError, TlsError
 from engine.registry import PolicyRegistry
 from engine.store import ConfigStore
+from engine.tls import ClientTlsFiles, channel_credentials, channel_options
 from engine.xds.resources import (
     ROUTE_CHAIN_TYPE,
     SETTINGS_TYPE,
@@ -164,8 +171,10 @@ class XdsConfigSource:
         *,
         node: Callable[[], base_pb2.Node],
         backoff: Backoff | None = None,
+        tls: ClientTlsFiles | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls
         self.registry = registry
         self.store = store
         self._node_factory = node
@@ -193,6 +202,8 @@ class XdsConfigSource:
                 log.warning(
                     "xDS: stream to %s failed: %s %s", self.target, exc.code().name, exc.details()
                 )
+            except TlsError as exc:
+                log.error("xDS: cannot connect to %s: %s", self.target, exc)
             except Exception:  # never let the source die: keep serving, keep retrying
                 log.exception("xDS: unexpected client failure; reconnecting")
             self.status.connected = False
@@ -216,7 +227,14 @@ class XdsConfigSource:
             ("grpc.keepalive_time_ms", 300_000),
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
-        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
+        if self.tls is None:
+            channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:  # the files as they are now: a rotated client certificate is used from here on
+            credentials = channel_credentials(self.tls)
+            channel = grpc.aio.secure_channel(
+                self.target, credentials, options=[*options, *channel_options(self.tls)]
+            )
+        async with channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources()
             self.status.connects += 1
