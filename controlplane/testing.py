@@ -26,13 +26,25 @@ def write_definitions(path: Path, folders: Iterable[Path], build_info: dict[str,
 class ControlPlane:
     """:func:`controlplane.main.serve` as a task on the running loop (ports picked free)."""
 
-    def __init__(self, registry: PolicyRegistry, config: Path | None = None) -> None:
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        config: Path | None = None,
+        *,
+        xds_cert: Path | None = None,
+        xds_key: Path | None = None,
+        xds_client_ca: Path | None = None,
+    ) -> None:
+        """``xds_*``: the ADS TLS files (``--xds-cert``, ``--xds-key``, ``--xds-client-ca``)."""
         self.table = RouteTable(registry)
         self.args = argparse.Namespace(
             config=str(config) if config else None,
             xds_listen="127.0.0.1:0",
             admin_listen="127.0.0.1:0",
             poll_interval=0.05,
+            xds_cert=str(xds_cert) if xds_cert else None,
+            xds_key=str(xds_key) if xds_key else None,
+            xds_client_ca=str(xds_client_ca) if xds_client_ca else None,
         )
         self.xds_port = 0
         self.admin_port = 0

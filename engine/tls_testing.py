@@ -130,10 +130,11 @@ class TestPki:
         dns: Sequence[str] = ("localhost",),
         ips: Sequence[str] = ("127.0.0.1",),
         days: float = 1.0,
+        into: Path | None = None,
     ) -> Issued:
         """Issue a server certificate (EKU serverAuth) for ``dns`` and ``ips`` into
         ``<directory>/<name>/`` (replacing, atomically, one issued there before)."""
-        return self.issue(name, dns=dns, ips=ips, server=True, days=days)
+        return self.issue(name, dns=dns, ips=ips, server=True, days=days, into=into)
 
     def client(
         self,
@@ -144,6 +145,7 @@ class TestPki:
         uris: Sequence[str] = (),
         trust_domain: str = TEST_TRUST_DOMAIN,
         days: float = 1.0,
+        into: Path | None = None,
     ) -> Issued:
         """Issue a client certificate (EKU clientAuth) into ``<directory>/<name>/``.
 
@@ -153,7 +155,7 @@ class TestPki:
         all_uris = list(uris)
         if node_id is not None:
             all_uris.append(node_identity(trust_domain, node_id))
-        return self.issue(name, dns=dns, uris=all_uris, server=False, days=days)
+        return self.issue(name, dns=dns, uris=all_uris, server=False, days=days, into=into)
 
     def issue(
         self,
@@ -164,10 +166,13 @@ class TestPki:
         uris: Sequence[str] = (),
         server: bool,
         days: float = 1.0,
+        into: Path | None = None,
     ) -> Issued:
         """Issue one certificate with these SANs (see :meth:`server`, :meth:`client`).
 
-        A negative ``days`` makes a certificate that has already expired."""
+        A negative ``days`` makes a certificate that has already expired. ``into``: write
+        into that directory instead of ``<directory>/<name>`` (e.g. rotate a secret
+        another CA issued to this CA's certificate)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         start = now - datetime.timedelta(minutes=5)
@@ -196,7 +201,7 @@ class TestPki:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())
         return _write_secret(
-            self.directory / name,
+            into if into is not None else self.directory / name,
             {
                 "tls.crt": cert.public_bytes(serialization.Encoding.PEM),
                 "tls.key": _pem_key(key),

@@ -120,10 +120,12 @@ class ControlPlaneProcess:
         *,
         config: Path | None = None,
         engine: Path | None = None,
+        extra: list[str] | None = None,
     ) -> None:
         self.definitions = definitions
         self.config = config
         self.engine = engine
+        self.extra = list(extra or ())
         self.xds_port = free_port()
         self.admin_port = free_port()
         self.log_path = workdir / "controlplane.log"
@@ -141,6 +143,7 @@ class ControlPlaneProcess:
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
+        args += self.extra
         if self.engine is not None:
             self.process = _spawn([str(self.engine), "controlplane", *args], self.log_path)
         else:
@@ -215,6 +218,8 @@ class EngineXdsProcess:
     """The engine CLI as a child process, configured by ``--xds``. A context manager.
 
     ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
+    ``credentials``: how :meth:`health` reaches a TLS listener (default plaintext).
+    ``workers``: ``--workers``.
     """
 
     def __init__(
@@ -227,9 +232,12 @@ class EngineXdsProcess:
         extra: list[str] | None = None,
         binary: Path | None = None,
         start_timeout: float = 20.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        workers: int = 1,
     ) -> None:
         self.port = free_port()
         self.node_id = node_id
+        self.credentials = credentials
         self.log_path = workdir / f"engine-{node_id}.log"
         argv = [
             "--xds",
@@ -239,7 +247,7 @@ class EngineXdsProcess:
             "--listen",
             f"{HOST}:{self.port}",
             "--workers",
-            "1",
+            str(workers),
             "--xds-max-backoff",
             str(max_backoff),
             "--grace",
@@ -263,7 +271,12 @@ class EngineXdsProcess:
 
     def health(self) -> int | None:
         """The health status (SERVING=1, NOT_SERVING=2), None if unreachable."""
-        with grpc.insecure_channel(f"{HOST}:{self.port}") as channel:
+        target = f"{HOST}:{self.port}"
+        with (
+            grpc.insecure_channel(target)
+            if self.credentials is None
+            else grpc.secure_channel(target, self.credentials)
+        ) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=0.5
