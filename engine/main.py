@@ -155,6 +155,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="require client certificates that chain to this CA bundle (PEM): mTLS",
     )
     tls.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="also serve the gRPC health service alone, plaintext, on this loopback address "
+        "(for probes inside the container when --listen requires client certificates)",
+    )
+    tls.add_argument(
         "--insecure",
         action="store_true",
         help="allow plaintext or unauthenticated links beyond loopback: --listen / "
@@ -172,10 +178,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     for flag in _unauthenticated_listeners(args):
         if not args.insecure:
+            remedy = (
+                "it is always plaintext: keep it on 127.0.0.1"
+                if flag == "--health-listen"
+                else "give --tls-cert, --tls-key and --tls-client-ca (mTLS)"
+            )
             parser.error(
                 f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is not a loopback address:"
-                " give --tls-cert, --tls-key and --tls-client-ca (mTLS), or --insecure to "
-                "accept unauthenticated connections there"
+                f" {remedy}, or --insecure to accept unauthenticated connections there"
             )
     xds_cli.check_arguments(parser, args)
     if args.workers is None:  # read once, at startup
@@ -201,10 +211,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def _unauthenticated_listeners(args: argparse.Namespace) -> list[str]:
     """The listener flags whose address is beyond loopback without mTLS."""
     mutual = args.tls_cert is not None and args.tls_client_ca is not None
-    flags = ["--listen"] if args.listen and not is_loopback(args.listen) else []
-    if args.metrics_listen and not is_loopback(args.metrics_listen):
-        flags.append("--metrics-listen")
-    return [] if mutual else flags
+    flags = []
+    if not mutual:
+        flags += ["--listen"] if args.listen and not is_loopback(args.listen) else []
+        if args.metrics_listen and not is_loopback(args.metrics_listen):
+            flags.append("--metrics-listen")
+    if args.health_listen and not is_loopback(args.health_listen):  # never authenticated
+        flags.append("--health-listen")
+    return flags
 
 
 def server_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -361,6 +375,7 @@ def main(
                 reuse_port=reuse_port,
                 processor=processor,
                 tls=tls,
+                health_listen=args.health_listen,
             )
         finally:
             if stop_metrics is not None:

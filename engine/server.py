@@ -87,12 +87,16 @@ async def serve(
     handle_signals: bool | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     tls: ServerTls | None = None,
+    health_listen: str | None = None,
 ) -> None:
     """Serve ext_proc + health on ``listen`` (``host:port``; port 0 picks a free one).
 
     ``tls``: serve TLS with its files (mTLS when it has a client CA: a client without a
     valid certificate fails the handshake and never reaches a servicer), re-read when they
     change, before the next handshake (:mod:`engine.tls`); ``None``: plaintext.
+    ``health_listen``: also serve the health service alone, in plaintext, on this address
+    (a second gRPC server sharing the health state): what an in-container probe reaches
+    when ``listen`` demands a client certificate. Callers keep it on loopback.
 
     Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
     ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set
@@ -119,6 +123,12 @@ async def serve(
         port = server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {listen}")
+    health_server = None
+    if health_listen is not None:
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        if health_server.add_insecure_port(health_listen) == 0:
+            raise RuntimeError(f"cannot listen on {health_listen}")
 
     loop = asyncio.get_running_loop()
     if handle_signals is None:
@@ -143,6 +153,8 @@ async def serve(
 
             remove_listener = store.add_listener(on_first_publish)
         await server.start()
+        if health_server is not None:
+            await health_server.start()
         if source is not None:
             tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
         security = "plaintext" if tls is None else "mTLS" if tls.mutual else "TLS"
@@ -175,6 +187,8 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await server.stop(grace)
+        if health_server is not None:
+            await health_server.stop(None)
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")

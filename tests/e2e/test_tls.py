@@ -241,6 +241,7 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
     prometheus = pki.client("prometheus", dns=["prometheus"])
     definitions = write_e2e_definitions(tmp_path / "engine_definitions.json")
     metrics_port = free_port()
+    health_port = free_port()
     plane_args = [
         *("--xds-cert", str(plane_cert.cert), "--xds-key", str(plane_cert.key)),
         *("--xds-client-ca", str(pki.ca_file)),
@@ -251,6 +252,7 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
         *("--tls-cert", str(engine_cert.cert), "--tls-key", str(engine_cert.key)),
         *("--tls-client-ca", str(pki.ca_file)),
         *("--metrics-listen", f"{HOST}:{metrics_port}"),
+        *("--health-listen", f"{HOST}:{health_port}"),
     ]
     with ControlPlaneProcess(definitions, tmp_path, extra=plane_args) as plane:
         first = plane.put_route("tls", {"policies": [_add("x-version", "one")]})
@@ -277,6 +279,15 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
         ):
             plane.wait_acked(first, {"edge-1"})
             wait_until(lambda: engine.health() == 1, 10, "the engine to serve")
+            # The probe port: health in plaintext on loopback, and nothing else.
+            assert _health(health_port, None) == "SERVING"
+            with grpc.insecure_channel(f"{HOST}:{health_port}") as channel:
+                process = channel.stream_stream(
+                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+                )
+                with pytest.raises(grpc.RpcError) as refused:
+                    next(iter(process(iter([b""]), timeout=3)))
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
             streams = [e["stream"] for e in plane.status()["engines"] if e["connected"]]
             assert len(streams) == 2  # one xDS client per worker, both admitted
 

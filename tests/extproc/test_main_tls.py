@@ -59,6 +59,12 @@ def test_listeners_beyond_loopback_need_mtls_or_insecure(
     assert parse_args(["--config", "c.yaml", *argv, "--insecure"]).insecure
 
 
+def test_health_port_is_loopback_only(mtls: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    error = _refused(["--config", "c", *mtls, "--health-listen", "0.0.0.0:9003"], capsys)
+    assert "--health-listen 0.0.0.0:9003 is not a loopback address: it is always plaintext" in error
+    assert parse_args(["--config", "c", "--health-listen", "127.0.0.1:9003"]).health_listen
+
+
 def test_mtls_or_loopback_is_accepted(mtls: list[str]) -> None:
     assert parse_args(["--config", "c.yaml"]).listen == "127.0.0.1:9002"  # default: loopback
     args = parse_args(["--config", "c.yaml", "--listen", "0.0.0.0:9002", *mtls])
