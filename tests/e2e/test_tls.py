@@ -283,7 +283,7 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
             assert _health(health_port, None) == "SERVING"
             with grpc.insecure_channel(f"{HOST}:{health_port}") as channel:
                 process = channel.stream_stream(
-                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process", None, None
                 )
                 with pytest.raises(grpc.RpcError) as refused:
                     next(iter(process(iter([b""]), timeout=3)))
