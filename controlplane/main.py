@@ -4,11 +4,8 @@
                  [--xds-listen 127.0.0.1:18000] [--admin-listen 127.0.0.1:18001]
                  [--xds-cert FILE --xds-key FILE [--xds-client-ca FILE]] [--insecure]
 
-ADS TLS: ``--xds-cert``/``--xds-key`` serve TLS (re-read when the files change, before the
-next handshake, without dropping streams); ``--xds-client-ca`` requires engine client
-certificates (mTLS) and then each stream's node id must be named by its certificate
-(:mod:`controlplane.ads`). ``--xds-listen`` beyond loopback without mTLS is refused unless
-``--insecure``.
+ADS TLS and the refusal of an unauthenticated non-loopback ADS listener:
+:mod:`controlplane.ads_tls`.
 
 Serves ADS (engines connect with ``--xds``) and the admin API (:mod:`controlplane.admin`)
 on one event loop. ``--definitions`` is the file the builder wrote for the engine build
@@ -33,6 +30,7 @@ from typing import Final
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from controlplane import ads_tls
 from controlplane.admin import AdminApi
 from controlplane.ads import AdsServer
 from controlplane.definitions import load_validation_registry
@@ -40,7 +38,6 @@ from controlplane.gitops import ConfigWatcher
 from controlplane.http import HttpServer
 from controlplane.table import RouteTable
 from engine.errors import DefinitionError, TlsError
-from engine.tls import ServerTls, ServerTlsFiles, is_loopback
 
 __all__ = ["main", "parse_args", "serve"]
 
@@ -64,33 +61,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
-    ads_tls = parser.add_argument_group("ADS TLS")
-    ads_tls.add_argument("--xds-cert", metavar="FILE", help="ADS server certificate (PEM)")
-    ads_tls.add_argument("--xds-key", metavar="FILE", help="its private key (PEM)")
-    ads_tls.add_argument(
-        "--xds-client-ca",
-        metavar="FILE",
-        help="require engine client certificates chaining to this CA bundle (mTLS); each "
-        "engine's node id must be its certificate's URI SAN spiffe://<trust domain>/node/<id>",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow --xds-listen beyond loopback without mTLS (default: refused)",
-    )
+    ads_tls.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.poll_interval > 0:
         parser.error("--poll-interval must be greater than 0")
-    if (args.xds_cert is None) != (args.xds_key is None):
-        parser.error("--xds-cert and --xds-key go together")
-    if args.xds_client_ca is not None and args.xds_cert is None:
-        parser.error("--xds-client-ca needs --xds-cert and --xds-key")
-    if not is_loopback(args.xds_listen) and args.xds_client_ca is None and not args.insecure:
-        parser.error(
-            f"--xds-listen {args.xds_listen} is not a loopback address: give --xds-cert, "
-            "--xds-key and --xds-client-ca (mTLS), or --insecure to serve the configuration "
-            "to anyone who connects"
-        )
+    ads_tls.check_arguments(parser, args)
     return args
 
 
@@ -110,26 +85,15 @@ async def serve(
         errors = await watcher.load_initial()
         if errors:
             return 1
-    tls = None
-    if args.xds_cert is not None:
-        files = ServerTlsFiles(
-            args.xds_cert, args.xds_key, args.xds_client_ca, "--xds-cert", "--xds-key",
-            "--xds-client-ca",
-        )  # fmt: skip
-        try:
-            tls = ServerTls(files)
-        except TlsError as exc:
-            log.error("%s", exc)
-            return 1
-    if not is_loopback(args.xds_listen) and (tls is None or not tls.mutual):  # --insecure
-        log.warning("--insecure: ADS on %s authenticates no engine", args.xds_listen)
+    try:
+        tls = ads_tls.load(args)
+    except TlsError as exc:
+        log.error("%s", exc)
+        return 1
     ads = AdsServer(table, verify_node_identity=tls is not None and tls.mutual)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    if tls is not None:
-        xds_port = server.add_secure_port(args.xds_listen, tls.grpc_credentials())
-    else:
-        xds_port = server.add_insecure_port(args.xds_listen)
+    xds_port = ads_tls.add_port(server, args.xds_listen, tls)
     if xds_port == 0:
         log.error("cannot listen on %s", args.xds_listen)
         return 1
