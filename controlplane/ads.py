@@ -16,6 +16,12 @@ stream:
   (``error_detail`` set). Requests with an older nonce are stale and ignored, as the
   xDS protocol says. Requests for other type URLs are ignored (logged once).
 
+Node identity (``verify_node_identity``, on when ADS requires client certificates): the
+first request of a stream must carry a ``node`` whose id the client certificate names (a
+URI SAN ``spiffe://<trust domain>/node/<node id>``, :func:`engine.tls.node_ids_of`);
+otherwise the stream ends with PERMISSION_DENIED before anything is sent, so an engine can
+neither read the configuration under another engine's name nor spoof its ``/status``.
+
 :class:`EngineStatus` keeps, per stream, the node, what was sent, what was ACKed or
 NACKed (with the engine's error text); the admin API's ``/status`` shows it.
 
@@ -46,6 +52,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
 
 from controlplane.table import RouteTable, TableVersion
+from engine.tls import node_ids_of
 from engine.xds.resources import ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 
 __all__ = [
@@ -180,9 +187,16 @@ class EngineStatus:
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """The ``StreamAggregatedResources`` servicer over one :class:`RouteTable`."""
 
-    def __init__(self, table: RouteTable, limits: AdsLimits | None = None) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        limits: AdsLimits | None = None,
+        *,
+        verify_node_identity: bool = False,
+    ) -> None:
         self.table = table
         self.limits = limits if limits is not None else AdsLimits()
+        self.verify_node_identity = verify_node_identity
         self.engines: dict[int, EngineStatus] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -211,7 +225,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         engine = EngineStatus(stream=next(self._ids), peer=peer)
         self.engines[engine.stream] = engine
         stream = _Stream()
-        reader = asyncio.create_task(self._read(request_iterator, engine, stream))
+        reader = asyncio.create_task(self._read(request_iterator, engine, stream, context))
         try:
             while True:
                 current = self.table.current
@@ -229,6 +243,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         failure = None if reader.cancelled() else reader.exception()
                         if isinstance(failure, _Refused):
                             await context.abort(failure.code, str(failure))
+                        if isinstance(failure, grpc.aio.AbortError):
+                            raise failure  # a refused identity: the stream ends with its status
                         return
                     continue
                 for type_url in due:  # settings first: routes then apply with them
@@ -279,9 +295,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         engine: EngineStatus,
         stream: _Stream,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         warned: set[str] = set()  # at most MAX_WARNED_TYPES entries
         async for request in requests:
+            if self.verify_node_identity and not engine.node_id:
+                await _check_identity(request, engine, context)
             if request.HasField("node") and not engine.node_id:
                 _check_node(request.node)
                 engine.node_id = request.node.id
@@ -377,3 +396,27 @@ def _bounded_metadata(node: Any) -> dict[str, Any]:
         )
         return {"omitted": f"{size} bytes, over the limit of {MAX_METADATA_BYTES}"}
     return dict(json_format.MessageToDict(node.metadata))
+
+
+async def _check_identity(
+    request: discovery_pb2.DiscoveryRequest,
+    engine: EngineStatus,
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> None:
+    """End the stream (PERMISSION_DENIED) unless ``request`` (the stream's first) names a
+    node whose id the peer's client certificate names; see the module docstring."""
+    uris = [v.decode("utf-8", "replace") for v in context.auth_context().get("peer_uri", [])]
+    names = node_ids_of(uris)
+    node_id = request.node.id if request.HasField("node") else ""
+    if node_id and node_id in names:
+        return
+    if not node_id:
+        problem = "the first request must carry the node, whose id the certificate must name"
+    else:
+        named = ", ".join(repr(n) for n in names) or "none"
+        problem = (
+            f"node id {node_id!r} is not named by the client certificate (it names {named}: "
+            "URI SAN spiffe://<trust domain>/node/<id>)"
+        )
+    log.warning("engine stream %d from %s refused: %s", engine.stream, engine.peer, problem)
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)

@@ -6,6 +6,10 @@
                  [--admin-tls-cert FILE --admin-tls-key FILE] [--admin-insecure]
                  [--admin-allowed-host HOST ...] [--admin-max-body BYTES]
                  [--admin-max-connections N] [--admin-timeout SECONDS]
+                 [--xds-cert FILE --xds-key FILE [--xds-client-ca FILE]] [--xds-insecure]
+
+ADS TLS and the refusal of an unauthenticated non-loopback ADS listener:
+:mod:`controlplane.ads_tls`.
 
 Serves ADS (engines connect with ``--xds``) and the admin API (:mod:`controlplane.admin`)
 on one event loop. ``--definitions`` is the file the builder wrote for the engine build
@@ -41,6 +45,7 @@ from typing import Final
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from controlplane import ads_tls
 from controlplane.admin import (
     AdminApi,
     AdminLimits,
@@ -55,7 +60,7 @@ from controlplane.definitions import load_validation_registry
 from controlplane.gitops import ConfigWatcher
 from controlplane.table import RouteTable
 from controlplane.writer import TableWriter
-from engine.errors import DefinitionError
+from engine.errors import DefinitionError, TlsError
 from engine.settle import DEFAULT_SETTLE
 
 __all__ = ["main", "parse_args", "serve"]
@@ -135,6 +140,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    ads_tls.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.poll_interval > 0:
         parser.error("--poll-interval must be greater than 0")
@@ -147,6 +153,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not args.admin_timeout > 0:
         parser.error("--admin-timeout must be greater than 0")
     _check_admin_security(parser, args)
+    ads_tls.check_arguments(parser, args)
     return args
 
 
@@ -217,11 +224,20 @@ async def serve(
         errors = await watcher.load_initial()
         if errors:
             return 1
+    try:
+        tls = ads_tls.load(args)
+    except TlsError as exc:
+        log.error("%s", exc)
+        return 1
     per_client = args.xds_max_streams_per_client
-    ads = AdsServer(table, AdsLimits(args.xds_max_streams, per_client, per_client))
+    ads = AdsServer(
+        table,
+        AdsLimits(args.xds_max_streams, per_client, per_client),
+        verify_node_identity=tls is not None and tls.mutual,
+    )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    xds_port = server.add_insecure_port(args.xds_listen)
+    xds_port = ads_tls.add_port(server, args.xds_listen, tls)
     if xds_port == 0:
         log.error("cannot listen on %s", args.xds_listen)
         return 1

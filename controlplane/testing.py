@@ -56,8 +56,12 @@ class ControlPlane:
         *,
         settle: float = 0.0,
         token_file: Path | None = None,
+        xds_cert: Path | None = None,
+        xds_key: Path | None = None,
+        xds_client_ca: Path | None = None,
         **admin: Any,
     ) -> None:
+        """``xds_*``: the ADS TLS files (``--xds-cert``, ``--xds-key``, ``--xds-client-ca``)."""
         self.table = RouteTable(registry)
         self.admin_token, self.reader_token = new_token(), new_token()
         if token_file is None:
@@ -83,6 +87,9 @@ class ControlPlane:
             admin_max_body=8 * 1024 * 1024,
             admin_max_connections=32,
             admin_timeout=30.0,
+            xds_cert=str(xds_cert) if xds_cert else None,
+            xds_key=str(xds_key) if xds_key else None,
+            xds_client_ca=str(xds_client_ca) if xds_client_ca else None,
         )
         for name, value in admin.items():
             if not hasattr(self.args, name):

@@ -9,7 +9,8 @@ Hierarchy::
     ├── ConditionError    a CEL condition does not compile (config time)
     │   └── ConditionEvaluationError  a condition failed at request time (policy is skipped)
     ├── PolicyError       a policy raised or timed out while handling a request
-    └── ProtocolError     an ext_proc message is malformed or arrives out of order
+    ├── ProtocolError     an ext_proc message is malformed or arrives out of order
+    └── TlsError          a certificate, key or CA file is missing, unreadable or mismatched
 
 Every message names the file, route, policy and field involved so that an
 operator can fix the input without reading engine code.
@@ -28,6 +29,7 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "RegistryError",
+    "TlsError",
 ]
 
 
@@ -87,3 +89,9 @@ class PolicyError(EngineError):
 
 class ProtocolError(EngineError):
     """An ext_proc message was malformed or arrived out of order."""
+
+
+class TlsError(EngineError):
+    """A TLS file (certificate, private key, CA) is missing, unreadable, not PEM, or the
+    key does not match the certificate. The message names the file and the flag that
+    gave it, never the key's content."""

@@ -4,8 +4,14 @@ The runtime ships with ZERO policies: the caller injects the registry. A builder
 binary calls ``main(sys.argv[1:], registry=<generated registry>, build_info=<stamped info>)``;
 ``engine/bin.py`` is the zero-policy engine.
 
-Exit codes: 0 ok (or ``--validate`` found no error), 1 invalid configuration or server
-failure, 2 bad command line (argparse).
+Exit codes: 0 ok (or ``--validate`` found no error), 1 invalid configuration, unusable
+TLS files or server failure, 2 bad command line (argparse).
+
+Listeners beyond loopback are authenticated by default: ``--listen`` and
+``--metrics-listen`` on any address but loopback need ``--tls-cert``, ``--tls-key`` and
+``--tls-client-ca`` (mTLS: only clients with a certificate from that CA get in), and
+``--xds`` beyond loopback needs ``--xds-ca``; ``--insecure`` is the explicit way out
+(each such link is then logged as a warning at startup).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from engine import metrics
 from engine.config import load_config_file
 from engine.cpus import available_cpus
 from engine.envoy_metadata import DEFAULT_KEYS, DEFAULT_NAMESPACE, EnvoyMetadata
-from engine.errors import ConfigError, EngineError
+from engine.errors import ConfigError, EngineError, TlsError
 from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.registry import PolicyRegistry
 from engine.server import run_loop, serve, serve_workers
 from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
+from engine.tls import ServerTls, ServerTlsFiles, is_loopback
 from engine.xds import cli as xds_cli
 
 __all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "main", "parse_args"]
@@ -135,12 +142,51 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="request metadata keys sent to Envoy as dynamic metadata (scalars only; empty: "
         f"none; default {','.join(DEFAULT_KEYS)})",
     )
+    tls = parser.add_argument_group("TLS (the ext_proc and metrics listeners)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve TLS with this certificate chain (PEM); re-read when it changes",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the --tls-cert private key (PEM)")
+    tls.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require client certificates that chain to this CA bundle (PEM): mTLS",
+    )
+    tls.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="also serve the gRPC health service alone, plaintext, on this loopback address "
+        "(for probes inside the container when --listen requires client certificates)",
+    )
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext or unauthenticated links beyond loopback: --listen / "
+        "--metrics-listen without mTLS, --xds without --xds-ca (default: refused)",
+    )
     xds_cli.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.version and not args.config and not args.xds:
         parser.error("--config or --xds is required")
     if args.validate and not args.config:
         parser.error("--validate needs --config")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    for flag in _unauthenticated_listeners(args):
+        if not args.insecure:
+            remedy = (
+                "it is always plaintext: keep it on 127.0.0.1"
+                if flag == "--health-listen"
+                else "give --tls-cert, --tls-key and --tls-client-ca (mTLS)"
+            )
+            parser.error(
+                f"{flag} {getattr(args, flag[2:].replace('-', '_'))} is not a loopback address:"
+                f" {remedy}, or --insecure to accept unauthenticated connections there"
+            )
     xds_cli.check_arguments(parser, args)
     if args.workers is None:  # read once, at startup
         args.workers = available_cpus()
@@ -160,6 +206,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
         parser.error("--workers > 1 needs a fixed port (port 0 would give each worker its own)")
     return args
+
+
+def _unauthenticated_listeners(args: argparse.Namespace) -> list[str]:
+    """The listener flags whose address is beyond loopback without mTLS."""
+    mutual = args.tls_cert is not None and args.tls_client_ca is not None
+    flags = []
+    if not mutual:
+        flags += ["--listen"] if args.listen and not is_loopback(args.listen) else []
+        if args.metrics_listen and not is_loopback(args.metrics_listen):
+            flags.append("--metrics-listen")
+    if args.health_listen and not is_loopback(args.health_listen):  # never authenticated
+        flags.append("--health-listen")
+    return flags
+
+
+def server_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The listeners' TLS files, loaded and checked (``None`` without ``--tls-cert``).
+    Raises :class:`~engine.errors.TlsError` naming the file and flag."""
+    if args.tls_cert is None:
+        return None
+    return ServerTls(ServerTlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
 
 
 def build_lines(registry: PolicyRegistry, build_info: Mapping[str, str] | None) -> list[str]:
@@ -247,6 +314,15 @@ def main(
     )
     for line in build_lines(registry, build_info):
         log.info("%s", line)
+    try:
+        tls = server_tls(args)
+    except TlsError as exc:
+        log.error("%s", exc)
+        return 1
+    for flag in _unauthenticated_listeners(args):  # only with --insecure
+        log.warning("--insecure: %s accepts unauthenticated connections", flag)
+    if xds_cli.plaintext_remote(args):
+        log.warning("--insecure: configuration from %s in plaintext, unauthenticated", args.xds)
 
     if args.metrics_listen:
         # Before the config loads (the store records it) and before workers fork.
@@ -269,6 +345,9 @@ def main(
         for line in exc.lines():
             log.error("%s", line)
         return 1
+    except TlsError as exc:
+        log.error("%s", exc)
+        return 1
     except (OSError, EngineError) as exc:
         log.error("cannot load configuration: %s", exc)
         return 1
@@ -280,8 +359,9 @@ def main(
         # In the worker (after fork): its metrics thread never lives in the forking parent.
         stop_metrics = None
         if args.metrics_listen:
-            stop_metrics = metrics.serve(args.metrics_listen, reuse_port=reuse_port)
-            log.info("metrics on http://%s/metrics", args.metrics_listen)
+            stop_metrics = metrics.serve(args.metrics_listen, reuse_port=reuse_port, tls=tls)
+            scheme = "http" if tls is None else "https"
+            log.info("metrics on %s://%s/metrics", scheme, args.metrics_listen)
         processor = PolicyProcessor(
             store, max_body_bytes=args.max_body_bytes, envoy_metadata=envoy_metadata
         )
@@ -294,6 +374,8 @@ def main(
                 drain=args.drain,
                 reuse_port=reuse_port,
                 processor=processor,
+                tls=tls,
+                health_listen=args.health_listen,
             )
         finally:
             if stop_metrics is not None:

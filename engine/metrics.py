@@ -50,8 +50,11 @@ Metric names (all prefixed ``policy_engine_``):
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -70,6 +73,8 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from engine.tls import ServerTls
 
 __all__ = [
     "UNKNOWN_ROUTE",
@@ -97,6 +102,7 @@ __all__ = [
     "xds_response",
 ]
 
+_log: Final = logging.getLogger("engine.metrics")
 UNKNOWN_ROUTE: Final = "(unknown)"
 PREFIX: Final = "policy_engine_"
 
@@ -244,10 +250,20 @@ def render() -> bytes:
     return generate_latest(registry)
 
 
-def serve(listen: str, *, reuse_port: bool = False) -> Callable[[], None]:
+_HANDSHAKE_TIMEOUT: Final = 10.0  # seconds a scraper may take for TLS + its request
+
+
+def serve(
+    listen: str, *, reuse_port: bool = False, tls: ServerTls | None = None
+) -> Callable[[], None]:
     """Serve ``GET /metrics`` on ``listen`` (``host:port``) from a daemon thread (it
     never touches the event loop); returns a function that stops it. Raises OSError when
     the address cannot be bound.
+
+    ``tls``: HTTPS with its files (client certificates required when it has a client CA);
+    each accepted connection is wrapped with the context of the files as they are then, so
+    a rotation applies from the next connection. The handshake runs in the connection's
+    thread with a timeout; a failed one is dropped (logged at debug level).
 
     With ``reuse_port`` every worker binds the same port (``SO_REUSEPORT``, like the gRPC
     port): whichever worker a scrape reaches renders every process's files, so each
@@ -255,6 +271,13 @@ def serve(listen: str, *, reuse_port: bool = False) -> Callable[[], None]:
     """
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = _HANDSHAKE_TIMEOUT if tls is not None else None
+
+        def setup(self) -> None:
+            super().setup()
+            if isinstance(self.connection, ssl.SSLSocket):
+                self.connection.do_handshake()
+
         def do_GET(self) -> None:
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404)
@@ -272,6 +295,24 @@ def serve(listen: str, *, reuse_port: bool = False) -> Callable[[], None]:
     class Server(ThreadingHTTPServer):
         allow_reuse_port = reuse_port
         daemon_threads = True
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            connection, address = super().get_request()
+            if tls is None:
+                return connection, address
+            try:
+                context = tls.ssl_context()
+            except Exception:
+                connection.close()
+                raise OSError("metrics: no TLS context") from None
+            wrapped = context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+            return wrapped, address
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A client without a valid certificate, a scanner, a dropped connection.
+            _log.debug("metrics: connection from %s failed", client_address, exc_info=True)
 
     host, _, port = listen.rpartition(":")
     server = Server((host.strip("[]") or "127.0.0.1", int(port)), Handler)

@@ -51,6 +51,7 @@ from engine import metrics
 from engine.chain import Snapshot
 from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
+from engine.tls import ServerTls
 
 __all__ = [
     "EXT_PROC_SERVICE",
@@ -88,8 +89,17 @@ async def serve(
     reuse_port: bool = False,
     handle_signals: bool | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tls: ServerTls | None = None,
+    health_listen: str | None = None,
 ) -> None:
     """Serve ext_proc + health on ``listen`` (``host:port``; port 0 picks a free one).
+
+    ``tls``: serve TLS with its files (mTLS when it has a client CA: a client without a
+    valid certificate fails the handshake and never reaches a servicer), re-read when they
+    change, before the next handshake (:mod:`engine.tls`); ``None``: plaintext.
+    ``health_listen``: also serve the health service alone, in plaintext, on this address
+    (a second gRPC server sharing the health state): what an in-container probe reaches
+    when ``listen`` demands a client certificate. Callers keep it on loopback.
 
     Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
     ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set
@@ -112,9 +122,18 @@ async def serve(
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    port = server.add_insecure_port(listen)
+    if tls is not None:
+        port = server.add_secure_port(listen, tls.grpc_credentials())
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {listen}")
+    health_server = None
+    if health_listen is not None:
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        if health_server.add_insecure_port(health_listen) == 0:
+            raise RuntimeError(f"cannot listen on {health_listen}")
 
     loop = asyncio.get_running_loop()
     if handle_signals is None:
@@ -139,9 +158,18 @@ async def serve(
 
             remove_listener = store.add_listener(on_first_publish)
         await server.start()
+        if health_server is not None:
+            await health_server.start()
         if source is not None:
             tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
-        log.info("policy engine listening on %s (port %d, pid %d)", listen, port, os.getpid())
+        security = "plaintext" if tls is None else "mTLS" if tls.mutual else "TLS"
+        log.info(
+            "policy engine listening on %s (port %d, %s, pid %d)",
+            listen,
+            port,
+            security,
+            os.getpid(),
+        )
         if on_bound is not None:
             on_bound(port)
         if ready is not None:
@@ -166,6 +194,8 @@ async def serve(
                 await task
         await _quiesce(processor, deadline)
         await server.stop(max(0.0, deadline - loop.time()))
+        if health_server is not None:
+            await health_server.stop(None)
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")

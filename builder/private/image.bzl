@@ -12,12 +12,15 @@ world. Layout of the image:
     /opt/policy-engine/<binary>             the py_binary launcher (what `bazel run` runs)
     /opt/policy-engine/<binary>.runfiles/   its runfiles tree, exactly as `bazel run` sees it
     /etc/policy-engine/config.yaml          where the configuration is mounted (CONFIG_PATH)
+    /etc/policy-engine/tls/{tls.crt,tls.key,ca.crt}   the TLS secret the default command needs
 
 Engine layers: two, third-party first (it changes least): `<name>_layer_deps` (external
 repositories: wheels, bazel_tools) and `<name>_layer_app` (the runtime, the policies, the
 generated registry). The entrypoint is `/usr/bin/python3.11 <runfiles>/<main>.py` with the
 launcher's PYTHONPATH (image_metadata.py says why not the launcher itself); the default
-command reads CONFIG_PATH and listens on 0.0.0.0:9002. User 65532 (`nonroot`); nothing is
+command reads CONFIG_PATH and listens on 0.0.0.0:9002 with mTLS only (the files of a
+Kubernetes TLS secret mounted at TLS_DIR: without them it exits 1 naming the missing file),
+and serves the health service alone in plaintext on 127.0.0.1:9003 for the probe. User 65532 (`nonroot`); nothing is
 written to the root file system (no bytecode caches), so `--read-only` works. Labels carry
 the build metadata (`<engine>_build_info.json`, stamped under `--stamp`), the policy list
 and the base's digest; unstamped builds are reproducible.
@@ -61,11 +64,34 @@ EXT_PROC_PORT = 9002
 METRICS_PORT = 9090
 IMAGE_PORTS = ["%d/tcp" % EXT_PROC_PORT, "%d/tcp" % METRICS_PORT]
 
+# The TLS secret the default command reads (the file names of a Kubernetes TLS secret, as
+# cert-manager writes it): the certificate and key the engine presents, and the CA that
+# client certificates (Envoy's, Prometheus's) must chain to. Mount it read-only here.
+TLS_DIR = "/etc/policy-engine/tls"
+
+# Health alone, plaintext, on loopback: what the in-container probe reaches (it has no client
+# certificate). Not exposed.
+HEALTH_PORT = 9003
+
 # Default arguments of the entrypoint (`podman run IMAGE --other --flags` replaces them).
-IMAGE_CMD = ["--config", CONFIG_PATH, "--listen", "0.0.0.0:%d" % EXT_PROC_PORT]
+# Nothing beyond 127.0.0.1 without mTLS (README, "Decisions": the engine refuses otherwise).
+IMAGE_CMD = [
+    "--config",
+    CONFIG_PATH,
+    "--listen",
+    "0.0.0.0:%d" % EXT_PROC_PORT,
+    "--tls-cert",
+    TLS_DIR + "/tls.crt",
+    "--tls-key",
+    TLS_DIR + "/tls.key",
+    "--tls-client-ca",
+    TLS_DIR + "/ca.crt",
+    "--health-listen",
+    "127.0.0.1:%d" % HEALTH_PORT,
+]
 
 # The health probe (Dockerfile HEALTHCHECK; Kubernetes exec probe): gRPC Health/Check.
-HEALTHCHECK = ["/usr/bin/python3.11", "-m", "engine.healthcheck", "--address", "127.0.0.1:%d" % EXT_PROC_PORT]
+HEALTHCHECK = ["/usr/bin/python3.11", "-m", "engine.healthcheck", "--address", "127.0.0.1:%d" % HEALTH_PORT]
 
 def _runfiles_path(workspace_name, short_path):
     """`<repo>/<path>` inside a runfiles tree, from a File.short_path-like path."""

@@ -47,6 +47,12 @@ channel so gRPC's own reconnect backoff (up to two minutes) cannot exceed ours. 
 delay resets only after a stream has stayed up for :data:`HEALTHY_AFTER` seconds since
 its first response: a control plane that answers and then drops the stream is retried
 with growing delays, not every 0.25 s.
+
+TLS (``tls``, :class:`~engine.tls.ClientTlsFiles`): each attempt's channel reads the
+CA, client certificate and key as they are then, so a rotated certificate is presented
+from the next connect on; a running stream keeps its connection (nothing is dropped
+when the files change). A file that cannot be used at a reconnect is logged (file and
+flag named) and retried with the backoff; the last good snapshot keeps serving.
 """
 
 from __future__ import annotations
@@ -70,10 +76,11 @@ from google.rpc import code_pb2, status_pb2
 from engine import metrics
 from engine.chain import Snapshot
 from engine.config import load_config
-from engine.errors import ConfigError
+from engine.errors import ConfigError, TlsError
 from engine.registry import PolicyRegistry
 from engine.secrets import document_secrets, scrub
 from engine.store import ConfigStore
+from engine.tls import ClientTlsFiles, channel_credentials, channel_options
 from engine.xds.resources import (
     ROUTE_CHAIN_TYPE,
     SETTINGS_TYPE,
@@ -202,8 +209,10 @@ class XdsConfigSource:
         backoff: Backoff | None = None,
         healthy_after: float = HEALTHY_AFTER,
         clock: Callable[[], float] = time.monotonic,
+        tls: ClientTlsFiles | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls
         self.registry = registry
         self.store = store
         self._node_factory = node
@@ -236,6 +245,8 @@ class XdsConfigSource:
                 log.warning(
                     "xDS: stream to %s failed: %s %s", self.target, exc.code().name, exc.details()
                 )
+            except TlsError as exc:
+                log.error("xDS: cannot connect to %s: %s", self.target, exc)
             except Exception:  # never let the source die: keep serving, keep retrying
                 log.exception("xDS: unexpected client failure; reconnecting")
             self.status.connected = False
@@ -261,7 +272,14 @@ class XdsConfigSource:
             ("grpc.keepalive_time_ms", 300_000),
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
-        async with grpc.aio.insecure_channel(self.target, options=options) as channel:
+        if self.tls is None:
+            channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:  # the files as they are now: a rotated client certificate is used from here on
+            credentials = channel_credentials(self.tls)
+            channel = grpc.aio.secure_channel(
+                self.target, credentials, options=[*options, *channel_options(self.tls)]
+            )
+        async with channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources()
             self.status.connects += 1

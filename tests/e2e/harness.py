@@ -40,6 +40,7 @@ from engine.extproc import ROUTE_METADATA_KEY, PolicyProcessor
 from engine.registry import PolicyRegistry
 from engine.server import serve
 from engine.store import ConfigStore, FileConfigSource
+from engine.tls import ServerTls
 
 __all__ = [
     "EXT_PROC_CIRCUIT_BREAKERS",
@@ -53,6 +54,7 @@ __all__ = [
     "free_port",
     "http_request",
     "render_bootstrap",
+    "upstream_tls",
 ]
 
 HOST = "127.0.0.1"
@@ -233,6 +235,7 @@ class EngineThread:
     """The engine's gRPC server on a background thread with its own event loop.
 
     ``config_path`` is watched (50 ms poll). ``processor.stats`` counts ext_proc messages.
+    ``tls``: serve TLS (mTLS with a client CA) with these files.
     """
 
     def __init__(
@@ -244,10 +247,12 @@ class EngineThread:
         settle: float = 0.0,
         drain: float = 0.0,
         grace: float = 1.0,
+        tls: ServerTls | None = None,
     ) -> None:
         self.registry = registry
         self.drain = drain
         self.grace = grace
+        self.tls = tls
         self.config_path = config_path
         self.store = ConfigStore()
         # settle=0: apply_config replaces the file atomically, so nothing to wait for.
@@ -290,6 +295,7 @@ class EngineThread:
                 stop=self._stop,
                 on_bound=self._on_bound,
                 processor=self.processor,
+                tls=self.tls,
             )
 
         try:
@@ -379,6 +385,36 @@ connection per worker thread while it may, and the engine's workers share the po
 SO_REUSEPORT, which deals out connections, not streams: without this, one engine worker can
 serve everything. A fresh connection every 100 streams is re-dealt by the kernel, so each
 worker gets its share over time (tools/bench, workers section)."""
+
+
+def upstream_tls(
+    ca: Path, cert: Path | None = None, key: Path | None = None, *, server_name: str = "localhost"
+) -> dict[str, Any]:
+    """The ext_proc cluster's ``transport_socket``: TLS to the engine, verifying its
+    certificate against ``ca`` and the DNS SAN ``server_name`` (also sent as SNI),
+    presenting ``cert``/``key`` when given (mTLS). ALPN ``h2``: gRPC servers expect it.
+    Merge it into ``engine_cluster``: ``{"transport_socket": upstream_tls(...)}``."""
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {
+            "trusted_ca": {"filename": str(ca)},
+            "match_typed_subject_alt_names": [
+                {"san_type": "DNS", "matcher": {"exact": server_name}}
+            ],
+        },
+    }
+    if cert is not None and key is not None:
+        common["tls_certificates"] = [
+            {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+        ]
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TYPE + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": server_name,
+            "common_tls_context": common,
+        },
+    }
 
 
 def render_bootstrap(

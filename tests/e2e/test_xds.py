@@ -7,9 +7,7 @@ One stack serves the module (control plane watching a config directory, engine
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -165,6 +165,7 @@ class ControlPlaneProcess:
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
+        args += self.extra
         if self.engine is not None:
             self.process = _spawn([str(self.engine), "controlplane", *args], self.log_path)
         else:
@@ -249,6 +250,8 @@ class EngineXdsProcess:
 
     ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
     ``port``: the ext_proc port (default: a free one), so an Envoy can be started first.
+    ``credentials``: how :meth:`health` reaches a TLS listener (default plaintext).
+    ``workers``: ``--workers``.
     """
 
     def __init__(
@@ -262,9 +265,12 @@ class EngineXdsProcess:
         binary: Path | None = None,
         start_timeout: float = 20.0,
         port: int | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        workers: int = 1,
     ) -> None:
         self.port = port if port is not None else free_port()
         self.node_id = node_id
+        self.credentials = credentials
         self.log_path = workdir / f"engine-{node_id}.log"
         argv = [
             "--xds",
@@ -274,7 +280,7 @@ class EngineXdsProcess:
             "--listen",
             f"{HOST}:{self.port}",
             "--workers",
-            "1",
+            str(workers),
             "--xds-max-backoff",
             str(max_backoff),
             "--grace",
@@ -298,7 +304,12 @@ class EngineXdsProcess:
 
     def health(self) -> int | None:
         """The health status (SERVING=1, NOT_SERVING=2), None if unreachable."""
-        with grpc.insecure_channel(f"{HOST}:{self.port}") as channel:
+        target = f"{HOST}:{self.port}"
+        with (
+            grpc.insecure_channel(target)
+            if self.credentials is None
+            else grpc.secure_channel(target, self.credentials)
+        ) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=0.5

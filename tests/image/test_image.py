@@ -29,7 +29,12 @@ TARBALL = Path(os.environ["IMAGE_TARBALL"])
 DOCKERFILE = Path(os.environ["IMAGE_DOCKERFILE"])
 CRANE = os.environ.get("CRANE", "/usr/bin/crane")
 ENTRYPOINT = ["/usr/bin/python3.11", "/opt/policy-engine/engine.runfiles/_main/engine/bin.py"]
-CMD = ["--config", "/etc/policy-engine/config.yaml", "--listen", "0.0.0.0:9002"]
+TLS_DIR = "/etc/policy-engine/tls"
+CMD = [
+    *("--config", "/etc/policy-engine/config.yaml", "--listen", "0.0.0.0:9002"),
+    *("--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"),
+    *("--tls-client-ca", f"{TLS_DIR}/ca.crt", "--health-listen", "127.0.0.1:9003"),
+]
 USER = "65532:65532"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -133,6 +138,16 @@ def test_entrypoint_runs_the_engine_on_the_image_python(rootfs: Path) -> None:
     result = _in_image(rootfs, *ENTRYPOINT, "--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("policy-engine ")
+
+
+def test_default_command_without_the_tls_secret_fails_naming_the_file(rootfs: Path) -> None:
+    # The default listens beyond loopback, so only with mTLS: no secret mounted, no start.
+    result = _in_image(rootfs, *ENTRYPOINT, *CMD)
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"--tls-cert {TLS_DIR}/tls.crt: cannot read the certificate: No such file or directory"
+        in result.stderr
+    )
 
 
 def test_every_compiled_module_imports_on_the_image_python(rootfs: Path) -> None:

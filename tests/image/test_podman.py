@@ -10,10 +10,13 @@ What is checked:
 * every compiled extension module the image ships imports on the image's Python;
 * the container runs as uid 65532 with a read-only root file system (no tmpfs either),
   its configuration in a read-only directory mount at /etc/policy-engine, host network;
-  ``python3.11 -m engine.healthcheck`` (the probe command) reports SERVING;
-* Envoy -> ext_proc -> the containerised engine: jwtValidation v2 rejects a missing and a
-  forged token (401) and accepts a valid one, whose ``sub`` claim and a setHeader header
-  reach the upstream; the JWKS comes over HTTPS from the host, trusted via the mounted CA;
+  ``python3.11 -m engine.healthcheck`` (the probe command) reports SERVING on the
+  loopback health port;
+* Envoy -> ext_proc over mTLS (the image's default files: a TLS secret mounted at
+  /etc/policy-engine/tls; Envoy presents a client certificate) -> the containerised
+  engine: jwtValidation v2 rejects a missing and a forged token (401) and accepts a valid
+  one, whose ``sub`` claim and a setHeader header reach the upstream; the JWKS comes over
+  HTTPS from the host, trusted via the mounted CA;
 * SIGTERM (``podman stop``) drains and exits 0;
 * the Dockerfile the builder emits (``image_docker_context.tar``) builds, with
   ``podman build``, an image with the same user, entrypoint, command, environment, ports and
@@ -39,6 +42,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.tls_testing import Issued, TestPki
 from policies.jwtValidation.testing import (
     AUDIENCE,
     ISSUER,
@@ -55,6 +59,7 @@ from tests.e2e.harness import (
     envoy_binary,
     free_port,
     http_request,
+    upstream_tls,
 )
 from tests.image.podman import Podman, podman_unavailable
 from tests.image.registry import push_layout, running_registry
@@ -86,6 +91,7 @@ class Stack:
     envoy: EnvoyProcess
     config_dir: Path
     engine_port: int
+    health_port: int
 
 
 def _config(jwks_url: str) -> str:
@@ -129,20 +135,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config_dir.mkdir()
     config_dir.chmod(0o755)
     shutil.copyfile(pki.ca_file, config_dir / "ca.pem")
+    # The engine's TLS secret where the image's default command reads it (tls/), readable
+    # by uid 65532 as a secret volume's defaultMode 0644 makes it; Envoy's client cert.
+    tls_pki = TestPki(workdir / "tls-pki")
+    engine_tls: Issued = tls_pki.server("engine")
+    envoy_tls: Issued = tls_pki.client("envoy", dns=["envoy"])
+    (config_dir / "tls").mkdir()
+    (config_dir / "tls").chmod(0o755)
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        shutil.copyfile(engine_tls.directory / name, config_dir / "tls" / name)
+        (config_dir / "tls" / name).chmod(0o644)
     engine_port = free_port()
+    health_port = free_port()
     with JwksServer(pki, keys.published) as jwks, EchoUpstream() as upstream:
         (config_dir / "config.yaml").write_text(_config(jwks.url))
         for path in config_dir.iterdir():
-            path.chmod(0o644)
+            if path.is_file():
+                path.chmod(0o644)
         with EnvoyProcess(
             binary,
             workdir,
             engine_port=engine_port,
             upstream_port=upstream.port,
             routes=[EnvoyRoute("jwt", "/jwt/", "jwt")],
+            engine_cluster={
+                "transport_socket": upstream_tls(tls_pki.ca_file, envoy_tls.cert, envoy_tls.key)
+            },
         ) as envoy:
             try:
-                yield Stack(podman, jwks, keys, upstream, envoy, config_dir, engine_port)
+                yield Stack(
+                    podman, jwks, keys, upstream, envoy, config_dir, engine_port, health_port
+                )
             finally:
                 jwks.release()
                 podman.run("rm", "--all", "--force", check=False)
@@ -152,7 +175,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @contextlib.contextmanager
 def engine_container(stack: Stack, image: str, name: str) -> Iterator[str]:
-    """Run the image as the engine (the README's command); stop it, check a clean exit."""
+    """Run the image as the engine (the README's command: the image's default TLS files,
+    on the test's ports); stop it, check a clean exit."""
     stack.podman.run("rm", "--force", name, check=False)
     stack.podman.run(
         "run",
@@ -170,11 +194,14 @@ def engine_container(stack: Stack, image: str, name: str) -> Iterator[str]:
         f"{CONFIG_DIR}/config.yaml",
         "--listen",
         f"127.0.0.1:{stack.engine_port}",
+        *("--tls-cert", f"{CONFIG_DIR}/tls/tls.crt", "--tls-key", f"{CONFIG_DIR}/tls/tls.key"),
+        *("--tls-client-ca", f"{CONFIG_DIR}/tls/ca.crt"),
+        *("--health-listen", f"127.0.0.1:{stack.health_port}"),
         "--workers",
         "1",
     )
     try:
-        health = [PYTHON, "-m", "engine.healthcheck", "--address", f"127.0.0.1:{stack.engine_port}"]
+        health = [PYTHON, "-m", "engine.healthcheck", "--address", f"127.0.0.1:{stack.health_port}"]
         assert "SERVING" in stack.podman.wait_healthy(name, health)
         yield name
         stack.podman.run("stop", "--time", "10", name, timeout=60)

@@ -12,6 +12,11 @@ default manifest; ``tools/bench/engine_main.py``) and trivial ext_proc servicers
 * the server's RSS; ratios to Envoy direct and to the floor (the trivial grpc.aio servicer
   with the same number of ext_proc messages per request).
 
+The empty and 5-header engine routes are measured twice, side by side in the same passes:
+plaintext, and over mTLS to a second engine (``--tls-*``; Envoy's ext_proc cluster with an
+``UpstreamTlsContext`` and a client certificate from a throw-away CA): the rows
+``..., over mTLS`` give the added cost of TLS on the ext_proc path.
+
 Saturation and 1-connection runs are interleaved: 5 passes over all paths in full mode, each
 figure the median of its passes (CPU vs floor also pass by pass: "paired"), so a burst of
 other load moves one pass of every path instead of every figure of one path; passes after
@@ -50,14 +55,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from engine.tls_testing import TestPki
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
-from tests.e2e.harness import envoy_binary
+from tests.e2e.harness import envoy_binary, upstream_tls
 from tools.bench import hotpath, micro, profile
 from tools.bench.envoy_config import bench_bootstrap
 from tools.bench.floor import IMPLS
 from tools.bench.loadtools import Tools, find_tools, run_wrk
 from tools.bench.openloop import build_request, run_open_loop
-from tools.bench.paths import ENGINE_KEYS, BenchPath, engine_config, json_body, paths
+from tools.bench.paths import (
+    ENGINE_KEYS,
+    TLS_KEYS,
+    BenchPath,
+    engine_config,
+    json_body,
+    paths,
+)
 from tools.bench.procs import (
     HOST,
     Procs,
@@ -145,8 +158,10 @@ class Bench:
         settings: dict[str, Any],
         message_timeout: float = 2.0,
         stream_timeout: float | None = None,
+        tls_engine: tuple[int, dict[str, Any]] | None = None,
     ) -> tuple[int, int, int]:
-        """Start an Envoy; return (listener port, admin port, pid)."""
+        """Start an Envoy; return (listener port, admin port, pid). ``tls_engine``: (port,
+        transport socket) of the engine behind the ``/tls-<key>/`` routes."""
         admin, listener = free_port(), free_port()
         bootstrap = bench_bootstrap(
             admin_port=admin,
@@ -158,6 +173,8 @@ class Bench:
             cluster_settings=settings,
             message_timeout=message_timeout,
             stream_timeout=stream_timeout,
+            tls_engine=tls_engine,
+            tls_keys=TLS_KEYS,
         )
         pid = self.procs.envoy(name, self.envoy, bootstrap, concurrency=concurrency)
         return listener, admin, pid
@@ -282,26 +299,34 @@ class Bench:
     # -- sections ---------------------------------------------------------------------
 
     def main_table(
-        self, floors: dict[str, tuple[int, int]], engine: tuple[int, int], token: str
+        self,
+        floors: dict[str, tuple[int, int]],
+        engine: tuple[int, int],
+        token: str,
+        tls_engine: tuple[int, int, dict[str, Any]],
     ) -> None:
+        """``tls_engine``: (port, pid, Envoy transport socket) of the engine on mTLS."""
         listener, admin, envoy_pid = self.start_envoy(
             "envoy-main",
             engine[0],
             {k: v[0] for k, v in floors.items()},
             concurrency=1,
             settings=RECOMMENDED,
+            tls_engine=(tls_engine[0], tls_engine[2]),
         )
         self.main_admin = admin
         spec: list[tuple[BenchPath, int | None]] = []
-        for path in paths(tuple(floors), token):
+        for path in paths(tuple(floors), token, tls=True):
             pid = None
             if path.server == "engine":
                 pid = engine[1]
+            elif path.server == "engine-tls":
+                pid = tls_engine[1]
             elif path.server and path.server.startswith("floor-"):
                 pid = floors[path.server.removeprefix("floor-")][1]
             spec.append((path, pid))
         table = self.measure(listener, spec, envoy_pid)
-        self._ratios(table, paths(tuple(floors), token))
+        self._ratios(table, paths(tuple(floors), token, tls=True))
         self.results["paths"] = table
         self.results["generator_floor"] = self._generator_floor()
 
@@ -478,11 +503,18 @@ class Bench:
         with JwksServer(pki, keys.published) as jwks:
             config = engine_config(jwks.url, str(pki.ca_file))
             engine1 = self.procs.engine("engine", config, workers=1)
+            tls_pki = TestPki(self.workdir / "tls-pki")
+            served = tls_pki.server("engine-tls")
+            envoy_cert = tls_pki.client("envoy", dns=["envoy"])
+            tls_files = (str(served.cert), str(served.key), str(tls_pki.ca_file))
+            tls_port, tls_pid = self.procs.engine("engine-tls", config, workers=1, tls=tls_files)
+            socket = upstream_tls(tls_pki.ca_file, envoy_cert.cert, envoy_cert.key)
             floors = {impl: self.procs.floor(impl) for impl in IMPLS}
             token = keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600))
-            self.main_table(floors, engine1, token)
+            self.main_table(floors, engine1, token, (tls_port, tls_pid, socket))
             for _, pid in floors.values():
                 self.procs.stop(pid)
+            self.procs.stop(tls_pid)
             engine2 = self.procs.engine("engine2", config, workers=2)
             self.load(
                 engine2[0], settings=RECOMMENDED, conns=self.mode.load_conns, label="recommended"

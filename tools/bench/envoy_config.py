@@ -8,7 +8,10 @@ ext_proc filter the tests and the demo run) and adds, on one listener:
   ``response_headers_to_add`` doing the 5-header chain's header work;
 * ``/floor1/<impl>/``, ``/floor2/<impl>/``: ext_proc sent to a trivial servicer (its own cluster,
   through ``ExtProcPerRoute.overrides.grpc_service``);
-* ``/<key>/`` for each engine route key.
+* ``/<key>/`` for each engine route key;
+* ``/tls-<key>/`` for each of ``tls_keys``: the same route key, sent to a second engine
+  over mTLS (cluster ``ext_proc_tls``: the engine cluster plus an ``UpstreamTlsContext``
+  with a client certificate), so plaintext and TLS compare side by side in one run.
 
 ``cluster_settings`` replace the harness's circuit breakers and protocol options on every
 ext_proc cluster (the engine's and the floors'), so runs can compare Envoy's defaults with
@@ -73,8 +76,12 @@ def bench_bootstrap(
     cluster_settings: Mapping[str, Any] | None = None,
     message_timeout: float = 2.0,
     stream_timeout: float | None = None,
+    tls_engine: tuple[int, dict[str, Any]] | None = None,
+    tls_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The benchmark's bootstrap (see the module docstring). ``floors``: impl -> port.
+    ``tls_engine``: (port, the cluster's ``transport_socket``) of the engine behind the
+    ``/tls-<key>/`` routes of ``tls_keys``.
 
     ``stream_timeout`` replaces the ext_proc ``grpc_service.timeout`` (the deadline of each
     whole ext_proc stream, sent as ``grpc-timeout``), e.g. for overload runs whose queueing
@@ -98,6 +105,13 @@ def bench_bootstrap(
         address = floor["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         address["address"]["socket_address"]["port_value"] = port
         clusters.append(floor)
+    if tls_engine is not None:
+        secured = copy.deepcopy(ext_proc_cluster)
+        secured["name"] = secured["load_assignment"]["cluster_name"] = "ext_proc_tls"
+        address = secured["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        address["address"]["socket_address"]["port_value"] = tls_engine[0]
+        secured["transport_socket"] = copy.deepcopy(tls_engine[1])
+        clusters.append(secured)
     for cluster in clusters:
         if cluster["name"] == "echo":
             cluster["circuit_breakers"] = copy.deepcopy(UPSTREAM_CIRCUIT_BREAKERS)
@@ -147,6 +161,21 @@ def bench_bootstrap(
                 }
             }
             extra.append(entry)
+    for key in tls_keys if tls_engine is not None else ():
+        entry = _route(f"tls-{key}", f"/tls-{key}/")
+        entry["typed_per_filter_config"] = {
+            "envoy.filters.http.ext_proc": {
+                "@type": _PER_ROUTE,
+                "overrides": {
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": "ext_proc_tls"},
+                        "timeout": grpc_timeout,
+                    },
+                    "grpc_initial_metadata": [{"key": "x-policy-route", "value": key}],
+                },
+            }
+        }
+        extra.append(entry)
     vhost["routes"] = extra + vhost["routes"]
     return bootstrap
 

@@ -12,6 +12,7 @@ from tools.bench.envoy_config import NATIVE_REQUEST_HEADERS, NATIVE_RESPONSE_HEA
 __all__ = [
     "ENGINE_KEYS",
     "JSON_BODY_BYTES",
+    "TLS_KEYS",
     "BenchPath",
     "engine_config",
     "json_body",
@@ -19,6 +20,8 @@ __all__ = [
 ]
 
 ENGINE_KEYS: Final = ("empty", "headers-request", "headers", "jwt", "json")
+TLS_KEYS: Final = ("empty", "headers")
+"""Engine routes measured a second time over mTLS (``/tls-<key>/``, server ``engine-tls``)."""
 ENGINE_TRANSPORT: Final = "grpcaio-uvloop"
 """The floor implementation on the engine's own transport (grpc.aio on uvloop: engine/server.py)."""
 JSON_BODY_BYTES: Final = 100 * 1024
@@ -113,10 +116,11 @@ class BenchPath:
     baseline: str = "direct"  # the Envoy-only path this one's rps and latency compare to
 
 
-def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
+def paths(floor_impls: tuple[str, ...], token: str, *, tls: bool = False) -> list[BenchPath]:
     """Every path, in table order. The floors of the engine paths are the trivial servicer
     on the engine's transport (:data:`ENGINE_TRANSPORT`) with the same number of ext_proc
-    messages per request."""
+    messages per request. ``tls``: each route of :data:`TLS_KEYS` is followed by the same
+    route through the engine over mTLS (same floor and baseline: the difference is TLS)."""
     json_headers = {"content-type": "application/json"}
     result = [
         BenchPath("direct", "Envoy direct -> nginx", "/direct/x"),
@@ -196,4 +200,23 @@ def paths(floor_impls: tuple[str, ...], token: str) -> list[BenchPath]:
             baseline="direct-json",
         ),
     ]
+    if tls:
+        with_tls: list[BenchPath] = []
+        for entry in result:
+            with_tls.append(entry)
+            if entry.server == "engine" and entry.name in TLS_KEYS:
+                with_tls.append(
+                    BenchPath(
+                        f"{entry.name}-tls",
+                        f"{entry.label}, over mTLS",
+                        f"/tls-{entry.name}/x",
+                        "engine-tls",
+                        entry.floor,
+                        method=entry.method,
+                        headers=entry.headers,
+                        body=entry.body,
+                        baseline=entry.baseline,
+                    )
+                )
+        result = with_tls
     return result

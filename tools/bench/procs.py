@@ -207,9 +207,27 @@ http {{
                     raise TimeoutError(f"{name} did not become SERVING:\n{self.log_tail(name)}")
                 time.sleep(0.1)
 
-    def engine(self, name: str, config: dict[str, Any], *, workers: int) -> tuple[int, int]:
-        """Start the engine (``workers`` processes); return (port, pid of its parent)."""
+    def engine(
+        self,
+        name: str,
+        config: dict[str, Any],
+        *,
+        workers: int,
+        tls: tuple[str, str, str] | None = None,
+    ) -> tuple[int, int]:
+        """Start the engine (``workers`` processes); return (port, pid of its parent).
+
+        ``tls``: (certificate, key, client CA) files: the listener requires client
+        certificates (mTLS); readiness is then read on a loopback ``--health-listen`` port."""
         port = free_port()
+        extra: list[str] = []
+        health_port = port
+        if tls is not None:
+            health_port = free_port()
+            extra = [
+                *("--tls-cert", tls[0], "--tls-key", tls[1], "--tls-client-ca", tls[2]),
+                *("--health-listen", f"{HOST}:{health_port}"),
+            ]
         path = self.workdir / f"{name}-config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         proc = self._python(
@@ -222,9 +240,10 @@ http {{
                 f"{HOST}:{port}",
                 f"--workers={workers}",
                 "--log-level=WARNING",
+                *extra,
             ],
         )
-        self._wait_serving(name, proc, port)
+        self._wait_serving(name, proc, health_port)
         if workers > 1:  # every worker must listen before the load starts
             _wait(lambda: len(children(proc.pid)) >= workers, 10, f"{workers} engine workers")
             time.sleep(0.5)
