@@ -4,13 +4,15 @@
   certificate): requests pass through the policies; an Envoy without a client certificate
   gets no service (the request fails closed, the upstream never sees it); gRPC clients
   without a valid certificate (none, another CA's, an expired one, plaintext) are refused.
-* The production topology secured: control plane (mTLS ADS) -> an engine process with two
-  workers (mTLS xDS client, mTLS ext_proc and metrics listeners) -> Envoy (mTLS) ->
-  upstream; the engine's server certificate, its xDS client certificate and the control
-  plane's certificate are rotated on disk under paced traffic without a failed request,
-  each worker serves the new certificate from the next handshake, and a route change is
-  pushed over the same streams afterwards. An ADS client without a certificate, or with a
-  certificate naming another node, is refused.
+* The production topology secured: control plane (admin token, mTLS ADS) -> two engine
+  processes, the first with two workers (mTLS xDS clients, mTLS ext_proc and metrics
+  listeners) -> Envoy (mTLS to both) -> upstream; the engines' server certificate, their
+  xDS client certificates and the control plane's certificate are rotated on disk under
+  paced traffic without a failed request, each worker serves the new certificate from the
+  next handshake, and a route change is pushed over the same streams afterwards. An admin
+  change without a token (or with a read-only one), an ADS client without a certificate
+  (or with one naming another node) and an ext_proc client without a certificate are
+  refused.
 """
 
 from __future__ import annotations
@@ -231,29 +233,73 @@ def _ads_call(port: int, pki: TestPki, client: Issued | None, node_id: str) -> s
     return "CLOSED"
 
 
+def _two_endpoints(*ports: int) -> dict[str, Any]:
+    """The ext_proc cluster's ``load_assignment``: one endpoint per engine."""
+    return {
+        "cluster_name": "ext_proc",
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": HOST, "port_value": p}}
+                        }
+                    }
+                    for p in ports
+                ]
+            }
+        ],
+    }
+
+
+def _scrape(port: int, context: ssl.SSLContext) -> str:
+    url = f"https://localhost:{port}/metrics"
+    with urllib.request.urlopen(url, context=context, timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+def _streams_served(exposition: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in exposition.splitlines()
+        if line.startswith("policy_engine_streams_total{")
+    )
+
+
 def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
     tmp_path: Path, pki: TestPki, binary: Path
 ) -> None:
+    """Control plane (admin token, mTLS ADS) -> two engines (mTLS xDS clients, mTLS
+    ext_proc and metrics listeners; the first with two workers) -> Envoy (mTLS to both)
+    -> upstream. Certificates rotate on disk under traffic without a failed request; an
+    unauthenticated or read-only admin change, an ADS client without a certificate (or
+    naming another node) and an ext_proc client without a certificate are refused."""
     plane_cert = pki.server("controlplane")
-    engine_cert = pki.server("engine")
-    node_cert = pki.client("node", node_id="edge-1")
+    engine_cert = pki.server("engine")  # both engines serve this secret (one Deployment)
+    nodes = {n: pki.client(f"node-{n}", node_id=n) for n in ("edge-1", "edge-2")}
     envoy_cert = pki.client("envoy", dns=["envoy"])
     prometheus = pki.client("prometheus", dns=["prometheus"])
     definitions = write_e2e_definitions(tmp_path / "engine_definitions.json")
-    metrics_port = free_port()
-    health_port = free_port()
+    metrics_ports = {n: free_port() for n in nodes}
+    health_ports = {n: free_port() for n in nodes}
     plane_args = [
         *("--xds-cert", str(plane_cert.cert), "--xds-key", str(plane_cert.key)),
         *("--xds-client-ca", str(pki.ca_file)),
     ]
-    engine_args = [
-        *("--xds-ca", str(pki.ca_file), "--xds-server-name", "localhost"),
-        *("--xds-cert", str(node_cert.cert), "--xds-key", str(node_cert.key)),
-        *("--tls-cert", str(engine_cert.cert), "--tls-key", str(engine_cert.key)),
-        *("--tls-client-ca", str(pki.ca_file)),
-        *("--metrics-listen", f"{HOST}:{metrics_port}"),
-        *("--health-listen", f"{HOST}:{health_port}"),
-    ]
+
+    def engine_args(node: str) -> list[str]:
+        return [
+            *("--xds-ca", str(pki.ca_file), "--xds-server-name", "localhost"),
+            *("--xds-cert", str(nodes[node].cert), "--xds-key", str(nodes[node].key)),
+            *("--tls-cert", str(engine_cert.cert), "--tls-key", str(engine_cert.key)),
+            *("--tls-client-ca", str(pki.ca_file)),
+            *("--metrics-listen", f"{HOST}:{metrics_ports[node]}"),
+            *("--health-listen", f"{HOST}:{health_ports[node]}"),
+        ]
+
+    scraper = ssl.create_default_context(cafile=str(pki.ca_file))
+    scraper.load_cert_chain(str(prometheus.cert), str(prometheus.key))
+    envoy_credentials = _client_credentials(pki, envoy_cert)
     with ControlPlaneProcess(definitions, tmp_path, extra=plane_args) as plane:
         first = plane.put_route("tls", {"policies": [_add("x-version", "one")]})
         with (
@@ -261,10 +307,17 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
                 plane.xds_port,
                 "edge-1",
                 tmp_path,
-                extra=engine_args,
-                credentials=_client_credentials(pki, envoy_cert),
+                extra=engine_args("edge-1"),
+                credentials=envoy_credentials,
                 workers=2,
             ) as engine,
+            EngineXdsProcess(
+                plane.xds_port,
+                "edge-2",
+                tmp_path,
+                extra=engine_args("edge-2"),
+                credentials=envoy_credentials,
+            ) as engine2,
             EchoUpstream() as upstream,
             EnvoyProcess(
                 binary,
@@ -273,15 +326,17 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
                 upstream_port=upstream.port,
                 routes=routes_for(["tls"]),
                 engine_cluster={
-                    "transport_socket": upstream_tls(pki.ca_file, envoy_cert.cert, envoy_cert.key)
+                    "transport_socket": upstream_tls(pki.ca_file, envoy_cert.cert, envoy_cert.key),
+                    "load_assignment": _two_endpoints(engine.port, engine2.port),
                 },
             ) as envoy,
         ):
-            plane.wait_acked(first, {"edge-1"})
-            wait_until(lambda: engine.health() == 1, 10, "the engine to serve")
+            plane.wait_acked(first, set(nodes))
+            for running in (engine, engine2):
+                wait_until(lambda e=running: e.health() == 1, 10, "the engines to serve")
             # The probe port: health in plaintext on loopback, and nothing else.
-            assert _health(health_port, None) == "SERVING"
-            with grpc.insecure_channel(f"{HOST}:{health_port}") as channel:
+            assert _health(health_ports["edge-1"], None) == "SERVING"
+            with grpc.insecure_channel(f"{HOST}:{health_ports['edge-1']}") as channel:
                 process = channel.stream_stream(
                     "/envoy.service.ext_proc.v3.ExternalProcessor/Process", None, None
                 )
@@ -289,7 +344,7 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
                     next(iter(process(iter([b""]), timeout=3)))
                 assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
             streams = [e["stream"] for e in plane.status()["engines"] if e["connected"]]
-            assert len(streams) == 2  # one xDS client per worker, both admitted
+            assert len(streams) == 3  # one xDS client per worker, all admitted
 
             load = PacedLoad(envoy.port, "/tls/x", rate=20, workers=5)
             try:
@@ -298,46 +353,66 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
                     "engine": _serial(engine_cert.cert.read_bytes()),
                     "plane": _serial(plane_cert.cert.read_bytes()),
                 }
-                pki.server("engine")  # cert-manager renews all three on disk
+                pki.server("engine")  # cert-manager renews every secret on disk
                 pki.server("controlplane")
-                pki.client("node", node_id="edge-1")
+                for node in nodes:
+                    pki.client(f"node-{node}", node_id=node)
                 new_engine = _serial(engine_cert.cert.read_bytes())
                 assert new_engine != old["engine"]
-                # Every fresh handshake (either worker: SO_REUSEPORT deals them out) gets
-                # the new certificate; Envoy's established connections keep working.
-                served = {_served_serial(engine.port, pki, envoy_cert) for _ in range(20)}
-                assert served == {new_engine}
-                assert _served_serial(plane.xds_port, pki, node_cert) == _serial(
+                # Every fresh handshake (any worker of either engine) gets the new
+                # certificate; Envoy's established connections keep working.
+                for port in (engine.port, engine2.port):
+                    served = {_served_serial(port, pki, envoy_cert) for _ in range(10)}
+                    assert served == {new_engine}
+                assert _served_serial(plane.xds_port, pki, nodes["edge-1"]) == _serial(
                     plane_cert.cert.read_bytes()
                 )
                 load.wait_for(10)
-                # The same xDS streams carry the next push: nothing was dropped.
+
+                # Who may change the chains: not a client without a token, nor a
+                # read-only one; nothing is pushed, the traffic keeps version one.
+                change = {"policies": [_add("x-version", "stolen")]}
+                status, _ = plane.call("PUT", "/routes/tls", change, token=None)
+                assert status == 401
+                status, _ = plane.call("PUT", "/routes/tls", change, token="not-a-token" * 4)
+                assert status == 401
+                status, _ = plane.call("PUT", "/routes/tls", change, token=plane.reader_token)
+                assert status == 403
+                assert plane.status()["version"] == first
+                # The same xDS streams carry the next (authenticated) push: nothing dropped.
                 second = plane.put_route("tls", {"policies": [_add("x-version", "two")]})
-                plane.wait_acked(second, {"edge-1"})
+                plane.wait_acked(second, set(nodes))
                 wait_until(lambda: load.latest() == "two", 10, "version two through Envoy")
                 load.wait_for(5)
             finally:
                 load.stop()
             assert load.failures() == []
+            assert "stolen" not in {sample.value for sample in load.samples}
             now = sorted(e["stream"] for e in plane.status()["engines"] if e["connected"])
             assert now == sorted(streams)
 
-            # Metrics over HTTPS: with a client certificate 200, without none.
-            context = ssl.create_default_context(cafile=str(pki.ca_file))
-            context.load_cert_chain(str(prometheus.cert), str(prometheus.key))
-            url = f"https://localhost:{metrics_port}/metrics"
-            with urllib.request.urlopen(url, context=context, timeout=5) as reply:
-                assert b"policy_engine_streams_total" in reply.read()
+            # Envoy spread its streams over both engines (each one's own metrics, HTTPS
+            # with a client certificate); without a certificate, no metrics.
+            for node in nodes:
+                assert _streams_served(_scrape(metrics_ports[node], scraper)) > 0, node
             bare = ssl.create_default_context(cafile=str(pki.ca_file))
             with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
-                urllib.request.urlopen(url, context=bare, timeout=5).read()
+                _scrape(metrics_ports["edge-1"], bare)
+
+            # ext_proc refuses a client without a (valid) certificate on both engines.
+            for port in (engine.port, engine2.port):
+                assert _health(port, envoy_credentials) == "SERVING"
+                assert _health(port, None) == "UNAVAILABLE"  # plaintext
+                assert _health(port, _client_credentials(pki, None)) == "UNAVAILABLE"
 
         # ADS refuses who has no certificate, and a certificate naming another node.
-        assert _ads_call(plane.xds_port, pki, node_cert, "edge-1") == "RESPONSE"
+        assert _ads_call(plane.xds_port, pki, nodes["edge-1"], "edge-1") == "RESPONSE"
         assert _ads_call(plane.xds_port, pki, None, "edge-1").startswith("UNAVAILABLE")
-        spoofed = _ads_call(plane.xds_port, pki, node_cert, "edge-2")
+        spoofed = _ads_call(plane.xds_port, pki, nodes["edge-1"], "edge-2")
         assert spoofed.startswith("PERMISSION_DENIED")
         assert "'edge-2'" in spoofed
         nameless = _ads_call(plane.xds_port, pki, envoy_cert, "envoy")
         assert nameless.startswith("PERMISSION_DENIED")
-        assert "edge-2" not in {e["node"] for e in plane.status()["engines"]}
+        # The spoofed stream never got a status row under edge-2's name: the one row is
+        # the real edge-2's single stream.
+        assert [e["node"] for e in plane.status()["engines"]].count("edge-2") == 1
