@@ -14,7 +14,7 @@ Bodies are JSON or YAML (the config file's format; JSON is YAML). A change is ac
 only if the whole resulting table is valid: then ``200 {"version": ...}`` and every
 engine gets it. Otherwise ``400 {"errors": [...]}`` with every problem, each naming
 route, policy and field, and nothing changes or is pushed. Parsing and validation run in
-worker threads (:class:`~controlplane.writer.TableWriter`): a big submission does not
+worker threads (:meth:`~controlplane.table.RouteTable.change`): a big submission does not
 stall the ADS streams served by the same event loop.
 
 Every request, in this order:
@@ -62,8 +62,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from controlplane.ads import AdsServer
 from controlplane.auth import Identity, Role, TokenFile
-from controlplane.table import RouteTable
-from controlplane.writer import Change, TableWriter
+from controlplane.table import Change, RouteTable
 from engine.definition import YamlError, load_yaml
 from engine.settle import SettledFiles
 
@@ -150,12 +149,9 @@ class _TooLarge(Exception):
 class AdminApi:
     """The request handler: Host check, authentication, limits, then the endpoints."""
 
-    def __init__(
-        self, table: RouteTable, ads: AdsServer, writer: TableWriter, limits: AdminLimits
-    ) -> None:
+    def __init__(self, table: RouteTable, ads: AdsServer, limits: AdminLimits) -> None:
         self.table = table
         self.ads = ads
-        self.writer = writer
         self.limits = limits
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -255,7 +251,7 @@ class AdminApi:
         body, problem = await self._parse(request)
         if problem:
             return problem
-        change = await self.writer.replace(body, f"admin {request.method} {request.path}")
+        change = await self.table.replace(body, f"admin {request.method} {request.path}")
         return self._verdict(request, who, change)
 
     async def _route(self, request: web.BaseRequest, key: str, who: Identity) -> web.Response:
@@ -270,24 +266,14 @@ class AdminApi:
                 200, {"version": self.table.current.version, "route": key, "spec": routes[key]}
             )
         if request.method == "DELETE":
-            if key not in self.table.current.document["routes"]:
+            deleted = await self.table.delete_route(key, source)
+            if deleted is None:
                 return _json(404, {"errors": [f"routes[{key}]: no such route"]})
-
-            def delete(document: Mapping[str, Any]) -> dict[str, Any]:
-                routes = {k: v for k, v in document["routes"].items() if k != key}
-                return {**document, "routes": routes}
-
-            return self._verdict(request, who, await self.writer.change(delete, source))
+            return self._verdict(request, who, deleted)
         spec, problem = await self._parse(request)
         if problem:
             return problem
-
-        def put(document: Mapping[str, Any]) -> dict[str, Any]:
-            return {**document, "routes": {**document["routes"], key: spec}}
-
-        return self._verdict(
-            request, who, await self.writer.change(put, source, keep_redacted=True)
-        )
+        return self._verdict(request, who, await self.table.put_route(key, spec, source))
 
     def _verdict(self, request: web.BaseRequest, who: Identity, change: Change) -> web.Response:
         if change.errors:

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from controlplane.writer import TableWriter
+from controlplane.table import RouteTable
 from engine.definition import YamlError, load_yaml
 from engine.settle import DEFAULT_SETTLE, SettledFiles
 
@@ -109,14 +109,13 @@ class ConfigWatcher:
     def __init__(
         self,
         path: str | Path,
-        writer: TableWriter,
+        table: RouteTable,
         poll_interval: float = 0.5,
         *,
         settle: float = DEFAULT_SETTLE,
     ) -> None:
         self.path = Path(path)
-        self.writer = writer
-        self.table = writer.table
+        self.table = table
         self.poll_interval = poll_interval
         self.settle = settle
         self._files = SettledFiles(lambda: _files(self.path), settle)
@@ -178,7 +177,7 @@ class ConfigWatcher:
     async def _load(self, contents: dict[Path, bytes]) -> list[str]:
         document, errors = await asyncio.to_thread(parse_config, self.path, contents)
         if not errors:
-            change = await self.writer.replace(document, f"config {self.path}")
+            change = await self.table.replace(document, f"config {self.path}")
             errors = change.errors
         if not errors:
             log.info(

@@ -59,7 +59,6 @@ from controlplane.auth import TokenFile, TokenFileError
 from controlplane.definitions import load_validation_registry
 from controlplane.gitops import ConfigWatcher
 from controlplane.table import RouteTable
-from controlplane.writer import TableWriter
 from engine.errors import DefinitionError, TlsError
 from engine.settle import DEFAULT_SETTLE
 
@@ -217,10 +216,9 @@ async def serve(
                 "admin TLS: cannot load %s / %s: %s", args.admin_tls_cert, args.admin_tls_key, exc
             )
             return 1
-    writer = TableWriter(table)
     watcher = None
     if args.config:
-        watcher = ConfigWatcher(args.config, writer, args.poll_interval, settle=args.settle)
+        watcher = ConfigWatcher(args.config, table, args.poll_interval, settle=args.settle)
         errors = await watcher.load_initial()
         if errors:
             return 1
@@ -250,9 +248,7 @@ async def serve(
         max_connections=args.admin_max_connections,
         timeout=args.admin_timeout,
     )
-    admin = AdminServer(
-        AdminApi(table, ads, writer, limits), certs.context if certs is not None else None
-    )
+    admin = AdminServer(AdminApi(table, ads, limits), certs.context if certs is not None else None)
     if host.strip("[]") in ("", "0.0.0.0", "::") and not args.admin_allowed_host:
         log.warning(
             "admin API on %s answers only Host %s: name the host clients use with "

@@ -4,7 +4,8 @@ Every change (one route submitted or deleted through the admin API, or the whole
 replaced by the watched config) builds the complete candidate document and validates it
 with :func:`engine.config.load_config` against the engine's definitions. A rejected
 change returns every error and leaves the table, and therefore every engine, untouched:
-nothing invalid is ever pushed.
+nothing invalid is ever pushed. Changes run one at a time, validated in a worker thread
+(:meth:`RouteTable.change`): the admin API and the watched config go through it.
 
 An accepted change gets a new version: ``<generation>-<hash>``, where ``generation``
 counts accepted changes of this process and ``hash`` is the first 12 hex digits of the
@@ -18,7 +19,7 @@ and :meth:`RouteTable.scrub` removes the secrets of recent versions from text th
 from elsewhere (an engine's NACK). The raw document (``TableVersion.document``) is what
 engines get; nothing that outputs configuration may read it. A submitted document may
 carry the redaction marker in a secret field (a spec read from the admin API and sent
-back): :meth:`RouteTable.put_route` (and :meth:`RouteTable.replace` with
+back): :meth:`RouteTable.put_route` (and :meth:`RouteTable.change` with
 ``keep_redacted=True``) keep that field's current value, see
 :func:`engine.secrets.restore_document`; everywhere else the marker is an error naming
 the field.
@@ -30,8 +31,8 @@ import asyncio
 import collections
 import copy
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import any_pb2
@@ -42,7 +43,7 @@ from engine.registry import PolicyRegistry
 from engine.secrets import document_secrets, redact_document, restore_document, scrub
 from engine.xds.resources import decode_resources, decode_settings, encode_route, encode_settings
 
-__all__ = ["RouteTable", "TableVersion"]
+__all__ = ["Change", "Edit", "RouteTable", "TableVersion", "changed_keys"]
 
 _SECRET_VERSIONS = 16
 """How many versions' secrets :meth:`RouteTable.scrub` knows: an engine's NACK may be
@@ -67,8 +68,51 @@ class TableVersion:
     """The secret strings of ``document`` (see :func:`engine.secrets.document_secrets`)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one change did: ``errors`` (empty: accepted), the versions around it, and
+    the route keys (plus ``unknownRoute``) whose content differs between them."""
+
+    errors: list[str]
+    before: TableVersion
+    after: TableVersion
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        return not self.errors
+
+
+Edit = Callable[[Mapping[str, Any]], Any]
+"""Builds the candidate document from the current one (runs in a worker thread; must
+not mutate its argument)."""
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Route keys added, removed or changed from ``old`` to ``new`` (sorted), then
+    ``unknownRoute`` if it changed."""
+    old_routes, new_routes = old.get("routes", {}), new.get("routes", {})
+    keys = sorted(
+        key
+        for key in set(old_routes) | set(new_routes)
+        if key not in old_routes
+        or key not in new_routes
+        or canonical_json(old_routes[key]) != canonical_json(new_routes[key])
+    )
+    if canonical_json(old.get("unknownRoute")) != canonical_json(new.get("unknownRoute")):
+        keys.append("unknownRoute")
+    return keys
+
+
+_Prepared = tuple[
+    dict[str, Any] | None, tuple[any_pb2.Any, ...], tuple[any_pb2.Any, ...], list[str], list[str]
+]
+
+
 class RouteTable:
-    """The versioned, always-valid route table. Mutate only from the event loop."""
+    """The versioned, always-valid route table. Change it only from its event loop,
+    through :meth:`change` (or :meth:`replace`, :meth:`put_route`, :meth:`delete_route`).
+    """
 
     def __init__(self, registry: PolicyRegistry) -> None:
         self.registry = registry
@@ -78,6 +122,7 @@ class RouteTable:
         )
         self._current = self._make({"routes": {}}, (), "<empty>")
         self._changed = asyncio.Condition()
+        self._writing = asyncio.Lock()
 
     @property
     def current(self) -> TableVersion:
@@ -117,7 +162,7 @@ class RouteTable:
         A redaction marker left in a secret field is an error here, whoever calls: the
         marker is a valid string to the schema, and an apiKey key "<redacted>" would let
         in anyone who sends that. Callers that keep current values (``put_route``,
-        ``replace(keep_redacted=True)``) restore them before calling this.
+        ``change(keep_redacted=True)``) restore them before calling this.
         """
         _, markers = restore_document(document, None, self.registry)
         if markers:
@@ -156,25 +201,50 @@ class RouteTable:
             problems += exc.errors
         return tuple(resources), settings, problems
 
-    async def replace(
-        self, document: Mapping[str, Any], source: str, *, keep_redacted: bool = False
-    ) -> list[str]:
-        """Make ``document`` (``{"routes": {...}}``) the table if valid; else its errors.
+    async def change(self, edit: Edit, source: str, *, keep_redacted: bool = False) -> Change:
+        """Apply ``edit`` if the resulting table is valid; else return its errors and
+        change nothing.
 
-        A redaction marker in a secret field is an error, or, with ``keep_redacted``
-        (a document read from the admin API and sent back), keeps the value the same
-        route and entry have now (:func:`engine.secrets.restore_document`).
+        Changes run one at a time (a lock), so the document a change was built from is
+        still the current one when it is published: no lost update between the admin API
+        and the watched config. Validation, encoding and the copy run in a worker thread
+        and only the publish (an assignment and a notify) on the loop, so a big
+        submission does not stall the ADS streams served by the same loop.
+
+        With ``keep_redacted`` (one route read from the admin API and sent back) a
+        redaction marker in a secret field keeps the value the same route and entry have
+        now (:func:`engine.secrets.restore_document`); otherwise a marker is an error.
         """
+        async with self._writing:
+            before = self._current
+            document, resources, settings, errors, keys = await asyncio.to_thread(
+                self._prepare_change, edit, before, source, keep_redacted
+            )
+            if errors or document is None:
+                return Change(errors, before, before)
+            await self._publish(document, resources, settings, source)
+            return Change([], before, self._current, keys)
+
+    def _prepare_change(
+        self, edit: Edit, before: TableVersion, source: str, keep_redacted: bool
+    ) -> _Prepared:
+        document = edit(before.document)
         if not isinstance(document, Mapping) or not isinstance(document.get("routes"), Mapping):
-            return self.check_shape(document)
+            return None, (), (), self.check_shape(document), []
         if keep_redacted:
-            document, errors = restore_document(document, self._current.document, self.registry)
+            document, errors = restore_document(document, before.document, self.registry)
             if errors:
-                return errors
+                return None, (), (), errors, []
         resources, settings, errors = self._prepare(document, source)
-        if not errors:
-            await self._publish(copy.deepcopy(dict(document)), resources, settings, source)
-        return errors
+        if errors:
+            return None, (), (), errors, []
+        copied = copy.deepcopy(dict(document))
+        return copied, resources, settings, [], changed_keys(before.document, copied)
+
+    async def replace(self, document: Any, source: str) -> Change:
+        """Make ``document`` (``{"routes": {...}}``, maybe ``unknownRoute``) the table.
+        It must stand on its own: a redaction marker in it is an error."""
+        return await self.change(lambda _: document, source)
 
     def check_shape(self, document: Any) -> list[str]:
         """Errors of a document that is not even ``{"routes": {...}}`` (load_config's)."""
@@ -184,23 +254,27 @@ class RouteTable:
             return list(exc.errors)
         return ["routes: must be a mapping of route key -> route"]
 
-    async def put_route(self, key: str, spec: Any, source: str) -> list[str]:
+    async def put_route(self, key: str, spec: Any, source: str) -> Change:
         """Submit or replace route ``key``; the whole resulting table is validated.
 
         A redaction marker in a secret field of ``spec`` keeps that field's current value
         (``GET /routes/<key>``, change, ``PUT`` works without knowing the secrets)."""
-        document = {**self._current.document, "routes": {**self._raw_routes(), key: spec}}
-        return await self.replace(document, source, keep_redacted=True)
 
-    async def delete_route(self, key: str, source: str) -> bool:
-        """Remove route ``key``; False if there is no such route."""
-        routes = self._raw_routes()
-        if key not in routes:
-            return False
-        del routes[key]
-        errors = await self.replace({**self._current.document, "routes": routes}, source)
-        assert not errors, errors  # removing a route from a valid table stays valid
-        return True
+        def put(document: Mapping[str, Any]) -> dict[str, Any]:
+            return {**document, "routes": {**document["routes"], key: spec}}
+
+        return await self.change(put, source, keep_redacted=True)
+
+    async def delete_route(self, key: str, source: str) -> Change | None:
+        """Remove route ``key``; ``None`` if there is no such route."""
+        if key not in self._current.document["routes"]:
+            return None
+
+        def delete(document: Mapping[str, Any]) -> dict[str, Any]:
+            routes = {k: v for k, v in document["routes"].items() if k != key}
+            return {**document, "routes": routes}
+
+        return await self.change(delete, source)
 
     async def wait_newer(self, generation: int) -> TableVersion:
         """Return as soon as the table's generation differs from ``generation``."""

@@ -170,8 +170,8 @@ async def test_rotation_keeps_streams_and_reaches_the_next_handshake(
     engine = Engine(registry, port, "edge-1", files)
     second: Engine | None = None
     try:
-        errors = await plane.table.put_route("r", _spec("1"), "test")
-        assert errors == []
+        change = await plane.table.put_route("r", _spec("1"), "test")
+        assert change.errors == []
         await engine.acked(plane.table.current.version)
         assert engine.source.status.connects == 1
 

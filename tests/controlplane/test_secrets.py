@@ -67,7 +67,7 @@ def test_definitions_file_carries_the_secret_marks(tmp_path: Path) -> None:
 
 async def test_routes_are_shown_redacted(registry: PolicyRegistry) -> None:
     table = RouteTable(registry)
-    assert await table.replace(_document(), "test") == []
+    assert (await table.replace(_document(), "test")).errors == []
     shown = json.dumps(table.routes())
     assert KEY not in shown
     assert PASSWORD not in shown
@@ -79,11 +79,11 @@ async def test_routes_are_shown_redacted(registry: PolicyRegistry) -> None:
 
 async def test_markers_keep_values_only_when_asked(registry: PolicyRegistry) -> None:
     table = RouteTable(registry)
-    assert await table.replace(_document(), "test") == []
+    assert (await table.replace(_document(), "test")).errors == []
     first = table.current
     sent_back = {"routes": table.routes()}
     # A watched config file must stand on its own: the marker is no value.
-    errors = await table.replace(sent_back, "config routes.yaml")
+    errors = (await table.replace(sent_back, "config routes.yaml")).errors
     assert errors == [
         f"routes[r].policies[0] apiKey v1.0.0: keys[0].key: is {MARKER!r} (how secrets are "
         "shown) but no current value is kept here; send the value itself",
@@ -92,12 +92,17 @@ async def test_markers_keep_values_only_when_asked(registry: PolicyRegistry) -> 
         "kept here; send the URL with its credentials",
     ]
     assert table.current is first
-    # The admin API's whole-table PUT of what its GET showed: nothing changes.
-    assert await table.replace(sent_back, "admin PUT /routes", keep_redacted=True) == []
+    # What the admin API showed, sent back with keep_redacted: nothing changes.
+
+    async def send_back() -> list[str]:
+        change = await table.change(lambda _: sent_back, "admin PUT", keep_redacted=True)
+        return change.errors
+
+    assert await send_back() == []
     assert table.current is first
     # Changing the key is sending a new one.
     sent_back["routes"]["r"]["policies"][0]["parameters"]["keys"][0]["key"] = "ak-new-key-000"
-    assert await table.replace(sent_back, "admin PUT /routes", keep_redacted=True) == []
+    assert await send_back() == []
     assert table.current.document == _document(key="ak-new-key-000")
 
 
@@ -117,10 +122,10 @@ async def test_put_route_keeps_secrets_and_delete_keeps_others(registry: PolicyR
     table = RouteTable(registry)
     document = _document()
     document["routes"]["s"] = document["routes"]["r"]
-    assert await table.replace(document, "test") == []
+    assert (await table.replace(document, "test")).errors == []
     spec = table.routes()["r"]
     spec["policies"][1]["parameters"]["requestsPerSecond"] = 7
-    assert await table.put_route("r", spec, "admin") == []
+    assert (await table.put_route("r", spec, "admin")).errors == []
     raw = table.current.document["routes"]
     assert raw["r"]["policies"][0]["parameters"]["keys"][0]["key"] == KEY
     assert raw["r"]["policies"][1]["parameters"]["redisUrl"].startswith(f"redis://app:{PASSWORD}@")
@@ -130,7 +135,7 @@ async def test_put_route_keeps_secrets_and_delete_keeps_others(registry: PolicyR
 
 async def test_scrub_knows_recent_versions(registry: PolicyRegistry) -> None:
     table = RouteTable(registry)
-    assert await table.replace(_document(), "test") == []
-    assert await table.replace(_document(key="ak-second-key-1"), "test") == []
+    assert (await table.replace(_document(), "test")).errors == []
+    assert (await table.replace(_document(key="ak-second-key-1"), "test")).errors == []
     nack = f"keys[0].key: {KEY!r} rejected; also 'ak-second-key-1' and {PASSWORD}"
     assert table.scrub(nack) == f"keys[0].key: {MARKER!r} rejected; also {MARKER!r} and {MARKER}"

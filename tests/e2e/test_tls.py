@@ -332,8 +332,9 @@ def test_production_topology_with_every_link_secured_and_rotated_under_traffic(
             ) as envoy,
         ):
             plane.wait_acked(first, set(nodes))
-            for running in (engine, engine2):
-                wait_until(lambda e=running: e.health() == 1, 10, "the engines to serve")
+            wait_until(
+                lambda: engine.health() == 1 and engine2.health() == 1, 10, "the engines to serve"
+            )
             # The probe port: health in plaintext on loopback, and nothing else.
             assert _health(health_ports["edge-1"], None) == "SERVING"
             with grpc.insecure_channel(f"{HOST}:{health_ports['edge-1']}") as channel:

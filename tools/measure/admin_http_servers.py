@@ -55,12 +55,11 @@ def _serve(kind: str, port: int) -> None:
             )
             from controlplane.ads import AdsServer  # noqa: PLC0415
             from controlplane.table import RouteTable  # noqa: PLC0415
-            from controlplane.writer import TableWriter  # noqa: PLC0415
             from engine.registry import PolicyRegistry  # noqa: PLC0415
 
             table = RouteTable(PolicyRegistry([]))
             limits = AdminLimits(allowed_hosts=default_allowed_hosts(HOST), tokens=None)
-            api = AdminApi(table, AdsServer(table), TableWriter(table), limits)
+            api = AdminApi(table, AdsServer(table), limits)
             server = AdminServer(api)
             await server.start(HOST, port)
         print("ready", flush=True)
