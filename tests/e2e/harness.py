@@ -612,6 +612,10 @@ class EnvoyProcess:
                 "-c",
                 str(self.config_path),
                 "--disable-hot-restart",  # no shared memory: parallel Envoys never clash
+                # Access logs are written every 10 s by default: a test reading them under
+                # load could look before the first flush.
+                "--file-flush-interval-msec",
+                "200",
                 "--concurrency",
                 "1",
                 "-l",
