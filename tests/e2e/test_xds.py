@@ -290,6 +290,7 @@ def test_demo_secured_mode_refuses_clients_without_certificates_as_printed(tmp_p
         ):
             reply = http_request(envoy.port, "/xa/x")
             assert reply.status == 200, envoy.log()
+            assert reply.echo is not None
             assert reply.echo["headers"]["x-version"] == "secured"
             assert xds_mode.check_tls(demo, envoy) == []
             lines = xds_mode.process_lines(demo, envoy)
