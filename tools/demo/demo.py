@@ -71,15 +71,16 @@ ROUTES: Final = (
 
 
 class Engine(Protocol):
-    """A running engine: its gRPC port, and a way to stop it."""
+    """A running engine: its gRPC port, and a way to stop it.
+
+    Optional, so a test's in-process engine needs neither: ``envoy_cluster``, merged into
+    Envoy's ext_proc cluster (the xDS mode's engine wants TLS with Envoy's client
+    certificate), and ``metrics_url``.
+    """
 
     port: int
 
     def close(self) -> None: ...
-
-
-# An engine may also have ``envoy_cluster``: merged into Envoy's ext_proc cluster (the
-# xDS mode's engine wants TLS with Envoy's client certificate), and ``metrics_url``.
 
 
 EngineFactory = Callable[[Path], Engine]
