@@ -7,6 +7,7 @@ One stack serves the module (control plane watching a config directory, engine
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from collections.abc import Iterator
@@ -261,6 +262,45 @@ def test_demo_admin_curl_lines_work_as_printed(xds):
     assert xds_mode.run_printed(commands["status"], curl_dir)["version"] == version
     assert xds.plane.token not in "\n".join(xds_mode.live_change_lines(demo, xds.envoy.port))
     xds.plane.call("DELETE", f"/routes/{xds_mode.LIVE_ROUTE}")
+
+
+def test_demo_secured_mode_refuses_clients_without_certificates_as_printed(tmp_path: Path):
+    """The xDS demo's wiring (mTLS on ADS and ext_proc, Envoy with a client certificate):
+    its printed curl lines, run with bash (where curl is installed, else the same calls by
+    the Python client), show both ports refuse a client without a certificate and admit one
+    with; the printed command lines are the ones that ran."""
+    binary = envoy_binary()
+    assert binary is not None
+    definitions = write_e2e_definitions(tmp_path / "engine_definitions.json")
+    config = tmp_path / "demo-config.yaml"
+    config.write_text(yaml.safe_dump({"routes": {"xa": add_header("secured")}}))
+    demo = xds_mode.XdsEngine(None, definitions, config, env={"DEMO_X": "a b"})
+    try:
+        with (
+            EchoUpstream() as upstream,
+            EnvoyProcess(
+                binary,
+                tmp_path,
+                engine_port=demo.port,
+                upstream_port=upstream.port,
+                routes=routes_for(["xa"]),
+                engine_cluster=demo.envoy_cluster,
+            ) as envoy,
+        ):
+            reply = http_request(envoy.port, "/xa/x")
+            assert reply.status == 200, envoy.log()
+            assert reply.echo is not None
+            assert reply.echo["headers"]["x-version"] == "secured"
+            assert xds_mode.check_tls(demo, envoy) == []
+            lines = xds_mode.process_lines(demo, envoy)
+            assert shlex.join(demo.plane.command) in lines
+            assert "DEMO_X='a b' " + shlex.join(demo.engine.command) in lines
+            assert any(str(demo.pki.ca_file) in line for line in lines)
+            printed = "\n".join(lines + xds_mode.tls_lines(demo))
+            for secret in (demo.envoy_cert.key, demo.node_cert.key, demo.engine_cert.key):
+                assert secret.read_text() not in printed  # paths only, never key material
+    finally:
+        demo.close()
 
 
 def test_unknown_route_setting_over_xds(xds):

@@ -97,10 +97,6 @@ def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _python(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return _spawn([sys.executable, *args], log)
-
-
 def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     if process.poll() is None:
         process.send_signal(sig)
@@ -116,7 +112,8 @@ class ControlPlaneProcess:
 
     ``engine``: run it as ``<engine binary> controlplane`` (the builder's engines carry
     their control plane and definitions; ``definitions`` is then ignored); default
-    ``python -m controlplane.main --definitions <definitions>``.
+    ``python -m controlplane.main --definitions <definitions>``. ``extra``: more flags
+    (e.g. ADS TLS). :attr:`command` is the argv it runs.
     """
 
     def __init__(
@@ -146,6 +143,8 @@ class ControlPlaneProcess:
         self.token_only_file = workdir / "admin.token"
         self.token_only_file.write_text(self.token + "\n")
         self.token_only_file.chmod(0o600)
+        self.command: list[str] = []
+        """The argv of the running process (as :meth:`start` ran it)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -161,16 +160,19 @@ class ControlPlaneProcess:
             "0.1",
             "--settle",
             str(self.settle),
-            *self.extra,
         ]
         if self.config is not None:
             args += ["--config", str(self.config)]
         args += self.extra
         if self.engine is not None:
-            self.process = _spawn([str(self.engine), "controlplane", *args], self.log_path)
+            self.command = [str(self.engine), "controlplane", *args]
         else:
-            command = ["-m", "controlplane.main", "--definitions", str(self.definitions), *args]
-            self.process = _python(command, self.log_path)
+            self.command = [
+                sys.executable,
+                *("-m", "controlplane.main", "--definitions", str(self.definitions)),
+                *args,
+            ]
+        self.process = _spawn(self.command, self.log_path)
         wait_until(self._healthy, timeout, "the control plane's /healthz")
 
     def _healthy(self) -> bool:
@@ -251,7 +253,7 @@ class EngineXdsProcess:
     ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
     ``port``: the ext_proc port (default: a free one), so an Envoy can be started first.
     ``credentials``: how :meth:`health` reaches a TLS listener (default plaintext).
-    ``workers``: ``--workers``.
+    ``workers``: ``--workers``. :attr:`command` is the argv it runs.
     """
 
     def __init__(
@@ -287,10 +289,12 @@ class EngineXdsProcess:
             "1",
             *(extra or []),
         ]
-        if binary is not None:
-            self.process = _spawn([str(binary), *argv], self.log_path)
-        else:
-            self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path)
+        self.command = (
+            [str(binary), *argv]
+            if binary is not None
+            else [sys.executable, "-c", ENGINE_SCRIPT, *argv]
+        )
+        self.process = _spawn(self.command, self.log_path)
         try:
             wait_until(self._listening, start_timeout, f"engine {node_id} to listen")
         except BaseException:

