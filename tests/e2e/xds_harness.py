@@ -6,7 +6,9 @@ test's PYTHONPATH reaches the children), bounded in time and always stopped.
 * :func:`e2e_registry`: the engine of these tests: every test policy (tests/support,
   tests/e2e) and every sample policy; :func:`write_e2e_definitions` writes its
   definitions file as the builder would.
-* :class:`ControlPlaneProcess`: ``python -m controlplane.main``; can be killed (SIGKILL)
+* :class:`ControlPlaneProcess`: ``python -m controlplane.main`` (or, with ``policies``,
+  the control plane as ``<engine> controlplane`` runs it, with the code of
+  :func:`e2e_registry`); can be killed (SIGKILL)
   and restarted on the same ports; small admin API client methods, which send the
   read-write token of the token file the harness writes (``admin-tokens`` in the work
   directory; the token alone in ``admin.token``, for ``curl -H "Authorization: Bearer
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -61,6 +64,14 @@ ENGINE_SCRIPT = (
 )
 
 
+CONTROLPLANE_SCRIPT = (
+    "import sys\n"
+    "from controlplane.main import main\n"
+    "from tests.e2e.xds_harness import e2e_registry\n"
+    "sys.exit(main(sys.argv[1:], policies=e2e_registry))\n"
+)
+
+
 def e2e_policy_folders() -> list[Path]:
     roots = [REPO / "tests" / "support" / "policies", REPO / "tests" / "e2e" / "policies"]
     folders = [v for root in roots for p in root.iterdir() for v in p.iterdir() if v.is_dir()]
@@ -90,15 +101,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.02)
 
 
-def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(command: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    env = None
+    if cwd is not None:  # the repository stays importable from another directory
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with log.open("ab") as handle:
         return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
         )
 
 
-def _python(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return _spawn([sys.executable, *args], log)
+def _python(args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    return _spawn([sys.executable, *args], log, cwd)
 
 
 def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -116,7 +135,9 @@ class ControlPlaneProcess:
 
     ``engine``: run it as ``<engine binary> controlplane`` (the builder's engines carry
     their control plane and definitions; ``definitions`` is then ignored); default
-    ``python -m controlplane.main --definitions <definitions>``.
+    ``python -m controlplane.main --definitions <definitions>``; ``policies``: the same
+    with :func:`e2e_registry`'s code, as ``<engine> controlplane`` passes it (pure
+    constructors run at submission).
     """
 
     def __init__(
@@ -126,10 +147,12 @@ class ControlPlaneProcess:
         *,
         config: Path | None = None,
         engine: Path | None = None,
+        policies: bool = False,
         settle: float = 0.2,
         extra: list[str] | None = None,
     ) -> None:
         self.definitions = definitions
+        self.policies = policies
         self.config = config
         self.engine = engine
         self.settle = settle
@@ -169,7 +192,8 @@ class ControlPlaneProcess:
         if self.engine is not None:
             self.process = _spawn([str(self.engine), "controlplane", *args], self.log_path)
         else:
-            command = ["-m", "controlplane.main", "--definitions", str(self.definitions), *args]
+            main = ["-c", CONTROLPLANE_SCRIPT] if self.policies else ["-m", "controlplane.main"]
+            command = [*main, "--definitions", str(self.definitions), *args]
             self.process = _python(command, self.log_path)
         wait_until(self._healthy, timeout, "the control plane's /healthz")
 
@@ -251,7 +275,8 @@ class EngineXdsProcess:
     ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
     ``port``: the ext_proc port (default: a free one), so an Envoy can be started first.
     ``credentials``: how :meth:`health` reaches a TLS listener (default plaintext).
-    ``workers``: ``--workers``.
+    ``workers``: ``--workers``. ``cwd``: its working directory (relative paths in
+    parameters, such as a ``caFile``, resolve there: another "host").
     """
 
     def __init__(
@@ -267,6 +292,7 @@ class EngineXdsProcess:
         port: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         workers: int = 1,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port if port is not None else free_port()
         self.node_id = node_id
@@ -288,9 +314,9 @@ class EngineXdsProcess:
             *(extra or []),
         ]
         if binary is not None:
-            self.process = _spawn([str(binary), *argv], self.log_path)
+            self.process = _spawn([str(binary), *argv], self.log_path, cwd)
         else:
-            self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path)
+            self.process = _python(["-c", ENGINE_SCRIPT, *argv], self.log_path, cwd)
         try:
             wait_until(self._listening, start_timeout, f"engine {node_id} to listen")
         except BaseException:
