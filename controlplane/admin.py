@@ -361,7 +361,9 @@ def _wait_of(request: web.BaseRequest) -> tuple[float | None, web.Response | Non
         return None, None
     text = request.query.get("wait", "")
     if request.method not in ("PUT", "DELETE"):
-        return None, _json(400, {"errors": [f"wait: only with PUT or DELETE, not {request.method}"]})
+        return None, _json(
+            400, {"errors": [f"wait: only with PUT or DELETE, not {request.method}"]}
+        )
     try:
         seconds = float(text)
     except ValueError:
@@ -369,7 +371,11 @@ def _wait_of(request: web.BaseRequest) -> tuple[float | None, web.Response | Non
     if not 0 < seconds <= MAX_WAIT:  # also NaN and inf
         return None, _json(
             400,
-            {"errors": [f"wait: must be a number of seconds in (0, {MAX_WAIT:g}], got {text[:40]!r}"]},
+            {
+                "errors": [
+                    f"wait: must be a number of seconds in (0, {MAX_WAIT:g}], got {text[:40]!r}"
+                ]
+            },
         )
     return seconds, None
 
@@ -387,14 +393,14 @@ class _LimitedServer(web.Server):
         """Close ``request``'s connection no sooner than ``seconds`` plus the usual
         timeout from now (the server, not the client, is taking the time)."""
         handler = request.protocol
-        timer = self._deadlines.get(handler)  # type: ignore[arg-type]
+        timer = self._deadlines.get(handler)
         if timer is None or handler.transport is None:
             return
         loop = asyncio.get_running_loop()
         when = loop.time() + seconds + self.limits.timeout
         if when > timer.when():
             timer.cancel()
-            self._deadlines[handler] = loop.call_at(when, handler.transport.close)  # type: ignore[index]
+            self._deadlines[handler] = loop.call_at(when, handler.transport.close)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

@@ -44,13 +44,13 @@ from engine.registry import PolicyRegistry, RegisteredPolicy
 
 __all__ = [
     "SCHEMA_VERSION",
-    "checking_registry",
-    "pure_policies",
     "DefinitionsFile",
     "ValidatedParameters",
+    "checking_registry",
     "definitions_document",
     "folder_definitions",
     "load_validation_registry",
+    "pure_policies",
 ]
 
 SCHEMA_VERSION: Final = 1

@@ -23,6 +23,7 @@ set at each verdict and stream end, and re-reads the statuses then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,23 +85,24 @@ async def wait_for_engines(
     ads: AdsServer,
     version: TableVersion,
     engines: Sequence[EngineStatus],
-    timeout: float,
+    seconds: float,
 ) -> list[EngineResult]:
     """Until every one of ``engines`` has answered ``version`` (or the stream ended), or
-    ``timeout`` seconds; one result per engine, in the order given."""
+    for ``seconds``; one result per engine, in the order given."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + seconds
     while True:
         changed = ads.changed()  # before reading: a verdict after this read sets it
         results = [result_of(engine, version) for engine in engines]
         remaining = deadline - loop.time()
         if all(r is not None for r in results) or remaining <= 0:
             break
-        try:
+        # On time-out, read once more: a verdict may have come with the deadline.
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), remaining)
-        except TimeoutError:
-            pass  # read once more: a verdict may have come with the deadline
     return [
-        r if r is not None else EngineResult(e.node_id, e.stream, e.peer, "timeout", version.version)
+        r
+        if r is not None
+        else EngineResult(e.node_id, e.stream, e.peer, "timeout", version.version)
         for e, r in zip(engines, results, strict=True)
     ]

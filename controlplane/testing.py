@@ -148,15 +148,16 @@ class FakeEngine:
                 discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=self.node), type_url=type_url)
             )
 
-    async def next_version(self, timeout: float = 5.0) -> str:
-        """Read until both types of one new version have arrived; that version."""
-        async with asyncio.timeout(timeout):
+    async def next_version(self, within: float = 5.0) -> str:
+        """Read until both types of one new version have arrived (at most ``within``
+        seconds); that version."""
+        async with asyncio.timeout(within):
             while True:
                 response = await self._call.read()
                 self._last[response.type_url] = response
                 versions = {r.version_info for r in self._last.values()}
                 if len(self._last) == len(SERVED) and len(versions) == 1:
-                    return versions.pop()
+                    return str(versions.pop())
 
     async def ack(self) -> None:
         """ACK the last response of each type."""

@@ -67,9 +67,7 @@ def test_wait_answers_once_both_engines_acked(tmp_path: Path) -> None:
         assert body["allAcked"] is True
         engines = by_node(body)
         assert set(engines) == {"edge-1", "edge-2"}
-        assert {(e["result"], e["version"]) for e in engines.values()} == {
-            ("ACK", body["version"])
-        }
+        assert {(e["result"], e["version"]) for e in engines.values()} == {("ACK", body["version"])}
         # What /status says afterwards agrees: no need to poll it.
         acked = {e["node"]: e["ackedVersion"] for e in plane.status()["engines"] if e["connected"]}
         assert acked == {"edge-1": body["version"], "edge-2": body["version"]}
@@ -95,7 +93,8 @@ def test_an_engine_rejecting_the_change_is_reported_to_its_maker(tmp_path: Path)
         assert engines["has-ca"]["result"] == "ACK"
         assert engines["no-ca"]["result"] == "NACK"
         error = engines["no-ca"]["nackError"]
-        assert "routes[orders]" in error and "caFile: cannot load CA certificates" in error
+        assert "routes[orders]" in error
+        assert "caFile: cannot load CA certificates" in error
         assert "nackError" not in engines["has-ca"]
 
 

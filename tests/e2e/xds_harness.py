@@ -104,7 +104,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 def _spawn(command: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     env = None
     if cwd is not None:  # the repository stays importable from another directory
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
     with log.open("ab") as handle:
         return subprocess.Popen(
             command,
