@@ -14,8 +14,8 @@ Bodies are JSON or YAML (the config file's format; JSON is YAML). A change is ac
 only if the whole resulting table is valid: then ``200 {"version": ...}`` and every
 engine gets it. Otherwise ``400 {"errors": [...]}`` with every problem, each naming
 route, policy and field, and nothing changes or is pushed. (Run as ``<engine>
-controlplane``, "valid" includes the constructors of the policies that declare them
-host-independent: :func:`controlplane.definitions.checking_registry`.)
+controlplane``, "valid" includes the constructors of the policies that declare
+``pure_constructor``: :func:`controlplane.definitions.checking_registry`.)
 
 ``?wait=SECONDS`` on ``PUT``/``DELETE`` (at most :data:`MAX_WAIT`): once the change is
 accepted, the answer waits until every engine stream open at that moment has ACKed or
@@ -26,9 +26,10 @@ the version it answered, the NACK text). It is still **200** when an engine NACK
 did not answer: the change *is* the table now (served to every engine, and to every
 engine that connects later); ``allAcked`` says whether each engine runs it. A wrong
 ``wait`` is 400 naming the parameter, checked before anything changes. The connection's
-lifetime (:attr:`AdminLimits.timeout`) is extended by the wait. Parsing and validation run in
-worker threads (:meth:`~controlplane.table.RouteTable.change`): a big submission does not
-stall the ADS streams served by the same event loop.
+lifetime (:attr:`AdminLimits.timeout`) is extended by the wait.
+
+Parsing and validation run in worker threads (:meth:`~controlplane.table.RouteTable.change`):
+a big submission does not stall the ADS streams served by the same event loop.
 
 Every request, in this order:
 
