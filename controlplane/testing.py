@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import secrets
 import tempfile
@@ -23,7 +24,14 @@ from controlplane.main import serve
 from controlplane.table import RouteTable
 from engine.registry import PolicyRegistry
 
-__all__ = ["ControlPlane", "FakeEngine", "new_token", "write_definitions", "write_tokens"]
+__all__ = [
+    "ControlPlane",
+    "FakeEngine",
+    "admin_call",
+    "new_token",
+    "write_definitions",
+    "write_tokens",
+]
 
 
 def write_definitions(path: Path, folders: Iterable[Path], build_info: dict[str, str]) -> Path:
@@ -126,6 +134,28 @@ class ControlPlane:
         self._stop.set()
         assert self._task is not None
         return await self._task
+
+
+async def admin_call(
+    plane: ControlPlane, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    """One admin API request to ``plane`` with its read-write token, in a thread (the
+    answer may wait for engines this loop serves; socket timeout 90 s, beyond any
+    ``?wait=``): status and JSON body."""
+
+    def send() -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", plane.admin_port, timeout=90)
+        headers = {"Authorization": f"Bearer {plane.admin_token}"}
+        try:
+            conn.request(
+                method, path, body=None if body is None else json.dumps(body), headers=headers
+            )
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read() or b"null")
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(send)
 
 
 class FakeEngine:

@@ -17,10 +17,9 @@ from controlplane.definitions import (
     load_validation_registry,
     pure_policies,
 )
-from controlplane.testing import ControlPlane, write_definitions
+from controlplane.testing import ControlPlane, admin_call, write_definitions
 from engine.errors import DefinitionError
 from engine.registry import PolicyRegistry, load_policy
-from tests.controlplane.test_admin import call
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p for p in (REPO / "policies").glob("*/v*") if p.is_dir())
@@ -101,9 +100,7 @@ def test_only_policies_declaring_a_pure_constructor_are_constructed(
 
 
 async def test_a_constructor_check_is_a_400_at_submission(checking: ControlPlane) -> None:
-    status, body, _ = await call(
-        checking, "PUT", "/routes/r?wait=5", BAD_HEADER, token=checking.admin_token
-    )
+    status, body = await admin_call(checking, "PUT", "/routes/r?wait=5", BAD_HEADER)
     assert status == 400
     assert body == {
         "errors": [
@@ -117,9 +114,7 @@ async def test_a_constructor_check_is_a_400_at_submission(checking: ControlPlane
 async def test_a_constructor_needing_the_engine_host_is_left_to_the_engine(
     checking: ControlPlane,
 ) -> None:
-    status, body, _ = await call(
-        checking, "PUT", "/routes/r", MISSING_CA, token=checking.admin_token
-    )
+    status, body = await admin_call(checking, "PUT", "/routes/r", MISSING_CA)
     assert status == 200, body
 
 
@@ -127,7 +122,7 @@ async def test_definitions_only_accepts_what_only_a_constructor_rejects(
     definitions: PolicyRegistry, tmp_path: Path
 ) -> None:
     async for plane in serving(definitions, tmp_path):
-        status, _, _ = await call(plane, "PUT", "/routes/r", BAD_HEADER, token=plane.admin_token)
+        status, _ = await admin_call(plane, "PUT", "/routes/r", BAD_HEADER)
         assert status == 200  # the engines NACK it: see /status
 
 

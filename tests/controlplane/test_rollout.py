@@ -18,9 +18,8 @@ from controlplane import rollout
 from controlplane.ads import AdsServer, EngineStatus
 from controlplane.definitions import load_validation_registry
 from controlplane.table import RouteTable
-from controlplane.testing import ControlPlane, FakeEngine, write_definitions
+from controlplane.testing import ControlPlane, FakeEngine, admin_call, write_definitions
 from engine.registry import PolicyRegistry
-from tests.controlplane.test_admin import call
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted(p for p in (REPO / "policies").glob("*/v*") if p.is_dir())
@@ -62,7 +61,7 @@ async def engines(plane: ControlPlane) -> AsyncIterator[list[FakeEngine]]:
 
 async def put(plane: ControlPlane, path: str, body: Any = ROUTE) -> asyncio.Task[Any]:
     """Start a PUT (in a thread: the answer waits for the engines) and return its task."""
-    return asyncio.create_task(call(plane, "PUT", path, body, token=plane.admin_token))
+    return asyncio.create_task(admin_call(plane, "PUT", path, body))
 
 
 def results(body: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -80,7 +79,7 @@ async def test_wait_reports_each_engines_ack_and_nack(
     await asyncio.sleep(0.1)
     assert not answer.done()  # b has not answered yet
     await b.nack("routes[r].policies[0] jwtValidation v2.0.0: caFile: no such file")
-    status, body, _ = await answer
+    status, body = await answer
     assert status == 200, body
     assert body["version"] == version
     assert body["allAcked"] is False
@@ -98,17 +97,15 @@ async def test_every_engine_acking_is_all_acked(
     for engine in engines:
         await engine.next_version()
         await engine.ack()
-    status, body, _ = await answer
+    status, body = await answer
     assert (status, body["allAcked"]) == (200, True)
     assert results(body) == {"a": ("ACK", ""), "b": ("ACK", "")}
     # DELETE waits the same way.
-    answer = asyncio.create_task(
-        call(plane, "DELETE", "/routes/r?wait=10", token=plane.admin_token)
-    )
+    answer = asyncio.create_task(admin_call(plane, "DELETE", "/routes/r?wait=10"))
     for engine in engines:
         await engine.next_version()
         await engine.ack()
-    status, body, _ = await answer
+    status, body = await answer
     assert (status, body["allAcked"]) == (200, True)
 
 
@@ -122,7 +119,7 @@ async def test_an_engine_that_never_answers_times_out_beyond_the_connection_time
     answer = await put(plane, "/routes/r?wait=3")
     await a.next_version()
     await a.ack()
-    status, body, _ = await answer
+    status, body = await answer
     assert 3 <= time.monotonic() - started < 6
     assert (status, body["allAcked"]) == (200, False)
     assert results(body) == {"a": ("ACK", ""), "b": ("timeout", "")}
@@ -136,7 +133,7 @@ async def test_a_stream_that_ends_is_reported_disconnected(
     await a.next_version()
     await a.ack()
     await b.close()
-    status, body, _ = await answer
+    status, body = await answer
     assert status == 200
     assert results(body) == {"a": ("ACK", ""), "b": ("disconnected", "")}
 
@@ -149,17 +146,17 @@ async def test_an_engine_answering_a_newer_version_is_superseded(
     await a.next_version()
     await b.next_version()
     await a.ack()
-    status, newer, _ = await call(plane, "PUT", "/routes/s", ROUTE, token=plane.admin_token)
+    status, newer = await admin_call(plane, "PUT", "/routes/s", ROUTE)
     assert status == 200, newer
     assert await b.next_version() == newer["version"]
     await b.ack()
-    _, body, _ = await answer
+    _, body = await answer
     assert results(body) == {"a": ("ACK", ""), "b": ("superseded", "")}
     assert [e["version"] for e in body["engines"]] == [body["version"], newer["version"]]
 
 
 async def test_no_engine_connected_answers_at_once(plane: ControlPlane) -> None:
-    status, body, _ = await call(plane, "PUT", "/routes/r?wait=30", ROUTE, token=plane.admin_token)
+    status, body = await admin_call(plane, "PUT", "/routes/r?wait=30", ROUTE)
     assert (status, body["allAcked"], body["engines"]) == (200, True, [])
 
 
@@ -168,20 +165,18 @@ async def test_no_engine_connected_answers_at_once(plane: ControlPlane) -> None:
 )
 async def test_a_wrong_wait_is_400_and_changes_nothing(plane: ControlPlane, value: str) -> None:
     before = plane.table.current.version
-    status, body, _ = await call(
-        plane, "PUT", f"/routes/r?wait={value}", ROUTE, token=plane.admin_token
-    )
+    status, body = await admin_call(plane, "PUT", f"/routes/r?wait={value}", ROUTE)
     assert status == 400
     assert body["errors"][0].startswith("wait: must be a number of seconds in (0, 60]")
     assert plane.table.current.version == before
-    status, body, _ = await call(plane, "GET", "/routes/r?wait=1", token=plane.admin_token)
+    status, body = await admin_call(plane, "GET", "/routes/r?wait=1")
     assert (status, body["errors"]) == (400, ["wait: only with PUT or DELETE, not GET"])
 
 
 async def test_a_rejected_change_does_not_wait(plane: ControlPlane) -> None:
     bad = {"policies": [{"name": "setHeader", "version": "v9.0.0", "parameters": {}}]}
     started = time.monotonic()
-    status, body, _ = await call(plane, "PUT", "/routes/r?wait=30", bad, token=plane.admin_token)
+    status, body = await admin_call(plane, "PUT", "/routes/r?wait=30", bad)
     assert status == 400
     assert "errors" in body
     assert "engines" not in body
