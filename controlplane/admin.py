@@ -13,9 +13,23 @@
 Bodies are JSON or YAML (the config file's format; JSON is YAML). A change is accepted
 only if the whole resulting table is valid: then ``200 {"version": ...}`` and every
 engine gets it. Otherwise ``400 {"errors": [...]}`` with every problem, each naming
-route, policy and field, and nothing changes or is pushed. Parsing and validation run in
-worker threads (:meth:`~controlplane.table.RouteTable.change`): a big submission does not
-stall the ADS streams served by the same event loop.
+route, policy and field, and nothing changes or is pushed. (Run as ``<engine>
+controlplane``, "valid" includes the constructors of the policies that declare
+``pure_constructor``: :func:`controlplane.definitions.checking_registry`.)
+
+``?wait=SECONDS`` on ``PUT``/``DELETE`` (at most :data:`MAX_WAIT`): once the change is
+accepted, the answer waits until every engine stream open at that moment has ACKed or
+NACKed the new version, or its stream ended, or the time is up
+(:mod:`controlplane.rollout`), and adds ``"allAcked"`` and ``"engines"`` (per stream:
+node, stream, peer, result ``ACK``/``NACK``/``superseded``/``disconnected``/``timeout``,
+the version it answered, the NACK text). It is still **200** when an engine NACKed or
+did not answer: the change *is* the table now (served to every engine, and to every
+engine that connects later); ``allAcked`` says whether each engine runs it. A wrong
+``wait`` is 400 naming the parameter, checked before anything changes. The connection's
+lifetime (:attr:`AdminLimits.timeout`) is extended by the wait.
+
+Parsing and validation run in worker threads (:meth:`~controlplane.table.RouteTable.change`):
+a big submission does not stall the ADS streams served by the same event loop.
 
 Every request, in this order:
 
@@ -52,7 +66,7 @@ import ipaddress
 import json
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -62,11 +76,13 @@ from aiohttp.web_protocol import RequestHandler
 
 from controlplane.ads import AdsServer
 from controlplane.auth import Identity, Role, TokenFile
+from controlplane.rollout import wait_for_engines
 from controlplane.table import Change, RouteTable
 from engine.definition import YamlError, load_yaml
 from engine.settle import SettledFiles
 
 __all__ = [
+    "MAX_WAIT",
     "AdminApi",
     "AdminLimits",
     "AdminServer",
@@ -81,6 +97,8 @@ audit: Final = logging.getLogger("controlplane.audit")
 _ROUTES: Final = "/routes"
 _ANONYMOUS: Final = Identity("anonymous", Role.READ_WRITE)
 _WRITE_METHODS: Final = frozenset({"PUT", "DELETE", "POST", "PATCH"})
+MAX_WAIT: Final = 60.0
+"""The longest ``?wait=`` in seconds (a client wanting longer polls ``/status``)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -153,6 +171,8 @@ class AdminApi:
         self.table = table
         self.ads = ads
         self.limits = limits
+        self.extend_deadline: Callable[[web.BaseRequest, float], None] = lambda _r, _s: None
+        """Keeps the request's connection open ``seconds`` longer (set by the server)."""
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -248,16 +268,22 @@ class AdminApi:
                     "routes": self.table.routes(),
                 },
             )
+        wait, problem = _wait_of(request)
+        if problem:
+            return problem
         body, problem = await self._parse(request)
         if problem:
             return problem
         change = await self.table.replace(body, f"admin {request.method} {request.path}")
-        return self._verdict(request, who, change)
+        return await self._verdict(request, who, change, wait)
 
     async def _route(self, request: web.BaseRequest, key: str, who: Identity) -> web.Response:
         if not key or "/" in key:
             return _json(404, {"errors": [f"no such endpoint: {request.path}"]})
         source = f"admin {request.method} {request.path}"
+        wait, problem = _wait_of(request)
+        if problem:
+            return problem
         if request.method == "GET":
             routes = self.table.routes()
             if key not in routes:
@@ -269,13 +295,16 @@ class AdminApi:
             deleted = await self.table.delete_route(key, source)
             if deleted is None:
                 return _json(404, {"errors": [f"routes[{key}]: no such route"]})
-            return self._verdict(request, who, deleted)
+            return await self._verdict(request, who, deleted, wait)
         spec, problem = await self._parse(request)
         if problem:
             return problem
-        return self._verdict(request, who, await self.table.put_route(key, spec, source))
+        change = await self.table.put_route(key, spec, source)
+        return await self._verdict(request, who, change, wait)
 
-    def _verdict(self, request: web.BaseRequest, who: Identity, change: Change) -> web.Response:
+    async def _verdict(
+        self, request: web.BaseRequest, who: Identity, change: Change, wait: float | None
+    ) -> web.Response:
         if change.errors:
             return _json(400, {"errors": change.errors})
         audit.info(
@@ -290,7 +319,21 @@ class AdminApi:
             change.after.version,
         )
         after = change.after
-        return _json(200, {"version": after.version, "generation": after.generation})
+        answer: dict[str, Any] = {"version": after.version, "generation": after.generation}
+        if wait is not None:
+            engines = self.ads.connected()
+            self.extend_deadline(request, wait)
+            results = await wait_for_engines(self.ads, after, engines, wait)
+            answer["allAcked"] = all(r.acked for r in results)
+            answer["engines"] = [r.as_json() for r in results]
+            log.info(
+                "admin: %s %s: version %s: %s",
+                request.method,
+                request.path,
+                after.version,
+                ", ".join(f"{r.node or r.peer} {r.result}" for r in results) or "no engine",
+            )
+        return _json(200, answer)
 
     async def _parse(self, request: web.BaseRequest) -> tuple[Any, web.Response | None]:
         body = await self._body(request)
@@ -313,6 +356,31 @@ class AdminApi:
         return bytes(data)
 
 
+def _wait_of(request: web.BaseRequest) -> tuple[float | None, web.Response | None]:
+    """The ``?wait=`` seconds (None: not asked), or the 400 for a wrong one."""
+    if "wait" not in request.query:
+        return None, None
+    text = request.query.get("wait", "")
+    if request.method not in ("PUT", "DELETE"):
+        return None, _json(
+            400, {"errors": [f"wait: only with PUT or DELETE, not {request.method}"]}
+        )
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_WAIT:  # also NaN and inf
+        return None, _json(
+            400,
+            {
+                "errors": [
+                    f"wait: must be a number of seconds in (0, {MAX_WAIT:g}], got {text[:40]!r}"
+                ]
+            },
+        )
+    return seconds, None
+
+
 class _LimitedServer(web.Server):
     """aiohttp's low-level server with a cap on open connections and on their lifetime."""
 
@@ -320,6 +388,20 @@ class _LimitedServer(web.Server):
         super().__init__(handler, **kwargs)
         self.limits = limits
         self._deadlines: dict[RequestHandler, asyncio.TimerHandle] = {}
+        handler.extend_deadline = self._extend
+
+    def _extend(self, request: web.BaseRequest, seconds: float) -> None:
+        """Close ``request``'s connection no sooner than ``seconds`` plus the usual
+        timeout from now (the server, not the client, is taking the time)."""
+        handler = request.protocol
+        timer = self._deadlines.get(handler)
+        if timer is None or handler.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + seconds + self.limits.timeout
+        if when > timer.when():
+            timer.cancel()
+            self._deadlines[handler] = loop.call_at(when, handler.transport.close)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

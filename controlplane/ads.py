@@ -23,7 +23,10 @@ otherwise the stream ends with PERMISSION_DENIED before anything is sent, so an 
 neither read the configuration under another engine's name nor spoof its ``/status``.
 
 :class:`EngineStatus` keeps, per stream, the node, what was sent, what was ACKed or
-NACKed (with the engine's error text); the admin API's ``/status`` shows it.
+NACKed (with the engine's error text); the admin API's ``/status`` shows it. Each verdict
+and each stream's end also sets :meth:`AdsServer.changed`'s event, so a waiter
+(:mod:`controlplane.rollout`, the admin API's ``?wait=``) wakes when there is something
+new to read, not on a poll.
 
 Limits (:class:`AdsLimits`): nothing a client sends makes the control plane's memory
 grow without bound. Open streams are capped in total, per peer address and per node id;
@@ -124,14 +127,14 @@ class _Stream:
     """What one stream subscribed to and what it was last sent, per type URL."""
 
     subscribed: list[str] = field(default_factory=list)
-    sent: dict[str, tuple[str, str, object]] = field(default_factory=dict)
-    """type URL -> (nonce, version, content key) of the last response."""
+    sent: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    """type URL -> (nonce, version, content key: the generation) of the last response."""
     poke: asyncio.Event = field(default_factory=asyncio.Event)
     counted_node: str | None = None
     """The node id this stream counts against (set once its node is known)."""
 
     @staticmethod
-    def key(type_url: str, current: TableVersion) -> object:
+    def key(type_url: str, current: TableVersion) -> int:
         # Both types go out with every version, under the same version_info: the engine
         # applies a version only once it holds both halves (settings and routes are one
         # unit), so skipping unchanged settings would leave it waiting forever.
@@ -165,6 +168,10 @@ class EngineStatus:
     nack_error: str = ""
     settings_acked_version: str = ""
     last_change: float = field(default_factory=time.time)
+    acked_generation: int = 0
+    """The generation of ``acked_version`` (0: none yet); not shown, for waiters."""
+    nacked_generation: int = 0
+    """The generation of ``nacked_version`` (0: none yet); not shown, for waiters."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -204,6 +211,23 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._open = 0
         self._per_peer: collections.Counter[str] = collections.Counter()
         self._per_node: collections.Counter[str] = collections.Counter()
+        self._changed = asyncio.Event()
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next ACK, NACK or stream end (then replaced by a new one).
+
+        Take it *before* reading :attr:`engines`, then await it: nothing that happens
+        after the read is missed, and any number of waiters cost nothing between
+        verdicts (no polling)."""
+        return self._changed
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def connected(self) -> list[EngineStatus]:
+        """The engine streams open now."""
+        return [e for e in self.engines.values() if e.connected]
 
     def status(self) -> list[dict[str, Any]]:
         """Every open stream, then recently closed ones; for the admin API."""
@@ -268,6 +292,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 reader.exception()  # retrieved: a refusal the stream's end overtook is no error
             engine.connected = False
             engine.last_change = time.time()
+            self._signal()
             log.info("engine %s stream %d closed", engine.node_id, engine.stream)
             self._open -= 1
             _release(self._per_peer, address)
@@ -330,7 +355,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 continue  # stale: a verdict on a response that has been superseded
             engine.last_change = time.time()
             if request.HasField("error_detail"):
-                engine.nacked_version = sent[1]
+                engine.nacked_version, engine.nacked_generation = sent[1], sent[2]
                 # An engine's words (an older build, a policy's own message) may quote a
                 # secret: neither /status nor the log shows it. Scrub before truncating, so a
                 # secret cut in two by the bound cannot escape the scrub.
@@ -339,9 +364,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 )
                 log.warning("engine %s NACKed %s: %s", engine.node_id, sent[1], engine.nack_error)
             elif type_url == ROUTE_CHAIN_TYPE:
-                engine.acked_version = request.version_info
+                engine.acked_version, engine.acked_generation = request.version_info, sent[2]
             else:
                 engine.settings_acked_version = request.version_info
+            self._signal()
 
     def _count_node(self, engine: EngineStatus, stream: _Stream) -> None:
         """Count the stream against its node id; raise :class:`_Refused` over the cap."""

@@ -21,6 +21,13 @@ schemas incl. ``errorMessage``, CEL conditions, durations, statuses). What it ca
 are the checks inside policy constructors (``ParameterError``): they may need the engine's
 host (``jwtValidation`` reads ``caFile`` when constructed), so the engine makes them and
 NACKs, and the control plane's status endpoint shows that NACK.
+
+Run as ``<engine> controlplane`` the control plane also has the engine's policy code.
+:func:`checking_registry` then keeps the definitions file's entries but gives the
+policies whose class says ``pure_constructor = True`` (:mod:`engine.policy`) their real
+constructor, so ``load_config`` runs their ``ParameterError`` checks (and ``phases()``,
+``bodies()``, ``static_*()``) at submission; every other policy keeps the recording
+factory, so nothing on the control plane opens a file or a connection for them.
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "DefinitionsFile",
     "ValidatedParameters",
+    "checking_registry",
     "definitions_document",
     "folder_definitions",
     "load_validation_registry",
+    "pure_policies",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -142,3 +151,43 @@ def load_validation_registry(path: str | Path) -> DefinitionsFile:
     return DefinitionsFile(
         Path(path), PolicyRegistry(entries), {str(k): str(v) for k, v in info.items()}
     )
+
+
+def checking_registry(definitions: PolicyRegistry, policies: PolicyRegistry) -> PolicyRegistry:
+    """``definitions`` (:func:`load_validation_registry`'s) with the real constructor of
+    each policy of ``policies`` (the same engine's code) whose class declares
+    ``pure_constructor = True``; the others keep :class:`ValidatedParameters`.
+
+    Both come from one build; a policy missing from ``policies``, or with another content
+    hash, is a :class:`DefinitionError` (a mixed-up binary must not check with other code).
+    """
+    entries: list[RegisteredPolicy] = []
+    errors: list[str] = []
+    for entry in definitions:
+        key = (entry.name, entry.version)
+        if key not in policies:
+            errors.append(f"policy {entry.name} {entry.version}: definition without code")
+            continue
+        code = policies.get(*key)
+        if entry.content_hash and code.content_hash and entry.content_hash != code.content_hash:
+            errors.append(
+                f"policy {entry.name} {entry.version}: content hash {code.content_hash} of "
+                f"the code differs from the definitions file's {entry.content_hash}"
+            )
+            continue
+        pure = getattr(code.factory, "pure_constructor", False) is True
+        entries.append(
+            RegisteredPolicy(
+                definition=entry.definition,
+                factory=code.factory if pure else ValidatedParameters,
+                content_hash=entry.content_hash,
+            )
+        )
+    if errors:
+        raise DefinitionError("\n".join(errors), errors)
+    return PolicyRegistry(entries)
+
+
+def pure_policies(registry: PolicyRegistry) -> list[str]:
+    """``name version`` of each policy of ``registry`` constructed by the control plane."""
+    return [f"{p.name} {p.version}" for p in registry if p.factory is not ValidatedParameters]

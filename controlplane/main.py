@@ -17,6 +17,12 @@ being deployed (``bazel-bin/generated/<...>/engine_definitions.json``). With ``-
 the table starts from that file or directory and follows its changes; an invalid initial
 config is an error (exit 1), an invalid later change is logged and ignored.
 
+Run as ``<engine> controlplane`` (the builder's generated main passes ``policies``, the
+engine's own policy loader), the policies declaring ``pure_constructor = True`` are also
+constructed at submission (:func:`controlplane.definitions.checking_registry`): their
+``ParameterError`` is a 400, not a NACK. With ``--definitions`` alone (``bazel run
+//controlplane``) validation is definitions-only, as before.
+
 The admin API fails closed (see :mod:`controlplane.admin`, :mod:`controlplane.auth`):
 
 * it needs ``--admin-token-file`` (bearer tokens with a name and a role); running it
@@ -56,10 +62,11 @@ from controlplane.admin import (
 )
 from controlplane.ads import AdsLimits, AdsServer
 from controlplane.auth import TokenFile, TokenFileError
-from controlplane.definitions import load_validation_registry
+from controlplane.definitions import checking_registry, load_validation_registry, pure_policies
 from controlplane.gitops import ConfigWatcher
 from controlplane.table import RouteTable
-from engine.errors import DefinitionError, TlsError
+from engine.errors import DefinitionError, EngineError, TlsError
+from engine.registry import PolicyRegistry
 from engine.settle import DEFAULT_SETTLE
 
 __all__ = ["main", "parse_args", "serve"]
@@ -299,7 +306,9 @@ async def serve(
     return 0
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], *, policies: Callable[[], PolicyRegistry] | None = None) -> int:
+    """``policies``: loads the code of the engine whose definitions ``--definitions`` names
+    (``<engine> controlplane``); its pure constructors then run at submission."""
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -312,9 +321,19 @@ def main(argv: Sequence[str]) -> int:
         for line in exc.errors:
             log.error("%s", line)
         return 1
-    policies = ", ".join(f"{p.name} {p.version}" for p in definitions.registry) or "none"
-    log.info("definitions %s: %s", args.definitions, policies)
-    return asyncio.run(serve(args, RouteTable(definitions.registry)))
+    names = ", ".join(f"{p.name} {p.version}" for p in definitions.registry) or "none"
+    log.info("definitions %s: %s", args.definitions, names)
+    registry = definitions.registry
+    if policies is not None:
+        try:
+            registry = checking_registry(registry, policies())
+        except EngineError as exc:  # DefinitionError, RegistryError: a broken build
+            log.error("cannot load the engine's policies: %s", exc)
+            return 1
+        log.info(
+            "constructor checks at submission for: %s", ", ".join(pure_policies(registry)) or "none"
+        )
+    return asyncio.run(serve(args, RouteTable(registry)))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Helpers for tests of the control plane: definitions and token files, an in-process plane."""
+"""Helpers for tests of the control plane: definitions and token files, an in-process
+plane, and :class:`FakeEngine`, a raw ADS client that ACKs or NACKs only when told."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import secrets
 import tempfile
@@ -11,13 +13,25 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from controlplane.ads import AdsLimits
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+from controlplane.ads import SERVED, AdsLimits
 from controlplane.definitions import definitions_document, folder_definitions
 from controlplane.main import serve
 from controlplane.table import RouteTable
 from engine.registry import PolicyRegistry
 
-__all__ = ["ControlPlane", "new_token", "write_definitions", "write_tokens"]
+__all__ = [
+    "ControlPlane",
+    "FakeEngine",
+    "admin_call",
+    "new_token",
+    "write_definitions",
+    "write_tokens",
+]
 
 
 def write_definitions(path: Path, folders: Iterable[Path], build_info: dict[str, str]) -> Path:
@@ -120,3 +134,87 @@ class ControlPlane:
         self._stop.set()
         assert self._task is not None
         return await self._task
+
+
+async def admin_call(
+    plane: ControlPlane, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    """One admin API request to ``plane`` with its read-write token, in a thread (the
+    answer may wait for engines this loop serves; socket timeout 90 s, beyond any
+    ``?wait=``): status and JSON body."""
+
+    def send() -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", plane.admin_port, timeout=90)
+        headers = {"Authorization": f"Bearer {plane.admin_token}"}
+        try:
+            conn.request(
+                method, path, body=None if body is None else json.dumps(body), headers=headers
+            )
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read() or b"null")
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(send)
+
+
+class FakeEngine:
+    """An ADS client on ``127.0.0.1:port`` as node ``node``: subscribes to both served
+    types, reads each version (settings and routes) and answers it only when told, or
+    never (an engine that hangs). Use from one event loop; :meth:`close` at the end."""
+
+    def __init__(self, port: int, node: str) -> None:
+        self.port, self.node = port, node
+        self._channel: grpc.aio.Channel | None = None
+        self._call: Any = None
+        self._last: dict[str, discovery_pb2.DiscoveryResponse] = {}
+
+    async def connect(self) -> None:
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
+        self._call = stub.StreamAggregatedResources()
+        for type_url in SERVED:
+            await self._call.write(
+                discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=self.node), type_url=type_url)
+            )
+
+    async def next_version(self, within: float = 5.0) -> str:
+        """Read until both types of one new version have arrived (at most ``within``
+        seconds); that version."""
+        async with asyncio.timeout(within):
+            while True:
+                response = await self._call.read()
+                self._last[response.type_url] = response
+                versions = {r.version_info for r in self._last.values()}
+                if len(self._last) == len(SERVED) and len(versions) == 1:
+                    return str(versions.pop())
+
+    async def ack(self) -> None:
+        """ACK the last response of each type."""
+        for type_url, response in self._last.items():
+            await self._call.write(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=type_url,
+                    version_info=response.version_info,
+                    response_nonce=response.nonce,
+                )
+            )
+
+    async def nack(self, message: str, previous: str = "") -> None:
+        """NACK the last response of each type with ``message`` (``previous``: the
+        version_info an engine reports, the one it still runs)."""
+        for type_url, response in self._last.items():
+            await self._call.write(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=type_url,
+                    version_info=previous,
+                    response_nonce=response.nonce,
+                    error_detail=status_pb2.Status(code=3, message=message),
+                )
+            )
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close(None)

@@ -65,6 +65,15 @@ Rules of the contract:
     and unconditional is answered from replies built once per configuration: the net
     header change is computed at load, not per request. Only declare it for actions that
     truly never depend on the request; a static action must not be mutated afterwards.
+* Optional, a class attribute: ``pure_constructor = True`` declares that ``__init__`` (and
+  the config-load methods above) read nothing from the host they run on (no file, no
+  environment variable, no network, no installed certificate), start nothing and hold
+  nothing that needs closing. The control plane built into the engine binary
+  (``<engine> controlplane``) then constructs such policies for every submitted entry,
+  so a :class:`ParameterError` is refused at submission (the admin API's 400) instead of
+  NACKed by every engine (:func:`controlplane.definitions.checking_registry`). Leave it
+  out when in doubt (``jwtValidation`` reads ``caFile``, ``rateLimit`` v2 reads
+  ``redisUrlEnv``): the engine still runs the constructor and NACKs what it rejects.
 """
 
 from __future__ import annotations

@@ -149,15 +149,15 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
         tags = tags,
         visibility = visibility,
     )
-    # The control plane for this engine: validates against exactly its definitions.
+    # The control plane for this engine, exactly `<engine> controlplane`: validates against
+    # its definitions and runs its policies' pure constructors.
     # `bazel run //<package>:controlplane -- [--config FILE|DIR] [--xds-listen ...]`
     py_binary(
         name = "controlplane",
-        srcs = ["//controlplane:main.py"],
-        main = "//controlplane:main.py",
-        args = ["--definitions=$(rootpath :%s_definitions.json)" % name],
-        data = [name + "_definitions.json"],
-        deps = ["//controlplane:controlplane_lib"],
+        srcs = [name + "_main.py"],
+        main = name + "_main.py",
+        args = ["controlplane"],
+        deps = [":" + name + "_registry"],
         tags = tags,
         visibility = visibility,
     )

@@ -166,7 +166,11 @@ def run() -> int:
         # The same binary (and image) runs the control plane for exactly these policies.
         from controlplane.main import main as controlplane_main
 
-        return controlplane_main(["--definitions", str(DEFINITIONS), *sys.argv[2:]])
+        # With the policy code: the constructors that need nothing from the engine's host
+        # run at submission (a bad header name is a 400 there, not a NACK here).
+        return controlplane_main(
+            ["--definitions", str(DEFINITIONS), *sys.argv[2:]], policies=load_registry
+        )
     try:
         registry = load_registry()
     except EngineError as exc:

@@ -6,7 +6,9 @@ test's PYTHONPATH reaches the children), bounded in time and always stopped.
 * :func:`e2e_registry`: the engine of these tests: every test policy (tests/support,
   tests/e2e) and every sample policy; :func:`write_e2e_definitions` writes its
   definitions file as the builder would.
-* :class:`ControlPlaneProcess`: ``python -m controlplane.main``; can be killed (SIGKILL)
+* :class:`ControlPlaneProcess`: ``python -m controlplane.main`` (or, with ``policies``,
+  the control plane as ``<engine> controlplane`` runs it, with the code of
+  :func:`e2e_registry`); can be killed (SIGKILL)
   and restarted on the same ports; small admin API client methods, which send the
   read-write token of the token file the harness writes (``admin-tokens`` in the work
   directory; the token alone in ``admin.token``, for ``curl -H "Authorization: Bearer
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -61,6 +64,14 @@ ENGINE_SCRIPT = (
 )
 
 
+CONTROLPLANE_SCRIPT = (
+    "import sys\n"
+    "from controlplane.main import main\n"
+    "from tests.e2e.xds_harness import e2e_registry\n"
+    "sys.exit(main(sys.argv[1:], policies=e2e_registry))\n"
+)
+
+
 def e2e_policy_folders() -> list[Path]:
     roots = [REPO / "tests" / "support" / "policies", REPO / "tests" / "e2e" / "policies"]
     folders = [v for root in roots for p in root.iterdir() for v in p.iterdir() if v.is_dir()]
@@ -90,10 +101,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.02)
 
 
-def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(command: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    env = None
+    if cwd is not None:  # the repository stays importable from another directory
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
     with log.open("ab") as handle:
         return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
         )
 
 
@@ -112,8 +134,10 @@ class ControlPlaneProcess:
 
     ``engine``: run it as ``<engine binary> controlplane`` (the builder's engines carry
     their control plane and definitions; ``definitions`` is then ignored); default
-    ``python -m controlplane.main --definitions <definitions>``. ``extra``: more flags
-    (e.g. ADS TLS). :attr:`command` is the argv it runs.
+    ``python -m controlplane.main --definitions <definitions>``; ``policies``: the same
+    with :func:`e2e_registry`'s code, as ``<engine> controlplane`` passes it (pure
+    constructors run at submission). ``extra``: more flags (e.g. ADS TLS).
+    :attr:`command` is the argv it runs.
     """
 
     def __init__(
@@ -123,10 +147,12 @@ class ControlPlaneProcess:
         *,
         config: Path | None = None,
         engine: Path | None = None,
+        policies: bool = False,
         settle: float = 0.2,
         extra: list[str] | None = None,
     ) -> None:
         self.definitions = definitions
+        self.policies = policies
         self.config = config
         self.engine = engine
         self.settle = settle
@@ -167,11 +193,8 @@ class ControlPlaneProcess:
         if self.engine is not None:
             self.command = [str(self.engine), "controlplane", *args]
         else:
-            self.command = [
-                sys.executable,
-                *("-m", "controlplane.main", "--definitions", str(self.definitions)),
-                *args,
-            ]
+            main = ["-c", CONTROLPLANE_SCRIPT] if self.policies else ["-m", "controlplane.main"]
+            self.command = [sys.executable, *main, "--definitions", str(self.definitions), *args]
         self.process = _spawn(self.command, self.log_path)
         wait_until(self._healthy, timeout, "the control plane's /healthz")
 
@@ -253,7 +276,9 @@ class EngineXdsProcess:
     ``binary``: a builder-made engine; default the engine of :func:`e2e_registry`.
     ``port``: the ext_proc port (default: a free one), so an Envoy can be started first.
     ``credentials``: how :meth:`health` reaches a TLS listener (default plaintext).
-    ``workers``: ``--workers``. :attr:`command` is the argv it runs.
+    ``workers``: ``--workers``. ``cwd``: its working directory (relative paths in
+    parameters, such as a ``caFile``, resolve there: another "host"). :attr:`command` is
+    the argv it runs.
     """
 
     def __init__(
@@ -269,6 +294,7 @@ class EngineXdsProcess:
         port: int | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         workers: int = 1,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port if port is not None else free_port()
         self.node_id = node_id
@@ -294,7 +320,7 @@ class EngineXdsProcess:
             if binary is not None
             else [sys.executable, "-c", ENGINE_SCRIPT, *argv]
         )
-        self.process = _spawn(self.command, self.log_path)
+        self.process = _spawn(self.command, self.log_path, cwd)
         try:
             wait_until(self._listening, start_timeout, f"engine {node_id} to listen")
         except BaseException:

@@ -419,6 +419,9 @@ class _Ops:
 class Policy:
     """Applies the configured JSON body changes; see the module docstring."""
 
+    # Constructing reads nothing from the host: the control plane may run it too.
+    pure_constructor = True
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._request = _Ops.parse("request", params.get("request") or {})
         self._response = _Ops.parse("response", params.get("response") or {})

@@ -114,6 +114,9 @@ for requests without one. Digests are bytes so no identifier can collide with on
 class Policy:
     """Token-bucket limiter; see the module docstring for the contract."""
 
+    # Constructing reads nothing from the host: the control plane may run it too.
+    pure_constructor = True
+
     def __init__(
         self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic
     ) -> None:

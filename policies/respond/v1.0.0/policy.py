@@ -41,6 +41,9 @@ def _headers(raw: Mapping[str, Any]) -> dict[str, str]:
 class Policy:
     """Returns the configured immediate response for every request."""
 
+    # Constructing reads nothing from the host: the control plane may run it too.
+    pure_constructor = True
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._response = ImmediateResponse(
             status=int(params.get("status", 200)),

@@ -99,6 +99,9 @@ def _parse_ops(phase: str, raw: Mapping[str, Any]) -> _Ops:
 class Policy:
     """Applies the configured header operations; see the module docstring."""
 
+    # Constructing reads nothing from the host: the control plane may run it too.
+    pure_constructor = True
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         if not params.get("request") and not params.get("response"):
             raise ParameterError(
