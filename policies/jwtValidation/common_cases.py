@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -70,6 +71,7 @@ __all__ = [
     "test_clock_skew",
     "test_concurrent_requests_share_one_fetch_without_blocking_the_loop",
     "test_custom_header_and_case_insensitive_prefix",
+    "test_entry_verified_under_replaced_keys_is_not_kept",
     "test_expired_keys_keep_working_during_outage",
     "test_failed_and_oversized_tokens_are_not_cached",
     "test_https_redirect_is_followed_and_http_refused",
@@ -703,7 +705,11 @@ async def test_failed_and_oversized_tokens_are_not_cached(
     """A junk flood leaves the cache as it was; a token over 8 KiB is verified every
     time, never kept."""
     policy = make()
-    assert await policy.on_request(ctx(keys.rsa.sign(claims()))) is None
+    valid = keys.rsa.sign(claims())
+    assert await policy.on_request(ctx(valid)) is None
+    # The cached token's header and claims with other signature bytes: not a hit.
+    resigned = valid[:-4] + ("AAAA" if not valid.endswith("AAAA") else "BBBB")
+    assert_invalid_token(await policy.on_request(ctx(resigned)), "signature verification failed")
     for index in range(50):
         junk = forge({"alg": "RS256", "kid": keys.rsa.kid}, claims(sub=f"x{index}"), b"sig")
         assert_invalid_token(await policy.on_request(ctx(junk)), "signature verification failed")
@@ -715,3 +721,17 @@ async def test_failed_and_oversized_tokens_are_not_cached(
         assert await policy.on_request(ctx(huge)) is None
     assert len(policy.token_cache) == 1
     assert policy.token_cache.hits == 0
+
+
+def test_entry_verified_under_replaced_keys_is_not_kept(make: Callable[..., Any]) -> None:
+    """A verification that finished after the cache saw a newer key set (no await
+    separates them today: a guard for the future) is not kept."""
+    cache = make().token_cache
+    verified = sys.modules[type(cache).__module__].Verified
+    assert cache.get(b"k" * 32, 2) is None  # the cache has seen generation 2
+    cache.put(b"k" * 32, verified(b"{}", 1, now() + 60, None), 100)
+    assert len(cache) == 0
+    cache.put(b"k" * 32, verified(b"{}", 2, now() + 60, None), 100)
+    assert cache.get(b"k" * 32, 2) is not None
+    assert cache.get(b"k" * 32, 3) is None  # a newer key set empties it
+    assert len(cache) == 0
