@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
@@ -45,6 +48,7 @@ from policies.jwtValidation.testing import (
     Pki,
     SigningKey,
     claims,
+    forge,
     make_pki,
     now,
 )
@@ -56,21 +60,30 @@ __all__ = [
     "ctx",
     "keys",
     "make",
+    "no_verification",
     "pki",
     "server",
     "test_broken_jwks_fails_closed_then_recovers",
+    "test_cache_holds_its_bounds_under_a_flood",
+    "test_cached_token_is_refused_once_its_times_fail",
+    "test_cached_token_skips_verification_and_keeps_its_claims",
     "test_cancelled_request_does_not_cancel_the_fetch",
     "test_clock_skew",
     "test_concurrent_requests_share_one_fetch_without_blocking_the_loop",
     "test_custom_header_and_case_insensitive_prefix",
+    "test_entry_verified_under_replaced_keys_is_not_kept",
     "test_expired_keys_keep_working_during_outage",
+    "test_failed_and_oversized_tokens_are_not_cached",
     "test_https_redirect_is_followed_and_http_refused",
+    "test_instances_never_share_verdicts",
     "test_instances_share_one_tls_context_per_ca_file",
+    "test_key_removed_at_ttl_refresh_invalidates_cached_tokens",
     "test_key_rotation_is_picked_up",
     "test_keys_are_cached",
     "test_keys_with_other_use_are_ignored",
     "test_missing_token_is_401_without_error_code",
     "test_outage_keeps_cached_keys_and_fails_closed_for_new_ones",
+    "test_refetch_of_the_same_keys_keeps_cached_tokens",
     "test_rejected_tokens",
     "test_schema_rejections",
     "test_timed_out_waiter_leaves_the_fetch_running",
@@ -115,10 +128,11 @@ async def make(
     policy: RegisteredPolicy, server: JwksServer, pki: Pki, clock: FakeClock
 ) -> AsyncIterator[Callable[..., Any]]:
     """Build ``policy`` for ``server`` (overrides go into the parameters; ``None``
-    drops one). Every instance built is closed (its HTTP client) after the test."""
+    drops one; ``options`` are constructor keywords besides ``clock``, e.g. a
+    ``wall_clock``). Every instance built is closed (its HTTP client) after the test."""
     built: list[Any] = []
 
-    def build(**overrides: Any) -> Any:
+    def build(*, options: dict[str, Any] | None = None, **overrides: Any) -> Any:
         params = {
             "jwksUrl": server.url,
             "issuer": ISSUER,
@@ -130,7 +144,7 @@ async def make(
             **overrides,
         }
         params = {k: v for k, v in params.items() if v is not None}
-        instance = construct(policy, params, clock=clock)
+        instance = construct(policy, params, clock=clock, **(options or {}))
         built.append(instance)
         return instance
 
@@ -531,3 +545,193 @@ def test_instances_share_one_tls_context_per_ca_file(
     first = context(copied)
     copied.write_bytes(pki.ca_file.read_bytes() + b"\n")  # a rotated CA file is read again
     assert context(copied) is not first
+
+
+# --------------------------------------------------------------------------- verified-token cache
+
+
+@pytest.fixture
+def no_verification(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call to make any later token parsing or signature check fail the test: what
+    is accepted after that came from the verified-token cache."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("token verified again")
+
+    def arm() -> None:
+        monkeypatch.setattr(jwt, "decode", refuse)
+        monkeypatch.setattr(jwt, "get_unverified_header", refuse)
+
+    return arm
+
+
+async def test_cached_token_skips_verification_and_keeps_its_claims(
+    make: Callable[..., Any], keys: KeySet, no_verification: Callable[[], None]
+) -> None:
+    policy = make()
+    token = keys.rsa.sign(claims(sub="user-7", roles=["a", "b"]))
+    first = ctx(token)
+    assert await policy.on_request(first) is None
+    no_verification()
+    second = ctx(token)
+    assert await policy.on_request(second) is None
+    assert second.metadata["jwt.sub"] == "user-7"
+    assert second.metadata["jwt.claims"] == first.metadata["jwt.claims"]
+    # Each request gets its own claims: one cannot change what another sees.
+    assert second.metadata["jwt.claims"]["roles"] is not first.metadata["jwt.claims"]["roles"]
+    assert policy.token_cache.hits == 1
+
+
+@pytest.mark.parametrize(
+    ("move", "accepted", "description"),
+    [
+        pytest.param(60 + 29, True, "", id="exp-within-skew"),
+        pytest.param(60 + 30, False, "token expired", id="exp-past-skew"),
+        pytest.param(-31, False, "token not yet valid", id="wall-clock-stepped-back"),
+    ],
+)
+async def test_cached_token_is_refused_once_its_times_fail(  # noqa: PLR0917 - fixtures
+    make: Callable[..., Any],
+    keys: KeySet,
+    no_verification: Callable[[], None],
+    move: int,
+    accepted: bool,
+    description: str,
+) -> None:
+    """exp, nbf and iat are checked on every request with clockSkew (30s), cached or not."""
+    t = now()
+    wall = FakeClock(time.time())
+    policy = make(clockSkew="30s", options={"wall_clock": wall})
+    token = keys.rsa.sign(claims(iat=t, nbf=t, exp=t + 60))
+    assert await policy.on_request(ctx(token)) is None
+    no_verification()
+    wall.advance(t - wall.now + move)  # to exactly t + move
+    action = await policy.on_request(ctx(token))
+    if accepted:
+        assert action is None
+    else:
+        assert_invalid_token(action, description)
+        assert len(policy.token_cache) == 0  # dropped, not kept refusing
+
+
+async def test_key_removed_at_ttl_refresh_invalidates_cached_tokens(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer, clock: FakeClock
+) -> None:
+    """Only cache hits arrive: they must still start the TTL refresh, and a key set
+    without the signing key must end the cached verdicts it gave."""
+    policy = make(jwksCacheTtl="2m", minRefreshInterval="10s")
+    token = keys.rsa.sign(claims())
+    for _ in range(3):
+        assert await policy.on_request(ctx(token)) is None
+    assert policy.token_cache.hits == 2
+    server.keys = [keys.ec.jwk]  # rsa-1 withdrawn
+    clock.advance(120)
+    assert await policy.on_request(ctx(token)) is None  # stale-while-revalidate
+    await policy.jwks.settle()
+    assert server.hits == 2  # the cache hit started the refresh
+    assert_invalid_token(await policy.on_request(ctx(token)), "no usable key")
+    assert_invalid_token(await policy.on_request(ctx(token)), "no usable key")
+
+
+async def test_refetch_of_the_same_keys_keeps_cached_tokens(
+    make: Callable[..., Any],
+    keys: KeySet,
+    server: JwksServer,
+    clock: FakeClock,
+    no_verification: Callable[[], None],
+) -> None:
+    policy = make(jwksCacheTtl="2m", minRefreshInterval="10s")
+    token = keys.rsa.sign(claims())
+    assert await policy.on_request(ctx(token)) is None
+    generation = policy.jwks.generation
+    clock.advance(120)
+    no_verification()
+    assert await policy.on_request(ctx(token)) is None
+    await policy.jwks.settle()
+    assert server.hits == 2
+    assert policy.jwks.generation == generation
+    assert await policy.on_request(ctx(token)) is None
+
+
+async def test_instances_never_share_verdicts(
+    make: Callable[..., Any], keys: KeySet, server: JwksServer
+) -> None:
+    """Each instance has its own cache: a token one route accepted (and cached) is
+    judged afresh under another route's issuer and audiences."""
+    token = keys.rsa.sign(claims())
+    accepting = make()
+    for _ in range(2):
+        assert await accepting.on_request(ctx(token)) is None
+    assert accepting.token_cache.hits == 1
+    other_audience = make(audiences=["billing-api"])
+    assert_invalid_token(await other_audience.on_request(ctx(token)), "audience not accepted")
+    other_issuer = make(issuer="https://other-idp.test/")
+    assert_invalid_token(await other_issuer.on_request(ctx(token)), "issuer not accepted")
+    assert len(other_audience.token_cache) == len(other_issuer.token_cache) == 0
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "max_bytes"),
+    [pytest.param(8, 1 << 20, id="entries"), pytest.param(1000, 3000, id="bytes")],
+)
+async def test_cache_holds_its_bounds_under_a_flood(
+    make: Callable[..., Any],
+    keys: KeySet,
+    no_verification: Callable[[], None],
+    max_tokens: int,
+    max_bytes: int,
+) -> None:
+    """Distinct valid tokens (the only kind that enters) past either bound: the
+    least recently used go, the bound holds, the newest still hit."""
+    options = {"max_cached_tokens": max_tokens, "max_cached_bytes": max_bytes}
+    policy = make(options=options)
+    tokens = [keys.ec.sign(claims(sub=f"user-{i}")) for i in range(40)]
+    for token in tokens:
+        assert await policy.on_request(ctx(token)) is None
+        assert len(policy.token_cache) <= max_tokens
+        assert policy.token_cache.size_bytes <= max_bytes
+    assert 2 <= len(policy.token_cache) < len(tokens)
+    kept = len(policy.token_cache)
+    no_verification()
+    for token in tokens[-kept:]:
+        assert await policy.on_request(ctx(token)) is None
+    with pytest.raises(AssertionError, match="token verified again"):
+        await policy.on_request(ctx(tokens[0]))  # evicted: verified again
+
+
+async def test_failed_and_oversized_tokens_are_not_cached(
+    make: Callable[..., Any], keys: KeySet
+) -> None:
+    """A junk flood leaves the cache as it was; a token over 8 KiB is verified every
+    time, never kept."""
+    policy = make()
+    valid = keys.rsa.sign(claims())
+    assert await policy.on_request(ctx(valid)) is None
+    # The cached token's header and claims with other signature bytes: not a hit.
+    resigned = valid[:-4] + ("AAAA" if not valid.endswith("AAAA") else "BBBB")
+    assert_invalid_token(await policy.on_request(ctx(resigned)), "signature verification failed")
+    for index in range(50):
+        junk = forge({"alg": "RS256", "kid": keys.rsa.kid}, claims(sub=f"x{index}"), b"sig")
+        assert_invalid_token(await policy.on_request(ctx(junk)), "signature verification failed")
+    for _, make_token, description in REJECTED_TOKENS:
+        assert_invalid_token(await policy.on_request(ctx(make_token(keys))), description)
+    assert len(policy.token_cache) == 1
+    huge = keys.rsa.sign(claims(padding="x" * 9000))
+    for _ in range(2):
+        assert await policy.on_request(ctx(huge)) is None
+    assert len(policy.token_cache) == 1
+    assert policy.token_cache.hits == 0
+
+
+def test_entry_verified_under_replaced_keys_is_not_kept(make: Callable[..., Any]) -> None:
+    """A verification that finished after the cache saw a newer key set (no await
+    separates them today: a guard for the future) is not kept."""
+    cache = make().token_cache
+    verified = sys.modules[type(cache).__module__].Verified
+    assert cache.get(b"k" * 32, 2) is None  # the cache has seen generation 2
+    cache.put(b"k" * 32, verified(b"{}", 1, now() + 60, None), 100)
+    assert len(cache) == 0
+    cache.put(b"k" * 32, verified(b"{}", 2, now() + 60, None), 100)
+    assert cache.get(b"k" * 32, 2) is not None
+    assert cache.get(b"k" * 32, 3) is None  # a newer key set empties it
+    assert len(cache) == 0

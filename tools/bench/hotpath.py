@@ -12,19 +12,27 @@ Run alone (from the repository root, ``PYTHONPATH=.:generated/python``)::
 
     python -m tools.bench.hotpath [--iterations N] [--profile PATH]
 
-``--profile PATH [--route R]`` writes a cProfile of one chain's requests (read it with
-``python -m pstats PATH``).
+``--routes a,b`` measures only those chains (and the floors). ``--profile PATH [--route R]``
+writes a cProfile of one chain's requests (read it with ``python -m pstats PATH``).
+
+The ``jwt`` chain is the end-to-end benchmark's (jwtValidation v1.0.0 + rateLimit keyed by
+``jwt.sub``) against a real HTTPS JWKS server on 127.0.0.1 (the test double), every request
+carrying the same valid RS256 token, as wrk sends it; ``auth`` is apiKey + rateLimit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
 import cProfile
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
@@ -34,6 +42,7 @@ from engine.config import load_config
 from engine.extproc import PolicyProcessor
 from engine.extproc_messages import ROUTE_METADATA_KEY
 from engine.store import ConfigStore
+from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tools.bench.engine_main import manifest_registry
 from tools.bench.floor import reply_for
 from tools.bench.paths import engine_config, json_body
@@ -60,7 +69,7 @@ _RESPONSE_HEADERS: Final = (
     ("x-envoy-upstream-service-time", "0"),
 )
 # route key -> ext_proc messages Envoy sends for it (the reply's mode override decides).
-_CHAINS: Final = ("empty", "headers-request", "headers", "auth", "json")
+_CHAINS: Final = ("empty", "headers-request", "headers", "auth", "jwt", "json")
 _API_KEY: Final = "bench-key-0123456789"
 
 
@@ -73,10 +82,14 @@ def _headers(pairs: tuple[tuple[str, str], ...], *, end_of_stream: bool) -> pb.H
     )
 
 
-def _messages(route: str) -> list[bytes]:
-    """The serialized messages of one request on ``route``."""
+def _messages(route: str, token: str = "") -> list[bytes]:
+    """The serialized messages of one request on ``route`` (``token``: the ``jwt`` chain's)."""
     has_body = route == "json"
-    extra = {"json": (("content-type", "application/json"),), "auth": (("x-api-key", _API_KEY),)}
+    extra = {
+        "json": (("content-type", "application/json"),),
+        "auth": (("x-api-key", _API_KEY),),
+        "jwt": (("authorization", f"Bearer {token}"),),
+    }
     request = pb.ProcessingRequest(
         request_headers=_headers(
             (*_REQUEST_HEADERS, *extra.get(route, ())), end_of_stream=not has_body
@@ -117,8 +130,8 @@ async def _incoming(messages: list[bytes]) -> AsyncIterator[pb.ProcessingRequest
         yield pb.ProcessingRequest.FromString(raw)
 
 
-def _engine_request(processor: PolicyProcessor, route: str) -> Callable[[], Any]:
-    messages = _messages(route)
+def _engine_request(processor: PolicyProcessor, route: str, token: str) -> Callable[[], Any]:
+    messages = _messages(route, token)
     context: Any = _Context(route)  # the part of grpc.aio's ServicerContext Process reads
 
     async def one() -> int:
@@ -173,61 +186,69 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _processor() -> PolicyProcessor:
-    # jwtValidation's JWKS would need a server: in-process, "auth" has apiKey in its place.
-    config = engine_config("https://127.0.0.1:1/jwks.json", "")
-    routes = config["routes"]
-    api_key = {
-        "name": "apiKey",
-        "version": "v1.0.0",
-        "parameters": {"keys": [{"key": _API_KEY, "consumer": "bench"}]},
-    }
-    rate_limit = routes.pop("jwt")["policies"][1]
-    rate_limit["parameters"]["keyName"] = "apiKey.consumer"
-    routes["auth"] = {"policies": [api_key, rate_limit]}
-    snapshot = load_config(config, source="bench-hotpath", registry=manifest_registry())
-    return PolicyProcessor(ConfigStore(snapshot))
+@contextlib.contextmanager
+def _processor() -> Iterator[tuple[PolicyProcessor, str]]:
+    """The engine on the benchmark's routes plus ``auth``, and the ``jwt`` chain's token;
+    the JWKS server behind ``jwt`` runs until the block ends."""
+    keys = KeySet.generate()
+    with tempfile.TemporaryDirectory(prefix="hotpath-pki-") as directory:
+        pki = make_pki(Path(directory))
+        with JwksServer(pki, keys.published) as jwks:
+            config = engine_config(jwks.url, str(pki.ca_file))
+            routes = config["routes"]
+            api_key = {
+                "name": "apiKey",
+                "version": "v1.0.0",
+                "parameters": {"keys": [{"key": _API_KEY, "consumer": "bench"}]},
+            }
+            rate_limit = copy.deepcopy(routes["jwt"]["policies"][1])
+            rate_limit["parameters"]["keyName"] = "apiKey.consumer"
+            routes["auth"] = {"policies": [api_key, rate_limit]}
+            snapshot = load_config(config, source="bench-hotpath", registry=manifest_registry())
+            token = keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600))
+            yield PolicyProcessor(ConfigStore(snapshot)), token
 
 
-def run(iterations: int = 20000) -> dict[str, Any]:
-    """us/request of each chain and of the in-process floor with the same message count."""
-    processor = _processor()
+def run(iterations: int = 20000, routes: tuple[str, ...] = _CHAINS) -> dict[str, Any]:
+    """us/request of each chain in ``routes`` and of the in-process floor with the same
+    message count."""
     loop = _new_loop()
     try:
-        results: dict[str, Any] = {}
-        floors = {n: _time(loop, _floor_request(n), iterations) for n in (1, 2)}
-        results["floor_1_message_us"] = floors[1]
-        results["floor_2_messages_us"] = floors[2]
-        for route in _CHAINS:
-            one = _engine_request(processor, route)
-            replies = loop.run_until_complete(one())
-            n = iterations if route != "json" else max(200, iterations // 20)
-            us = _time(loop, one, n)
-            row: dict[str, Any] = {"us_per_request": us, "messages": replies}
-            if replies in floors:
-                row["floor_us"] = floors[replies]
-                row["engine_own_us"] = us - floors[replies]
-            results[route] = row
-        return results
+        with _processor() as (processor, token):
+            results: dict[str, Any] = {}
+            floors = {n: _time(loop, _floor_request(n), iterations) for n in (1, 2)}
+            results["floor_1_message_us"] = floors[1]
+            results["floor_2_messages_us"] = floors[2]
+            for route in routes:
+                one = _engine_request(processor, route, token)
+                replies = loop.run_until_complete(one())  # also fetches the JWKS once
+                n = iterations if route != "json" else max(200, iterations // 20)
+                us = _time(loop, one, n)
+                row: dict[str, Any] = {"us_per_request": us, "messages": replies}
+                if replies in floors:
+                    row["floor_us"] = floors[replies]
+                    row["engine_own_us"] = us - floors[replies]
+                results[route] = row
+            return results
     finally:
         loop.close()
 
 
 def profile(path: str, route: str = "headers", iterations: int = 20000) -> None:
     """cProfile of ``route``'s requests, written to ``path``."""
-    processor = _processor()
     loop = _new_loop()
-    one = _engine_request(processor, route)
-
-    async def many() -> None:
-        for _ in range(iterations):
-            await one()
-
     try:
-        loop.run_until_complete(one())
-        profiler = cProfile.Profile()
-        profiler.runcall(loop.run_until_complete, many())
-        profiler.dump_stats(path)
+        with _processor() as (processor, token):
+            one = _engine_request(processor, route, token)
+
+            async def many() -> None:
+                for _ in range(iterations):
+                    await one()
+
+            loop.run_until_complete(one())
+            profiler = cProfile.Profile()
+            profiler.runcall(loop.run_until_complete, many())
+            profiler.dump_stats(path)
     finally:
         loop.close()
 
@@ -239,6 +260,8 @@ def format_lines(results: dict[str, Any]) -> Iterator[str]:
     )
     yield "|---|---|---|---|---|"
     for route in _CHAINS:
+        if route not in results:
+            continue
         row = results[route]
         floor = f"{row['floor_us']:.1f}" if "floor_us" in row else "-"
         own = f"{row['engine_own_us']:.1f}" if "engine_own_us" in row else "-"
@@ -250,11 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20000)
     parser.add_argument("--profile", metavar="PATH", help="write a cProfile of --route's requests")
     parser.add_argument("--route", choices=_CHAINS, default="headers")
+    parser.add_argument(
+        "--routes", default=",".join(_CHAINS), help="comma-separated chains to measure"
+    )
     args = parser.parse_args(argv)
     if args.profile:
         profile(args.profile, args.route, args.iterations)
         return 0
-    for line in format_lines(run(args.iterations)):
+    routes = tuple(r for r in args.routes.split(",") if r)
+    unknown = [r for r in routes if r not in _CHAINS]
+    if unknown:
+        parser.error(f"unknown chain(s): {', '.join(unknown)}; known: {', '.join(_CHAINS)}")
+    for line in format_lines(run(args.iterations, routes)):
         print(line)
     return 0
 

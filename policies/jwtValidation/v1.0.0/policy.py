@@ -34,6 +34,15 @@ Contract:
   refresh; a failed fetch keeps the cached keys, so during an outage known keys
   keep working (even past the TTL) while tokens that need a new key fail closed
   (401). TLS contexts are shared by every instance with the same ``caFile``.
+* Verified tokens: see ``token_cache.py``. A token that passed every check is kept
+  (per instance, so per issuer/audience configuration, and per worker) by the
+  SHA-256 of its bytes, with its signed payload and time claims; the same bytes
+  then skip parsing and signature verification while the JWKS generation that
+  verified them is current (any change to the key set, e.g. a key removed at a
+  refresh, empties the cache; a hit still starts the TTL refresh). ``exp``, ``nbf``
+  and ``iat`` are checked with ``clockSkew`` on every request, cached or not, and
+  an expired entry is dropped. Failures are never cached. At most
+  ``token_cache.MAX_ENTRIES`` tokens and ``MAX_BYTES`` accounted bytes per instance.
 
 This version is self-contained (v2.0.0 duplicates rather than imports it), so
 either version can be removed from the registry alone.
@@ -50,7 +59,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -65,9 +74,18 @@ from jwt.exceptions import (
     MissingRequiredClaimError,
     PyJWTError,
 )
+from jwt.utils import base64url_decode
 
 from engine.definition import parse_duration
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
+
+# A sibling module. The engine loads this folder as a package, so it is a relative
+# import at run time; mypy checks the folder as its base (a version folder is no
+# package name), where it is a top-level module.
+if TYPE_CHECKING:
+    from token_cache import MAX_BYTES, MAX_ENTRIES, TokenCache, Verified, token_key
+else:
+    from .token_cache import MAX_BYTES, MAX_ENTRIES, TokenCache, Verified, token_key
 
 __all__ = ["MAX_JWKS_BYTES", "JwksCache", "JwksError", "Policy", "fetch_jwks", "ssl_context"]
 
@@ -201,6 +219,9 @@ class JwksCache:
       an instance dropped by a config reload has nothing left to close. (A kept
       connection would save ~5 ms and ~4 ms CPU per fetch, measured; see the
       README's decisions.) :meth:`aclose` cancels a fetch in flight.
+    * :attr:`generation` changes whenever a fetch changes the key set (a key
+      removed, replaced or added; a refetch of the same keys keeps it), so a
+      verdict reached with one generation's key is stale once it differs.
     """
 
     def __init__(
@@ -224,6 +245,20 @@ class JwksCache:
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a fetch changes the key set (see the class docstring)."""
+        return self._generation
+
+    def revalidate(self) -> int:
+        """What :meth:`key` does for a cached ``kid`` without the key: start the
+        background refresh when the keys are older than ``ttl``. Returns
+        :attr:`generation` (for a verdict cached without asking for a key)."""
+        if self._fetched_at is not None and self._clock() - self._fetched_at >= self._ttl:
+            self._start_refresh(self._clock())
+        return self._generation
 
     async def key(self, kid: str, alg: str) -> PyJWK | None:
         """The key ``kid`` prepared for ``alg``, or ``None`` if there is no such
@@ -307,11 +342,14 @@ class JwksCache:
             _log.exception("jwtValidation: JWKS refresh failed unexpectedly")
             self._failed(f"{type(exc).__name__}: {exc}")
         else:
-            self._keys = {
+            fetched = {
                 key["kid"]: key
                 for key in keys
                 if isinstance(key.get("kid"), str) and key.get("use", "sig") == "sig"
             }
+            if fetched != self._keys:
+                self._generation += 1
+            self._keys = fetched
             self._prepared = {}
             self._fetched_at = self._clock()
         finally:
@@ -347,11 +385,20 @@ class Policy:
     """Validates bearer tokens; see the module docstring for the contract.
 
     ``clock`` (monotonic seconds) only paces JWKS refreshes; token times are
-    checked against the wall clock.
+    checked against the wall clock, by PyJWT when a token is verified and against
+    ``wall_clock`` (Unix seconds; tests pass a fake) on every request, so also for
+    a token from the verified-token cache, bounded by ``max_cached_tokens`` and
+    ``max_cached_bytes`` (see ``token_cache.py``).
     """
 
     def __init__(
-        self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic
+        self,
+        params: Mapping[str, Any],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        max_cached_tokens: int = MAX_ENTRIES,
+        max_cached_bytes: int = MAX_BYTES,
     ) -> None:
         url = str(params["jwksUrl"])
         if not url.startswith("https://"):  # the schema checks too; never fetch over HTTP
@@ -373,11 +420,18 @@ class Policy:
             ttl=parse_duration(params.get("jwksCacheTtl", "5m")),
             clock=clock,
         )
+        self._wall_clock = wall_clock
+        self._tokens = TokenCache(max_cached_tokens, max_cached_bytes)
 
     @property
     def jwks(self) -> JwksCache:
         """This instance's key cache (tests use :meth:`JwksCache.settle`)."""
         return self._jwks
+
+    @property
+    def token_cache(self) -> TokenCache:
+        """This instance's verified tokens (tests read its size and hits)."""
+        return self._tokens
 
     async def aclose(self) -> None:
         """Cancel a JWKS fetch in flight (see :meth:`JwksCache.aclose`)."""
@@ -389,11 +443,31 @@ class Policy:
             return None
         return value[len(self._prefix) :].strip() or None
 
-    async def on_request(self, ctx: RequestContext) -> ImmediateResponse | None:
-        """``None`` for a valid token (claims in metadata), else a 401 response."""
-        token = self._token(ctx)
-        if token is None:
-            return _unauthorized(None)
+    async def _claims(self, token: str) -> dict[str, Any] | ImmediateResponse:
+        """The claims of ``token`` if it passes every check now, else the 401: from
+        the verified-token cache when the same bytes were verified under the current
+        key set, else verified (and cached if valid). Time claims are checked here
+        on every request."""
+        key = token_key(token)
+        entry = self._tokens.get(key, self._jwks.revalidate())
+        claims: dict[str, Any] | None = None
+        if entry is None:
+            verified = await self._verify(token)
+            if isinstance(verified, ImmediateResponse):
+                return verified
+            entry, claims = verified
+            self._tokens.put(key, entry, len(token))
+        refusal = entry.refusal(self._wall_clock(), self._leeway)
+        if refusal is not None:
+            self._tokens.discard(key)
+            return _unauthorized(refusal)
+        # A fresh object per request (from the signed bytes): no request can change
+        # the claims another one sees.
+        return claims if claims is not None else json.loads(entry.payload)
+
+    async def _verify(self, token: str) -> tuple[Verified, dict[str, Any]] | ImmediateResponse:
+        """Every check by PyJWT (signature, claims, times with the real clock): the
+        cache entry and the claims, else the 401."""
         try:
             header = jwt.get_unverified_header(token)
         except PyJWTError:
@@ -404,6 +478,8 @@ class Policy:
         if not isinstance(kid, str) or not kid:
             return _unauthorized("token has no key id")
         key = await self._jwks.key(kid, alg)
+        # No await from here on: the key came from this generation's key set.
+        generation = self._jwks.generation
         if key is None:
             return _unauthorized("no usable key for the token's key id")
         try:
@@ -430,6 +506,26 @@ class Policy:
             return _unauthorized("signature verification failed")
         except PyJWTError:
             return _unauthorized("invalid token")
+        # The payload segment exactly as PyJWT split and decoded it; the integers
+        # exactly as it compared them (it has checked that int() accepts each).
+        payload = base64url_decode(token.rsplit(".", 1)[0].split(".", 1)[1])
+        starts = [int(claims[name]) for name in ("iat", "nbf") if name in claims]
+        entry = Verified(
+            payload=payload,
+            generation=generation,
+            expires=int(claims["exp"]),
+            not_before=max(starts) if starts else None,
+        )
+        return entry, claims
+
+    async def on_request(self, ctx: RequestContext) -> ImmediateResponse | None:
+        """``None`` for a valid token (claims in metadata), else a 401 response."""
+        token = self._token(ctx)
+        if token is None:
+            return _unauthorized(None)
+        claims = await self._claims(token)
+        if isinstance(claims, ImmediateResponse):
+            return claims
         ctx.metadata["jwt.sub"] = claims.get("sub")
         ctx.metadata["jwt.claims"] = claims
         return None
