@@ -59,6 +59,7 @@ from controlplane.auth import TokenFile, TokenFileError
 from controlplane.definitions import load_validation_registry
 from controlplane.gitops import ConfigWatcher
 from controlplane.table import RouteTable
+from engine.cli import run_cli
 from engine.errors import DefinitionError, TlsError
 from engine.settle import DEFAULT_SETTLE
 
@@ -318,4 +319,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))
