@@ -8,6 +8,10 @@ folder), and serves manifests/demo-config.yaml. The scenarios are the demo's
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import yaml
 
 from engine.registry import PolicyRegistry, load_policy
 from tests.e2e.harness import EngineThread
-from tools.demo.demo import SCENARIOS, DemoStack, Scenario, run_scenario
+from policies.rateLimit.testing import REDIS_SERVER, running_redis
+from tools.demo.demo import SCENARIOS, DemoStack, Scenario, curl_lines, run_scenario
 
 pytestmark = pytest.mark.envoy
 
@@ -47,3 +52,42 @@ def test_registry_has_every_sample_including_both_versions() -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario(stack: DemoStack, scenario: Scenario) -> None:
     assert run_scenario(stack, scenario) == []
+
+
+@pytest.mark.skipif(not os.access(REDIS_SERVER, os.X_OK), reason="no redis-server")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_printed_lines_hold_on_the_first_try_with_redis(tmp_path: Path) -> None:
+    """The demo as a person meets it (issue 20 item 5): the stack is warm when it is
+    ready (the engine holds its Redis connection before any scenario request), and
+    every printed curl line, run once with bash, returns exactly the printed statuses,
+    the per-user limit's burst and 429 included."""
+    registry = manifest_registry()
+    with (
+        running_redis(tmp_path) as redis,
+        DemoStack(
+            tmp_path, lambda config: EngineThread(registry, config), REPO, redis=redis
+        ) as stack,
+    ):
+        assert stack.redis_clients(), "the engine's Redis connection is opened before ready"
+        lines = [line for line in curl_lines(stack) if line and not line.startswith("#")]
+        tokens = dict(line.split("=", 1) for line in lines if re.fullmatch(r"[A-Z]+=\S+", line))
+        problems: list[str] = []
+        for line in lines:
+            if line.split("=", 1)[0] in tokens:
+                continue
+            expected = line.rsplit("# -> ", 1)[1].split()
+            result = subprocess.run(
+                ["bash", "-c", line],
+                env={**os.environ, **tokens},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if line.startswith("curl -si"):  # the status line comes first
+                got = result.stdout.split()[1:2]
+            else:  # a loop printing one status per request
+                got = result.stdout.split()
+            if got != expected:
+                problems.append(f"{line}: got {got}, printed {expected}")
+    assert problems == []
