@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from engine.registry import PolicyRegistry, load_policy
-from tests.e2e.harness import EngineThread
 from policies.rateLimit.testing import REDIS_SERVER, running_redis
+from tests.e2e.harness import EngineThread
 from tools.demo.demo import SCENARIOS, DemoStack, Scenario, curl_lines, run_scenario
 
 pytestmark = pytest.mark.envoy
