@@ -124,3 +124,11 @@ def test_printed_lines_hold_on_the_first_try_with_redis(tmp_path: Path) -> None:
             if got != expected:
                 problems.append(f"{line}: got {got}, printed {expected}")
     assert problems == []
+
+
+def test_config_comments_read_right_once_filled_in() -> None:
+    """The demo writes the config with its placeholders filled in; a placeholder in a
+    comment would turn that comment into a garbled URL or backend setting."""
+    template = (REPO / "manifests" / "demo-config.yaml").read_text()
+    comments = [line for line in template.splitlines() if line.lstrip().startswith("#")]
+    assert [line for line in comments if "$" in line] == []
