@@ -65,6 +65,7 @@ from controlplane.auth import TokenFile, TokenFileError
 from controlplane.definitions import checking_registry, load_validation_registry, pure_policies
 from controlplane.gitops import ConfigWatcher
 from controlplane.table import RouteTable
+from engine.cli import run_cli
 from engine.errors import DefinitionError, EngineError, TlsError
 from engine.registry import PolicyRegistry
 from engine.settle import DEFAULT_SETTLE
@@ -337,4 +338,4 @@ def main(argv: Sequence[str], *, policies: Callable[[], PolicyRegistry] | None =
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from engine.cli import run_cli
 from engine.main import main
 from engine.registry import PolicyRegistry
 
@@ -19,4 +20,4 @@ def run() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_cli(run))

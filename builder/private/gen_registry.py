@@ -156,6 +156,7 @@ def render_main(target: str, registry_module: str) -> str:
     return f"""{header}
 import sys
 
+from engine.cli import run_cli
 from engine.errors import EngineError
 from engine.main import main
 from {registry_module} import BUILD_INFO, DEFINITIONS, load_registry
@@ -180,7 +181,7 @@ def run() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_cli(run))  # a closed stdout (`engine --version | head`) exits quietly
 """
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from builder import new_policy
 from builder.testing import policy_code, write_manifest, write_policy
+from engine.cli import EXIT_BROKEN_PIPE
 from tests.e2e.harness import (
     EchoUpstream,
     EnvoyProcess,
@@ -78,17 +80,20 @@ def output_path(output: str, what: str) -> Path:
 
 @pytest.fixture(scope="module")
 def custom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A manifest in /tmp: a custom policy beside it + setHeader from the repository."""
+    """A manifest in /tmp: a custom policy beside it, one written by the scaffold
+    (`//builder:new_policy`, as generated) + setHeader from the repository."""
     root = tmp_path_factory.mktemp("custom-manifest")
     write_policy(
         root / "my-policies" / "greeting" / "v1.0.0",
         name="greeting",
         code=policy_code(header="x-greeting", value="hello"),
     )
+    assert new_policy.main(["--name", "scaffolded", "--dir", str(root / "my-policies")]) == 0
     manifest = write_manifest(
         root / "policy-manifest.yaml",
         [
             {"name": "greeting", "version": "v1.0.0", "uri": "my-policies/greeting/v1.0.0"},
+            {"name": "scaffolded", "uri": "my-policies/scaffolded/v1.0.0"},
             {"name": "setHeader", "uri": str(REPO / "policies" / "setHeader" / "v1.0.0")},
         ],
     )
@@ -109,15 +114,35 @@ def custom_build(custom_manifest: Path) -> Iterator[tuple[Path, str]]:
 def test_custom_policy_is_built_in(custom_build: tuple[Path, str]) -> None:
     engine, output = custom_build
     assert "builder: ok greeting v1.0.0" in output
+    assert "builder: ok scaffolded v1.0.0" in output
     package = engine.parent.name
     copied = REPO / "generated" / package / "policies" / "greeting" / "v1.0.0" / "policy.py"
     assert copied.is_file(), "out-of-repo policies are copied into the generated package"
     version = subprocess.run(
         [str(engine), "--version"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    assert "policies: greeting v1.0.0, setHeader v1.0.0" in version
+    assert "policies: greeting v1.0.0, scaffolded v1.0.0, setHeader v1.0.0" in version
     assert re.search(r"^policy greeting v1\.0\.0: sha256:[0-9a-f]{64}$", version, re.MULTILINE)
     assert "source_revision: unstamped" in version
+
+
+def test_version_into_a_closed_pipe_exits_quietly(custom_build: tuple[Path, str]) -> None:
+    """`engine --version | head -0`: no BrokenPipeError traceback (issue 20 item 5)."""
+    engine, _ = custom_build
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [str(engine), "--version"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (EXIT_BROKEN_PIPE, "")
 
 
 def test_built_engine_serves_through_envoy(custom_build: tuple[Path, str], tmp_path: Path) -> None:
@@ -133,6 +158,11 @@ def test_built_engine_serves_through_envoy(custom_build: tuple[Path, str], tmp_p
                     "custom": {
                         "policies": [
                             {"name": "greeting", "version": "v1.0.0", "parameters": {}},
+                            {
+                                "name": "scaffolded",
+                                "version": "v1.0.0",
+                                "parameters": {"value": "as-generated"},
+                            },
                             {
                                 "name": "setHeader",
                                 "version": "v1.0.0",
@@ -172,6 +202,7 @@ def test_built_engine_serves_through_envoy(custom_build: tuple[Path, str], tmp_p
             assert response.echo is not None
             assert response.echo["headers"]["x-greeting"] == "hello"
             assert response.echo["headers"]["x-from"] == "builder"
+            assert response.echo["headers"]["x-scaffolded"] == "as-generated"
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -214,4 +245,6 @@ def test_push_sends_the_engine_image_to_a_registry(
             check=True,
         ).stdout
     labels = json.loads(config)["config"]["Labels"]
-    assert labels["io.policy-engine.policies"] == "greeting@v1.0.0,setHeader@v1.0.0"
+    assert (
+        labels["io.policy-engine.policies"] == "greeting@v1.0.0,scaffolded@v1.0.0,setHeader@v1.0.0"
+    )

@@ -59,6 +59,8 @@ MANIFEST: Final = "manifests/policy-manifest.yaml"
 REDIS_URL_ENV: Final = "DEMO_REDIS_URL"
 REDIS_AVAILABLE: Final = os.access(REDIS_SERVER, os.X_OK)
 CONFIG_TEMPLATE: Final = "manifests/demo-config.yaml"
+WARM_STREAK: Final = 6
+"""Consecutive warm-up decisions made through Redis that end the warm-up."""
 
 ROUTES: Final = (
     EnvoyRoute("public", "/api/v1/public", "public"),
@@ -155,7 +157,7 @@ class DemoStack:
     engine_factory: EngineFactory
     repo: Path
     keys: KeySet = field(default_factory=KeySet.generate)
-    redis_url: str | None = None
+    redis: RedisServer | None = None
     """rateLimit v2 on the private route uses this Redis (``None``: its local backend)."""
     spread_streams: bool = False
     """Envoy opens one engine connection per request, so a multi-worker engine's workers
@@ -177,8 +179,8 @@ class DemoStack:
         self.upstream = self._exit.enter_context(EchoUpstream())
         template = string.Template((self.repo / CONFIG_TEMPLATE).read_text())
         self.config = self.workdir / "demo-config.yaml"
-        if self.redis_url:
-            os.environ[REDIS_URL_ENV] = self.redis_url  # the engine reads it (redisUrlEnv)
+        if self.redis is not None:
+            os.environ[REDIS_URL_ENV] = self.redis.url  # the engine reads it (redisUrlEnv)
             backend = f"backend: redis, redisUrlEnv: {REDIS_URL_ENV}, onBackendError: allow"
         else:
             backend = "backend: local"
@@ -207,6 +209,65 @@ class DemoStack:
                 http_connection_manager={"access_log": [_access_log(self.access_log)]},
             )
         )
+        self.warm_up()
+
+    def warm_up(self, timeout: float = 30.0) -> None:
+        """Make every engine worker's first backend calls now, so the scenarios (and a
+        person's first curl) see the steady state: the JWKS fetched by both JWT routes'
+        policies, and each worker's Redis connection open with the limiter's script loaded.
+
+        A worker's first Redis decision opens a connection and loads the script, which on
+        a busy machine can take longer than the private route's 50 ms ``backendTimeout``:
+        the limiter then follows ``onBackendError: allow`` (no RateLimit headers) for
+        0.5 s, and a burst meant to end in 429 passes. The warm-up requests use subjects
+        of their own (``warm-up-N``), so no scenario's rate-limit budget is spent. Raises
+        :class:`RuntimeError` when the engine does not settle within ``timeout``.
+        """
+        workers = int(getattr(self.engine, "workers", 1))
+        deadline = time.monotonic() + timeout
+        for path in ("/api/v1/private/warm-up", "/api/v2/private/warm-up"):
+            for i in range(4 * workers):  # every worker, but for a 2**-7 chance (per route)
+                self._expect_ok(Step(path, 200, subject=f"warm-up-{i}"), deadline)
+        if self.redis is None:
+            return
+        streak, i = 0, 4 * workers
+        while streak < WARM_STREAK or len(self.redis_clients()) < workers:
+            i += 1
+            reply = self._expect_ok(
+                Step("/api/v1/private/warm-up", 200, subject=f"warm-up-{i}"), deadline
+            )
+            if "ratelimit-limit" in reply.headers:  # decided through Redis, in time
+                streak += 1
+                continue
+            # A fallback decision: that worker's limiter asks Redis again after
+            # RETRY_INTERVAL (0.5 s); until then every request of its would fall back.
+            streak = 0
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"demo: the engine's rate limiter still falls back after {timeout:.0f} s "
+                    f"(Redis {self.redis.url} too slow for backendTimeout?)"
+                )
+            time.sleep(0.6)
+
+    def _expect_ok(self, step: Step, deadline: float) -> HttpResponse:
+        while True:
+            reply = self.request(step)
+            if reply.status == step.status:
+                return reply
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"demo: warm-up request {step.path} answered {reply.status}, not {step.status}"
+                )
+            time.sleep(0.2)
+
+    def redis_clients(self) -> set[str]:
+        """The names of the engine processes holding a Redis connection (``CLIENT LIST``;
+        each worker names its connections ``policy-engine-<pid>``)."""
+        if self.redis is None:
+            return set()
+        text = str(self.redis.command("CLIENT", "LIST"))
+        names = {f for line in text.splitlines() for f in line.split() if f.startswith("name=")}
+        return {name for name in names if name.startswith("name=policy-engine-")}
 
     def __exit__(self, *exc: object) -> None:
         self._exit.close()
@@ -422,7 +483,33 @@ def _missing(where: str, what: str, body: Any, expected: Mapping[str, Any]) -> l
     ]
 
 
+def _same_request(a: Step, b: Step) -> bool:
+    return (a.method, a.path, dict(a.headers), a.body, a.subject) == (
+        b.method,
+        b.path,
+        dict(b.headers),
+        b.body,
+        b.subject,
+    )
+
+
+def _curl(base: str, step: Step, *options: str) -> str:
+    parts = ["curl", *options, "-X", step.method, f"{base}{step.path}"]
+    for name, value in step.headers.items():
+        parts += ["-H", f"{name}: {value}"]
+    if step.body is not None:
+        parts += ["--data-binary", step.body.decode()]
+    line = shlex.join(parts)
+    if step.subject:  # double quotes, so the shell expands the token variable
+        line += f' -H "authorization: Bearer ${step.subject.upper()}"'
+    return line
+
+
 def curl_lines(stack: DemoStack) -> Iterator[str]:
+    """The scenarios as shell lines, each with the status(es) it returns. Consecutive
+    steps sending the same request (the rate-limit burst and the 429 after it) become
+    one loop printing each status: typed one by one, the 429 would depend on how fast
+    a person types (the bucket refills one request every two seconds)."""
     base = f"http://{HOST}:{stack.envoy.port}"
     subjects = sorted({s.subject for sc in SCENARIOS for s in sc.steps if s.subject})
     yield "# Tokens from the demo's identity provider (valid for five minutes):"
@@ -431,31 +518,29 @@ def curl_lines(stack: DemoStack) -> Iterator[str]:
     yield ""
     for scenario in SCENARIOS:
         yield f"# {scenario.description}"
-        shown: list[Step] = []
-        for step in scenario.steps:
-            if step in shown:  # a repeated request (the rate-limit burst) is shown once
+        steps = list(scenario.steps)
+        while steps:
+            run = 1
+            while run < len(steps) and _same_request(steps[0], steps[run]):
+                run += 1
+            step, statuses = steps[0], [s.status for s in steps[:run]]
+            del steps[:run]
+            if run == 1:
+                yield f"{_curl(base, step, '-si')}    # -> {step.status}"
                 continue
-            shown.append(step)
-            parts = ["curl", "-si", "-X", step.method, f"{base}{step.path}"]
-            for name, value in step.headers.items():
-                parts += ["-H", f"{name}: {value}"]
-            if step.body is not None:
-                parts += ["--data-binary", step.body.decode()]
-            line = shlex.join(parts)
-            if step.subject:  # double quotes, so the shell expands the token variable
-                line += f' -H "authorization: Bearer ${step.subject.upper()}"'
-            yield f"{line}    # -> {step.status}"
+            curl = _curl(base, step, "-s", "-o", "/dev/null", "-w", "%{http_code}\\n")
+            numbers = " ".join(str(i) for i in range(1, run + 1))
+            expected = " ".join(str(status) for status in statuses)
+            yield f"for i in {numbers}; do {curl}; done    # -> {expected}"
         yield ""
 
 
-def _shared_by_workers(stack: DemoStack, redis: RedisServer, workers: int) -> list[str]:
+def _shared_by_workers(stack: DemoStack, workers: int) -> list[str]:
     """Problems unless ``workers`` engine processes hold Redis connections (named by pid),
     after 20 more users' requests (the chance one worker got none of them is 2**-19)."""
     for i in range(20):
         stack.request(Step("/api/v1/private/orders", 200, subject=f"spread-{i}"))
-    text = str(redis.command("CLIENT", "LIST"))
-    pids = {f for line in text.splitlines() for f in line.split() if f.startswith("name=")}
-    pids.discard("name=")
+    pids = stack.redis_clients()
     if len(pids) < workers:
         return [f"Redis saw {len(pids)} engine process(es), expected {workers}: {sorted(pids)}"]
     return []
@@ -548,7 +633,7 @@ def main(argv: list[str]) -> int:
                 tmp,
                 start_engine,
                 repo,
-                redis_url=redis.url if redis else None,
+                redis=redis,
                 spread_streams=workers > 1 and not args.xds,
             )
         )
@@ -596,7 +681,7 @@ def _run(
                 print(f"       {problem}")
         total = len(SCENARIOS)
         if redis is not None and not args.xds:
-            problems = _shared_by_workers(stack, redis, workers)
+            problems = _shared_by_workers(stack, workers)
             failed += bool(problems)
             total += 1
             print(
