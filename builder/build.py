@@ -36,7 +36,14 @@ from builder.generate import ENGINE_TARGET, VALIDATION_TEST_TARGET, GeneratedPac
 from builder.manifest import load_manifest
 from builder.validate import validate
 
-__all__ = ["DEFAULT_MANIFEST", "find_workspace", "main", "run_bazel", "split_reference"]
+__all__ = [
+    "DEFAULT_MANIFEST",
+    "build_parser",
+    "find_workspace",
+    "main",
+    "run_bazel",
+    "split_reference",
+]
 
 DEFAULT_MANIFEST: Final = "manifests/policy-manifest.yaml"
 EXIT_INVALID: Final = 1
@@ -82,7 +89,8 @@ def _image_available(workspace: Path) -> bool:
     return (workspace / "builder" / "private" / "image.bzl").is_file()
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (also the source of docs/reference/cli.md)."""
     parser = argparse.ArgumentParser(
         prog="bazel run //builder:build --",
         description="Validate a policy manifest and build a policy engine from it.",
@@ -105,6 +113,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--validate-only", action="store_true", help="validate the manifest and exit"
     )
     parser.add_argument("--no-test", action="store_true", help="skip the generated validation test")
+    return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; exits 2 with a usage message on errors."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.push and "@" in args.push.rsplit("/", 1)[-1]:
         parser.error(f"--push takes REGISTRY/REPO[:TAG], not a digest: {args.push}")

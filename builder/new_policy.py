@@ -41,6 +41,7 @@ __all__ = [
     "BUILD_FILE",
     "NAME_PATTERN",
     "VERSION",
+    "build_parser",
     "files",
     "main",
     "name_problem",
@@ -202,7 +203,8 @@ def files(name: str) -> dict[str, str]:
     }
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (also the source of docs/reference/cli.md)."""
     parser = argparse.ArgumentParser(
         prog="bazel run //builder:new_policy --",
         description=f"Write a new policy folder DIR/NAME/{VERSION}/ that builds and passes "
@@ -218,6 +220,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         metavar="DIR",
         help="where the policy's folder goes (DIR/NAME/VERSION/), e.g. /tmp/my-policies",
     )
+    return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; exits 2 with a usage message on errors."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     problem = name_problem(args.name)
     if problem:

@@ -70,12 +70,13 @@ from engine.errors import DefinitionError, EngineError, TlsError
 from engine.registry import PolicyRegistry
 from engine.settle import DEFAULT_SETTLE
 
-__all__ = ["main", "parse_args", "serve"]
+__all__ = ["build_parser", "main", "parse_args", "serve"]
 
 log: Final = logging.getLogger("controlplane")
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (also the source of docs/reference/cli.md)."""
     parser = argparse.ArgumentParser(
         prog="controlplane", description="Policy-chain control plane: validates, then serves ADS."
     )
@@ -148,6 +149,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
     ads_tls.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; exits 2 with a usage message on errors."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.poll_interval > 0:
         parser.error("--poll-interval must be greater than 0")

@@ -35,7 +35,7 @@ from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSo
 from engine.tls import ServerTls, ServerTlsFiles, is_loopback
 from engine.xds import cli as xds_cli
 
-__all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "main", "parse_args"]
+__all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "build_parser", "main", "parse_args"]
 
 ENGINE_VERSION: Final = "0.1.0"
 DEFAULT_LISTEN: Final = "127.0.0.1:9002"
@@ -46,8 +46,8 @@ log = logging.getLogger("engine")
 _MAX_BODY_LIMIT: Final = 1024 * 1024 * 1024 - 1024 * 1024
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line; exits 2 with a usage message on errors."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (also the source of docs/reference/cli.md)."""
     parser = argparse.ArgumentParser(
         prog="policy-engine", description="Envoy ext_proc policy engine."
     )
@@ -167,6 +167,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--metrics-listen without mTLS, --xds without --xds-ca (default: refused)",
     )
     xds_cli.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the command line; exits 2 with a usage message on errors."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.version and not args.config and not args.xds:
         parser.error("--config or --xds is required")
