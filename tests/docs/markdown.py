@@ -28,7 +28,9 @@ DOCS: Final = _docs()
 
 _FENCE: Final = re.compile(r"^(\s*)(`{3,}|~{3,})(.*)$")
 _HEADING: Final = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_LINK: Final = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_LINK: Final = re.compile(
+    r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)"
+)
 _CODE_SPAN: Final = re.compile(r"(`+)(.+?)\1")
 
 

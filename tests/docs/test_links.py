@@ -53,7 +53,9 @@ def test_the_docs_are_found() -> None:
         pytest.param("Secrets are never shown", "secrets-are-never-shown", id="plain"),
         pytest.param("The admin API's security", "the-admin-apis-security", id="apostrophe"),
         pytest.param(
-            "Unknown route key -> 404 (fail closed)", "unknown-route-key---404-fail-closed", id="arrow"
+            "Unknown route key -> 404 (fail closed)",
+            "unknown-route-key---404-fail-closed",
+            id="arrow",
         ),
         pytest.param(
             "Body limit: 10 MiB by default (`--max-body-bytes`), over it 413",
@@ -71,4 +73,5 @@ def test_a_broken_link_is_reported(tmp_path: Path) -> None:
     page.write_text("# Title\n\n[ok](#title) [bad](#nope) [gone](missing.md)\n", encoding="utf-8")
     text = page.read_text(encoding="utf-8")
     assert [link.target for link in links(text)] == ["#title", "#nope", "missing.md"]
-    assert "title" in anchors(text) and "nope" not in anchors(text)
+    assert "title" in anchors(text)
+    assert "nope" not in anchors(text)

@@ -9,13 +9,15 @@ a fixed width, so the output does not depend on the terminal.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-__all__ = ["COMMANDS", "OUTPUT", "REGENERATE", "render"]
+__all__ = ["COMMANDS", "OUTPUT", "REGENERATE", "main", "parser", "render"]
 
 REPO: Final = Path(__file__).resolve().parents[2]
 OUTPUT: Final = Path("docs/reference/cli.md")
@@ -24,55 +26,28 @@ REGENERATE: Final = "python -m tools.docs.cli_reference --write"
 _WIDTH: Final = "100"
 
 
-def _engine() -> argparse.ArgumentParser:
-    from engine.main import build_parser
-
-    return build_parser()
-
-
-def _controlplane() -> argparse.ArgumentParser:
-    from controlplane.main import build_parser
-
-    return build_parser()
-
-
-def _builder_build() -> argparse.ArgumentParser:
-    from builder.build import build_parser
-
-    return build_parser()
-
-
-def _builder_new_policy() -> argparse.ArgumentParser:
-    from builder.new_policy import build_parser
-
-    return build_parser()
-
-
-COMMANDS: Final[tuple[tuple[str, str, str, Callable[[], argparse.ArgumentParser]], ...]] = (
+COMMANDS: Final[tuple[tuple[str, str, str], ...]] = (
+    # (title, what it is, the module whose build_parser() describes it)
     (
         "engine",
         "The policy engine: the builder's `engine` binaries, the zero-policy `//engine`, "
         "the OCI image's entrypoint.",
-        "engine.main.build_parser",
-        _engine,
+        "engine.main",
     ),
     (
         "controlplane",
         "The xDS control plane and its admin API: `tools/bazel run //controlplane -- ...`.",
-        "controlplane.main.build_parser",
-        _controlplane,
+        "controlplane.main",
     ),
     (
         "builder build",
         "Validate a manifest and build an engine: `tools/bazel run //builder:build -- ...`.",
-        "builder.build.build_parser",
-        _builder_build,
+        "builder.build",
     ),
     (
         "builder new_policy",
         "Scaffold a policy folder: `tools/bazel run //builder:new_policy -- ...`.",
-        "builder.new_policy.build_parser",
-        _builder_new_policy,
+        "builder.new_policy",
     ),
 )
 
@@ -89,6 +64,12 @@ def _help(parser: argparse.ArgumentParser) -> str:
             os.environ["COLUMNS"] = old
 
 
+def parser(module: str) -> argparse.ArgumentParser:
+    """``module.build_parser()``: imported on use, after :func:`_ensure_protos`."""
+    built: argparse.ArgumentParser = importlib.import_module(module).build_parser()
+    return built
+
+
 def render() -> str:
     """The whole reference page, as the parsers describe the command lines now."""
     parts = [
@@ -97,21 +78,18 @@ def render() -> str:
         "(`tests/docs/test_cli_reference.py` fails when this file is stale). What the flags "
         "mean in practice: [operators' guides](../operators/README.md).\n",
     ]
-    for title, what, source, factory in COMMANDS:
+    for title, what, module in COMMANDS:
         parts.append(f"## {title}\n")
-        parts.append(f"{what} Parser: `{source}()`.\n")
-        parts.append("```text\n" + _help(factory()) + "```\n")
+        parts.append(f"{what} Parser: `{module}.build_parser()`.\n")
+        parts.append("```text\n" + _help(parser(module)) + "```\n")
     return "\n".join(parts)
 
 
 def _ensure_protos() -> None:
     """Plain Python (not Bazel) needs proto/'s generated modules, as conftest.py does."""
-    try:
-        import policy_engine.v1  # noqa: F401
-    except ModuleNotFoundError:
-        from tools.protoc.gen_protos import ensure_generated
-
-        sys.path.insert(0, str(ensure_generated()))
+    if importlib.util.find_spec("policy_engine") is None:
+        gen_protos = importlib.import_module("tools.protoc.gen_protos")
+        sys.path.insert(0, str(gen_protos.ensure_generated()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
