@@ -15,7 +15,12 @@ from typing import Final
 __all__ = ["DOCS", "REPO", "Block", "Link", "anchors", "fenced_blocks", "links", "slug"]
 
 REPO: Final = Path(__file__).resolve().parents[2]
-FOLDER_READMES: Final = ("builder/README.md",)
+FOLDER_READMES: Final = (
+    "builder/README.md",
+    "controlplane/README.md",
+    "engine/README.md",
+    "policies/README.md",
+)
 
 
 def _docs() -> tuple[Path, ...]:
