@@ -371,7 +371,7 @@ EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = {
         {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
     ]
 }
-"""Circuit breakers of the ext_proc cluster (README: "Envoy settings for the engine").
+"""Circuit breakers of the ext_proc cluster (docs/operators/envoy.md).
 
 Each ext_proc stream counts as one request of that cluster for as long as its HTTP request
 lives, so Envoy's defaults (1,024 pending / 1,024 requests) fail every HTTP request past the

@@ -216,8 +216,8 @@ def test_body_over_envoys_buffer_is_413_from_envoy(e2e, buffer, size):
     # A BUFFERED body over Envoy's buffer (per_connection_buffer_limit_bytes, default 1 MiB):
     # Envoy itself answers 413 and nothing reaches the engine. (Measured with Envoy 1.36:
     # when BUFFERED is switched on only by mode_override, a body several times the buffer
-    # stalls instead; hence the README's advice to raise Envoy's buffer above the engine's
-    # limit, so the engine answers.)
+    # stalls instead; hence the advice in docs/decisions.md (body limit) to raise Envoy's
+    # buffer above the engine's limit, so the engine answers.)
     e2e.configure({"body": {"policies": [policy("bodyWrap")]}})
     modes = {**STREAMED_MODES, "request_body_mode": "BUFFERED", "response_body_mode": "NONE"}
     settings: dict[str, Any] = {"ext_proc": {"processing_mode": modes}}

@@ -3,9 +3,9 @@
 Each ext_proc stream counts as one request of Envoy's ext_proc cluster for as long as its HTTP
 request lives. With Envoy's default circuit breakers (1,024 pending / 1,024 requests) the
 requests past the 1,024th in flight were answered 500 (``ext_proc.streams_failed``);
-``tests/e2e/harness.py`` configures the thresholds the README documents. The full-size runs
-(2,000 and 10,000 connections) are in ``tools/bench``; this test keeps 1,100 requests in
-flight with a policy that holds each stream for a second.
+``tests/e2e/harness.py`` configures the thresholds docs/operators/envoy.md documents. The
+full-size runs (2,000 and 10,000 connections) are in ``tools/bench``; this test keeps 1,100
+requests in flight with a policy that holds each stream for a second.
 """
 
 from __future__ import annotations

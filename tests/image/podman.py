@@ -77,7 +77,7 @@ class Podman:
         ]
 
     def command(self, *args: str) -> list[str]:
-        """The full command line of ``podman ARGS`` (for logs and the README)."""
+        """The full command line of ``podman ARGS`` (for logs and the docs)."""
         return [*self.base, *args]
 
     def run(

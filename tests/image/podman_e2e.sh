@@ -22,7 +22,7 @@ skip_loudly() {
 #  PODMAN TEST SKIPPED: podman cannot run containers on this machine.
 #  Reason: $1
 #  The image was NOT run in a container. Fix the reason above to run it
-#  (tests/image/podman_e2e.sh; see README.md, "OCI images").
+#  (tests/image/podman_e2e.sh; see docs/operators/deployment.md).
 ################################################################################
 MSG
   exit 0

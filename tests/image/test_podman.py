@@ -175,8 +175,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @contextlib.contextmanager
 def engine_container(stack: Stack, image: str, name: str) -> Iterator[str]:
-    """Run the image as the engine (the README's command: the image's default TLS files,
-    on the test's ports); stop it, check a clean exit."""
+    """Run the image as the engine (the command in docs/operators/deployment.md: the image's
+    default TLS files, on the test's ports); stop it, check a clean exit."""
     stack.podman.run("rm", "--force", name, check=False)
     stack.podman.run(
         "run",

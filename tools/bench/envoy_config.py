@@ -15,7 +15,7 @@ ext_proc filter the tests and the demo run) and adds, on one listener:
 
 ``cluster_settings`` replace the harness's circuit breakers and protocol options on every
 ext_proc cluster (the engine's and the floors'), so runs can compare Envoy's defaults with
-the settings the README recommends (``tools/bench/settings.py``).
+the settings docs/operators/envoy.md recommends (``tools/bench/settings.py``).
 """
 
 from __future__ import annotations

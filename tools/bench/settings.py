@@ -1,8 +1,8 @@
 """Envoy cluster settings for an ext_proc cluster, as the benchmark compares them.
 
-``RECOMMENDED`` is what the README asks for on the cluster that points at the engine (what
-``tests/e2e/harness.py``, and so the demo, configure); ``ENVOY_DEFAULTS`` is Envoy's behaviour
-with nothing set, kept to show why:
+``RECOMMENDED`` is what docs/operators/envoy.md asks for on the cluster that points at the
+engine (what ``tests/e2e/harness.py``, and so the demo, configure); ``ENVOY_DEFAULTS`` is
+Envoy's behaviour with nothing set, kept to show why:
 
 * **circuit breakers**: Envoy's default thresholds are 1,024 pending requests, 1,024 requests
   and 1,024 connections per cluster and priority. On an HTTP/2 cluster every ext_proc stream is
@@ -70,7 +70,7 @@ def ext_proc_cluster_settings(
 
 
 RECOMMENDED: Final = ext_proc_cluster_settings()
-"""What tests/e2e/harness.py (and so the demo) configures, and the README documents."""
+"""What tests/e2e/harness.py (and so the demo) configures, and docs/operators/envoy.md documents."""
 
 ENVOY_DEFAULTS: Final[dict[str, Any]] = {
     "typed_extension_protocol_options": {

@@ -11,7 +11,7 @@ every request here opens its own, as curl does. Run from the repository root wit
 
     python -m tools.measure.admin_http_servers [--requests 2000] [--clients 8]
 
-The figures go into the commit message and README; there are no assertions.
+The figures go into the commit message and docs/ (decisions, benchmarks); there are no assertions.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ It also times a ~4.6 MiB body, and the longest event-loop stall while a worker t
 (asyncio.to_thread) does that round trip: the parsers hold the GIL, so a thread does
 not keep the loop free.
 
-No assertions about speed: the figures go into the commit message and README.
+No assertions about speed: the figures go into the commit message and docs/ (decisions, benchmarks).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ with both clients installed (they are not both in the lock):
 
     python tools/measure/jwks_http_clients.py [fetches]
 
-The figures go into the commit message and README; there are no assertions.
+The figures go into the commit message and docs/ (decisions, benchmarks); there are no assertions.
 """
 
 from __future__ import annotations
