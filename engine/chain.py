@@ -795,7 +795,7 @@ def _shadow_failed(
     return shadow.failed(kind or implied, f"{phase} {reason}")
 
 
-def _shadow_runs(
+def _shadow_runs(  # noqa: PLR0917 - as _runs: one call site per phase
     policy: ChainPolicy,
     request_id: str,
     phase: str,

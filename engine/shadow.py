@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Final
 
 from engine import metrics
@@ -135,12 +136,13 @@ class _LogLimiter:
 
     _MAX_KEYS: Final = 10_000
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._next: dict[tuple[str, str, str], tuple[float, int]] = {}
 
     def allow(self, key: tuple[str, str, str]) -> int | None:
         """None: do not log now. Else the number of lines left out since the last one."""
-        now = time.monotonic()
+        now = self._clock()
         due, skipped = self._next.get(key, (0.0, 0))
         if now < due:
             self._next[key] = (due, skipped + 1)

@@ -14,7 +14,7 @@ from engine import metrics, shadow
 from engine.chain import Chain, ChainPolicy, run_request, run_response
 from engine.config import load_config
 from engine.errors import ConfigError
-from engine.policy import ImmediateResponse, RequestModifications, ResponseModifications
+from engine.policy import ImmediateResponse, RequestModifications
 from engine.registry import PolicyRegistry
 from engine.testing import make_request_context, make_response_context
 from tests.engine.test_metrics import samples
@@ -105,7 +105,11 @@ def decision_count(found: dict[Any, float], name: str, decision: str) -> float:
     ],
 )
 async def test_a_shadow_entry_is_recorded_and_nothing_is_enforced(
-    registry: PolicyRegistry, counted: dict[str, Any], entry: dict[str, Any], decision: str, note: str
+    registry: PolicyRegistry,
+    counted: dict[str, Any],
+    entry: dict[str, Any],
+    decision: str,
+    note: str,
 ) -> None:
     # failClosed with its own status: a shadow entry ignores onError whatever it says.
     entry = {**entry, "onError": "failClosed", "errorStatus": 503}
@@ -145,7 +149,6 @@ async def test_a_shadow_entry_that_returns_nothing_allows(
 class _Quiet:
     def on_request(self, ctx: Any) -> None:
         ctx.headers["x-sneaky"] = "mutated in place"  # on the copy: never seen
-        return None
 
 
 async def test_a_false_condition_skips_the_shadow_entry_unrecorded(
@@ -176,7 +179,9 @@ async def test_shadow_metadata_writes_and_in_place_changes_stay_private(
         (
             *chain_of(
                 registry,
-                shadowed("addHeader", parameters={"header": "x-s", "value": "v", "metadataKey": "k"}),
+                shadowed(
+                    "addHeader", parameters={"header": "x-s", "value": "v", "metadataKey": "k"}
+                ),
                 {"name": "metadataReader", "parameters": {"key": "k"}},
             ).policies,
             ChainPolicy("quiet", "v1.0.0", _Quiet(), has_request=True, shadow=True),
@@ -232,7 +237,7 @@ async def test_a_shadow_entry_never_strips_headers(registry: PolicyRegistry) -> 
 async def test_cancellation_of_the_task_still_propagates_through_a_shadow_entry(
     registry: PolicyRegistry,
 ) -> None:
-    import asyncio  # noqa: PLC0415 - only this test
+    import asyncio
 
     chain = chain_of(registry, shadowed("sleeper", parameters={"seconds": 5}))
     task = asyncio.ensure_future(run_request(chain, make_request_context()))
@@ -304,8 +309,7 @@ async def test_a_shadow_response_entry_changes_nothing(
     assert outcome.remove_headers == ()
     assert response.status == 200
     assert response.metadata[shadow.SHADOW_KEY] == (
-        "statusSetter v1.0.0: would status 403; remove server; "
-        "raiser v1.0.0: failed (exception)"
+        "statusSetter v1.0.0: would status 403; remove server; raiser v1.0.0: failed (exception)"
     )
     found = counted["found"]()
     assert decision_count(found, "statusSetter", "would_modify") == 1
@@ -319,8 +323,7 @@ async def test_would_reject_is_logged_at_info_and_rate_limited(
     registry: PolicyRegistry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(shadow.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(shadow, "_limiter", shadow._LogLimiter())
+    monkeypatch.setattr(shadow, "_limiter", shadow._LogLimiter(clock=lambda: clock[0]))
     chain = chain_of(registry, shadowed("deny"))
     with caplog.at_level(logging.INFO, logger="engine.shadow"):
         for _ in range(5):
