@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine import metrics, shadow
 from engine.chain import Chain, ChainPolicy, run_request, run_response
@@ -17,11 +18,20 @@ from engine.errors import ConfigError
 from engine.policy import ImmediateResponse, RequestModifications
 from engine.registry import PolicyRegistry
 from engine.testing import make_request_context, make_response_context
-from tests.engine.test_metrics import samples
 from tests.support import registry_from
 
 TEST_POLICIES = ("addHeader", "deny", "metadataReader", "raiser", "sleeper", "statusSetter")
 DECISIONS = "policy_engine_shadow_decisions_total"
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as (name, sorted labels without pid) -> value."""
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid"))
+            found[(sample.name, labels)] = found.get((sample.name, labels), 0.0) + sample.value
+    return found
 
 
 @pytest.fixture(scope="module")
