@@ -240,6 +240,7 @@ async def test_a_shadow_entry_reaches_engines_as_shadow(plane):
         assert status == 200, body
         await asyncio.wait_for(applied_version(source, body["version"]), 10)
         chain = store.current.chain_for("r")
+        assert chain is not None
         assert [p.shadow for p in chain.policies] == [True, False, False]
     finally:
         task.cancel()
