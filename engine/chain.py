@@ -29,6 +29,14 @@ Execution rules:
   wrong type is a failure: ``failOpen`` logs and continues; ``failClosed`` answers
   ``errorStatus`` with ``{"error": "policy <name> <version> failed"}``. Nothing
   raised by a policy escapes (only the task's own cancellation propagates).
+* A ``mode: shadow`` entry (``ChainPolicy.shadow``) runs (condition and ``timeout``
+  apply) against a private copy of the context, and what it would have done is only
+  recorded (:mod:`engine.shadow`): its immediate response does not end the chain, its
+  changes and metadata writes are dropped, it strips nothing, and its failures never fail
+  the request, whatever ``onError`` says. Later entries see the request as the enforced
+  entries left it. A phase with a shadow entry is never answered from a static outcome
+  (the decision is recorded per request); static actions of the phase's other entries
+  still apply without a hook call.
 * The response phase runs the *same configured order* as the request phase, not
   the reverse. That is our decision: one order is simpler to reason about and
   matches how operators read the config. ``metadata`` is the same mapping across
@@ -48,10 +56,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
-from engine import metrics
+from engine import metrics, shadow
 from engine.conditions import Condition
 from engine.errors import ConditionEvaluationError, PolicyError
-from engine.metadata import CURRENT_POLICY
+from engine.metadata import CURRENT_POLICY, RequestMetadata
 from engine.policy import (
     Headers,
     ImmediateResponse,
@@ -111,6 +119,8 @@ class ChainPolicy:
     config load): the executor applies it without calling ``on_request``. None: call the hook."""
     static_response: ResponseModifications | None = None
     """Likewise for ``static_response()`` / ``on_response``."""
+    shadow: bool = False
+    """``mode: shadow``: run and record what it would do (engine/shadow.py), enforce nothing."""
 
     @property
     def label(self) -> str:
@@ -166,7 +176,12 @@ class Chain:
         )
         set_(self, "request_head", self.request_policies[:split])
         set_(self, "request_rest", self.request_policies[split:])
-        body_policy = next((p for p in self.policies if p.requires_request_body), None)
+        # An enforced entry's failure when there is one: the body that cannot be had is an
+        # Envoy setting, not a shadow entry's fault, but the answer names who needed it.
+        body_policies = [p for p in self.policies if p.requires_request_body]
+        body_policy = next((p for p in body_policies if not p.shadow), None) or next(
+            iter(body_policies), None
+        )
         set_(self, "body_failure", None if body_policy is None else failure_response(body_policy))
         set_(self, "response_policies", tuple(p for p in self.policies if p.has_response))
         set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
@@ -301,7 +316,8 @@ def _static_actions(
     for policy in policies:
         action = getattr(policy, attr)
         if (
-            policy.condition is not None
+            policy.shadow  # its decision is recorded per request; its action never applies
+            or policy.condition is not None
             or not isinstance(action, RequestModifications | ResponseModifications)
             or action.body is not None
         ):
@@ -436,6 +452,9 @@ async def run_request(
         return _NO_CHANGE_REQUEST
     before = since if since is not None else RequestState.of(ctx)
     for policy in policies:
+        if policy.shadow:
+            await _shadow_request(chain.route, policy, ctx)
+            continue
         condition = policy.condition
         if condition is not None:
             runs = _runs(
@@ -499,6 +518,9 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
     status, body = ctx.status, ctx.body
     request_id = ctx.request.request_id
     for policy in chain.response_policies:
+        if policy.shadow:
+            await _shadow_response(chain.route, policy, ctx)
+            continue
         condition = policy.condition
         if condition is not None:
             runs = _runs(
@@ -539,6 +561,91 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
         status=ctx.status if ctx.status != status else None,
         body=ctx.body if ctx.body != body else None,
     )
+
+
+async def _shadow_request(route: str, policy: ChainPolicy, ctx: RequestContext) -> None:
+    """Run shadow entry ``policy`` on a copy of ``ctx`` and record what it would have done
+    (engine/shadow.py). Changes nothing in ``ctx`` but the ``engine.shadow`` metadata; never
+    raises for the policy's fault."""
+    request_id = ctx.request_id
+    decision: shadow.ShadowDecision
+    condition = policy.condition
+    if condition is not None:
+        runs = _shadow_runs(policy, request_id, "request", condition.evaluate_request, ctx, route)
+        if runs is not True:
+            if runs is not False:
+                shadow.record(route, policy.name, policy.version, request_id, ctx.metadata, runs)
+            return
+    static = policy.static_request
+    if static is not None:  # validated at config load
+        _ran_static(route, policy)
+        decision = shadow.request_decision(static)
+    else:
+        copy = RequestContext(
+            headers=ctx.headers.copy(),
+            path=ctx.path,
+            method=ctx.method,
+            request_id=request_id,
+            route=ctx.route,
+            metadata=RequestMetadata(dict(ctx.metadata)),
+            body=ctx.body,
+            client_address=ctx.client_address,
+        )
+        try:
+            action = await _call(policy, route, policy.instance.on_request, copy)
+            if isinstance(action, ImmediateResponse):
+                _check_immediate(action)
+            elif isinstance(action, RequestModifications):
+                _check_request(action)
+            elif action is not None:
+                raise PolicyError(f"returned {type(action).__name__}, not a RequestAction")
+            decision = shadow.request_decision(action)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            decision = _shadow_failed(policy, request_id, "request", None, route)
+        except Exception as exc:
+            decision = _shadow_failed(policy, request_id, "request", exc, route)
+    shadow.record(route, policy.name, policy.version, request_id, ctx.metadata, decision)
+
+
+async def _shadow_response(route: str, policy: ChainPolicy, ctx: ResponseContext) -> None:
+    """:func:`_shadow_request` for the response phase."""
+    request_id = ctx.request.request_id
+    decision: shadow.ShadowDecision
+    condition = policy.condition
+    if condition is not None:
+        runs = _shadow_runs(policy, request_id, "response", condition.evaluate_response, ctx, route)
+        if runs is not True:
+            if runs is not False:
+                shadow.record(route, policy.name, policy.version, request_id, ctx.metadata, runs)
+            return
+    static = policy.static_response
+    if static is not None:
+        _ran_static(route, policy)
+        decision = shadow.response_decision(static)
+    else:
+        copy = ResponseContext(
+            request=ctx.request,
+            status=ctx.status,
+            headers=ctx.headers.copy(),
+            metadata=RequestMetadata(dict(ctx.metadata)),
+            body=ctx.body,
+        )
+        try:
+            action = await _call(policy, route, policy.instance.on_response, copy)
+            if isinstance(action, ResponseModifications):
+                _check_response(action)
+            elif action is not None:
+                raise PolicyError(f"returned {type(action).__name__}, not a ResponseAction")
+            decision = shadow.response_decision(action)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            decision = _shadow_failed(policy, request_id, "response", None, route)
+        except Exception as exc:
+            decision = _shadow_failed(policy, request_id, "response", exc, route)
+    shadow.record(route, policy.name, policy.version, request_id, ctx.metadata, decision)
 
 
 def _strip_unprocessed(policy: ChainPolicy, ctx: RequestContext) -> ImmediateResponse | None:
@@ -631,21 +738,8 @@ def _failed(
 ) -> ImmediateResponse | None:
     """Log (and count) a policy failure; return the response to send if it fails closed.
     ``kind`` overrides the failure kind the exception implies (metrics label)."""
-    kind_given = kind
-    exc_info: BaseException | None = None
-    if exc is None:
-        reason, kind = "was cancelled", "cancelled"
-    elif isinstance(exc, PolicyError):  # our own diagnosis: no traceback needed
-        reason = f"failed: {exc}"
-        kind = "timeout" if str(exc).startswith("timed out") else "bad_result"
-    else:
-        kind = "exception"
-        exc_info = exc
-        try:
-            reason = f"failed: {type(exc).__name__}: {exc}"
-        except Exception:  # a broken __str__ must not turn a failure into a crash
-            reason = f"failed: {type(exc).__name__}"
-    metrics.policy_failed(route, policy.name, policy.version, kind_given or kind)
+    reason, implied, exc_info = _failure_reason(exc)
+    metrics.policy_failed(route, policy.name, policy.version, kind or implied)
     mode = "failOpen: continuing" if policy.fail_open else "failClosed: rejecting"
     log = logger.warning if policy.fail_open else logger.error
     log(
@@ -660,6 +754,66 @@ def _failed(
     if policy.fail_open:
         return None
     return failure_response(policy)
+
+
+def _failure_reason(exc: BaseException | None) -> tuple[str, str, BaseException | None]:
+    """``(reason, kind, exc_info)`` of a failure: the log text, the metrics kind and the
+    exception whose traceback is worth logging (None for our own diagnoses)."""
+    if exc is None:
+        return "was cancelled", "cancelled", None
+    if isinstance(exc, PolicyError):  # our own diagnosis: no traceback needed
+        kind = "timeout" if str(exc).startswith("timed out") else "bad_result"
+        return f"failed: {exc}", kind, None
+    try:
+        reason = f"failed: {type(exc).__name__}: {exc}"
+    except Exception:  # a broken __str__ must not turn a failure into a crash
+        reason = f"failed: {type(exc).__name__}"
+    return reason, "exception", exc
+
+
+def _shadow_failed(
+    policy: ChainPolicy,
+    request_id: str,
+    phase: str,
+    exc: BaseException | None,
+    route: str,
+    *,
+    kind: str | None = None,
+) -> shadow.ShadowDecision:
+    """A shadow entry's failure: counted like any failure, never a response. Its INFO line
+    is :func:`engine.shadow.record`'s (rate-limited); the traceback goes to DEBUG."""
+    reason, implied, exc_info = _failure_reason(exc)
+    metrics.policy_failed(route, policy.name, policy.version, kind or implied)
+    logger.debug(
+        "request %s: %s shadow policy %s %s",
+        request_id,
+        phase,
+        policy.label,
+        reason,
+        exc_info=exc_info,
+    )
+    return shadow.failed(kind or implied, f"{phase} {reason}")
+
+
+def _shadow_runs(  # noqa: PLR0917 - as _runs: one call site per phase
+    policy: ChainPolicy,
+    request_id: str,
+    phase: str,
+    check: Callable[[_T], bool],
+    ctx: _T,
+    route: str,
+) -> bool | shadow.ShadowDecision:
+    """Whether shadow entry ``policy``'s condition holds, or the failed decision when it
+    cannot be evaluated (see :func:`_runs`)."""
+    try:
+        held = check(ctx)
+    except ConditionEvaluationError as exc:
+        return _shadow_failed(
+            policy, request_id, phase, PolicyError(str(exc)), route, kind="condition_error"
+        )
+    if not held:
+        metrics.policy_skipped(route, policy.name, policy.version, "condition")
+    return held
 
 
 def _short_circuited(

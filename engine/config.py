@@ -12,6 +12,7 @@ Format::
             timeout: 500ms         # optional; async hooks only
             onError: failClosed    # failOpen | failClosed (default)
             errorStatus: 500       # failClosed status, 400-599 (default 500)
+            mode: enforce          # enforce (default) | shadow: run, record, enforce nothing
             parameters: {...}      # validated against the policy definition
     unknownRoute:                  # optional: requests whose route key has no chain
       action: deny                 # deny (default) | allow (pass through unchanged)
@@ -76,12 +77,23 @@ __all__ = [
 logger: Final = logging.getLogger("engine.config")
 
 ENTRY_FIELDS: Final = frozenset(
-    {"name", "version", "enabled", "condition", "timeout", "onError", "errorStatus", "parameters"}
+    {
+        "name",
+        "version",
+        "enabled",
+        "condition",
+        "timeout",
+        "onError",
+        "errorStatus",
+        "mode",
+        "parameters",
+    }
 )
 _TOP_FIELDS: Final = frozenset({"routes", "unknownRoute"})
 _UNKNOWN_ROUTE_FIELDS: Final = frozenset({"action", "status"})
 _ROUTE_FIELDS: Final = frozenset({"policies"})
 _ON_ERROR: Final = {"failOpen": True, "failClosed": False}
+_MODES: Final = {"enforce": False, "shadow": True}  # -> shadow
 
 
 def canonical_json(value: Any) -> str:
@@ -118,6 +130,7 @@ class _Entry:
     timeout: float | None
     fail_open: bool
     error_status: int
+    shadow: bool = False
 
     @property
     def key(self) -> str:
@@ -128,7 +141,10 @@ class _Entry:
         (and its state: buckets, JWKS cache) when the file is edited elsewhere.
         """
         params = canonical_json(self.params)
-        return f"{self.route} {self.policy.name} {self.policy.version} {params}"
+        # A shadow entry never shares an instance (rate-limit buckets) with an enforced one:
+        # its runs must not change what is enforced.
+        mode = " shadow" if self.shadow else ""
+        return f"{self.route} {self.policy.name} {self.policy.version}{mode} {params}"
 
 
 def _unknown(prefix: str, data: Mapping[Any, Any], allowed: frozenset[str]) -> list[str]:
@@ -184,6 +200,10 @@ def _validate_entry(
     if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
         errors.append(f"{prefix}: errorStatus: must be an integer in 400-599, got {_show(status)}")
 
+    mode = raw.get("mode", "enforce")
+    if not isinstance(mode, str) or mode not in _MODES:
+        errors.append(f"{prefix}: mode: {_show(mode)} is not one of enforce, shadow")
+
     params = raw.get("parameters")
     if params is None:
         params = {}
@@ -219,6 +239,7 @@ def _validate_entry(
         timeout=timeout,
         fail_open=_ON_ERROR[on_error],
         error_status=status,
+        shadow=_MODES[mode],
     )
 
 
@@ -470,6 +491,7 @@ def load_config(
                     instance_key=key,
                     static_request=plan.static_request,
                     static_response=plan.static_response,
+                    shadow=entry.shadow,
                 )
             )
         routes[route] = Chain(route=route, policies=tuple(compiled))

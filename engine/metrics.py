@@ -33,6 +33,9 @@ Metric names (all prefixed ``policy_engine_``):
 ``policy_short_circuits_total{...,status}``        immediate responses, by HTTP status
 ``policy_failures_total{...,kind}``                ``timeout``, ``exception``, ``bad_result``,
                                                    ``cancelled``, ``condition_error``
+``shadow_decisions_total{...,decision}``           what ``mode: shadow`` entries would have
+                                                   done: ``allow``, ``would_reject``,
+                                                   ``would_modify``, ``failed`` (engine/shadow.py)
 ``extproc_protocol_errors_total``                  malformed or out-of-order messages
 ``config_version``                                 version of the serving configuration (max)
 ``config_info{source}``                            1 for the publisher of the serving
@@ -97,6 +100,7 @@ __all__ = [
     "render",
     "route_label",
     "serve",
+    "shadow_decision",
     "stream",
     "xds_connected",
     "xds_response",
@@ -148,6 +152,11 @@ class Metrics:
         )
         self.policy_failures = counter(
             "policy_failures", "policy hook failures by kind", [*policy, "kind"]
+        )
+        self.shadow_decisions = counter(
+            "shadow_decisions",
+            "what shadow-mode entries would have done (nothing was enforced)",
+            [*policy, "decision"],
         )
         self.protocol_errors = counter(
             "extproc_protocol_errors", "malformed or out-of-order ext_proc messages"
@@ -377,6 +386,14 @@ def policy_failed(route: str, name: str, version: str, kind: str) -> None:
     metrics = get()
     if metrics is not None:
         metrics.child(metrics.policy_failures, route, name, version, kind).inc()
+
+
+def shadow_decision(route: str, name: str, version: str, decision: str) -> None:
+    """``decision``: ``allow``, ``would_reject``, ``would_modify`` or ``failed`` (a shadow
+    entry's, never enforced; see engine/shadow.py)."""
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.shadow_decisions, route, name, version, decision).inc()
 
 
 def extproc_protocol_error() -> None:

@@ -31,6 +31,10 @@ Rules of the contract:
   read them: a :class:`~engine.metadata.RequestMetadata` converts or drops (and
   logs) what CEL cannot represent when it is written, so write values whole
   rather than mutating them after storing.
+* A chain entry may be configured ``mode: shadow`` (docs/shadow-mode.md): the hook then
+  runs on a private copy of the context (headers and metadata), and what its action would
+  have done is recorded, never applied. Nothing in a policy changes for it: write hooks as
+  usual, never detect the mode.
 * Header names are lower-case everywhere (Envoy sends and expects them so).
 * Repeated headers stay separate values (:class:`Headers`): ``ctx.headers[name]``
   reads them joined with ``", "`` (the RFC 9110 combination, right for every header but

@@ -62,6 +62,11 @@ _ON_ERROR_NAMES: Final = {
     route_chain_pb2.FAIL_OPEN: "failOpen",
 }
 _ON_ERROR_VALUES: Final = {name: value for value, name in _ON_ERROR_NAMES.items()}
+_MODE_NAMES: Final = {
+    route_chain_pb2.ENFORCE: "enforce",
+    route_chain_pb2.SHADOW: "shadow",
+}
+_MODE_VALUES: Final = {name: value for value, name in _MODE_NAMES.items()}
 
 
 # ----------------------------------------------------------------------------- decode
@@ -112,6 +117,9 @@ def _entry_spec(entry: route_chain_pb2.PolicyEntry) -> dict[str, Any]:
         spec["onError"] = _ON_ERROR_NAMES.get(entry.on_error, entry.on_error)
     if entry.error_status:
         spec["errorStatus"] = entry.error_status
+    if entry.mode != route_chain_pb2.MODE_UNSPECIFIED:
+        # As onError: an unknown number is passed on for the shared validation to name.
+        spec["mode"] = _MODE_NAMES.get(entry.mode, entry.mode)
     if entry.HasField("parameters"):
         spec["parameters"] = {k: _plain(v) for k, v in entry.parameters.fields.items()}
     return spec
@@ -262,6 +270,8 @@ def encode_route(key: str, spec: Mapping[str, Any]) -> route_chain_pb2.RouteChai
             entry.on_error = _ON_ERROR_VALUES[raw["onError"]]
         if "errorStatus" in raw:
             entry.error_status = raw["errorStatus"]
+        if "mode" in raw:
+            entry.mode = _MODE_VALUES[raw["mode"]]
         if raw.get("parameters") is not None:
             entry.parameters.update(raw["parameters"])
     return chain

@@ -142,6 +142,11 @@ def _with(entry: dict[str, Any], **params: Any) -> dict[str, Any]:
             "routes[r].policies[0] rateLimit v1.0.0: condition:",
             id="bad-cel",
         ),
+        pytest.param(
+            {**LIMIT, "mode": "dry-run"},
+            "routes[r].policies[0] rateLimit v1.0.0: mode: 'dry-run' is not one of enforce, shadow",
+            id="bad-mode",
+        ),
     ],
 )
 async def test_invalid_submission_is_400_naming_route_policy_field(plane, entry, expected):
@@ -208,6 +213,35 @@ async def test_unknown_route_setting_reaches_engines(plane):
                 await asyncio.sleep(0.02)
 
         await asyncio.wait_for(settings_acked(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_shadow_entry_reaches_engines_as_shadow(plane):
+    registry = registry_from("addHeader")
+    plane.table.registry = registry
+    store = ConfigStore()
+    source = XdsConfigSource(
+        f"127.0.0.1:{plane.xds_port}",
+        registry,
+        store,
+        node=functools.partial(make_node, "e", "edge", registry, "0.1.0"),
+    )
+    task = asyncio.create_task(source.run())
+    try:
+        add = {
+            "name": "addHeader",
+            "version": "v1.0.0",
+            "parameters": {"header": "x-a", "value": "1"},
+        }
+        spec = {"policies": [{**add, "mode": "shadow"}, {**add, "mode": "enforce"}, add]}
+        status, body = await call(plane, "PUT", "/routes/r", spec)
+        assert status == 200, body
+        await asyncio.wait_for(applied_version(source, body["version"]), 10)
+        chain = store.current.chain_for("r")
+        assert chain is not None
+        assert [p.shadow for p in chain.policies] == [True, False, False]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -25,6 +25,7 @@ FULL_ENTRY: dict[str, Any] = {
     "timeout": "250ms",
     "onError": "failOpen",
     "errorStatus": 503,
+    "mode": "shadow",
     "parameters": {"header": "x-a", "value": "1", "nested": {"n": 5, "f": 1.5, "l": [1, "a"]}},
 }
 
@@ -42,6 +43,7 @@ def test_type_url_is_the_documented_one():
         pytest.param({"name": "deny", "version": "v1.0.0"}, id="defaults-stay-absent"),
         pytest.param({"name": "a", "version": "v1.0.0", "timeout": "1.5s"}, id="fractional-s"),
         pytest.param({"name": "a", "version": "v1.0.0", "onError": "failClosed"}, id="closed"),
+        pytest.param({"name": "a", "version": "v1.0.0", "mode": "enforce"}, id="enforce"),
     ],
 )
 def test_round_trip(entry):
@@ -68,6 +70,8 @@ def test_unknown_enum_value_is_passed_to_validation():
     chain = route_chain_pb2.RouteChain(key="r")
     chain.policies.add(name="a", version="v1.0.0", on_error=7)
     assert route_chain_to_spec(chain)["policies"][0]["onError"] == 7
+    chain.policies.add(name="a", version="v1.0.0", mode=9)
+    assert route_chain_to_spec(chain)["policies"][1]["mode"] == 9
 
 
 def test_decode_builds_the_document():
