@@ -248,3 +248,38 @@ def test_push_sends_the_engine_image_to_a_registry(
     assert (
         labels["io.policy-engine.policies"] == "greeting@v1.0.0,scaffolded@v1.0.0,setHeader@v1.0.0"
     )
+
+
+def test_failing_policy_test_builds_nothing(tmp_path: Path) -> None:
+    """A policy whose own test fails: exit 1, the test named, no engine and no image;
+    `--skip-policy-tests` builds it anyway and says so loudly."""
+    write_policy(
+        tmp_path / "flaky",
+        name="flaky",
+        extra_files={
+            "tests/test_flaky.py": "def test_always_fails() -> None:\n"
+            "    assert 1 + 1 == 3, 'arithmetic'\n"
+        },
+    )
+    manifest = write_manifest(
+        tmp_path / "policy-manifest.yaml", [{"name": "flaky", "uri": "flaky"}]
+    )
+    result = run_builder(manifest)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 policy test failure(s); nothing was built:" in output
+    assert (
+        f"{manifest}: policies[0] (flaky): {tmp_path}/flaky: "
+        "tests/test_flaky.py::test_always_fails: failed: AssertionError: arithmetic"
+    ) in output
+    package = re.search(r"generated //(generated/policy_manifest_\w+)", output)
+    assert package, output
+    bin_dir = REPO / "bazel-bin" / package.group(1)
+    assert not (bin_dir / "engine").exists()
+    assert not (bin_dir / "image").exists()
+
+    result = run_builder(manifest, "--skip-policy-tests")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("WARNING: --skip-policy-tests") == 2
+    assert (bin_dir / "engine").exists()
