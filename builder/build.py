@@ -145,6 +145,7 @@ def _outputs(package: GeneratedPackage, image: bool) -> list[str]:
         f"engine binary:   {bin_dir / ENGINE_TARGET}",
         f"registry module: {bin_dir / (ENGINE_TARGET + '_registry.py')}",
         f"build metadata:  {bin_dir / (ENGINE_TARGET + '_build_info.json')}",
+        f"config schema:   {bin_dir / (ENGINE_TARGET + '_config.schema.json')}",
         f"run it:          bazel run {package.target(ENGINE_TARGET)} -- --config FILE",
     ]
     if image:
