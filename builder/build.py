@@ -7,16 +7,19 @@ Steps, each printed as it runs:
 2. validate every policy (:mod:`builder.validate`); on any problem print the whole
    report and exit 1 before anything is generated or built;
 3. write the manifest's Bazel package (:mod:`builder.generate`);
-4. ``bazel build`` the engine (and its image when the image rules exist), then
-   ``bazel test`` the generated validation test; with ``--push``, run
-   ``image_push``.
+4. ``bazel test`` every policy's own tests (``tests/test_*.py``, one target each) and
+   the generated validation test (the definitions' examples); a failure is reported
+   like a validation error (manifest entry, policy folder, test) and exit 1, nothing
+   built (:mod:`builder.policy_tests`). ``--skip-policy-tests`` skips this step, loudly;
+5. ``bazel build`` the engine (and its image when the image rules exist); with
+   ``--push``, run ``image_push``.
 
 Bazel is the command in ``$POLICY_ENGINE_BAZEL`` (split like a shell word list)
 if set, else ``bazel`` from ``PATH``; it runs in the workspace. Inside
 ``bazel run`` the outer Bazel has released its lock, so this nested call works.
 
-Exit codes: 0 built, 1 invalid manifest or policies, 2 bad command line,
-3 Bazel failed.
+Exit codes: 0 built, 1 invalid manifest or policies or a failing policy test,
+2 bad command line, 3 Bazel failed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Final, TextIO
 from builder.errors import BazelError, ManifestError, ValidationError
 from builder.generate import ENGINE_TARGET, VALIDATION_TEST_TARGET, GeneratedPackage, generate
 from builder.manifest import load_manifest
+from builder.policy_tests import failure_report, fresh_failures, policy_tests
 from builder.validate import validate
 
 __all__ = [
@@ -48,6 +52,13 @@ __all__ = [
 DEFAULT_MANIFEST: Final = "manifests/policy-manifest.yaml"
 EXIT_INVALID: Final = 1
 EXIT_BAZEL: Final = 3
+BAZEL_TESTS_FAILED: Final = 3  # `bazel test`: the build passed, some tests failed
+SKIP_WARNING: Final = """\
+builder: ################################################################
+builder: WARNING: --skip-policy-tests: the policies' own tests and their
+builder: definitions' examples were NOT run. This engine is untested.
+builder: Use it for emergencies only; rebuild without the flag after.
+builder: ################################################################"""
 
 
 def find_workspace(start: Path) -> Path:
@@ -66,15 +77,22 @@ def bazel_command() -> list[str]:
     return shlex.split(os.environ.get("POLICY_ENGINE_BAZEL") or "bazel")
 
 
-def run_bazel(args: Sequence[str], workspace: Path, out: TextIO) -> None:
-    """Run one Bazel command in ``workspace``; :class:`BazelError` if it fails."""
+def run_bazel(args: Sequence[str], workspace: Path, out: TextIO, *, tests_failed: int = 0) -> int:
+    """Run one Bazel command in ``workspace``; :class:`BazelError` if it fails.
+
+    ``tests_failed``: an exit code returned (not raised) because the caller handles it
+    (``bazel test`` exits 3 when the build passed but tests failed).
+    """
     command = [*bazel_command(), *args]
     print(f"builder: $ {shlex.join(command)}", file=out, flush=True)
     # Bazel must not see the outer `bazel run`'s runfiles variables.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNFILES_", "PYTHON"))}
     status = subprocess.run(command, cwd=workspace, env=env, check=False).returncode
+    if tests_failed and status == tests_failed:
+        return status
     if status != 0:
         raise BazelError(f"`{shlex.join(command)}` failed with exit code {status}")
+    return status
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -112,7 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--validate-only", action="store_true", help="validate the manifest and exit"
     )
-    parser.add_argument("--no-test", action="store_true", help="skip the generated validation test")
+    parser.add_argument(
+        "--skip-policy-tests",
+        action="store_true",
+        help="EMERGENCIES ONLY: build without running the policies' tests and examples",
+    )
+    parser.add_argument(
+        "--no-test",
+        dest="skip_policy_tests",
+        action="store_true",
+        help="old name of --skip-policy-tests",
+    )
     return parser
 
 
@@ -131,6 +159,7 @@ def _outputs(package: GeneratedPackage, image: bool) -> list[str]:
         f"engine binary:   {bin_dir / ENGINE_TARGET}",
         f"registry module: {bin_dir / (ENGINE_TARGET + '_registry.py')}",
         f"build metadata:  {bin_dir / (ENGINE_TARGET + '_build_info.json')}",
+        f"config schema:   {bin_dir / (ENGINE_TARGET + '_config.schema.json')}",
         f"run it:          bazel run {package.target(ENGINE_TARGET)} -- --config FILE",
     ]
     if image:
@@ -175,9 +204,34 @@ def main(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | None =
     if image:
         targets.append(package.target("image"))
     try:
+        if args.skip_policy_tests:
+            print(SKIP_WARNING, file=err, flush=True)
+        else:
+            suites = policy_tests(policies, package.labels)
+            tests = [package.target(VALIDATION_TEST_TARGET)]
+            tests += [target for suite in suites for target in suite.targets]
+            print(f"builder: testing {len(policies)} policies ({len(tests)} targets)", file=out)
+            since = time.time() - 1  # file times may be coarser than time.time()
+            status = run_bazel(
+                ["test", *flags, "--test_output=errors", *tests],
+                workspace,
+                out,
+                tests_failed=BAZEL_TESTS_FAILED,
+            )
+            if status == BAZEL_TESTS_FAILED:
+                testlogs = workspace / "bazel-testlogs"
+                lines = failure_report(manifest.path, suites, testlogs, since)
+                validation = testlogs / package.package / VALIDATION_TEST_TARGET
+                lines += [
+                    f"{manifest.path}: {package.target(VALIDATION_TEST_TARGET)} (definition "
+                    f"examples, policies loading): {failure}"
+                    for failure in fresh_failures(validation, since)
+                ]
+                print(f"builder: {len(lines)} policy test failure(s); nothing was built:", file=err)
+                for line in lines or ["(see the Bazel output above)"]:
+                    print(f"  {line}", file=err)
+                return EXIT_INVALID
         run_bazel(["build", *flags, *targets], workspace, out)
-        if not args.no_test:
-            run_bazel(["test", *flags, package.target(VALIDATION_TEST_TARGET)], workspace, out)
         if args.push:
             if not image:
                 raise BazelError("--push needs the image rules (builder/private/image.bzl)")
@@ -188,6 +242,8 @@ def main(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | None =
         print(f"builder: {exc}", file=err)
         return EXIT_BAZEL
     print(f"builder: done in {time.monotonic() - started:.1f} s", file=out)
+    if args.skip_policy_tests:
+        print(SKIP_WARNING, file=err, flush=True)
     for line in _outputs(package, image):
         print(f"  {line}", file=out)
     return 0

@@ -6,7 +6,8 @@ Hierarchy::
     ├── ManifestError     the manifest cannot be read or fails its schema
     ├── ValidationError   one or more policies fail validation (folder, definition, code,
     │                     name/version mismatch, name + version conflict)
-    └── BazelError        the Bazel build or the generated validation test failed
+    └── BazelError        a Bazel command failed (a failing policy test is not one: the
+                          builder reports those like validation errors, builder.policy_tests)
 
 ``ManifestError`` and ``ValidationError`` carry every problem found (``errors``),
 one line each, naming the manifest entry, the file and the field, so that the whole

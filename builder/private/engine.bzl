@@ -12,6 +12,7 @@ def _policy_registry_impl(ctx):
     test = ctx.outputs.test_out
     info = ctx.outputs.info_out
     definitions = ctx.outputs.definitions_out
+    config_schema = ctx.outputs.config_schema_out
 
     policies = []
     inputs = [ctx.file.manifest]
@@ -46,6 +47,7 @@ def _policy_registry_impl(ctx):
     args.add("--test-out", test)
     args.add("--info-out", info)
     args.add("--definitions-out", definitions)
+    args.add("--config-schema-out", config_schema)
     if ctx.attr.stamp:
         args.add("--stable-status", ctx.info_file)
         args.add("--volatile-status", ctx.version_file)
@@ -55,13 +57,13 @@ def _policy_registry_impl(ctx):
         executable = ctx.executable._generator,
         arguments = [args],
         inputs = inputs,
-        outputs = [registry, main, test, info, definitions],
+        outputs = [registry, main, test, info, definitions, config_schema],
         mnemonic = "PolicyRegistry",
         progress_message = "Generating the policy registry of %{label}",
         # Lets --action_env=SOURCE_DATE_EPOCH reach an unstamped build.
         use_default_shell_env = True,
     )
-    return [DefaultInfo(files = depset([registry, main, test, info, definitions]))]
+    return [DefaultInfo(files = depset([registry, main, test, info, definitions, config_schema]))]
 
 policy_registry = rule(
     implementation = _policy_registry_impl,
@@ -82,6 +84,7 @@ policy_registry = rule(
         "test_out": attr.output(mandatory = True),
         "info_out": attr.output(mandatory = True),
         "definitions_out": attr.output(mandatory = True),
+        "config_schema_out": attr.output(mandatory = True),
         "_generator": attr.label(
             default = "//builder/private:gen_registry",
             executable = True,
@@ -110,6 +113,8 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
         test_out = "validation_test.py",
         info_out = name + "_build_info.json",
         definitions_out = name + "_definitions.json",
+        # JSON Schema of this engine's route configuration, for editors.
+        config_schema_out = name + "_config.schema.json",
         stamp = select({
             "//builder/private:stamp": True,
             "//conditions:default": False,
@@ -124,6 +129,7 @@ def policy_engine(name, policies, manifest, tags = [], visibility = None):
         data = [
             name + "_build_info.json",
             name + "_definitions.json",
+            name + "_config.schema.json",
         ],
         # controlplane: `<engine> controlplane ...` runs it with this engine's definitions.
         deps = [

@@ -11,7 +11,10 @@ params file listing each policy's folder (workspace-relative) and files. Output:
 * ``validation_test.py``: loads every policy, checks each definition's examples;
 * ``<name>_build_info.json``: the metadata as JSON (for image labels and people);
 * ``<name>_definitions.json``: every policy's parsed definition plus the metadata, what
-  a control plane validates against (:mod:`controlplane.definitions`).
+  a control plane validates against (:mod:`controlplane.definitions`);
+* ``<name>_config.schema.json``: the JSON Schema of this engine's route configuration,
+  every policy's parameters included (:mod:`engine.config_schema`), for editors
+  (``# yaml-language-server: $schema=...``).
 
 Everything is sorted and free of timestamps, except the build time of a stamped
 build (``--stamp``: Bazel's status files). Unstamped: ``$SOURCE_DATE_EPOCH`` if the
@@ -32,7 +35,14 @@ from typing import Any
 
 from builder.private.content_hash import content_hash
 from controlplane.definitions import definitions_document
-from engine.definition import DEFINITION_FILE, load_definition, load_yaml, version_key
+from engine.config_schema import config_schema
+from engine.definition import (
+    DEFINITION_FILE,
+    PolicyDefinition,
+    load_definition,
+    load_yaml,
+    version_key,
+)
 from engine.errors import DefinitionError
 
 __all__ = ["build_info", "main", "render_main", "render_registry", "render_test"]
@@ -223,7 +233,14 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     for flag in ("params", "target", "package", "name", "builder-version", "manifest"):
         parser.add_argument(f"--{flag}", required=True)
-    for flag in ("registry-out", "main-out", "test-out", "info-out", "definitions-out"):
+    for flag in (
+        "registry-out",
+        "main-out",
+        "test-out",
+        "info-out",
+        "definitions-out",
+        "config-schema-out",
+    ):
         parser.add_argument(f"--{flag}", required=True, type=Path)
     parser.add_argument("--stable-status")
     parser.add_argument("--volatile-status")
@@ -232,6 +249,7 @@ def main(argv: Sequence[str]) -> int:
     params: list[dict[str, Any]] = json.loads(Path(args.params).read_text("utf-8"))
     policies: list[tuple[str, str, str, str]] = []
     raw_definitions: dict[tuple[str, str], Any] = {}
+    parsed: list[PolicyDefinition] = []
     errors: list[str] = []
     for policy in params:
         folder: str = policy["folder"]
@@ -247,6 +265,7 @@ def main(argv: Sequence[str]) -> int:
         digest = content_hash(files.items())
         policies.append((definition.name, definition.version, folder, digest))
         raw_definitions[definition.key] = load_yaml(files[DEFINITION_FILE].read_bytes())
+        parsed.append(definition)
     policies.sort(key=lambda row: (row[0], version_key(row[1])))
     keys = [(name, version) for name, version, _, _ in policies]
     errors.extend(
@@ -282,6 +301,10 @@ def main(argv: Sequence[str]) -> int:
     )
     args.definitions_out.write_text(
         json.dumps(definitions, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
+    )
+    schema = config_schema(parsed, title=f"Route configuration of {args.target}")
+    args.config_schema_out.write_text(
+        json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
     )
     return 0
 

@@ -23,9 +23,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
 
 from builder import new_policy
 from builder.testing import policy_code, write_manifest, write_policy
@@ -124,6 +126,22 @@ def test_custom_policy_is_built_in(custom_build: tuple[Path, str]) -> None:
     assert "policies: greeting v1.0.0, scaffolded v1.0.0, setHeader v1.0.0" in version
     assert re.search(r"^policy greeting v1\.0\.0: sha256:[0-9a-f]{64}$", version, re.MULTILINE)
     assert "source_revision: unstamped" in version
+
+
+def test_config_schema_is_written_beside_the_engine(custom_build: tuple[Path, str]) -> None:
+    engine, output = custom_build
+    schema_path = output_path(output, "config schema")
+    assert schema_path == engine.with_name("engine_config.schema.json")
+    schema = json.loads(schema_path.read_text())
+    Draft202012Validator.check_schema(schema)
+    entry = schema["$defs"]["entry"]
+    assert entry["properties"]["name"]["enum"] == ["greeting", "scaffolded", "setHeader"]
+    validator = Draft202012Validator(schema)
+    entry_config: dict[str, Any] = {"name": "greeting", "version": "v1.0.0"}
+    config = {"routes": {"r": {"policies": [entry_config]}}}
+    assert validator.is_valid(config)
+    entry_config["parameters"] = {"unknown": 1}
+    assert not validator.is_valid(config)
 
 
 def test_version_into_a_closed_pipe_exits_quietly(custom_build: tuple[Path, str]) -> None:
@@ -248,3 +266,41 @@ def test_push_sends_the_engine_image_to_a_registry(
     assert (
         labels["io.policy-engine.policies"] == "greeting@v1.0.0,scaffolded@v1.0.0,setHeader@v1.0.0"
     )
+
+
+def test_failing_policy_test_builds_nothing(tmp_path: Path) -> None:
+    """A policy whose own test fails: exit 1, the test named, no engine and no image;
+    `--skip-policy-tests` builds it anyway and says so loudly."""
+    write_policy(
+        tmp_path / "flaky",
+        name="flaky",
+        extra_files={
+            "tests/test_flaky.py": "def test_always_fails() -> None:\n"
+            "    assert 1 + 1 == 3, 'arithmetic'\n"
+        },
+    )
+    manifest = write_manifest(
+        tmp_path / "policy-manifest.yaml", [{"name": "flaky", "uri": "flaky"}]
+    )
+    result = run_builder(manifest)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "1 policy test failure(s); nothing was built:" in output
+    assert (
+        f"{manifest}: policies[0] (flaky): {tmp_path}/flaky: "
+        "tests/test_flaky.py::test_always_fails: failed: AssertionError: arithmetic"
+    ) in output
+    package = re.search(r"generated //(generated/policy_manifest_\w+)", output)
+    assert package, output
+    bin_dir = REPO / "bazel-bin" / package.group(1)
+    assert not (bin_dir / "engine").exists()
+    assert not (bin_dir / "image").exists()
+
+    try:
+        result = run_builder(manifest, "--skip-policy-tests")
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert output.count("WARNING: --skip-policy-tests") == 2
+        assert (bin_dir / "engine").exists()
+    finally:  # named after the temp folder: never reused
+        shutil.rmtree(REPO / "generated" / package.group(1).rsplit("/", 1)[-1], ignore_errors=True)

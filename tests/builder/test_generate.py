@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from builder.generate import copy_tree, generate, package_path, render_build_file
 from builder.manifest import load_manifest
@@ -169,6 +170,7 @@ def _generate_registry(root: Path, folders: list[str], package: str, **extra: st
         f"--test-out={out / 'validation_test.py'}",
         f"--info-out={out / 'engine_build_info.json'}",
         f"--definitions-out={out / 'engine_definitions.json'}",
+        f"--config-schema-out={out / 'engine_config.schema.json'}",
         *(f"--{k.replace('_', '-')}={v}" for k, v in extra.items()),
     ]
     assert gen_registry.main(argv) == 0
@@ -199,6 +201,20 @@ def cleanup_modules() -> Iterator[None]:
     yield
     for name in set(sys.modules) - before:
         del sys.modules[name]
+
+
+def test_config_schema_written_with_every_policy(sample_root: Path) -> None:
+    path = _generate_registry(
+        sample_root, ["policies/setHeader/v1.0.0", "policies/respond/v1.0.0"], "generated/s"
+    )
+    schema = json.loads(path.with_name("engine_config.schema.json").read_text())
+    Draft202012Validator.check_schema(schema)
+    assert schema["title"] == "Route configuration of //generated/s:engine"
+    assert schema["$defs"]["entry"]["properties"]["name"]["enum"] == ["respond", "setHeader"]
+    validator = Draft202012Validator(schema)
+    entry = {"name": "setHeader", "version": "v1.0.0", "parameters": {"nope": 1}}
+    assert not validator.is_valid({"routes": {"r": {"policies": [entry]}}})
+    assert validator.is_valid({"routes": {"r": {"policies": []}}})
 
 
 @pytest.mark.usefixtures("cleanup_modules")

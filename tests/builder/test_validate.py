@@ -275,7 +275,9 @@ def test_fake_bazel_would_notice(tmp_path: Path, fake_bazel: Path) -> None:
         ["--manifest", "policy-manifest.yaml"], out=io.StringIO(), err=io.StringIO()
     )
     assert status == 0
-    assert fake_bazel.read_text().splitlines()[0].startswith("build //generated/")
+    assert (
+        fake_bazel.read_text().splitlines()[0].startswith("test --test_output=errors //generated/")
+    )
     assert any((tmp_path / "ws" / "generated").iterdir())
     assert os.environ["POLICY_ENGINE_BAZEL"] == str(tmp_path / "bazel")
 

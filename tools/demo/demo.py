@@ -594,7 +594,7 @@ def _build_engine(repo: Path) -> Path:
     from builder.generate import ENGINE_TARGET, package_path  # noqa: PLC0415
 
     print(f"demo: building the engine of {MANIFEST} (builder)", flush=True)
-    if build(["--manifest", str(repo / MANIFEST), "--no-test"]) != 0:
+    if build(["--manifest", str(repo / MANIFEST)]) != 0:
         raise SystemExit("demo: the builder failed (see above)")
     return repo / "bazel-bin" / package_path(repo / MANIFEST, repo) / ENGINE_TARGET
 
