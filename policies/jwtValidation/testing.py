@@ -80,14 +80,21 @@ class Pki:
 
 
 def make_pki(directory: Path) -> Pki:
-    """A new CA in ``directory`` and a server certificate it signed for IP ``127.0.0.1``
-    (and ``localhost``), valid for a day; neither is trusted by the system store.
+    """Write ``ca.pem``, ``server.pem`` and ``server-key.pem`` into ``directory``: a new
+    CA and a server certificate it signed for IP ``127.0.0.1`` (and ``localhost``), valid
+    for a day; neither is trusted by the system store.
 
-    A thin view of :class:`engine.tls_testing.TestPki` (one place makes test certificates).
+    Made by :class:`engine.tls_testing.TestPki` (under ``directory/.pki``), copied to
+    these names: one place makes test certificates.
     """
-    pki = TestPki(directory)
-    server = pki.server("server")
-    return Pki(pki.ca_file, server.cert, server.key)
+    made = TestPki(directory / ".pki")
+    server = made.server("server")
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    pki.ca_file.write_bytes(made.ca_file.read_bytes())
+    pki.cert_file.write_bytes(server.cert.read_bytes())
+    pki.key_file.write_bytes(server.key.read_bytes())
+    pki.key_file.chmod(0o600)
+    return pki
 
 
 # --------------------------------------------------------------------------- keys
