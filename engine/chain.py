@@ -122,6 +122,9 @@ class ChainPolicy:
     """Likewise for ``static_response()`` / ``on_response``."""
     shadow: bool = False
     """``mode: shadow``: run and record what it would do (engine/shadow.py), enforce nothing."""
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """The validated parameters (defaults filled in), read only by ``explain``
+    (engine/explain.py); the instance has its own copy."""
 
     @property
     def label(self) -> str:

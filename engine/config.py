@@ -517,6 +517,7 @@ def load_config(
                     static_request=plan.static_request,
                     static_response=plan.static_response,
                     shadow=entry.shadow,
+                    params=MappingProxyType(entry.params),
                 )
             )
         routes[route] = Chain(route=route, policies=tuple(compiled), timing=route in timed)
