@@ -174,8 +174,15 @@ def render(result: dict[str, Any]) -> str:
             if phase in entry:
                 lines.extend(_phase_lines(phase, entry[phase]))
         explanation = entry["explanation"]
-        text = explanation if isinstance(explanation, str) else _show(explanation)
-        lines.append(f"    explain: {text}")
+        if isinstance(explanation, dict) and explanation:
+            lines.append("    explain:")
+            lines.extend(
+                f"      {key}: {value if isinstance(value, str) else _show(value)}"
+                for key, value in explanation.items()
+            )
+        else:
+            shown = explanation if isinstance(explanation, str) else _show(explanation)
+            lines.append(f"    explain: {shown}")
     outcome = result["result"]
     lines.append("")
     lines.append(f"result: the request {outcome['request']}")
