@@ -23,6 +23,7 @@ from engine.policy import Headers, ImmediateResponse
 
 if TYPE_CHECKING:
     from engine.chain import RequestOutcome, ResponseOutcome
+    from engine.route_names import RouteNamePattern
 
 __all__ = [
     "ATTRIBUTES_KEY",
@@ -167,15 +168,18 @@ def headers_from(http: pb.HttpHeaders) -> tuple[Headers, dict[str, str]]:
 def route_key(
     context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     message: pb.ProcessingRequest,
+    route_names: RouteNamePattern | None = None,
 ) -> str:
-    """Route key from the invocation metadata, else the ``xds.route_name`` attribute, else ""."""
+    """Route key from the invocation metadata, else the ``xds.route_name`` attribute (through
+    ``route_names`` when given: ``--route-name-pattern``), else ""."""
     for key, value in context.invocation_metadata() or ():
         if key == ROUTE_METADATA_KEY:
             return value if isinstance(value, str) else decode(value)
     if ATTRIBUTES_KEY in message.attributes:
         fields = message.attributes[ATTRIBUTES_KEY].fields
         if ROUTE_ATTRIBUTE in fields:
-            return str(fields[ROUTE_ATTRIBUTE].string_value)
+            name = str(fields[ROUTE_ATTRIBUTE].string_value)
+            return name if route_names is None else route_names.key(name)
     return ""
 
 
