@@ -28,13 +28,20 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["CACHE_LIMIT", "KEY_GROUP", "RouteNamePattern"]
+__all__ = ["CACHE_LIMIT", "ENVOY_GATEWAY_PATTERN", "ISTIO_PATTERN", "KEY_GROUP", "RouteNamePattern"]
 
 KEY_GROUP: Final = "key"
 """The named group of the pattern that holds the chain key."""
 
 CACHE_LIMIT: Final = 4096
 """Route names whose key is remembered; more than this are matched on every request."""
+
+ENVOY_GATEWAY_PATTERN: Final = r"httproute/(?P<key>[^/]+/[^/]+)/rule/.+"
+"""Envoy Gateway: the HTTPRoute's ``<namespace>/<name>`` is the key (docs/operators/gateways.md
+and deploy/gateways give it; tests check they do)."""
+
+ISTIO_PATTERN: Final = r"(?P<key>[^.]+)(\..+)?"
+"""Istio: the VirtualService ``http`` route's name is the key (without ``.<match name>``)."""
 
 
 class RouteNamePattern:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.route_names import RouteNamePattern
+from engine.route_names import ENVOY_GATEWAY_PATTERN, ISTIO_PATTERN, RouteNamePattern
 from tests.e2e.conftest import Stack, config_text
 from tests.e2e.harness import EngineThread, EnvoyProcess, EnvoyRoute, http_request
 
@@ -24,10 +24,10 @@ pytestmark = pytest.mark.envoy
 
 REPO = Path(__file__).resolve().parents[2]
 ISTIO_EXAMPLE = REPO / "deploy" / "gateways" / "istio" / "policy-engine.yaml"
+ENVOY_GATEWAY_EXAMPLE = REPO / "deploy" / "gateways" / "envoy-gateway" / "policy-engine.yaml"
 
-# The patterns docs/operators/gateways.md gives.
-ENVOY_GATEWAY = r"httproute/(?P<key>[^/]+/[^/]+)/rule/.+"
-ISTIO = r"(?P<key>[^.]+)(\..+)?"
+ENVOY_GATEWAY = ENVOY_GATEWAY_PATTERN
+ISTIO = ISTIO_PATTERN
 
 ROUTES = (
     # Envoy Gateway: httproute/<namespace>/<name>/rule/<i>/match/<j>[/<hostname>].
@@ -136,3 +136,8 @@ def test_without_a_pattern_generated_names_are_unknown_keys(gateway):
     engine.processor.route_names = None
     assert chain_of(envoy, "/eg/orders/1") == (404, None)
     assert chain_of(envoy, "/hand/1") == (200, "hand")
+
+
+def test_the_examples_give_the_tested_patterns():
+    for path, pattern in ((ENVOY_GATEWAY_EXAMPLE, ENVOY_GATEWAY), (ISTIO_EXAMPLE, ISTIO)):
+        assert f"--route-name-pattern '{pattern}'" in path.read_text(), path

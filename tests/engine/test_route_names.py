@@ -11,9 +11,9 @@ from engine.main import parse_args
 from engine.route_names import RouteNamePattern
 
 # The patterns docs/operators/gateways.md gives, on names in each product's scheme.
-ENVOY_GATEWAY = r"httproute/(?P<key>[^/]+/[^/]+)/rule/.+"
+ENVOY_GATEWAY = route_names.ENVOY_GATEWAY_PATTERN
 ENVOY_GATEWAY_PER_RULE = r"httproute/(?P<key>[^/]+/[^/]+/rule/\d+)/match/.+"
-ISTIO = r"(?P<key>[^.]+)(\..+)?"
+ISTIO = route_names.ISTIO_PATTERN
 
 
 @pytest.mark.parametrize(
