@@ -170,8 +170,7 @@ def route_key(
     message: pb.ProcessingRequest,
     route_names: RouteNamePattern | None = None,
 ) -> str:
-    """Route key from the invocation metadata, else the ``xds.route_name`` attribute (through
-    ``route_names`` when given: ``--route-name-pattern``), else ""."""
+    """Route key from the invocation metadata, else the ``xds.route_name`` attribute, else ""."""
     for key, value in context.invocation_metadata() or ():
         if key == ROUTE_METADATA_KEY:
             return value if isinstance(value, str) else decode(value)
@@ -179,6 +178,7 @@ def route_key(
         fields = message.attributes[ATTRIBUTES_KEY].fields
         if ROUTE_ATTRIBUTE in fields:
             name = str(fields[ROUTE_ATTRIBUTE].string_value)
+            # A generated route name (Envoy Gateway, Istio) -> its key: --route-name-pattern.
             return name if route_names is None else route_names.key(name)
     return ""
 
