@@ -8,6 +8,8 @@ import asyncio
 import http.client
 import json
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from controlplane.main import parse_args
 from controlplane.metrics import MAX_NODES, OTHER_NODE, ControlPlaneMetrics
 from controlplane.testing import ControlPlane, FakeEngine
+from engine.tls_testing import TestPki
 from tests.support import registry_from
 
 ROUTE = {"policies": [{"name": "addHeader", "version": "v1.0.0",
@@ -166,3 +169,36 @@ def test_metrics_listen_beyond_loopback_needs_mtls(
         parse_args(BASE + extra)
     assert exited.value.code == 2
     assert "--metrics-listen" in capsys.readouterr().err
+
+
+async def test_metrics_over_mtls_with_the_ads_files(tmp_path: Path) -> None:
+    pki = TestPki(tmp_path / "pki")
+    server = pki.server("controlplane")
+    port = free_port()
+    plane = ControlPlane(
+        registry_from("addHeader"),
+        xds_cert=server.cert,
+        xds_key=server.key,
+        xds_client_ca=pki.ca_file,
+        metrics_listen=f"127.0.0.1:{port}",
+    )
+    await plane.start()
+    try:
+        prometheus = pki.client("prometheus")
+        context = ssl.create_default_context(cafile=str(pki.ca_file))
+        context.load_cert_chain(str(prometheus.cert), str(prometheus.key))
+
+        def get(ctx: ssl.SSLContext) -> bytes:
+            conn = http.client.HTTPSConnection("localhost", port, timeout=5, context=ctx)
+            try:
+                conn.request("GET", "/metrics")
+                return conn.getresponse().read()
+            finally:
+                conn.close()
+
+        assert b"policy_controlplane_engines_connected" in await asyncio.to_thread(get, context)
+        anonymous = ssl.create_default_context(cafile=str(pki.ca_file))
+        with pytest.raises((OSError, http.client.HTTPException)):
+            await asyncio.to_thread(get, anonymous)  # no client certificate: refused
+    finally:
+        assert await plane.stop() == 0
