@@ -100,6 +100,7 @@ from engine.extproc_messages import (
     ROUTE_ATTRIBUTE,
     ROUTE_METADATA_KEY,
 )
+from engine.logformat import REQUEST_ID
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
@@ -367,11 +368,14 @@ class _Stream:
             self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
             return _static_reply(chain, "request")
         headers, pseudo = msg.headers_from(http)
+        request_id = headers.get("x-request-id", "")
+        if request_id:  # log lines about this request carry it (--log-format json)
+            REQUEST_ID.set(request_id)
         self.request = RequestContext(
             headers=headers,
             path=pseudo.get(":path", ""),
             method=pseudo.get(":method", ""),
-            request_id=headers.get("x-request-id", ""),
+            request_id=request_id,
             route=self.route,
             metadata=RequestMetadata(),
             client_address=msg.client_address(message),

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-from engine import metrics
+from engine import logformat, metrics
 from engine.config import load_config_file
 from engine.cpus import available_cpus
 from engine.envoy_metadata import DEFAULT_KEYS, DEFAULT_NAMESPACE, EnvoyMetadata
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO)",
     )
+    logformat.add_argument(parser)
     parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
@@ -331,11 +332,7 @@ def main(
     if args.validate:
         return _validate(args.config, registry, args.log_level, out, err)
 
-    logging.basicConfig(
-        level=args.log_level,
-        stream=err,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
+    logformat.configure(args.log_level, err, args.log_format)
     for line in build_lines(registry, build_info):
         log.info("%s", line)
     try:
