@@ -15,7 +15,9 @@ the engine pod (mTLS with the client certificate the page's PKI made):
   (200); the engine gets it over ADS; ``/jwt/`` answers 401 without a token and with a
   forged one, 200 with a valid one (JWKS over HTTPS from the host);
 * ``/limited/`` (rateLimit v2, backend Redis in its pod) answers 429 once the bucket is
-  empty, and the bucket is in Redis.
+  empty, and the bucket is in Redis;
+* the engine's metrics answer over HTTPS with a client certificate (the workers' files in
+  the ``emptyDir``: the root file system is read-only).
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ DEPLOYMENT_DOC: Final = Path("docs/operators/deployment.md")
 TARBALL: Final = Path(os.environ.get("IMAGE_TARBALL", "/nonexistent"))
 KUSTOMIZE: Final = Path(os.environ.get("KUSTOMIZE", "/nonexistent")).resolve()
 # The local overlay's addresses (127.0.0.1 of the host network).
-PORTS: Final = {"ext_proc": 9002, "health": 9003, "metrics": 9090, "ads": 18000, "admin": 18001}
-REDIS_PORT: Final = 6379
+PORTS: Final = {"ext_proc": 9002, "health": 9003, "metrics": 19090, "ads": 18000, "admin": 18001}
+REDIS_PORT: Final = 16379
 ADMIN: Final = f"https://127.0.0.1:{PORTS['admin']}"
 
 
@@ -308,6 +310,14 @@ def test_pods_run_behind_envoy(cluster: Cluster, tmp_path: Path) -> None:
             assert statuses[0] == 200, statuses
             assert 429 in statuses, statuses
             assert b"policy-engine:rl:" in redis_keys("policy-engine:rl:*")
+
+            # Metrics over HTTPS with a client certificate; the workers' files in the
+            # emptyDir (the root file system is read-only).
+            metrics = ssl.create_default_context(cafile=str(pki / "ca/ca.crt"))
+            metrics.load_cert_chain(pki / "envoy/tls.crt", pki / "envoy/tls.key")
+            url = f"https://127.0.0.1:{PORTS['metrics']}/metrics"
+            with urllib.request.urlopen(url, timeout=10, context=metrics) as response:
+                assert b"policy_engine_" in response.read()
         except BaseException:
             print(logs(cluster.podman))
             raise
