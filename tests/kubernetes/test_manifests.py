@@ -143,6 +143,9 @@ def test_pods_meet_the_restricted_pod_security_standard(overlay: str) -> None:
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
         assert spec["automountServiceAccountToken"] is False, where
         assert "hostPID" not in spec, where
+        # Only podman's local overlay uses the host network (no Services there); a cluster's
+        # Pod Security admission (baseline and up) refuses it.
+        assert spec.get("hostNetwork", False) is (overlay == "local"), where
         assert "hostIPC" not in spec, where
         for volume in spec.get("volumes", []):
             assert "hostPath" not in volume, f"{where}: {volume['name']}"
