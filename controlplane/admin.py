@@ -211,6 +211,8 @@ class AdminApi:
             )
         who = self._authenticate(request)
         if who is None:
+            if request.method in _WRITE_METHODS:
+                self.ads.metrics.admin_change("none", "unauthenticated")
             log.warning(
                 "admin: 401 for %s %s from %s (missing or unknown token)",
                 request.method,
@@ -223,6 +225,7 @@ class AdminApi:
                 {"www-authenticate": 'Bearer realm="controlplane-admin"'},
             )
         if request.method in _WRITE_METHODS and not who.may_write and path != _EXPLAIN:
+            self.ads.metrics.admin_change(who.role.value, "forbidden")
             log.warning(
                 "admin: 403 for %s %s by %s (read-only)", request.method, request.path, who.name
             )
@@ -316,7 +319,9 @@ class AdminApi:
         self, request: web.BaseRequest, who: Identity, change: Change, wait: float | None
     ) -> web.Response:
         if change.errors:
+            self.ads.metrics.admin_change(who.role.value, "invalid")
             return _json(400, {"errors": change.errors})
+        self.ads.metrics.admin_change(who.role.value, "applied")
         audit.info(
             "audit: %s (%s) from %s: %s %s: changed %s; version %s -> %s",
             who.name,

@@ -15,12 +15,13 @@ How the route is found
     opens the stream, so the key arrives in the gRPC invocation metadata of ``Process``. This
     is the most robust mechanism (it needs no attributes, no CEL and no metadata parsing). As a
     fallback the ``xds.route_name`` request attribute is used when Envoy sends it
-    (``request_attributes: [xds.route_name]``). A request whose key is missing or unknown to the
-    current snapshot gets the snapshot's ``unknownRoute`` answer: by default a 404 (fail
-    closed: a missing chain is a deployment mismatch, and passing would run the request with
-    no policy at all), or pass-through with ``unknownRoute: {action: allow}``. A warning is
-    logged once per key (for up to 1024 keys, then debug). The empty chain of a KNOWN route
-    passes through.
+    (``request_attributes: [xds.route_name]``), turned into a key by ``route_names`` when
+    the route names are generated (Envoy Gateway, Istio: ``engine.route_names``). A request
+    whose key is missing or unknown to the current snapshot gets the snapshot's
+    ``unknownRoute`` answer: by default a 404 (fail closed: a missing chain is a deployment
+    mismatch, and passing would run the request with no policy at all), or pass-through
+    with ``unknownRoute: {action: allow}``. A warning is logged once per key (for up to
+    1024 keys, then debug). The empty chain of a KNOWN route passes through.
 
 Static routes
     A phase whose policies are all static and unconditional (``Chain.static_request_outcome``
@@ -99,6 +100,7 @@ from engine.extproc_messages import (
     ROUTE_ATTRIBUTE,
     ROUTE_METADATA_KEY,
 )
+from engine.logformat import REQUEST_ID
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
@@ -108,6 +110,7 @@ from engine.policy import (
 
 if TYPE_CHECKING:
     from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
+    from engine.route_names import RouteNamePattern
     from engine.store import ConfigStore
 
 _Outcome = TypeVar("_Outcome", "RequestOutcome", "ResponseOutcome")
@@ -178,6 +181,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         envoy_metadata: EnvoyMetadata | None = None,
+        route_names: RouteNamePattern | None = None,
     ) -> None:
         self._store = store
         self._warned_routes: set[str] = set()
@@ -185,6 +189,8 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.stats = ProcessorStats()
         # Which request metadata Envoy receives as dynamic metadata (None: none).
         self.envoy_metadata = envoy_metadata
+        # How an xds.route_name attribute becomes a chain key (None: the name is the key).
+        self.route_names = route_names
         self._in_flight = 0
         # Futures (created on the waiting loop: a processor is not bound to one loop)
         # resolved when _in_flight drops to 0.
@@ -347,7 +353,7 @@ class _Stream:
 
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
-        self.route = msg.route_key(self._context, message)
+        self.route = msg.route_key(self._context, message, self._processor.route_names)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor._chain_for(self.route)
         if chain is None:
@@ -362,11 +368,14 @@ class _Stream:
             self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
             return _static_reply(chain, "request")
         headers, pseudo = msg.headers_from(http)
+        request_id = headers.get("x-request-id", "")
+        if request_id:  # log lines about this request carry it (--log-format json)
+            REQUEST_ID.set(request_id)
         self.request = RequestContext(
             headers=headers,
             path=pseudo.get(":path", ""),
             method=pseudo.get(":method", ""),
-            request_id=headers.get("x-request-id", ""),
+            request_id=request_id,
             route=self.route,
             metadata=RequestMetadata(),
             client_address=msg.client_address(message),
