@@ -385,7 +385,7 @@ def _response_phase(policy: ChainPolicy, ctx: RequestContext, state: _State) -> 
             return phase
     static = policy.static_response
     decided = policy.condition is not None and phase["condition"]["value"] is None
-    prefix = "depends on the response: runs" if decided else "runs"
+    prefix = "runs if its condition holds for the response" if decided else "runs"
     if policy.shadow:
         phase["runs"] = f"{prefix} in shadow mode (recorded, nothing enforced)"
         if static is not None:

@@ -126,10 +126,13 @@ def _phase_lines(name: str, phase: dict[str, Any]) -> list[str]:
     condition = phase.get("condition")
     if condition is not None:
         value = condition["value"]
-        shown = "error" if "error" in condition else _show(value)
+        if "error" in condition:
+            shown = "error"
+        elif value is None:
+            shown = "decided per response"
+        else:
+            shown = _show(value)
         lines.append(f"      condition {condition['expression']} -> {shown}")
-        if "why" in condition:
-            lines.append(f"        ({condition['why']})")
         if "error" in condition:
             lines.append(f"        {condition['error']}")
         for read, got in condition.get("reads", {}).items():

@@ -75,6 +75,12 @@ routes:
         version: v1.0.0
         condition: 'metadata["tier"] == "gold"'
         parameters: {{request: {{set: {{x-gold: "1"}}}}}}
+  errors:
+    policies:
+      - name: setHeader
+        version: v1.0.0
+        condition: 'response.status >= 500'
+        parameters: {{response: {{set: {{x-err: "1"}}}}}}
   empty:
     policies: []
 unknownRoute: {{action: deny, status: 404}}
@@ -183,7 +189,7 @@ def test_route_must_be_chosen_when_several(registry: PolicyRegistry) -> None:
     with pytest.raises(ExplainError) as caught:
         _explain(registry)
     assert caught.value.field == "route"
-    assert "empty, guarded, partner, static" in str(caught.value)
+    assert "empty, errors, guarded, partner, static" in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -287,3 +293,20 @@ def test_engine_main_dispatches_explain(registry: PolicyRegistry, config_file: P
     argv = ["explain", "--config", str(config_file), "--route", "static", "--json"]
     assert engine_main(argv, registry=registry, stdout=out, stderr=err) == 0, err.getvalue()
     assert json.loads(out.getvalue())["result"]["request"] == "is answered by respond v1.0.0 (403)"
+
+
+def test_condition_on_the_response_is_decided_per_response(
+    registry: PolicyRegistry, config_file: Path
+) -> None:
+    result = _explain(registry, route="errors")
+    (entry,) = result["entries"]
+    assert "request" not in entry  # setHeader configured for responses only
+    phase = entry["response"]
+    assert phase["condition"]["value"] is None
+    assert phase["condition"]["why"] == "reads the response: decided per response"
+    assert phase["runs"] == "runs if its condition holds for the response (static action)"
+    assert phase["applies"] == {"setHeaders": {"x-err": "1"}}
+    out = io.StringIO()
+    argv = ["--config", str(config_file), "--route", "errors"]
+    assert explain_main(argv, registry=registry, stdout=out, stderr=io.StringIO()) == 0
+    assert "condition response.status >= 500 -> decided per response" in out.getvalue()
