@@ -144,6 +144,9 @@ def test_block_pattern_ends_the_stream_with_a_final_event(stack: StreamStack) ->
     assert status == 200
     assert body == b'data: fine\n\nevent: blocked\ndata: {"error": "content blocked by policy"}\n\n'
     assert elapsed < 1.5  # ended at the blocked event, not after the upstream's last
+    # The engine kept the stream open after the cut (pieces may still come) until Envoy
+    # closed it: nothing stays behind.
+    wait_for(lambda: stack.engine.processor.streams_in_flight == 0)
 
 
 def test_other_content_types_stream_untouched(stack: StreamStack) -> None:
@@ -155,6 +158,27 @@ def test_other_content_types_stream_untouched(stack: StreamStack) -> None:
     )
     assert status == 200
     assert b"".join(data for _, data in pieces) == b'{"to": "a@b.io"}\n'
+
+
+def test_large_streamed_bodies_arrive_exactly_once(stack: StreamStack) -> None:
+    # envoyproxy/envoy#46237: the final piece of a body over 1 MB was sent twice with
+    # end_of_stream. Whatever Envoy sends, the client must get every byte once.
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB in one upstream write
+    stack.upstream.set_script([(0.0, big), (0.05, big[:1000])], name="big")
+    before = stack.engine.processor.stats.count("response_body", "sse")
+    status, pieces = read_stream(
+        stack.envoy.port,
+        "/sse/big",
+        {"x-sse-script": "big", "x-sse-content-type": "application/octet-stream"},
+        timeout=30,
+    )
+    received = b"".join(data for _, data in pieces)
+    assert status == 200
+    assert len(received) == len(big) + 1000
+    assert hashlib.sha256(received).digest() == hashlib.sha256(big + big[:1000]).digest()
+    messages = stack.engine.processor.stats.count("response_body", "sse") - before
+    print(f"3 MiB streamed response: {messages} response_body messages from Envoy")
+    assert messages >= 2
 
 
 def post(port: int, path: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:

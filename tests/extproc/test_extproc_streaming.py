@@ -25,7 +25,12 @@ from engine.extproc_testing import (
     response_body,
     response_headers,
 )
-from engine.policy import ImmediateResponse, RequestContext, ResponseContext
+from engine.policy import (
+    ImmediateResponse,
+    RequestContext,
+    ResponseContext,
+    ResponseModifications,
+)
 from engine.server import serve
 from engine.store import ConfigStore
 from engine.streaming import Chunk, EndStream, Framing
@@ -63,6 +68,13 @@ class Guard:
         return ImmediateResponse(413, body=b"no") if chunk.data == b"big\n" else None
 
 
+class Tag:
+    """Response headers only: tags the response."""
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+        return ResponseModifications(set_headers={"x-tag": "1"})
+
+
 class Whole:
     """A body policy written for whole bodies only."""
 
@@ -86,6 +98,10 @@ ROUTES = {
     "down": [entry(UpperLines(), "response")],
     "up": [entry(Guard(), "request")],
     "mixed": [entry(UpperLines(), "response"), entry(Whole(), "response")],
+    "both": [
+        entry(Guard(), "request"),
+        ChainPolicy(name="Tag", version="v1.0.0", instance=Tag(), has_response=True),
+    ],
 }
 
 
@@ -225,7 +241,20 @@ async def test_request_streams_and_a_policy_answers_mid_body(channel: grpc.aio.C
 
 
 async def test_a_repeated_final_piece_is_not_answered(channel: grpc.aio.Channel) -> None:
-    # envoyproxy/envoy#46237: Envoy may send the last piece (end_of_stream) twice.
+    # envoyproxy/envoy#46237: Envoy may send the last piece (end_of_stream) twice. The
+    # repeat gets no reply (it would be a second end) and the stream goes on.
+    call = Call(channel, "both")
+    head = await call.exchange(request_headers("/", "POST", end_of_stream=False))
+    assert names(head.mode_override)["response_header_mode"] == "SEND"
+    last = await call.exchange(request_body(b"x\n", end_of_stream=True))
+    assert streamed(last, "request") == (b"x\n", True)
+    await call.send(request_body(b"x\n", end_of_stream=True))
+    reply = await call.exchange(response_headers(200))
+    assert reply.WhichOneof("response") == "response_headers"
+    tag = reply.response_headers.response.header_mutation.set_headers[0]
+    assert (tag.header.key, tag.header.raw_value) == ("x-tag", b"1")
+    assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+
     routes_call = Call(channel, "up")
     await routes_call.exchange(request_headers("/", "POST", end_of_stream=False))
     last = await routes_call.exchange(request_body(b"x\n", end_of_stream=True))
