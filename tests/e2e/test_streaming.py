@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import socket
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.envoy_metadata import EnvoyMetadata
 from engine.extproc_messages import DEFAULT_MAX_BODY_BYTES
 from engine.registry import PolicyRegistry, load_policy
 from tests.e2e.harness import EngineThread, EnvoyProcess, EnvoyRoute, envoy_binary
@@ -44,6 +46,7 @@ CONFIG = {
         },
         "upload": {"policies": [{"name": "bodyDigest", "version": "v1.0.0"}]},
         "guard": {"policies": [{"name": "uploadGuard", "version": "v1.0.0"}]},
+        "llm": {"policies": [{"name": "llmUsage", "version": "v1.0.0"}]},
         "small": {
             "policies": [
                 {"name": "bodyDigest", "version": "v1.0.0", "parameters": {"maxBytes": 1000}}
@@ -53,11 +56,20 @@ CONFIG = {
 }
 
 
+LOG_FORMAT = (
+    "%REQ(:PATH)% %RESPONSE_CODE% "
+    "tokens=%DYNAMIC_METADATA(policy_engine:llmUsage.totalTokens)% "
+    "model=%DYNAMIC_METADATA(policy_engine:llmUsage.model)% "
+    "sha=%DYNAMIC_METADATA(policy_engine:uploadGuard.sha256)%\n"
+)
+
+
 @dataclass
 class StreamStack:
     upstream: SseUpstream
     engine: EngineThread
     envoy: EnvoyProcess
+    access_log: Path
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +81,7 @@ def stack() -> Iterator[StreamStack]:
         [
             load_policy(REPO / "policies" / "sseGuard" / "v1.0.0"),
             load_policy(REPO / "policies" / "uploadGuard" / "v1.0.0"),
+            load_policy(REPO / "policies" / "llmUsage" / "v1.0.0"),
             load_policy(E2E_POLICIES / "bodyDigest" / "v1.0.0"),
         ]
     )
@@ -77,6 +90,11 @@ def stack() -> Iterator[StreamStack]:
     config_path.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     with SseUpstream() as upstream:
         engine = EngineThread(registry, config_path)
+        # Metadata written by chunk hooks goes to Envoy with the reply ending the stream.
+        engine.processor.envoy_metadata = EnvoyMetadata(
+            keys=["llmUsage.totalTokens", "llmUsage.model", "uploadGuard.sha256"]
+        )
+        access_log = workdir / "access.log"
         try:
             routes = [EnvoyRoute(key, f"/{key}/", key) for key in CONFIG["routes"]]
             with EnvoyProcess(
@@ -86,8 +104,24 @@ def stack() -> Iterator[StreamStack]:
                 upstream_port=upstream.port,
                 routes=routes,
                 # The route timeout of the harness (10 s) is far above any stream here.
+                ext_proc={
+                    "metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}
+                },
+                http_connection_manager={
+                    "access_log": [
+                        {
+                            "name": "envoy.access_loggers.file",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.access_loggers."
+                                "file.v3.FileAccessLog",
+                                "path": str(access_log),
+                                "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}},
+                            },
+                        }
+                    ]
+                },
             ) as envoy:
-                yield StreamStack(upstream, engine, envoy)
+                yield StreamStack(upstream, engine, envoy, access_log)
         finally:
             engine.close()
 
@@ -179,6 +213,38 @@ def test_large_streamed_bodies_arrive_exactly_once(stack: StreamStack) -> None:
     messages = stack.engine.processor.stats.count("response_body", "sse") - before
     print(f"3 MiB streamed response: {messages} response_body messages from Envoy")
     assert messages >= 2
+
+
+def access_log_line(stack: StreamStack, path: str) -> str:
+    """The access log line of ``path`` (Envoy flushes every 0.2 s; the bound is for load)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = stack.access_log.read_text() if stack.access_log.exists() else ""
+        for line in text.splitlines():
+            if line.startswith(path + " "):
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no access log line for {path}")
+
+
+def test_usage_of_a_streamed_llm_answer_reaches_envoy_at_the_end(stack: StreamStack) -> None:
+    delta = {"model": "gpt-test", "choices": [{"delta": {"content": "token"}}]}
+    usage = {
+        "model": "gpt-test",
+        "choices": [],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 35, "total_tokens": 42},
+    }
+    script = [(0.0, sse_event(json.dumps(delta)))]
+    script += [(0.05, sse_event(json.dumps(delta))) for _ in range(5)]
+    usage_event = sse_event(json.dumps(usage))
+    script += [(0.05, usage_event[:20]), (0.05, usage_event[20:]), (0.0, sse_event("[DONE]"))]
+    stack.upstream.set_script(script, name="llm")
+    status, pieces = read_stream(stack.envoy.port, "/llm/chat", {"x-sse-script": "llm"})
+    assert status == 200
+    assert b"".join(data for _, data in pieces) == b"".join(piece for _, piece in script)
+    assert len(pieces) > 1  # streamed, not buffered
+    line = access_log_line(stack, "/llm/chat")
+    assert "tokens=42 model=gpt-test" in line, line
 
 
 def post(port: int, path: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
@@ -306,3 +372,4 @@ def test_upload_far_over_max_body_bytes_streams_with_flat_rss(stack: StreamStack
     assert reply.status == 200, answer
     assert answer == f'{{"bytes": {size}, "sha256": "{expected.hexdigest()}"}}'.encode()
     assert growth < RSS_BOUND
+    assert f"sha={expected.hexdigest()}" in access_log_line(stack, "/guard/upload")
