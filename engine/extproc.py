@@ -56,6 +56,14 @@ Processing modes
     BUFFERED_PARTIAL cut short (no ``end_of_stream``) -> 413: the rest would pass
     unprocessed. FULL_DUPLEX_STREAMED -> refused. Every body is bounded by ``max_body_bytes``.
 
+Streamed bodies
+    A phase whose body policies all have chunk hooks (``engine.streaming.streams``) is not
+    buffered: its headers hooks run at the headers, the mode override asks Envoy for
+    FULL_DUPLEX_STREAMED (``engine.extproc_streaming``) and each piece goes through the
+    stream's :class:`~engine.streaming.BodyStream`, one reply per piece (none for a piece
+    after the end). The stream stays open while a request body still flows or after a policy
+    ended the response body, so nothing passes unprocessed.
+
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
     ignores ``value`` and ``append_action``); an appended value is one more option with
