@@ -580,7 +580,11 @@ class _Stream:
         if request_stream or self.streams_response:
             return sx.stream_modes(
                 request_body=self.request_mode if request_body else msg.Mode.NONE,
-                response=chain.needs_response,
+                # A streamed request body also asks for the response headers: the response
+                # then waits for the reply ending the request body (and its dynamic
+                # metadata). Without it an upstream that answers once it has Content-Length
+                # bytes completed the exchange before that reply arrived (seen in 1.36.4).
+                response=chain.needs_response or request_stream,
                 response_body=msg.Mode.FULL_DUPLEX_STREAMED
                 if self.streams_response
                 else (self.response_mode if chain.requires_response_body else msg.Mode.NONE),
