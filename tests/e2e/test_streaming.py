@@ -247,6 +247,41 @@ def test_usage_of_a_streamed_llm_answer_reaches_envoy_at_the_end(stack: StreamSt
     assert "tokens=42 model=gpt-test" in line, line
 
 
+def test_slow_upstream_beyond_message_timeout(stack: StreamStack) -> None:
+    # Envoy runs no message_timeout timer on FULL_DUPLEX_STREAMED pieces: a gap longer
+    # than the filter's message_timeout (2 s in the harness) between two events is fine.
+    stack.upstream.set_script(
+        [(0.0, sse_event("before")), (2.5, sse_event("after a long pause"))], name="slow"
+    )
+    status, pieces = read_stream(stack.envoy.port, "/sse/slow", {"x-sse-script": "slow"})
+    assert status == 200
+    assert b"".join(d for _, d in pieces) == b"data: before\n\ndata: after a long pause\n\n"
+    assert pieces[-1][0] - pieces[0][0] > 2.0  # each event left when it came
+
+
+def test_upstream_hanging_up_mid_stream(stack: StreamStack) -> None:
+    stack.upstream.set_script(
+        [(0.0, sse_event("one")), (0.1, b"data: half an ev")], name="dies", hang_up=True
+    )
+    sock = socket.create_connection((HOST, stack.envoy.port), timeout=10)
+    received = b""
+    try:
+        sock.sendall(b"GET /sse/d HTTP/1.1\r\nhost: x\r\nx-sse-script: dies\r\n\r\n")
+        while data := sock.recv(4096):
+            received += data
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    # The client got the whole first event, never the half one, and no clean end: the
+    # response is visibly cut (no final 0-length chunk).
+    assert b"data: one\n\n" in received
+    assert b"half an ev" not in received
+    assert not received.endswith(b"0\r\n\r\n")
+    wait_for(lambda: stack.engine.processor.streams_in_flight == 0)
+    assert stack.envoy.process.poll() is None
+
+
 def post(port: int, path: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     try:

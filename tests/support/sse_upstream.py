@@ -6,7 +6,8 @@
   request header's type), chunked, then writes each piece of :attr:`SseUpstream.script`
   (``(delay_seconds, bytes)``, one chunked-encoding chunk per piece, flushed at once),
   recording when each piece left (:attr:`SseUpstream.sent`, ``time.monotonic()``). A
-  ``x-sse-script`` request header names another script set with :meth:`SseUpstream.set_script`.
+  ``x-sse-script`` request header names another script set with :meth:`SseUpstream.set_script`
+  (which can also make the upstream hang up mid-stream).
 * ``POST``/``PUT``: reads the body (Content-Length or chunked) without keeping it, and
   answers JSON ``{"bytes": <count>, "sha256": <hex>}``: a 200 MB upload costs no memory.
 
@@ -70,6 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
                     self.wfile.flush()
                 sent.append(time.monotonic())
+            if name in self.server.aborting:  # hang up mid-stream: no final chunk
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError:  # the client (Envoy) hung up mid-stream
@@ -134,6 +139,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__((HOST, 0), _Handler)
         self.lock = threading.Lock()
         self.scripts: dict[str, Sequence[tuple[float, bytes]]] = {}
+        self.aborting: set[str] = set()
         self.sent: list[list[float]] = []
         self.aborted = 0
 
@@ -149,10 +155,18 @@ class SseUpstream:
         )
         self._thread.start()
 
-    def set_script(self, pieces: Sequence[tuple[float, bytes]], name: str = "") -> None:
-        """What a ``GET`` (with ``x-sse-script: name``) streams: ``(delay, bytes)`` pieces."""
+    def set_script(
+        self, pieces: Sequence[tuple[float, bytes]], name: str = "", *, hang_up: bool = False
+    ) -> None:
+        """What a ``GET`` (with ``x-sse-script: name``) streams: ``(delay, bytes)`` pieces;
+        ``hang_up``: then close the connection without ending the body (an upstream dying
+        mid-stream)."""
         with self._server.lock:
             self._server.scripts[name] = tuple(pieces)
+            if hang_up:
+                self._server.aborting.add(name)
+            else:
+                self._server.aborting.discard(name)
 
     @property
     def sent(self) -> list[list[float]]:
