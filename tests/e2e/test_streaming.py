@@ -47,6 +47,23 @@ CONFIG = {
         "upload": {"policies": [{"name": "bodyDigest", "version": "v1.0.0"}]},
         "guard": {"policies": [{"name": "uploadGuard", "version": "v1.0.0"}]},
         "llm": {"policies": [{"name": "llmUsage", "version": "v1.0.0"}]},
+        # Tokens per consumer: the usage of each streamed answer is charged at its end.
+        "tpm": {
+            "policies": [
+                {"name": "llmUsage", "version": "v1.0.0"},
+                {
+                    "name": "rateLimit",
+                    "version": "v2.0.0",
+                    "parameters": {
+                        "requestsPerSecond": 10,
+                        "burstSize": 60,
+                        "keyBy": "header",
+                        "keyName": "x-consumer",
+                        "costMetadataKey": "llmUsage.totalTokens",
+                    },
+                },
+            ]
+        },
         "small": {
             "policies": [
                 {"name": "bodyDigest", "version": "v1.0.0", "parameters": {"maxBytes": 1000}}
@@ -82,6 +99,7 @@ def stack() -> Iterator[StreamStack]:
             load_policy(REPO / "policies" / "sseGuard" / "v1.0.0"),
             load_policy(REPO / "policies" / "uploadGuard" / "v1.0.0"),
             load_policy(REPO / "policies" / "llmUsage" / "v1.0.0"),
+            load_policy(REPO / "policies" / "rateLimit" / "v2.0.0"),
             load_policy(E2E_POLICIES / "bodyDigest" / "v1.0.0"),
         ]
     )
@@ -280,6 +298,40 @@ def test_upstream_hanging_up_mid_stream(stack: StreamStack) -> None:
     assert not received.endswith(b"0\r\n\r\n")
     wait_for(lambda: stack.engine.processor.streams_in_flight == 0)
     assert stack.envoy.process.poll() is None
+
+
+def llm_answer(total_tokens: int) -> list[tuple[float, bytes]]:
+    """An OpenAI-style streamed answer whose last event before [DONE] carries the usage."""
+    delta = {"model": "gpt-test", "choices": [{"delta": {"content": "token"}}]}
+    usage = {
+        "model": "gpt-test",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 2,
+            "completion_tokens": total_tokens - 2,
+            "total_tokens": total_tokens,
+        },
+    }
+    script = [(0.0, sse_event(json.dumps(delta))), (0.05, sse_event(json.dumps(delta)))]
+    return [*script, (0.05, sse_event(json.dumps(usage))), (0.0, sse_event("[DONE]"))]
+
+
+def test_usage_of_a_streamed_answer_drives_a_429_on_the_next_request(stack: StreamStack) -> None:
+    # 60 tokens of burst, 10 per second: a 50-token answer leaves room for one more
+    # request; a second 50-token answer overspends the bucket by 40 tokens.
+    stack.upstream.set_script(llm_answer(50), name="tpm")
+    alice = {"x-sse-script": "tpm", "x-consumer": "alice"}
+    for _ in range(2):
+        status, pieces = read_stream(stack.envoy.port, "/tpm/chat", alice)
+        assert status == 200
+        assert b"[DONE]" in b"".join(d for _, d in pieces)
+    status, pieces = read_stream(stack.envoy.port, "/tpm/chat", alice)
+    body = b"".join(d for _, d in pieces)
+    assert status == 429, body
+    assert json.loads(body)["retryAfterSeconds"] in (4, 5)  # 40 tokens over at 10/s
+    # Another consumer is not affected.
+    status, _ = read_stream(stack.envoy.port, "/tpm/chat", {**alice, "x-consumer": "bob"})
+    assert status == 200
 
 
 def post(port: int, path: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:

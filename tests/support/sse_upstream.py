@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 __all__ = ["SseUpstream", "read_stream", "sse_event"]
 
@@ -197,9 +197,11 @@ def read_stream(
 ) -> tuple[int, list[tuple[float, bytes]]]:
     """GET ``path`` on 127.0.0.1:``port`` and read the chunked body as it arrives:
     ``(status, [(monotonic time, bytes received)...])``. Raw socket reads, so the time a
-    piece arrived is when it arrived, not when the whole body did."""
+    piece arrived is when it arrived, not when the whole body did. A body that is not
+    chunked is one piece (Content-Length bytes, or up to the close)."""
     sock = socket.create_connection((HOST, port), timeout=timeout)
     pieces: list[tuple[float, bytes]] = []
+    reader: BinaryIO | None = None
     try:
         head = f"GET {path} HTTP/1.1\r\nhost: {HOST}\r\n"
         for name, value in (headers or {}).items():
@@ -208,12 +210,16 @@ def read_stream(
         reader = sock.makefile("rb")
         status = int(reader.readline().split()[1])
         chunked = False
+        length: int | None = None
         while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
             if name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
                 chunked = True
+            elif name.strip().lower() == "content-length":
+                length = int(value.strip())
         if not chunked:
-            pieces.append((time.monotonic(), reader.read()))
+            data = reader.read() if length is None else reader.read(length)
+            pieces.append((time.monotonic(), data))
             return status, pieces
         while True:
             size_line = reader.readline()
@@ -227,4 +233,6 @@ def read_stream(
             reader.readline()
             pieces.append((time.monotonic(), data))
     finally:
+        if reader is not None:
+            reader.close()
         sock.close()
