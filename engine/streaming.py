@@ -49,8 +49,9 @@ The chain decides: a phase streams when every enforced entry that needs that pha
 has its chunk hook (and none of them is ``mode: shadow``); otherwise the body is buffered
 as before and ``on_request``/``on_response`` see it whole (:func:`streams`). Several
 streaming policies form a pipeline in chain order: each has its own framer, and what one
-sends on is the next one's input. Memory per stream is bounded by what the policies hold
-(the sum of their ``max_held_bytes``) plus the piece in flight, never by the body size.
+sends on is the next one's input. What a stream holds is bounded by what the policies hold
+(the sum of their ``max_held_bytes``) plus the pieces in flight (Envoy's pieces of up to
+its buffer limit, in gRPC's windows), never by the body size.
 """
 
 from __future__ import annotations
