@@ -97,7 +97,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from engine import extproc_messages as msg
-from engine import extproc_streaming as sx
 from engine import metrics
 from engine.chain import RequestState, count_static_runs, run_request, run_response
 from engine.envoy_metadata import EnvoyMetadata
@@ -108,6 +107,7 @@ from engine.extproc_messages import (
     ROUTE_ATTRIBUTE,
     ROUTE_METADATA_KEY,
 )
+from engine.extproc_streaming import chunk_reply, stream_modes, trailers_reply
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
@@ -239,10 +239,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         try:
             async for request in request_iterator:
                 stream.final = True
-                replies = await stream.handle(request)
-                for reply in replies if isinstance(replies, list) else (replies,):
-                    if reply is None:  # a streamed piece after its body ended
-                        continue
+                for reply in await stream.handle_streamed(request):
                     if emit is not None and stream.request is not None and stream.final:
                         yield emit.attach(reply, stream.request.metadata)
                     else:
@@ -335,11 +332,44 @@ class _Stream:
         request = self.request_stream
         return (request is not None and not request.ended) or self.cut
 
-    async def handle(
-        self, message: pb.ProcessingRequest
-    ) -> pb.ProcessingResponse | list[pb.ProcessingResponse] | None:
-        """Reply to one message (a streamed piece: zero, one or two replies), advancing
-        :attr:`phase`; raise ProtocolError when misplaced."""
+    async def handle_streamed(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """The replies to one message: what :meth:`handle` answers, or for a piece of a
+        streamed body (engine/streaming.py) none (a piece after the end), one, or two
+        (trailers ending a body the policies still held part of)."""
+        if self.request_stream is not None or self.response_stream is not None:
+            kind = message.WhichOneof("request") or ""
+            replies = await self._streamed(kind, message)
+            if replies is not None:
+                self._processor.stats.messages[(self.route, kind)] += 1
+                return replies
+        return [await self.handle(message)]
+
+    async def _streamed(
+        self, kind: str, message: pb.ProcessingRequest
+    ) -> list[pb.ProcessingResponse] | None:
+        """The replies to a message that belongs to a streamed body; None: :meth:`handle`
+        answers it."""
+        request_stream, response_stream = self.request_stream, self.response_stream
+        side = kind.partition("_")[0]
+        stream = request_stream if side == "request" else response_stream
+        if stream is not None and kind.endswith("_body"):
+            reply = await self._on_chunk(side, getattr(message, kind))
+            return [] if reply is None else [reply]
+        if stream is not None and kind.endswith("_trailers"):
+            return await self._on_stream_trailers(side)
+        if (
+            kind == "response_headers"
+            and request_stream is not None
+            and self.phase is _Phase.REQUEST_BODY
+        ):
+            if not request_stream.received:
+                return [self._body_never_came(kind)]
+            # An early answer while the upload still streams: both go on.
+            self.phase = _Phase.RESPONSE_HEADERS
+        return None
+
+    async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Reply to one message, advancing :attr:`phase`; raise ProtocolError when misplaced."""
         kind = message.WhichOneof("request")
         if kind is None:
             raise ProtocolError("ProcessingRequest has no request/response message set")
@@ -352,21 +382,6 @@ class _Stream:
             return await self._on_request_headers(message)
         if phase is _Phase.REQUEST_HEADERS:
             raise ProtocolError(f"{kind} before request_headers")
-        if kind == "request_body" and self.request_stream is not None:
-            return await self._on_chunk("request", message.request_body)
-        if kind == "response_body" and self.response_stream is not None:
-            return await self._on_chunk("response", message.response_body)
-        if phase is _Phase.REQUEST_BODY and self.request_stream is not None:
-            if kind == "request_trailers":
-                return await self._on_stream_trailers("request")
-            if kind == "response_headers":
-                if not self.request_stream.received:
-                    return self._body_never_came(kind)
-                # An early answer while the upload still streams: both go on.
-                self.phase = _Phase.RESPONSE_HEADERS
-                phase = self.phase
-        if kind == "response_trailers" and self.response_stream is not None:
-            return await self._on_stream_trailers("response")
         if kind == "request_body":
             if phase is _Phase.REQUEST_BODY:
                 return await self._on_request_body(message.request_body)
@@ -578,7 +593,7 @@ class _Stream:
         assert self.chain is not None
         chain = self.chain
         if request_stream or self.streams_response:
-            return sx.stream_modes(
+            return stream_modes(
                 request_body=self.request_mode if request_body else msg.Mode.NONE,
                 # A streamed request body also asks for the response headers: the response
                 # then waits for the reply ending the request body (and its dynamic
@@ -774,9 +789,9 @@ class _Stream:
             if step.immediate is not None:
                 return [reply]
             if step.data:  # the body goes on before the trailers, which end it
-                replies.append(sx.chunk_reply(side, step.data, False))
+                replies.append(chunk_reply(side, step.data, False))
         self.final = True
-        replies.append(sx.trailers_reply(side))
+        replies.append(trailers_reply(side))
         return replies
 
     def _chunk_step(
@@ -803,7 +818,7 @@ class _Stream:
                 self.phase = _Phase.DONE
                 self.cut = not envoy_end  # a policy ended it: Envoy may still send pieces
         self.final = end
-        return sx.chunk_reply(side, data, end)
+        return chunk_reply(side, data, end)
 
     async def _guarded(
         self,

@@ -67,7 +67,6 @@ from engine.policy import (
     ResponseContext,
     ResponseModifications,
 )
-from engine.streaming import Chunk
 
 # Sibling modules. The engine loads this folder as a package, so they are relative
 # imports at run time; mypy checks the folder as its base (a version folder is no
@@ -75,6 +74,8 @@ from engine.streaming import Chunk
 if TYPE_CHECKING:
     from gcra import MICROS, Decision, LocalBuckets, interval_us
     from redis_backend import BackendUnavailable, RedisBackend, check_redis_url
+
+    from engine.streaming import Chunk
 else:
     from .gcra import MICROS, Decision, LocalBuckets, interval_us
     from .redis_backend import BackendUnavailable, RedisBackend, check_redis_url
@@ -145,7 +146,6 @@ class Policy:
     def __init__(
         self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._cost_key: str | None = params.get("costMetadataKey")
         rate = float(params["requestsPerSecond"])
         burst = params.get("burstSize")
         self._burst = int(burst if burst is not None else max(1, math.ceil(rate)))
@@ -165,6 +165,7 @@ class Policy:
         else:
             self._key_name = key_name
         self._clock = clock
+        self._cost_key: str | None = params.get("costMetadataKey")
         self._local: LocalBuckets | None = None
         self._redis: RedisBackend | None = None
         self._allow_on_error = params.get("onBackendError", "deny") == "allow"
