@@ -96,6 +96,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+import engine.extproc_streaming as sx
 from engine import extproc_messages as msg
 from engine import metrics
 from engine.chain import RequestState, count_static_runs, run_request, run_response
@@ -107,7 +108,6 @@ from engine.extproc_messages import (
     ROUTE_ATTRIBUTE,
     ROUTE_METADATA_KEY,
 )
-from engine.extproc_streaming import chunk_reply, stream_modes, trailers_reply
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
@@ -593,7 +593,7 @@ class _Stream:
         assert self.chain is not None
         chain = self.chain
         if request_stream or self.streams_response:
-            return stream_modes(
+            return sx.stream_modes(
                 request_body=self.request_mode if request_body else msg.Mode.NONE,
                 # A streamed request body also asks for the response headers: the response
                 # then waits for the reply ending the request body (and its dynamic
@@ -789,9 +789,9 @@ class _Stream:
             if step.immediate is not None:
                 return [reply]
             if step.data:  # the body goes on before the trailers, which end it
-                replies.append(chunk_reply(side, step.data, False))
+                replies.append(sx.chunk_reply(side, step.data, False))
         self.final = True
-        replies.append(trailers_reply(side))
+        replies.append(sx.trailers_reply(side))
         return replies
 
     def _chunk_step(
@@ -818,7 +818,7 @@ class _Stream:
                 self.phase = _Phase.DONE
                 self.cut = not envoy_end  # a policy ended it: Envoy may still send pieces
         self.final = end
-        return chunk_reply(side, data, end)
+        return sx.chunk_reply(side, data, end)
 
     async def _guarded(
         self,
