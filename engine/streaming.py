@@ -61,16 +61,14 @@ import inspect
 import logging
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 from engine import metrics
+from engine.chain import ChainPolicy, failure_response
 from engine.errors import ConditionEvaluationError, PolicyError
 from engine.framing import FRAMINGS, Framer, FramingKind, SseEvent, Unit
 from engine.metadata import CURRENT_POLICY
 from engine.policy import ImmediateResponse, RequestContext, ResponseContext
-
-if TYPE_CHECKING:
-    from engine.chain import ChainPolicy
 
 __all__ = [
     "DEFAULT_MAX_HELD_BYTES",
@@ -408,8 +406,6 @@ def _failure(
     route: str, policy: ChainPolicy, side: Side, exc: BaseException | None, request_id: str
 ) -> ImmediateResponse | None:
     """Log and count a streaming policy's failure; the answer if it fails closed."""
-    from engine.chain import failure_response  # noqa: PLC0415 - chain imports this module
-
     if isinstance(exc, PolicyError):
         reason, kind, exc_info = f"failed: {exc}", "bad_result", None
         if str(exc).startswith("timed out"):
