@@ -47,6 +47,12 @@ Rules of the contract:
   policy fails open, so headers only the policy may set (claim headers) never
   reach the upstream from the client. It must be quick; if it raises, that is a
   failure of the policy (``onError`` applies).
+* Optional, streaming bodies: ``on_request_chunk(ctx, chunk)`` / ``on_response_chunk(ctx,
+  chunk)`` (with ``request_framing(ctx)`` / ``response_framing(ctx)``) take the body one
+  whole unit at a time as it flows (SSE events, NDJSON lines, pieces of an upload), instead
+  of ``ctx.body`` whole. A phase streams when every body policy in it has the hook; the
+  header hook then runs at the headers with ``ctx.body`` None. The contract, the results
+  (``Hold``, ``EndStream``) and the framing are in :mod:`engine.streaming`.
 * Optional, at config load (called once per chain entry, right after ``__init__``; a
   wrong answer or an exception rejects the config, naming the entry):
 

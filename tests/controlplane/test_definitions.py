@@ -85,9 +85,12 @@ def test_only_policies_declaring_a_pure_constructor_are_constructed(
     assert pure_policies(registry) == [
         "apiKey v1.0.0",
         "jsonTransform v1.0.0",
+        "llmUsage v1.0.0",
         "rateLimit v1.0.0",
         "respond v1.0.0",
         "setHeader v1.0.0",
+        "sseGuard v1.0.0",
+        "uploadGuard v1.0.0",
     ]
     # jwtValidation reads caFile, rateLimit v2 reads redisUrlEnv: never on the control plane.
     # They record their parameters, and carry the code's pure explain() hook (POST /explain).
