@@ -544,7 +544,7 @@ async def run_response(
     ``policies`` and ``since`` as for :func:`run_request` (the timed executor runs one
     entry at a time)."""
     if chain.untimed is not None:
-        return await _timed_response(chain, chain.untimed, ctx)
+        return await _timed_response(chain, chain.untimed, ctx, policies, since)
     policies = chain.response_policies if policies is None else policies
     if not policies and since is None:
         return _NO_CHANGE_RESPONSE
@@ -634,11 +634,17 @@ async def _timed_request(
     return await run_request(untimed, ctx, policies=(), since=before)
 
 
-async def _timed_response(chain: Chain, untimed: Chain, ctx: ResponseContext) -> ResponseOutcome:
+async def _timed_response(
+    chain: Chain,
+    untimed: Chain,
+    ctx: ResponseContext,
+    policies: tuple[ChainPolicy, ...] | None,
+    since: ResponseState | None,
+) -> ResponseOutcome:
     """:func:`run_response` of a timing chain: each entry timed, then the timing header
     (request and response entries) set on the response."""
-    before = ResponseState.of(ctx)
-    for policy in chain.response_policies:
+    before = since if since is not None else ResponseState.of(ctx)
+    for policy in chain.response_policies if policies is None else policies:
         started = time.perf_counter_ns()
         outcome = await run_response(untimed, ctx, policies=(policy,), since=before)
         timing.record(

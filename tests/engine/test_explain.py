@@ -17,7 +17,9 @@ from engine.errors import ExplainError
 from engine.explain import ABSENT, NO_EXPLANATION, ExplainRequest, explain
 from engine.explain_cli import main as explain_main
 from engine.main import main as engine_main
-from engine.registry import PolicyRegistry, load_policy
+from engine.registry import PolicyRegistry, RegisteredPolicy, load_policy
+from engine.secrets import parameters_secrets
+from engine.testing import example_id, valid_examples
 from tests.support import registry_from
 
 REPO = Path(__file__).resolve().parents[2]
@@ -310,3 +312,38 @@ def test_condition_on_the_response_is_decided_per_response(
     argv = ["--config", str(config_file), "--route", "errors"]
     assert explain_main(argv, registry=registry, stdout=out, stderr=io.StringIO()) == 0
     assert "condition response.status >= 500 -> decided per response" in out.getvalue()
+
+
+SAMPLE_FOLDERS = sorted(p for p in (REPO / "policies").glob("*/v*") if p.is_dir())
+SAMPLE_EXAMPLES = [
+    (policy, example)
+    for policy in (load_policy(folder) for folder in SAMPLE_FOLDERS)
+    for example in valid_examples(policy)
+]
+
+
+def test_every_sample_policy_has_an_explain_hook() -> None:
+    assert SAMPLE_FOLDERS
+    missing = [
+        f"{p.name} {p.version}"
+        for p in (load_policy(folder) for folder in SAMPLE_FOLDERS)
+        if not callable(getattr(p.factory, "explain", None))
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "example"),
+    SAMPLE_EXAMPLES,
+    ids=[f"{p.name}-{p.version}-{example_id(e)}" for p, e in SAMPLE_EXAMPLES],
+)
+def test_explain_hook_is_json_and_shows_no_secret(
+    policy: RegisteredPolicy, example: dict[str, Any]
+) -> None:
+    params, problems = policy.definition.validate_parameters(example["parameters"])
+    assert problems == []
+    said = getattr(policy.factory, "explain")(params)  # noqa: B009 - optional hook
+    assert isinstance(said, dict)
+    text = json.dumps(said)
+    secrets = parameters_secrets(params, policy.definition.secrets)
+    assert [s for s in secrets if s in text] == []
