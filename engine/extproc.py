@@ -99,7 +99,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 import engine.extproc_streaming as sx
 from engine import extproc_messages as msg
-from engine import metrics
+from engine import metrics, timing
 from engine.chain import RequestState, count_static_runs, run_request, run_response
 from engine.envoy_metadata import EnvoyMetadata
 from engine.errors import PolicyError, ProtocolError
@@ -698,6 +698,7 @@ class _Stream:
 
             def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
                 # The response headers went downstream before the first chunk.
+                outcome = timing.without_header(outcome)
                 if (
                     outcome.set_headers
                     or outcome.append_headers

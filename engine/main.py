@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-from engine import logformat, metrics
+from engine import explain_cli, logformat, metrics
 from engine.config import load_config_file
 from engine.cpus import available_cpus
 from engine.envoy_metadata import DEFAULT_KEYS, DEFAULT_NAMESPACE, EnvoyMetadata
@@ -324,6 +324,8 @@ def main(
     """Run the engine CLI with ``registry`` compiled in; return the process exit code."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    if list(argv[:1]) == ["explain"]:  # `<engine> explain ...`: engine/explain_cli.py
+        return explain_cli.main(argv[1:], registry=registry, stdout=out, stderr=err)
     args = parse_args(argv)
     if args.version:
         print("\n".join(build_lines(registry, build_info)), file=out)

@@ -77,6 +77,21 @@ class Policy:
 
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """What it reads and writes; it never changes the body."""
+        return {
+            "reads": "token usage of OpenAI-compatible responses (SSE events or JSON), "
+            f"at most {params.get('maxBodyBytes', 1048576)} bytes",
+            "writesMetadata": [
+                "llmUsage.promptTokens",
+                "llmUsage.completionTokens",
+                "llmUsage.totalTokens",
+                "llmUsage.model",
+            ],
+            "body": "passed on unchanged",
+        }
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._max = int(params.get("maxBodyBytes", 1 << 20))
 

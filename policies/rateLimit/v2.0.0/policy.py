@@ -67,6 +67,7 @@ from engine.policy import (
     ResponseContext,
     ResponseModifications,
 )
+from engine.secrets import redact_url
 
 # Sibling modules. The engine loads this folder as a package, so they are relative
 # imports at run time; mypy checks the folder as its base (a version folder is no
@@ -142,6 +143,29 @@ def _redis_url(params: Mapping[str, Any]) -> str:
 
 class Policy:
     """GCRA rate limiter; see the module docstring for the contract."""
+
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The limit, what it is counted per, its backend (a Redis URL without its
+        password), and what a limited request gets."""
+        rate = params["requestsPerSecond"]
+        key_by = str(params.get("keyBy", "clientIp"))
+        backend = str(params.get("backend", "local"))
+        said: dict[str, Any] = {
+            "limit": f"{rate:g} requests/s, burst {params.get('burstSize') or math.ceil(rate)}",
+            "per": key_by if params.get("keyName") is None else f"{key_by} {params['keyName']}",
+            "rejects": "429 over the limit",
+            "backend": backend,
+            "writesMetadata": [DECISION_KEY],
+        }
+        if backend == "redis":
+            if params.get("redisUrl"):
+                said["redis"] = redact_url(str(params["redisUrl"]))
+            elif params.get("redisUrlEnv"):
+                said["redis"] = f"the URL in ${params['redisUrlEnv']} on the engine host"
+            said["onBackendError"] = params.get("onBackendError", "deny")
+            said["backendTimeout"] = params.get("backendTimeout", "50ms")
+        return said
 
     def __init__(
         self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic

@@ -66,6 +66,18 @@ class Policy:
 
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The patterns it masks and blocks in streamed SSE / NDJSON responses."""
+        return {
+            "masks": list(params.get("mask") or ()) + list(params.get("builtins") or ()),
+            "replacement": params.get("replacement", "[redacted]"),
+            "blocks": list(params.get("block") or ()),
+            "onBlock": "the stream ends with a final event carrying blockEvent",
+            "maxEventBytes": params.get("maxEventBytes", 65536),
+            "writesMetadata": ["sseGuard.masked", "sseGuard.blocked"],
+        }
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._mask = _compile("mask", list(params.get("mask", [])))
         self._mask += [re.compile(BUILTINS[name]) for name in params.get("builtins", [])]

@@ -42,6 +42,20 @@ class Policy:
 
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """What an upload must be to pass, and what it records."""
+        types = list(params.get("contentTypes") or ())
+        said: dict[str, Any] = {
+            "maxBytes": params.get("maxBytes", 1073741824),
+            "contentTypes": types or "any",
+            "rejects": "413 over maxBytes (declared or streamed)"
+            + (", 415 for another content-type" if types else ""),
+        }
+        if params.get("digest", True):
+            said["writesMetadata"] = ["uploadGuard.sha256", "uploadGuard.bytes"]
+        return said
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._max = int(params.get("maxBytes", 1 << 30))
         self._types = frozenset(t.lower() for t in params.get("contentTypes", []))
