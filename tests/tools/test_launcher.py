@@ -97,8 +97,10 @@ def ci_copy(tmp_path: Path) -> Path:
     (root / "tools").mkdir()
     shutil.copy(REPO / "tools/test", root / "tools/test")
     _script(root / "tools/bazel", 'echo "bazel $*"; exit "${FAKE_BAZEL_EXIT:-0}"\n')
-    # tools/test's last step (the podman image test, which drives tools/bazel itself).
+    # tools/test's steps outside Bazel: the podman image test (which drives tools/bazel
+    # itself) and, last, the gateway examples' schema check.
     _script(root / "tests/image/podman_e2e.sh", 'echo "podman_e2e $*"\n')
+    _script(root / "deploy/gateways/schema-check/run.sh", 'echo "schema_check $*"\n')
     return root
 
 
@@ -112,6 +114,7 @@ def test_ci_run_reports_bazel_verdict_without_fallback(
     # The tests that drive Bazel run only after `bazel test` passed.
     assert ("bazel run //tools/demo -- --check" in result.stdout) == (code == 0)
     assert ("podman_e2e" in result.stdout) == (code == 0)
+    assert ("schema_check" in result.stdout) == (code == 0)
     assert "FALLBACK" not in result.stderr
 
 
