@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, cast
 
 from engine.tls import ServerTls
 
@@ -76,57 +77,47 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_buffer",
-        "_busy",
         "_server",
-        "_timer",
         "_transport",
+        "busy",
         "closing",
+        "since",
     )
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._busy = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.busy = False
         self.closing = False
+        # Loop time of the last answer (or the connection's start): the sweep measures the
+        # idle and header timeouts from it (no timer per request).
+        self.since = server.loop.time()
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
         self._server.connections.add(self)
-        self._arm(self._server.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        self._disarm()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if not self._busy:
+        if not self.busy:
             self._next()
 
-    # -- timers ---------------------------------------------------------------------------
-
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self._server.loop.call_later(seconds, self._expired)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expired(self) -> None:
-        self._timer = None
-        if self._busy:
+    def expire(self, now: float) -> None:
+        """Called by the server's sweep: enforce the header and idle timeouts."""
+        if self.busy or self.closing:
             return
-        if self._buffer:  # a request started and did not complete in time
-            self._fail(_BadRequest(408, "request not complete within the header timeout"))
-        else:
+        if self._buffer:  # a request started and is not complete
+            if now - self.since > self._server.header_timeout:
+                self._fail(_BadRequest(408, "request not complete within the header timeout"))
+        elif now - self.since > self._server.idle_timeout:
             self.close()
 
     # -- requests -------------------------------------------------------------------------
@@ -141,17 +132,24 @@ class _Connection(asyncio.Protocol):
             self._fail(exc)
             return
         if parsed is None:
-            if self._buffer:
-                self._arm(self._server.header_timeout)
             return
-        self._disarm()
         path, body, keep_alive = parsed
-        self._busy = True
-        self._server.in_flight += 1
-        self._server._idle.clear()
-        task = self._server.loop.create_task(self._serve(path, body, keep_alive))
-        self._server.tasks.add(task)
-        task.add_done_callback(self._server.tasks.discard)
+        self.busy = True
+        server = self._server
+        server.in_flight += 1
+        server.idle.clear()
+        # Run the handler at once, in its own context, up to its first real suspension:
+        # most chains never suspend, and a task per request costs more than the chain.
+        # A handler that does suspend continues in a task with the same context.
+        context = contextvars.copy_context()
+        coro = self._serve(path, body, keep_alive)
+        try:
+            waiting = context.run(coro.send, None)
+        except StopIteration:
+            return
+        task = server.loop.create_task(_resume(coro, waiting), context=context)
+        server.tasks.add(task)
+        task.add_done_callback(server.tasks.discard)
 
     async def _serve(self, path: str, body: bytes, keep_alive: bool) -> None:
         try:
@@ -162,12 +160,11 @@ class _Connection(asyncio.Protocol):
                 status, reply = 500, b'{"error": "internal error"}'
             self._answer(status, reply, keep_alive=keep_alive and not self._server.stopping)
         finally:
-            self._busy = False
+            self.busy = False
+            self.since = self._server.loop.time()
             self._server.request_done()
-        if self._transport is not None and not self.closing:
-            self._arm(self._server.idle_timeout)
-            if self._buffer:
-                self._next()
+        if self._transport is not None and not self.closing and self._buffer:
+            self._next()
 
     def _answer(self, status: int, body: bytes, *, keep_alive: bool) -> None:
         transport = self._transport
@@ -191,7 +188,6 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
-        self._disarm()
         if self._transport is not None:
             self._transport.close()
 
@@ -258,6 +254,30 @@ class _Connection(asyncio.Protocol):
         return target, body, keep_alive
 
 
+async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Drive ``coro`` on from its first suspension (it yielded ``waiting``), as a Task would:
+    wait for what it waits on, then resume it (``send(None)``; a failure is thrown in)."""
+    while True:
+        try:
+            if waiting is None:  # a bare yield (asyncio.sleep(0))
+                await asyncio.sleep(0)
+            else:
+                # The coroutine's own await marked the future as yielded to a Task; a Task
+                # clears the mark before it waits (asyncio.Task.__step), and so must we.
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except BaseException as exc:  # handed to the coroutine, as a Task does
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+
+
 def _dechunk(buffer: bytearray, start: int, limit: int) -> tuple[bytes, int] | None:
     """A chunked body from ``buffer[start:]``: ``(body, end offset)``; None if incomplete.
     Trailers are not accepted (Envoy sends none)."""
@@ -313,13 +333,21 @@ class HttpServer:
         self.stopping = False
         self.port = 0
         self._server: asyncio.Server | None = None
-        self._idle: asyncio.Event = asyncio.Event()
-        self._idle.set()
+        self.idle: asyncio.Event = asyncio.Event()
+        self.idle.set()
+        self._sweep_every = min(1.0, header_timeout / 4, idle_timeout / 4)
+        self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.expire(now)
+        self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
 
     def request_done(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
-            self._idle.set()
+            self.idle.set()
 
     def _protocol(self) -> _Connection:
         return _Connection(self)
@@ -328,15 +356,15 @@ class HttpServer:
         """Stop accepting; idle connections close now, busy ones after their answer; what
         is still running after ``grace`` seconds is cancelled."""
         self.stopping = True
+        self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            if not connection._busy:
+            if not connection.busy:
                 connection.close()
         if self.in_flight:
-            self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+                await asyncio.wait_for(self.idle.wait(), grace)
         for task in list(self.tasks):
             task.cancel()
         for connection in list(self.connections):

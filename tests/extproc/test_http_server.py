@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from engine.http_server import HttpServer, start_http_server
 from engine.tls import ServerTls, ServerTlsFiles
@@ -228,3 +230,70 @@ async def test_tls_with_client_certificates(tmp_path: Path):
             await without_certificate()
     finally:
         await srv.close(1.0)
+
+
+def test_serves_on_uvloop():
+    """The engine runs on uvloop (engine.server.run_loop), whose transports are its own."""
+
+    async def exchange() -> tuple[int, dict[str, str], bytes]:
+        srv = await start_http_server("127.0.0.1:0", echo)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(post(b"uv"))
+            try:
+                return await read_response(reader)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            await srv.close(1.0)
+
+    status, _, body = uvloop.run(exchange())
+    assert (status, body) == (200, b'{"path": "/x", "len": 2}')
+
+
+_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_var", default="unset")
+
+
+async def suspending(path: str, body: bytes) -> tuple[int, bytes]:
+    """A handler that suspends in every way (bare yield, a future, a sleep), keeps its own
+    context across the suspensions, and fails after one when asked."""
+    token = _VAR.set(body.decode())
+    try:
+        await asyncio.sleep(0)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.set_result, "done")
+        assert await future == "done"
+        await asyncio.sleep(0.01)
+        if body.startswith(b"fail"):
+            raise RuntimeError("after a suspension")
+        return 200, f'"{_VAR.get()}"'.encode()
+    finally:
+        _VAR.reset(token)  # raises if the context changed between the steps
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_handlers_that_suspend_resume_in_their_own_context(loop: str) -> None:
+    async def exchange() -> list[tuple[int, bytes]]:
+        srv = await start_http_server("127.0.0.1:0", suspending)
+        try:
+            answers = []
+            streams = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(3)]
+            for i, (_, writer) in enumerate(streams):  # concurrent: interleaved steps
+                writer.write(post(b"fail" if i == 1 else f"req{i}".encode()))
+            for reader, writer in streams:
+                status, _, body = await read_response(reader)
+                answers.append((status, body))
+                writer.close()
+                await writer.wait_closed()
+            assert _VAR.get() == "unset", "no handler's context leaked into the loop's"
+            return answers
+        finally:
+            await srv.close(1.0)
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(exchange()) == [
+        (200, b'"req0"'),
+        (500, b'{"error": "internal error"}'),
+        (200, b'"req2"'),
+    ]
