@@ -390,6 +390,19 @@ lives, so Envoy's defaults (1,024 pending / 1,024 requests) fail every HTTP requ
 tools/bench measured 2,926 of 2,926 failures at 2,000 connections). The thresholds must
 exceed the concurrent requests Envoy may carry."""
 
+HTTP_EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = {
+    "thresholds": [
+        {"max_connections": 1024, "max_pending_requests": 100000, "max_requests": 100000}
+    ]
+}
+"""Circuit breakers of the HTTP ext_proc cluster (docs/operators/http-transport.md).
+
+HTTP/1.1 carries one message per connection at a time, so Envoy opens a connection to the
+engine per message in flight. Unbounded, 10,000 client connections open thousands at
+once: the engine's accept queue (somaxconn, 4,096 here) overflows, connects time out and
+Envoy answers 500 (tools/bench/http_transport.py: 5,053 of 52,341 at 10,000 connections).
+Bounded, messages wait in Envoy's pending queue for a kept-alive connection instead."""
+
 EXT_PROC_MAX_REQUESTS_PER_CONNECTION: Final = 100
 """Retire each HTTP/2 connection to the engine after this many streams. Envoy keeps one
 connection per worker thread while it may, and the engine's workers share the port with
@@ -572,7 +585,7 @@ def render_bootstrap(
     ]
     if transport != "grpc":
         http_cluster = cluster(HTTP_CLUSTER, http_engine_port, http2=False)
-        http_cluster["circuit_breakers"] = EXT_PROC_CIRCUIT_BREAKERS
+        http_cluster["circuit_breakers"] = HTTP_EXT_PROC_CIRCUIT_BREAKERS
         clusters.append(http_cluster)
     return {
         "admin": {"address": {"socket_address": {"address": HOST, "port_value": admin_port}}},

@@ -17,6 +17,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
+from engine import metrics
 from engine.chain import Chain, ChainPolicy, Snapshot
 from engine.envoy_metadata import EnvoyMetadata
 from engine.extproc import PolicyProcessor
@@ -195,15 +196,21 @@ async def test_unknown_route_is_denied():
 
 
 @pytest.mark.parametrize("flag", ["requires_request_body", "requires_response_body"])
-async def test_route_needing_bodies_is_refused_never_skipped(flag, caplog):
+async def test_route_needing_bodies_is_refused_never_skipped(flag, caplog, tmp_path):
     upper = Upper()
     handler, _ = make(body=[entry(upper, **{flag: True})])
+    metrics.enable(str(tmp_path))
     status, reply, _ = await post(handler, as_json(request_headers(attributes=route("body"))))
     assert status == 200
     got = decode(reply)
     assert (got.kind, got.status) == ("immediate_response", 500)
     assert handler.body_refusals == 1
     assert "route 'body'" in caplog.text
+    try:
+        exposition = metrics.render().decode()
+    finally:
+        metrics.disable()
+    assert 'policy_engine_http_body_refusals_total{route="(unknown)"} 1.0' in exposition
     assert upper.calls == 0
 
 

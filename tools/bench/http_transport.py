@@ -42,8 +42,8 @@ from typing import Any, Final
 
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tests.e2e.harness import (
-    EXT_PROC_CIRCUIT_BREAKERS,
     HTTP_CLUSTER,
+    HTTP_EXT_PROC_CIRCUIT_BREAKERS,
     envoy_binary,
     http_ext_proc_filter,
     render_bootstrap,
@@ -105,7 +105,7 @@ def _cluster(name: str, port: int) -> dict[str, Any]:
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "circuit_breakers": copy.deepcopy(EXT_PROC_CIRCUIT_BREAKERS),
+        "circuit_breakers": copy.deepcopy(HTTP_EXT_PROC_CIRCUIT_BREAKERS),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
@@ -210,6 +210,7 @@ class Bench:
         self.workdir = workdir
         self.mode = mode
         self.failures: list[str] = []
+        self.load_only = False
         self.results: dict[str, Any] = {}
 
     def wrk(
@@ -342,7 +343,8 @@ class Bench:
                 "floor-http": floor_http_pid,
                 "floor-grpc": floor_grpc_pid,
             }
-            self.table(listener, pids, token)
+            if not self.load_only:
+                self.table(listener, pids, token)
             self.procs.stop(engine_pid)
             http2 = free_port()
             grpc2, _ = self.procs.engine("engine2", config, workers=2, http_port=http2)
@@ -358,7 +360,7 @@ def format_table(results: dict[str, Any]) -> list[str]:
         "| p50 ms, 1 conn | added p50 ms |",
         "|---|---|---|---|---|---|---|",
     ]
-    for path in PATHS:
+    for path in PATHS if "paths" in results else ():
         row = results["paths"][path.name]
         cpu = f"{row['cpu_us']:.0f}" if path.server else "-"
         floor = f"{row['vs_floor_cpu']:.2f}x" if "vs_floor_cpu" in row else "-"
@@ -383,12 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="http_transport", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s; 2,000 connections")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--load-only", action="store_true", help="only the connection runs")
     args = parser.parse_args(argv)
     limit = _raise_file_limit()
     tools = find_tools()
     mode = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         bench = Bench(tools, Path(tmp), mode)
+        bench.load_only = args.load_only
         bench.results["meta"] = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": _machine(),
