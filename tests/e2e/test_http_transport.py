@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from engine.envoy_metadata import EnvoyMetadata
 from tests.e2e.harness import HOST, HTTP_CLUSTER, http_request
 
 pytestmark = pytest.mark.envoy
@@ -95,6 +96,41 @@ def test_immediate_response_and_envoy_metadata_over_http(stack):
         reply = http_request(envoy.port, "/api/v1/private/x")
     assert reply.status == 401
     assert reply.json() == {"error": "denied"}
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_dynamic_metadata_reaches_envoy_over_both_transports(stack, transport, tmp_path):
+    """The decisions the engine sends as dynamic metadata reach Envoy's access log alike."""
+    stack.configure({"meta": {"policies": [writer("carol")]}})
+    access_log = tmp_path / f"access-{transport}.log"
+    logger = {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(access_log),
+            "log_format": {
+                "text_format_source": {
+                    "inline_string": "user=%DYNAMIC_METADATA(policy_engine:user)%\n"
+                }
+            },
+        },
+    }
+    processor = stack.engine.processor
+    processor.envoy_metadata = EnvoyMetadata(keys=("user",))
+    try:
+        with stack.other_envoy(
+            transport=transport,
+            ext_proc=METADATA,
+            http_connection_manager={"access_log": [logger]},
+        ) as envoy:
+            assert http_request(envoy.port, "/meta/x").status == 200
+            deadline = time.monotonic() + 30
+            while "user=" not in (access_log.read_text() if access_log.exists() else ""):
+                assert time.monotonic() < deadline, "no access log line"
+                time.sleep(0.05)
+    finally:
+        processor.envoy_metadata = None
+    assert access_log.read_text().splitlines() == ["user=carol"]
 
 
 def test_route_needing_a_body_is_refused_over_http(e2e_both):
