@@ -12,7 +12,8 @@ Limits and timeouts (anything else is answered 400/413/431 and the connection cl
     * a started request must be complete within ``header_timeout`` seconds (slow-loris);
     * a connection idle for ``idle_timeout`` seconds is closed;
     * keep-alive is the default (HTTP/1.1); ``connection: close`` is honoured. Requests are
-      answered in order, one at a time per connection (pipelining works, is not assumed).
+      answered in order, one at a time per connection (pipelining works, is not assumed);
+      while one is served, reading stops once more than a whole request is buffered.
 
 Shutdown (:meth:`HttpServer.close`): stop accepting, close idle connections, let the
 requests in flight answer (with ``connection: close``) within the grace period, then close
@@ -81,6 +82,7 @@ class _Connection(asyncio.Protocol):
         "_transport",
         "busy",
         "closing",
+        "paused",
         "since",
     )
 
@@ -90,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self.busy = False
         self.closing = False
+        self.paused = False
         # Loop time of the last answer (or the connection's start): the sweep measures the
         # idle and header timeouts from it (no timer per request).
         self.since = server.loop.time()
@@ -109,6 +112,12 @@ class _Connection(asyncio.Protocol):
         self._buffer += data
         if not self.busy:
             self._next()
+        elif len(self._buffer) > self._server.max_request_bytes + MAX_HEADER_BYTES:
+            # Pipelined data beyond one whole request while one is served: stop reading
+            # (the client's sends block) until the answer is out. Memory stays bounded.
+            self.paused = True
+            if self._transport is not None:
+                self._transport.pause_reading()
 
     def expire(self, now: float) -> None:
         """Called by the server's sweep: enforce the header and idle timeouts."""
@@ -163,6 +172,9 @@ class _Connection(asyncio.Protocol):
             self.busy = False
             self.since = self._server.loop.time()
             self._server.request_done()
+        if self.paused and self._transport is not None and not self.closing:
+            self.paused = False
+            self._transport.resume_reading()
         if self._transport is not None and not self.closing and self._buffer:
             self._next()
 

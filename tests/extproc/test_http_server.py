@@ -297,3 +297,47 @@ def test_handlers_that_suspend_resume_in_their_own_context(loop: str) -> None:
         (500, b'{"error": "internal error"}'),
         (200, b'"req2"'),
     ]
+
+
+class FakeTransport:
+    """Records what the connection does to its transport."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.paused = False
+        self.pauses = 0
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_reading_pauses_while_a_request_is_served_and_more_than_one_is_buffered():
+    release = asyncio.Event()
+
+    async def held(path: str, body: bytes) -> tuple[int, bytes]:
+        await release.wait()
+        return 200, b"{}"
+
+    srv = HttpServer(held, max_request_bytes=1000, header_timeout=10, idle_timeout=300)
+    connection = srv._protocol()
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(post(b"first"))
+    assert connection.busy
+    for _ in range(60):  # a client pipelining far more than one request meanwhile
+        connection.data_received(post(b"x" * 500))
+    assert transport.paused, "reading stops: the buffer stays bounded"
+    release.set()
+    await wait_for(lambda: not transport.paused)
+    await wait_for(lambda: len(transport.written) >= 2)
+    await srv.close(1.0)
