@@ -27,7 +27,7 @@ One POST per phase
 
 Bodies
     A route whose chain reads a body cannot be policed over HTTP: its request is answered
-    500 at once (logged with the route, counted in ``policy_engine_http_body_refusals``),
+    500 at once (logged with the route, counted in ``policy_engine_http_body_refusals_total``),
     never passed with its body policies skipped. Route such routes to the gRPC filter
     (docs/operators/http-transport.md).
 
@@ -235,7 +235,6 @@ _SHARED: Final = {
     id(msg.PASS_THROUGH_REPLY): to_json(msg.PASS_THROUGH_REPLY),
     id(msg.INTERNAL_ERROR_REPLY): to_json(msg.INTERNAL_ERROR_REPLY),
 }
-_INTERNAL_ERROR_JSON: Final = _ENCODER.encode(_SHARED[id(msg.INTERNAL_ERROR_REPLY)])
 _EMPTY_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
 

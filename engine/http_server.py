@@ -133,7 +133,7 @@ class _Connection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Take the next complete request from the buffer, if there is one."""
-        if self._transport is None or (self.closing and not self._buffer):
+        if self._transport is None or self.closing:
             return
         try:
             parsed = self._parse()
