@@ -8,6 +8,8 @@
 ``PUT /routes/<key>``      submit or replace one route: body ``{"policies": [...]}``
 ``DELETE /routes/<key>``   remove one route (404 if none)
 ``GET /status``            the table version and, per engine stream, what it ACKed/NACKed
+``POST /explain``          what a route's chain would do for a described request
+                           (controlplane/explain.py; read-only tokens may call it)
 =========================  ==========================================================
 
 Bodies are JSON or YAML (the config file's format; JSON is YAML). A change is accepted
@@ -37,9 +39,10 @@ Every request, in this order:
    a browser tricked by DNS rebinding sends the attacker's host name;
 2. except ``GET /healthz``, ``Authorization: Bearer <token>`` must name a token of the
    token file (:mod:`controlplane.auth`), else **401**; ``read-only`` tokens may only
-   ``GET`` (**403** otherwise); with ``--admin-no-auth`` every caller is ``anonymous``
-   with the read-write role;
-3. a body over :attr:`AdminLimits.max_body` bytes is **413** (checked on
+   ``GET`` and ``POST /explain`` (**403** otherwise); with ``--admin-no-auth`` every
+   caller is ``anonymous`` with the read-write role;
+3. a body over :attr:`AdminLimits.max_body` bytes (``POST /explain``:
+   :data:`~controlplane.explain.MAX_EXPLAIN_BODY`) is **413** (checked on
    ``Content-Length`` before reading, and while reading).
 
 Connections: at most :attr:`AdminLimits.max_connections` at once (more are answered 503
@@ -76,6 +79,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from controlplane.ads import AdsServer
 from controlplane.auth import Identity, Role, TokenFile
+from controlplane.explain import MAX_EXPLAIN_BODY, TABLE_VERSION_HEADER, Explainer
 from controlplane.rollout import wait_for_engines
 from controlplane.table import Change, RouteTable
 from engine.definition import YamlError, load_yaml
@@ -95,6 +99,7 @@ log: Final = logging.getLogger("controlplane.admin")
 audit: Final = logging.getLogger("controlplane.audit")
 
 _ROUTES: Final = "/routes"
+_EXPLAIN: Final = "/explain"
 _ANONYMOUS: Final = Identity("anonymous", Role.READ_WRITE)
 _WRITE_METHODS: Final = frozenset({"PUT", "DELETE", "POST", "PATCH"})
 MAX_WAIT: Final = 60.0
@@ -161,7 +166,9 @@ def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -
 
 
 class _TooLarge(Exception):
-    pass
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 class AdminApi:
@@ -171,14 +178,15 @@ class AdminApi:
         self.table = table
         self.ads = ads
         self.limits = limits
+        self.explainer = Explainer(table)
         self.extend_deadline: Callable[[web.BaseRequest, float], None] = lambda _r, _s: None
         """Keeps the request's connection open ``seconds`` longer (set by the server)."""
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
             return await self._handle(request)
-        except _TooLarge:
-            return _json(413, {"errors": [f"body: over {self.limits.max_body} bytes"]})
+        except _TooLarge as exc:
+            return _json(413, {"errors": [f"body: over {exc.limit} bytes"]})
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:  # a handler bug answers 500, the server keeps going
@@ -203,6 +211,8 @@ class AdminApi:
             )
         who = self._authenticate(request)
         if who is None:
+            if request.method in _WRITE_METHODS:
+                self.ads.metrics.admin_change("none", "unauthenticated")
             log.warning(
                 "admin: 401 for %s %s from %s (missing or unknown token)",
                 request.method,
@@ -214,13 +224,16 @@ class AdminApi:
                 {"errors": ["authentication required: Authorization: Bearer <token>"]},
                 {"www-authenticate": 'Bearer realm="controlplane-admin"'},
             )
-        if request.method in _WRITE_METHODS and not who.may_write:
+        if request.method in _WRITE_METHODS and not who.may_write and path != _EXPLAIN:
+            self.ads.metrics.admin_change(who.role.value, "forbidden")
             log.warning(
                 "admin: 403 for %s %s by %s (read-only)", request.method, request.path, who.name
             )
             return _json(403, {"errors": [f"token {who.name!r} is read-only"]})
         if path == "/status":
             return self._only(request, "GET") or self._status()
+        if path == _EXPLAIN:
+            return self._only(request, "POST") or await self._explain(request)
         if path == _ROUTES:
             return self._only(request, "GET", "PUT") or await self._table(request, who)
         if path.startswith(_ROUTES + "/"):
@@ -306,7 +319,9 @@ class AdminApi:
         self, request: web.BaseRequest, who: Identity, change: Change, wait: float | None
     ) -> web.Response:
         if change.errors:
+            self.ads.metrics.admin_change(who.role.value, "invalid")
             return _json(400, {"errors": change.errors})
+        self.ads.metrics.admin_change(who.role.value, "applied")
         audit.info(
             "audit: %s (%s) from %s: %s %s: changed %s; version %s -> %s",
             who.name,
@@ -344,16 +359,21 @@ class AdminApi:
         except YamlError as exc:
             return None, _json(400, {"errors": [f"body: {exc}"]})
 
-    async def _body(self, request: web.BaseRequest) -> bytes:
-        limit = self.limits.max_body
+    async def _body(self, request: web.BaseRequest, limit: int | None = None) -> bytes:
+        limit = self.limits.max_body if limit is None else limit
         if request.content_length is not None and request.content_length > limit:
-            raise _TooLarge
+            raise _TooLarge(limit)
         data = bytearray()
         async for chunk in request.content.iter_any():
             data += chunk
             if len(data) > limit:
-                raise _TooLarge
+                raise _TooLarge(limit)
         return bytes(data)
+
+    async def _explain(self, request: web.BaseRequest) -> web.Response:
+        body = await self._body(request, min(self.limits.max_body, MAX_EXPLAIN_BODY))
+        status, payload, version = await self.explainer.answer(body)
+        return _json(status, payload, {TABLE_VERSION_HEADER: version})
 
 
 def _wait_of(request: web.BaseRequest) -> tuple[float | None, web.Response | None]:

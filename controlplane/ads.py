@@ -54,6 +54,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
 
+from controlplane.metrics import ControlPlaneMetrics
 from controlplane.table import RouteTable, TableVersion
 from engine.tls import node_ids_of
 from engine.xds.resources import ROUTE_CHAIN_TYPE, SETTINGS_TYPE
@@ -200,8 +201,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         limits: AdsLimits | None = None,
         *,
         verify_node_identity: bool = False,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.table = table
+        self.metrics = metrics if metrics is not None else ControlPlaneMetrics()
+        """Pushes and verdicts are counted here; its gauges read :attr:`engines`."""
+        self.metrics.watch(self)
         self.limits = limits if limits is not None else AdsLimits()
         self.verify_node_identity = verify_node_identity
         self.engines: dict[int, EngineStatus] = {}
@@ -286,6 +291,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         type_url=type_url,
                         nonce=nonce,
                     )
+                    self.metrics.pushed("routes" if type_url == ROUTE_CHAIN_TYPE else "settings")
         finally:
             reader.cancel()
             if reader.done() and not reader.cancelled():
@@ -363,7 +369,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     self.table.scrub(request.error_detail.message), MAX_NACK_TEXT
                 )
                 log.warning("engine %s NACKed %s: %s", engine.node_id, sent[1], engine.nack_error)
+                self.metrics.verdict(engine.node_id, "NACK")
             elif type_url == ROUTE_CHAIN_TYPE:
+                self.metrics.verdict(engine.node_id, "ACK")
                 engine.acked_version, engine.acked_generation = request.version_info, sent[2]
             else:
                 engine.settings_acked_version = request.version_info

@@ -8,7 +8,7 @@ whitespace, ``#`` starts a comment line, blank lines are ignored::
     ci-reader    read-only   Zm9vYmFyYmF6cXV4cXV1eGNvcmdlZ3JhdWx0
 
 * **name**: who, as the audit log shows it (``[A-Za-z0-9][A-Za-z0-9_.@-]*``, unique);
-* **role**: ``read-only`` (``GET``) or ``read-write`` (every method);
+* **role**: ``read-only`` (``GET``, and ``POST /explain``) or ``read-write`` (every method);
 * **token**: the secret, sent as ``Authorization: Bearer <token>``; unique.
 
 Several lines make rotation possible: add the new token, move clients, remove the old

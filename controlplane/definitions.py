@@ -179,7 +179,7 @@ def checking_registry(definitions: PolicyRegistry, policies: PolicyRegistry) -> 
         entries.append(
             RegisteredPolicy(
                 definition=entry.definition,
-                factory=code.factory if pure else ValidatedParameters,
+                factory=code.factory if pure else _recording(code.factory),
                 content_hash=entry.content_hash,
             )
         )
@@ -188,6 +188,24 @@ def checking_registry(definitions: PolicyRegistry, policies: PolicyRegistry) -> 
     return PolicyRegistry(entries)
 
 
+def _recording(code: Any) -> type[ValidatedParameters]:
+    """:class:`ValidatedParameters`, with the code's pure ``explain(params)`` hook when it has
+    one (engine/policy.py): ``POST /explain`` can then describe a policy the control plane
+    does not construct."""
+    hook = getattr(code, "explain", None)
+    if hook is None:
+        return ValidatedParameters
+    return type(
+        "ValidatedParameters",
+        (ValidatedParameters,),
+        {"__slots__": (), "explain": staticmethod(hook)},
+    )
+
+
 def pure_policies(registry: PolicyRegistry) -> list[str]:
     """``name version`` of each policy of ``registry`` constructed by the control plane."""
-    return [f"{p.name} {p.version}" for p in registry if p.factory is not ValidatedParameters]
+    return [
+        f"{p.name} {p.version}"
+        for p in registry
+        if not (isinstance(p.factory, type) and issubclass(p.factory, ValidatedParameters))
+    ]

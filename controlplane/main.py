@@ -7,6 +7,12 @@
                  [--admin-allowed-host HOST ...] [--admin-max-body BYTES]
                  [--admin-max-connections N] [--admin-timeout SECONDS]
                  [--xds-cert FILE --xds-key FILE [--xds-client-ca FILE]] [--xds-insecure]
+                 [--metrics-listen HOST:PORT [--metrics-insecure]] [--log-format text|json]
+
+``--metrics-listen`` serves :mod:`controlplane.metrics` (pushes, ACK/NACK per engine,
+connected engines, admin changes) in the Prometheus format, with the ADS TLS files when
+they are given; beyond loopback it needs their mTLS (``--xds-client-ca``) or, said
+explicitly, ``--metrics-insecure``.
 
 ADS TLS and the refusal of an unauthenticated non-loopback ADS listener:
 :mod:`controlplane.ads_tls`.
@@ -65,6 +71,8 @@ from controlplane.auth import TokenFile, TokenFileError
 from controlplane.definitions import checking_registry, load_validation_registry, pure_policies
 from controlplane.gitops import ConfigWatcher
 from controlplane.table import RouteTable
+from engine import logformat
+from engine import metrics as engine_metrics
 from engine.cli import run_cli
 from engine.errors import DefinitionError, EngineError, TlsError
 from engine.registry import PolicyRegistry
@@ -148,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
+    logformat.add_argument(parser)
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (GET /metrics) on this address (default: off); HTTPS "
+        "with the --xds-cert/--xds-key files when given, client certificates from "
+        "--xds-client-ca required; beyond loopback only with that mTLS or --metrics-insecure",
+    )
+    parser.add_argument(
+        "--metrics-insecure",
+        action="store_true",
+        help="allow --metrics-listen beyond loopback without mTLS (default: refused)",
+    )
     ads_tls.add_arguments(parser)
     return parser
 
@@ -168,7 +189,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--admin-timeout must be greater than 0")
     _check_admin_security(parser, args)
     ads_tls.check_arguments(parser, args)
+    if args.metrics_listen:
+        host, _, port = args.metrics_listen.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--metrics-listen {args.metrics_listen}: expected HOST:PORT")
+        if (
+            not is_loopback(host.strip("[]"))
+            and args.xds_client_ca is None
+            and not args.metrics_insecure
+        ):
+            parser.error(
+                f"--metrics-listen {args.metrics_listen} is not a loopback address: give "
+                "--xds-cert, --xds-key and --xds-client-ca (the metrics are then served over "
+                "mTLS), or --metrics-insecure to serve them to anyone who connects"
+            )
     return args
+
+
+def host_of(listen: str) -> str:
+    """The host of ``HOST:PORT`` (brackets of an IPv6 literal removed)."""
+    return listen.rpartition(":")[0].strip("[]")
 
 
 def _check_admin_security(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -276,6 +316,21 @@ async def serve(
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.admin_listen, exc)
         return 1
+    stop_metrics = None
+    metrics_listen = getattr(args, "metrics_listen", None)  # embedders' Namespaces may lack it
+    if metrics_listen:
+        try:
+            stop_metrics = engine_metrics.serve(
+                metrics_listen, tls=tls, exposition=ads.metrics.exposition
+            )
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", metrics_listen, exc)
+            await admin.stop()
+            return 1
+        scheme = "https" if tls is not None else "http"
+        log.info("metrics on %s://%s/metrics", scheme, metrics_listen)
+        if not is_loopback(host_of(metrics_listen)) and (tls is None or not tls.mutual):
+            log.warning("--metrics-insecure: metrics on %s for anyone", metrics_listen)
     await server.start()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
@@ -309,6 +364,8 @@ async def serve(
                 await task
         await admin.stop()
         await server.stop(1.0)
+        if stop_metrics is not None:
+            stop_metrics()
         for sig in signals:
             loop.remove_signal_handler(sig)
     return 0
@@ -318,11 +375,7 @@ def main(argv: Sequence[str], *, policies: Callable[[], PolicyRegistry] | None =
     """``policies``: loads the code of the engine whose definitions ``--definitions`` names
     (``<engine> controlplane``); its pure constructors then run at submission."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
+    logformat.configure(args.log_level, sys.stderr, args.log_format)
     try:
         definitions = load_validation_registry(args.definitions)
     except DefinitionError as exc:

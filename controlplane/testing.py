@@ -104,6 +104,9 @@ class ControlPlane:
             xds_cert=str(xds_cert) if xds_cert else None,
             xds_key=str(xds_key) if xds_key else None,
             xds_client_ca=str(xds_client_ca) if xds_client_ca else None,
+            metrics_listen=None,
+            metrics_insecure=False,
+            log_format="text",
         )
         for name, value in admin.items():
             if not hasattr(self.args, name):

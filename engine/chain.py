@@ -52,11 +52,11 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
-from engine import metrics, shadow
+from engine import metrics, shadow, timing
 from engine.conditions import Condition
 from engine.errors import ConditionEvaluationError, PolicyError
 from engine.metadata import CURRENT_POLICY, RequestMetadata
@@ -77,6 +77,7 @@ __all__ = [
     "RequestOutcome",
     "RequestState",
     "ResponseOutcome",
+    "ResponseState",
     "Snapshot",
     "check_static_request",
     "check_static_response",
@@ -121,6 +122,9 @@ class ChainPolicy:
     """Likewise for ``static_response()`` / ``on_response``."""
     shadow: bool = False
     """``mode: shadow``: run and record what it would do (engine/shadow.py), enforce nothing."""
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """The validated parameters (defaults filled in), read only by ``explain``
+    (engine/explain.py); the instance has its own copy."""
 
     @property
     def label(self) -> str:
@@ -134,6 +138,10 @@ class Chain:
 
     route: str
     policies: tuple[ChainPolicy, ...] = ()
+    timing: bool = False
+    """``debug: {timing: true}``: time each entry of each request (engine/timing.py). Such a
+    chain is never answered from static outcomes, and asks for the response headers (the
+    timing header goes there) whenever it has an entry."""
 
     request_policies: tuple[ChainPolicy, ...] = field(init=False)
     request_head: tuple[ChainPolicy, ...] = field(init=False)
@@ -163,6 +171,9 @@ class Chain:
     replies: dict[Any, Any] = field(init=False, default_factory=dict, repr=False)
     """The ext_proc layer's replies built from the static outcomes, memoized per chain
     (engine/extproc.py): built once, shared by every request, never mutated."""
+    untimed: Chain | None = field(init=False, default=None, repr=False)
+    """For a timing chain: the same chain without timing, which the timed executor runs one
+    entry at a time (so the untimed path checks a single flag and nothing more)."""
 
     def __post_init__(self) -> None:
         # Computed once here so the per-request path reads plain attributes.
@@ -186,12 +197,21 @@ class Chain:
         set_(self, "response_policies", tuple(p for p in self.policies if p.has_response))
         set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
         set_(self, "requires_response_body", any(p.requires_response_body for p in self.policies))
-        set_(self, "needs_response", self.has_response_phase or self.requires_response_body)
+        timed = self.timing and bool(self.policies)
+        set_(
+            self,
+            "needs_response",
+            self.has_response_phase or self.requires_response_body or timed,
+        )
+        if timed:
+            set_(self, "untimed", Chain(route=self.route, policies=self.policies))
         request_outcome = None
-        if not self.requires_request_body:
+        if timed:
+            pass  # every request runs (and is timed); nothing is answered from a static outcome
+        elif not self.requires_request_body:
             request_outcome = _static_request_outcome(self.request_policies)
         response_outcome = None
-        if not self.requires_response_body:
+        if not self.requires_response_body and not timed:
             response_outcome = _static_response_outcome(self.response_policies)
         set_(self, "static_request_outcome", request_outcome)
         set_(self, "static_response_outcome", response_outcome)
@@ -447,6 +467,8 @@ async def run_request(
     (default: ``ctx`` as it was when called), so two parts can make one outcome.
     Never raises for a policy's fault; see the module docstring for the rules.
     """
+    if chain.untimed is not None:
+        return await _timed_request(chain, chain.untimed, ctx, policies, since)
     policies = chain.request_policies if policies is None else policies
     if not policies and since is None:
         return _NO_CHANGE_REQUEST
@@ -510,14 +532,28 @@ async def run_request(
     )
 
 
-async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
-    """Run ``chain``'s response policies (same order as configured) against ``ctx``."""
-    if not chain.response_policies:
+async def run_response(
+    chain: Chain,
+    ctx: ResponseContext,
+    *,
+    policies: tuple[ChainPolicy, ...] | None = None,
+    since: ResponseState | None = None,
+) -> ResponseOutcome:
+    """Run ``chain``'s response policies (same order as configured) against ``ctx``.
+
+    ``policies`` and ``since`` as for :func:`run_request` (the timed executor runs one
+    entry at a time)."""
+    if chain.untimed is not None:
+        return await _timed_response(chain, chain.untimed, ctx, policies, since)
+    policies = chain.response_policies if policies is None else policies
+    if not policies and since is None:
         return _NO_CHANGE_RESPONSE
-    original_headers = ctx.headers.snapshot()
-    status, body = ctx.status, ctx.body
+    if since is None:
+        original_headers, status, body = ctx.headers.snapshot(), ctx.status, ctx.body
+    else:
+        original_headers, status, body = since.headers, since.status, since.body
     request_id = ctx.request.request_id
-    for policy in chain.response_policies:
+    for policy in policies:
         if policy.shadow:
             await _shadow_response(chain.route, policy, ctx)
             continue
@@ -561,6 +597,69 @@ async def run_response(chain: Chain, ctx: ResponseContext) -> ResponseOutcome:
         status=ctx.status if ctx.status != status else None,
         body=ctx.body if ctx.body != body else None,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseState:
+    """What a response looked like at one moment (see :func:`run_response`)."""
+
+    headers: dict[str, tuple[str, ...]]
+    status: int
+    body: bytes | None
+
+    @classmethod
+    def of(cls, ctx: ResponseContext) -> ResponseState:
+        return cls(ctx.headers.snapshot(), ctx.status, ctx.body)
+
+
+async def _timed_request(
+    chain: Chain,
+    untimed: Chain,
+    ctx: RequestContext,
+    policies: tuple[ChainPolicy, ...] | None,
+    since: RequestState | None,
+) -> RequestOutcome:
+    """:func:`run_request` of a ``debug: {timing: true}`` chain: each entry run alone (on
+    ``untimed``) and timed into ``engine.timing`` (engine/timing.py); an immediate response
+    carries the timing header."""
+    before = since if since is not None else RequestState.of(ctx)
+    for policy in chain.request_policies if policies is None else policies:
+        started = time.perf_counter_ns()
+        outcome = await run_request(untimed, ctx, policies=(policy,), since=before)
+        timing.record(
+            ctx.metadata, policy.name, time.perf_counter_ns() - started, shadow=policy.shadow
+        )
+        if outcome.immediate is not None:
+            return replace(outcome, immediate=timing.with_header(outcome.immediate, ctx.metadata))
+    return await run_request(untimed, ctx, policies=(), since=before)
+
+
+async def _timed_response(
+    chain: Chain,
+    untimed: Chain,
+    ctx: ResponseContext,
+    policies: tuple[ChainPolicy, ...] | None,
+    since: ResponseState | None,
+) -> ResponseOutcome:
+    """:func:`run_response` of a timing chain: each entry timed, then the timing header
+    (request and response entries) set on the response."""
+    before = since if since is not None else ResponseState.of(ctx)
+    for policy in chain.response_policies if policies is None else policies:
+        started = time.perf_counter_ns()
+        outcome = await run_response(untimed, ctx, policies=(policy,), since=before)
+        timing.record(
+            ctx.metadata,
+            policy.name,
+            time.perf_counter_ns() - started,
+            response=True,
+            shadow=policy.shadow,
+        )
+        if outcome.immediate is not None:
+            return replace(outcome, immediate=timing.with_header(outcome.immediate, ctx.metadata))
+    text = timing.value(ctx.metadata)
+    if text is not None:
+        ctx.headers[timing.TIMING_HEADER] = text
+    return await run_response(untimed, ctx, policies=(), since=before)
 
 
 async def _shadow_request(route: str, policy: ChainPolicy, ctx: RequestContext) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "Condition",
     "ConditionEvaluationError",
     "compile_condition",
+    "read_paths",
     "request_data",
     "response_data",
 ]
@@ -396,3 +397,65 @@ def response_data(ctx: ResponseContext) -> dict[str, Any]:
         "response": {name: get(ctx) for name, (_, get) in _RESPONSE.items()},
         "metadata": _plain(ctx.metadata),
     }
+
+
+# --------------------------------------------------------------------------- what it reads
+
+
+def _read_path(node: syntax_pb2.Expr) -> tuple[str, ...] | None:
+    """``request.headers`` -> ("request", "headers"); ``metadata`` -> ("metadata",)."""
+    kind = node.WhichOneof("expr_kind")
+    if kind == "ident_expr":
+        return (node.ident_expr.name,)
+    if kind == "select_expr":
+        operand = _read_path(node.select_expr.operand)
+        return None if operand is None else (*operand, node.select_expr.field)
+    return None
+
+
+def _constant_key(node: syntax_pb2.Expr) -> str | None:
+    if node.WhichOneof("expr_kind") == "const_expr":
+        constant = node.const_expr
+        if constant.WhichOneof("constant_kind") == "string_value":
+            return str(constant.string_value)
+    return None
+
+
+def read_paths(expression: str) -> list[tuple[str, ...]]:
+    """What ``expression`` reads, as paths from a variable, in order of appearance without
+    repeats: ``request.path`` -> ("request", "path"), ``request.headers["x-env"]`` and
+    ``"x-env" in request.headers`` -> ("request", "headers", "x-env"), ``metadata.user`` ->
+    ("metadata", "user"). A map read with a key that is not a constant is the whole map.
+    For explanations (engine/explain.py), not for the request path: it parses again."""
+    try:
+        ast = _checked_ast(_CHECK_ENV.compile(expression))
+    except Exception:  # not a valid condition: it reads nothing we can show
+        return []
+    found: dict[tuple[str, ...], int] = {}  # path -> the id of its first read (parse order)
+    inner: set[int] = set()  # nodes read as part of a longer path
+    for node in _walk(ast):
+        kind = node.WhichOneof("expr_kind")
+        path: tuple[str, ...] | None = None
+        if kind == "call_expr" and node.call_expr.function in ("_[_]", "@in"):
+            args = node.call_expr.args
+            container, key = (
+                (args[0], args[1])
+                if node.call_expr.function == "_[_]"
+                else (
+                    args[1],
+                    args[0],
+                )
+            )
+            base, constant = _read_path(container), _constant_key(key)
+            if base is not None and base[0] in VARIABLES and constant is not None:
+                path = (*base, constant)
+                inner.add(container.id)
+        elif kind == "select_expr":
+            path = _read_path(node)
+            if path is not None:
+                inner.add(node.select_expr.operand.id)
+        elif kind == "ident_expr" and node.ident_expr.name in VARIABLES:
+            path = (node.ident_expr.name,)
+        if path is not None and path[0] in VARIABLES and node.id not in inner:
+            found[path] = min(node.id, found.get(path, node.id))
+    return sorted(found, key=found.__getitem__)

@@ -4,6 +4,7 @@ Format::
 
     routes:
       <route key>:                 # the key Envoy sends for the route
+        debug: {timing: false}     # optional; timing: per-policy time (engine/timing.py)
         policies:                  # ordered; [] is a pass-through route
           - name: setHeader
             version: v1.0.0
@@ -91,7 +92,8 @@ ENTRY_FIELDS: Final = frozenset(
 )
 _TOP_FIELDS: Final = frozenset({"routes", "unknownRoute"})
 _UNKNOWN_ROUTE_FIELDS: Final = frozenset({"action", "status"})
-_ROUTE_FIELDS: Final = frozenset({"policies"})
+_ROUTE_FIELDS: Final = frozenset({"policies", "debug"})
+_DEBUG_FIELDS: Final = frozenset({"timing"})
 _ON_ERROR: Final = {"failOpen": True, "failClosed": False}
 _MODES: Final = {"enforce": False, "shadow": True}  # -> shadow
 
@@ -243,9 +245,29 @@ def _validate_entry(
     )
 
 
+def _debug(where: str, spec: Mapping[str, Any], errors: list[str]) -> bool:
+    """The route's ``debug`` setting: whether its requests are timed (engine/timing.py)."""
+    raw = spec.get("debug")
+    if raw is None:
+        return False
+    if not isinstance(raw, Mapping):
+        errors.append(
+            f"{where}.debug: must be a mapping such as {{timing: true}}, got {_show(raw)}"
+        )
+        return False
+    errors.extend(_unknown(f"{where}.debug", raw, _DEBUG_FIELDS))
+    timed = raw.get("timing", False)
+    if not isinstance(timed, bool):
+        errors.append(f"{where}.debug.timing: must be true or false, got {_show(timed)}")
+        return False
+    return timed
+
+
 def _validate(
-    document: Any, registry: PolicyRegistry, errors: list[str]
+    document: Any, registry: PolicyRegistry, errors: list[str], timed: set[str]
 ) -> dict[str, list[_Entry]]:
+    """The validated entries of each route; adds the routes with ``debug.timing`` to
+    ``timed``."""
     if document is None:
         errors.append("configuration is empty (expected a mapping with 'routes')")
         return {}
@@ -270,6 +292,8 @@ def _validate(
             errors.append(f"{where}: must be a mapping with a 'policies' list")
             continue
         errors.extend(_unknown(where, spec, _ROUTE_FIELDS))
+        if _debug(where, spec, errors):
+            timed.add(route)
         policies = spec.get("policies")
         if policies is None:
             errors.append(f"{where}: missing field 'policies' (use [] for a pass-through route)")
@@ -449,7 +473,8 @@ def load_config(
     if problems:
         raise ConfigError(source, problems)
     errors: list[str] = []
-    validated = _validate(document, registry, errors)
+    timed: set[str] = set()
+    validated = _validate(document, registry, errors, timed)
     unknown_route = _unknown_route(document, errors)
     if errors:
         raise ConfigError(source, errors)
@@ -492,9 +517,10 @@ def load_config(
                     static_request=plan.static_request,
                     static_response=plan.static_response,
                     shadow=entry.shadow,
+                    params=MappingProxyType(entry.params),
                 )
             )
-        routes[route] = Chain(route=route, policies=tuple(compiled))
+        routes[route] = Chain(route=route, policies=tuple(compiled), timing=route in timed)
     if errors:
         raise ConfigError(source, errors)
     digest = hashlib.sha256(canonical_json(document).encode()).hexdigest()

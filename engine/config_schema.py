@@ -95,6 +95,11 @@ def _entry(definitions: list[PolicyDefinition]) -> dict[str, Any]:
             },
             "onError": {"enum": ["failOpen", "failClosed"], "default": "failClosed"},
             "errorStatus": {**_STATUS, "default": 500, "description": "status of failClosed"},
+            "mode": {
+                "enum": ["enforce", "shadow"],
+                "default": "enforce",
+                "description": "shadow: run and record what it would do, enforce nothing",
+            },
             "parameters": {"type": ["object", "null"]},
         },
         # Only compiled-in name + version pairs (an unknown one has no parameter schema).
@@ -147,7 +152,19 @@ def config_schema(
                         "type": "array",
                         "description": "ordered; [] is a pass-through route",
                         "items": {"$ref": "#/$defs/entry"},
-                    }
+                    },
+                    "debug": {
+                        "type": ["object", "null"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "timing": {
+                                "type": "boolean",
+                                "default": False,
+                                "description": "per-policy time in the x-policy-engine-timing "
+                                "response header and the engine.timing metadata",
+                            }
+                        },
+                    },
                 },
             },
             "entry": _entry(ordered),

@@ -3,7 +3,8 @@
 Policies share per-request metadata (``ctx.metadata``: ``jwt.sub``, ``apiKey.consumer``,
 ``rateLimit.decision``, and ``engine.shortCircuit``, which the chain executor writes when
 a policy answers the request itself, and ``engine.shadow``, what ``mode: shadow`` entries
-would have done: engine/shadow.py). :class:`EnvoyMetadata` copies the configured keys
+would have done: engine/shadow.py, and ``engine.timing``, each policy's time on routes with
+``debug: {timing: true}``: engine/timing.py). :class:`EnvoyMetadata` copies the configured keys
 whose values are scalars (str, int, float, bool) into
 ``ProcessingResponse.dynamic_metadata`` under one namespace, on every reply after a
 policy phase ran. Envoy keeps them as the request's dynamic metadata when the ext_proc
@@ -34,6 +35,7 @@ DEFAULT_KEYS: Final = (
     "rateLimit.remaining",
     "engine.shortCircuit",
     "engine.shadow",
+    "engine.timing",
 )
 
 

@@ -10,6 +10,7 @@ Hierarchy::
     │   └── ConditionEvaluationError  a condition failed at request time (policy is skipped)
     ├── PolicyError       a policy raised or timed out while handling a request
     ├── ProtocolError     an ext_proc message is malformed or arrives out of order
+    ├── ExplainError      a request description given to ``explain`` is invalid (names the field)
     └── TlsError          a certificate, key or CA file is missing, unreadable or mismatched
 
 Every message names the file, route, policy and field involved so that an
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DefinitionError",
     "EngineError",
+    "ExplainError",
     "PolicyError",
     "ProtocolError",
     "RegistryError",
@@ -89,6 +91,15 @@ class PolicyError(EngineError):
 
 class ProtocolError(EngineError):
     """An ext_proc message was malformed or arrived out of order."""
+
+
+class ExplainError(EngineError):
+    """A request description for ``explain`` (engine/explain.py) is invalid. ``field`` names
+    the field (``headers``, ``route``, ...); the message reads ``<field>: <problem>``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
 
 
 class TlsError(EngineError):

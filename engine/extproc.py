@@ -15,12 +15,13 @@ How the route is found
     opens the stream, so the key arrives in the gRPC invocation metadata of ``Process``. This
     is the most robust mechanism (it needs no attributes, no CEL and no metadata parsing). As a
     fallback the ``xds.route_name`` request attribute is used when Envoy sends it
-    (``request_attributes: [xds.route_name]``). A request whose key is missing or unknown to the
-    current snapshot gets the snapshot's ``unknownRoute`` answer: by default a 404 (fail
-    closed: a missing chain is a deployment mismatch, and passing would run the request with
-    no policy at all), or pass-through with ``unknownRoute: {action: allow}``. A warning is
-    logged once per key (for up to 1024 keys, then debug). The empty chain of a KNOWN route
-    passes through.
+    (``request_attributes: [xds.route_name]``), turned into a key by ``route_names`` when
+    the route names are generated (Envoy Gateway, Istio: ``engine.route_names``). A request
+    whose key is missing or unknown to the current snapshot gets the snapshot's
+    ``unknownRoute`` answer: by default a 404 (fail closed: a missing chain is a deployment
+    mismatch, and passing would run the request with no policy at all), or pass-through
+    with ``unknownRoute: {action: allow}``. A warning is logged once per key (for up to
+    1024 keys, then debug). The empty chain of a KNOWN route passes through.
 
 Static routes
     A phase whose policies are all static and unconditional (``Chain.static_request_outcome``
@@ -56,6 +57,14 @@ Processing modes
     BUFFERED_PARTIAL cut short (no ``end_of_stream``) -> 413: the rest would pass
     unprocessed. FULL_DUPLEX_STREAMED -> refused. Every body is bounded by ``max_body_bytes``.
 
+Streamed bodies
+    A phase whose body policies all have chunk hooks (``engine.streaming.streams``) is not
+    buffered: its headers hooks run at the headers, the mode override asks Envoy for
+    FULL_DUPLEX_STREAMED (``engine.extproc_streaming``) and each piece goes through the
+    stream's :class:`~engine.streaming.BodyStream`, one reply per piece (none for a piece
+    after the end). The stream stays open while a request body still flows or after a policy
+    ended the response body, so nothing passes unprocessed.
+
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
     ignores ``value`` and ``append_action``); an appended value is one more option with
@@ -88,8 +97,9 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+import engine.extproc_streaming as sx
 from engine import extproc_messages as msg
-from engine import metrics
+from engine import metrics, timing
 from engine.chain import RequestState, count_static_runs, run_request, run_response
 from engine.envoy_metadata import EnvoyMetadata
 from engine.errors import PolicyError, ProtocolError
@@ -99,15 +109,18 @@ from engine.extproc_messages import (
     ROUTE_ATTRIBUTE,
     ROUTE_METADATA_KEY,
 )
+from engine.logformat import REQUEST_ID
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
     RequestMetadata,
     ResponseContext,
 )
+from engine.streaming import BodyStream, streams
 
 if TYPE_CHECKING:
     from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
+    from engine.route_names import RouteNamePattern
     from engine.store import ConfigStore
 
 _Outcome = TypeVar("_Outcome", "RequestOutcome", "ResponseOutcome")
@@ -178,6 +191,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         envoy_metadata: EnvoyMetadata | None = None,
+        route_names: RouteNamePattern | None = None,
     ) -> None:
         self._store = store
         self._warned_routes: set[str] = set()
@@ -185,6 +199,8 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.stats = ProcessorStats()
         # Which request metadata Envoy receives as dynamic metadata (None: none).
         self.envoy_metadata = envoy_metadata
+        # How an xds.route_name attribute becomes a chain key (None: the name is the key).
+        self.route_names = route_names
         self._in_flight = 0
         # Futures (created on the waiting loop: a processor is not bound to one loop)
         # resolved when _in_flight drops to 0.
@@ -228,11 +244,13 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         emit = self.envoy_metadata
         try:
             async for request in request_iterator:
-                reply = await stream.handle(request)
-                if emit is not None and stream.request is not None:
-                    reply = emit.attach(reply, stream.request.metadata)
-                yield reply
-                if stream.phase is _Phase.DONE:
+                stream.final = True
+                for reply in await stream.handle_streamed(request):
+                    if emit is not None and stream.request is not None and stream.final:
+                        yield emit.attach(reply, stream.request.metadata)
+                    else:
+                        yield reply
+                if stream.phase is _Phase.DONE and not stream.streaming:
                     return
             if stream.phase is _Phase.REQUEST_BODY:
                 self.stats.missing_bodies += 1
@@ -274,12 +292,17 @@ class _Stream:
         "_processor",
         "_received",
         "chain",
+        "cut",
+        "final",
         "phase",
         "request",
         "request_mode",
+        "request_stream",
         "response",
         "response_mode",
+        "response_stream",
         "route",
+        "streams_response",
     )
 
     def __init__(
@@ -300,6 +323,57 @@ class _Stream:
         self.response_mode: int = msg.Mode.BUFFERED
         self._chunks: list[bytes] = []
         self._received = 0
+        # Streamed bodies (engine/streaming.py): the pipelines of this stream, whether the
+        # chain streams the response body, whether a policy ended the response body early,
+        # and whether the reply being sent ends a phase (dynamic metadata rides on those).
+        self.request_stream: BodyStream | None = None
+        self.response_stream: BodyStream | None = None
+        self.streams_response = False
+        self.cut = False
+        self.final = True
+
+    @property
+    def streaming(self) -> bool:
+        """A streamed body still flows (or was cut by a policy while Envoy may still send
+        pieces): the stream must stay open, or the rest would pass unprocessed."""
+        request = self.request_stream
+        return (request is not None and not request.ended) or self.cut
+
+    async def handle_streamed(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """The replies to one message: what :meth:`handle` answers, or for a piece of a
+        streamed body (engine/streaming.py) none (a piece after the end), one, or two
+        (trailers ending a body the policies still held part of)."""
+        if self.request_stream is not None or self.response_stream is not None:
+            kind = message.WhichOneof("request") or ""
+            replies = await self._streamed(kind, message)
+            if replies is not None:
+                self._processor.stats.messages[(self.route, kind)] += 1
+                return replies
+        return [await self.handle(message)]
+
+    async def _streamed(
+        self, kind: str, message: pb.ProcessingRequest
+    ) -> list[pb.ProcessingResponse] | None:
+        """The replies to a message that belongs to a streamed body; None: :meth:`handle`
+        answers it."""
+        request_stream, response_stream = self.request_stream, self.response_stream
+        side = kind.partition("_")[0]
+        stream = request_stream if side == "request" else response_stream
+        if stream is not None and kind.endswith("_body"):
+            reply = await self._on_chunk(side, getattr(message, kind))
+            return [] if reply is None else [reply]
+        if stream is not None and kind.endswith("_trailers"):
+            return await self._on_stream_trailers(side)
+        if (
+            kind == "response_headers"
+            and request_stream is not None
+            and self.phase is _Phase.REQUEST_BODY
+        ):
+            if not request_stream.received:
+                return [self._body_never_came(kind)]
+            # An early answer while the upload still streams: both go on.
+            self.phase = _Phase.RESPONSE_HEADERS
+        return None
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Reply to one message, advancing :attr:`phase`; raise ProtocolError when misplaced."""
@@ -348,7 +422,7 @@ class _Stream:
 
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
-        self.route = msg.route_key(self._context, message)
+        self.route = msg.route_key(self._context, message, self._processor.route_names)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor._chain_for(self.route)
         if chain is None:
@@ -363,11 +437,14 @@ class _Stream:
             self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
             return _static_reply(chain, "request")
         headers, pseudo = msg.headers_from(http)
+        request_id = headers.get("x-request-id", "")
+        if request_id:  # log lines about this request carry it (--log-format json)
+            REQUEST_ID.set(request_id)
         self.request = RequestContext(
             headers=headers,
             path=pseudo.get(":path", ""),
             method=pseudo.get(":method", ""),
-            request_id=headers.get("x-request-id", ""),
+            request_id=request_id,
             route=self.route,
             metadata=RequestMetadata(),
             client_address=msg.client_address(message),
@@ -375,6 +452,7 @@ class _Stream:
         config = message.protocol_config
         self.request_mode = msg.body_mode(config.request_body_mode)
         self.response_mode = msg.body_mode(config.response_body_mode)
+        self.streams_response = chain.requires_response_body and streams(chain.policies, "response")
         if (chain.requires_request_body and self.request_mode == msg.Mode.FULL_DUPLEX_STREAMED) or (
             chain.requires_response_body and self.response_mode == msg.Mode.FULL_DUPLEX_STREAMED
         ):
@@ -386,6 +464,8 @@ class _Stream:
                 # Envoy ignores every mode override in this setting: the body will never
                 # come, so refuse now, before the request goes anywhere.
                 return self._body_never_came("request_headers (send_body_without_waiting)")
+            if streams(chain.policies, "request"):
+                return await self._start_request_stream()
             return await self._run_request_head()
         mode = self._modes(request_body=False)
         self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
@@ -518,10 +598,23 @@ class _Stream:
             return msg.immediate(failure)
         return msg.INTERNAL_ERROR_REPLY
 
-    def _modes(self, *, request_body: bool) -> Any:
+    def _modes(self, *, request_body: bool, request_stream: bool = False) -> Any:
         """The full mode override (every body mode set: omitted ones merge as NONE)."""
         assert self.chain is not None
         chain = self.chain
+        if request_stream or self.streams_response:
+            return sx.stream_modes(
+                request_body=self.request_mode if request_body else msg.Mode.NONE,
+                # A streamed request body also asks for the response headers: the response
+                # then waits for the reply ending the request body (and its dynamic
+                # metadata). Without it an upstream that answers once it has Content-Length
+                # bytes completed the exchange before that reply arrived (seen in 1.36.4).
+                response=chain.needs_response or request_stream,
+                response_body=msg.Mode.FULL_DUPLEX_STREAMED
+                if self.streams_response
+                else (self.response_mode if chain.requires_response_body else msg.Mode.NONE),
+                request_stream=request_stream,
+            )
         return msg.modes(
             self.request_mode if request_body else msg.Mode.NONE,
             chain.needs_response,
@@ -580,6 +673,8 @@ class _Stream:
         self.response = ResponseContext(
             request=self.request, status=status, headers=headers, metadata=self.request.metadata
         )
+        if self.streams_response and not http.end_of_stream:
+            return await self._start_response_stream()
         if self.chain.requires_response_body and not http.end_of_stream:
             self.phase = _Phase.RESPONSE_BODY
             self._received = 0
@@ -604,6 +699,7 @@ class _Stream:
 
             def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
                 # The response headers went downstream before the first chunk.
+                outcome = timing.without_header(outcome)
                 if (
                     outcome.set_headers
                     or outcome.append_headers
@@ -628,6 +724,112 @@ class _Stream:
         assert self.response is not None
         assert self.chain is not None
         return await self._guarded("response", run_response(self.chain, self.response), build)
+
+    # -- streamed bodies (engine/streaming.py, engine/extproc_streaming.py) -------------
+
+    async def _start_request_stream(self) -> pb.ProcessingResponse:
+        """The request body streams: every request policy runs now, at the headers (body
+        None); the reply asks Envoy for the body in FULL_DUPLEX_STREAMED."""
+        assert self.request is not None
+        assert self.chain is not None
+        chain, request = self.chain, self.request
+
+        def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
+            common = msg.common_request(outcome, body_buffered=False)
+            if outcome.body is not None:  # replaced at the headers: the original never comes
+                self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+                mode = self._modes(request_body=False)
+            else:
+                started = BodyStream.start(self.route, "request", chain.request_policies, request)
+                if isinstance(started, ImmediateResponse):
+                    self.phase = _Phase.DONE
+                    return msg.immediate(started)
+                self.request_stream = started
+                self.phase = _Phase.REQUEST_BODY
+                mode = self._modes(request_body=False, request_stream=True)
+            return pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(response=common), mode_override=mode
+            )
+
+        return await self._run_request(build)
+
+    async def _start_response_stream(self) -> pb.ProcessingResponse:
+        """The response body streams: the response policies run now, at the headers (body
+        None); then each piece goes through the streaming policies."""
+        assert self.response is not None
+        assert self.chain is not None
+        chain, response = self.chain, self.response
+
+        def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
+            common = msg.common_response(outcome, body_buffered=False)
+            reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+            if outcome.body is not None:  # replaced at the headers: the original never comes
+                self.phase = _Phase.DONE
+                return reply
+            started = BodyStream.start(self.route, "response", chain.response_policies, response)
+            if isinstance(started, ImmediateResponse):
+                self.phase = _Phase.DONE
+                return msg.immediate(started)
+            self.response_stream = started
+            self.phase = _Phase.RESPONSE_BODY
+            return reply
+
+        return await self._run_response(build)
+
+    async def _on_chunk(self, side: str, body: pb.HttpBody) -> pb.ProcessingResponse | None:
+        """One piece of a streamed body: what the policies send on (an empty body holds)."""
+        stream = self.request_stream if side == "request" else self.response_stream
+        assert stream is not None
+        if stream.ended:
+            # Nothing more goes on after the end: a piece after a policy ended the body, or
+            # Envoy repeating the final piece (envoyproxy/envoy#46237). No reply expected.
+            log.debug("route %r: %s body piece after its end: dropped", self.route, side)
+            return None
+        step = await stream.push(bytes(body.body), body.end_of_stream)
+        return self._chunk_step(side, step.data, step.end, step.immediate, body.end_of_stream)
+
+    async def _on_stream_trailers(self, side: str) -> list[pb.ProcessingResponse]:
+        """Trailers end a streamed body (no piece had ``end_of_stream``): flush the policies,
+        send what they release, then let the trailers through."""
+        stream = self.request_stream if side == "request" else self.response_stream
+        assert stream is not None
+        replies: list[pb.ProcessingResponse] = []
+        if not stream.ended:
+            step = await stream.push(b"", True)
+            reply = self._chunk_step(side, step.data, True, step.immediate, True)
+            if step.immediate is not None:
+                return [reply]
+            if step.data:  # the body goes on before the trailers, which end it
+                replies.append(sx.chunk_reply(side, step.data, False))
+        self.final = True
+        replies.append(sx.trailers_reply(side))
+        return replies
+
+    def _chunk_step(
+        self,
+        side: str,
+        data: bytes,
+        end: bool,
+        immediate: ImmediateResponse | None,
+        envoy_end: bool,
+    ) -> pb.ProcessingResponse:
+        if immediate is not None:
+            # Fail closed (or a request policy's answer). Once the response headers went to
+            # the client, Envoy resets the stream: an incomplete answer, never a cut one.
+            self.phase = _Phase.DONE
+            self.request_stream = self.response_stream = None
+            return msg.immediate(immediate)
+        if end:
+            if side == "request":
+                if self.phase is _Phase.REQUEST_BODY:
+                    assert self.chain is not None
+                    needs = self.chain.needs_response
+                    self.phase = _Phase.RESPONSE_HEADERS if needs else _Phase.DONE
+            else:
+                self.phase = _Phase.DONE
+                self.cut = not envoy_end  # a policy ended it: Envoy may still send pieces
+        self.final = end
+        return sx.chunk_reply(side, data, end)
 
     async def _guarded(
         self,

@@ -23,6 +23,7 @@ from engine.policy import Headers, ImmediateResponse
 
 if TYPE_CHECKING:
     from engine.chain import RequestOutcome, ResponseOutcome
+    from engine.route_names import RouteNamePattern
 
 __all__ = [
     "ATTRIBUTES_KEY",
@@ -167,6 +168,7 @@ def headers_from(http: pb.HttpHeaders) -> tuple[Headers, dict[str, str]]:
 def route_key(
     context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse] | None,
     message: pb.ProcessingRequest,
+    route_names: RouteNamePattern | None = None,
 ) -> str:
     """Route key from the invocation metadata (gRPC only: ``context`` None over HTTP), else
     the ``xds.route_name`` attribute, else ""."""
@@ -177,7 +179,9 @@ def route_key(
     if ATTRIBUTES_KEY in message.attributes:
         fields = message.attributes[ATTRIBUTES_KEY].fields
         if ROUTE_ATTRIBUTE in fields:
-            return str(fields[ROUTE_ATTRIBUTE].string_value)
+            name = str(fields[ROUTE_ATTRIBUTE].string_value)
+            # A generated route name (Envoy Gateway, Istio) -> its key: --route-name-pattern.
+            return name if route_names is None else route_names.key(name)
     return ""
 
 

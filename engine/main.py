@@ -23,13 +23,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
 
-from engine import metrics
+from engine import explain_cli, logformat, metrics
 from engine.config import load_config_file
 from engine.cpus import available_cpus
 from engine.envoy_metadata import DEFAULT_KEYS, DEFAULT_NAMESPACE, EnvoyMetadata
 from engine.errors import ConfigError, EngineError, TlsError
 from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.registry import PolicyRegistry
+from engine.route_names import RouteNamePattern
 from engine.server import run_loop, serve, serve_workers
 from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
 from engine.tls import ServerTls, ServerTlsFiles, is_loopback
@@ -44,6 +45,13 @@ DEFAULT_LISTEN: Final = "127.0.0.1:9002"
 log = logging.getLogger("engine")
 # gRPC message lengths are 32-bit: 2 * body + headroom must stay below 2 GiB.
 _MAX_BODY_LIMIT: Final = 1024 * 1024 * 1024 - 1024 * 1024
+
+
+def _route_name_pattern(text: str) -> RouteNamePattern:
+    try:
+        return RouteNamePattern(text)
+    except ValueError as exc:  # argparse: "argument --route-name-pattern: <message>"
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (default INFO)",
     )
+    logformat.add_argument(parser)
     parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
@@ -149,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY,...",
         help="request metadata keys sent to Envoy as dynamic metadata (scalars only; empty: "
         f"none; default {','.join(DEFAULT_KEYS)})",
+    )
+    parser.add_argument(
+        "--route-name-pattern",
+        type=_route_name_pattern,
+        metavar="REGEX",
+        help="derive the chain key from Envoy's xds.route_name attribute: this regular "
+        "expression (Python re) must match the whole route name and its group (?P<key>...) "
+        "is the key; names it does not match are used as they are; x-policy-route metadata "
+        "is never rewritten (for Envoy Gateway and Istio, whose route names are generated: "
+        "see docs/operators/gateways.md; default: the route name is the key)",
     )
     tls = parser.add_argument_group("TLS (the ext_proc and metrics listeners)")
     tls.add_argument(
@@ -317,6 +336,8 @@ def main(
     """Run the engine CLI with ``registry`` compiled in; return the process exit code."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    if list(argv[:1]) == ["explain"]:  # `<engine> explain ...`: engine/explain_cli.py
+        return explain_cli.main(argv[1:], registry=registry, stdout=out, stderr=err)
     args = parse_args(argv)
     if args.version:
         print("\n".join(build_lines(registry, build_info)), file=out)
@@ -325,11 +346,7 @@ def main(
     if args.validate:
         return _validate(args.config, registry, args.log_level, out, err)
 
-    logging.basicConfig(
-        level=args.log_level,
-        stream=err,
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-    )
+    logformat.configure(args.log_level, err, args.log_format)
     for line in build_lines(registry, build_info):
         log.info("%s", line)
     try:
@@ -381,7 +398,10 @@ def main(
             scheme = "http" if tls is None else "https"
             log.info("metrics on %s://%s/metrics", scheme, args.metrics_listen)
         processor = PolicyProcessor(
-            store, max_body_bytes=args.max_body_bytes, envoy_metadata=envoy_metadata
+            store,
+            max_body_bytes=args.max_body_bytes,
+            envoy_metadata=envoy_metadata,
+            route_names=args.route_name_pattern,
         )
         try:
             await serve(

@@ -80,6 +80,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from engine.tls import ServerTls
 
 __all__ = [
+    "FAILURE_KINDS",
     "UNKNOWN_ROUTE",
     "Metrics",
     "config_published",
@@ -243,6 +244,11 @@ def enable(directory: str | None = None) -> Metrics:
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     _state["dir"] = path if directory is None else None
     metrics = _state["metrics"] = Metrics()
+    for result in ("ok", "rejected", "failed"):  # start at 0: see config_published
+        metrics.config_reloads.labels(result)
+    for verdict in ("ACK", "NACK"):
+        metrics.xds_responses.labels(verdict)
+    metrics.protocol_errors.inc(0)
     return metrics
 
 
@@ -270,7 +276,11 @@ _HANDSHAKE_TIMEOUT: Final = 10.0  # seconds a scraper may take for TLS + its req
 
 
 def serve(
-    listen: str, *, reuse_port: bool = False, tls: ServerTls | None = None
+    listen: str,
+    *,
+    reuse_port: bool = False,
+    tls: ServerTls | None = None,
+    exposition: Callable[[], bytes] | None = None,
 ) -> Callable[[], None]:
     """Serve ``GET /metrics`` on ``listen`` (``host:port``) from a daemon thread (it
     never touches the event loop); returns a function that stops it. Raises OSError when
@@ -284,7 +294,11 @@ def serve(
     With ``reuse_port`` every worker binds the same port (``SO_REUSEPORT``, like the gRPC
     port): whichever worker a scrape reaches renders every process's files, so each
     answer is the whole engine's sum, and no thread runs in the forking parent.
+
+    ``exposition``: what a scrape returns (default :func:`render`, the engine's metrics;
+    the control plane serves its own registry through the same server).
     """
+    body_of = exposition if exposition is not None else render
 
     class Handler(BaseHTTPRequestHandler):
         timeout = _HANDSHAKE_TIMEOUT if tls is not None else None
@@ -298,7 +312,7 @@ def serve(
             if self.path.split("?")[0] not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = render()
+            body = body_of()
             self.send_response(200)
             self.send_header("content-type", CONTENT_TYPE_LATEST)
             self.send_header("content-length", str(len(body)))
@@ -424,16 +438,36 @@ def hash_value(content_hash: str) -> int:
         return 0
 
 
-def config_published(version: int, source: str, content_hash: str, routes: Iterable[str]) -> None:
+FAILURE_KINDS: Final = ("exception", "timeout", "bad_result", "cancelled", "condition_error")
+"""Every ``kind`` of ``policy_failures_total``."""
+
+
+def config_published(
+    version: int,
+    source: str,
+    content_hash: str,
+    routes: Iterable[str],
+    policies: Iterable[tuple[str, str, str]] = (),
+) -> None:
     """A configuration is now serving (initial load, file reload or xDS).
 
     ``source`` names the publisher (``file``, ``xds``): a label, so it must come from a
-    fixed set, never a path, a version or anything a push changes.
+    fixed set, never a path, a version or anything a push changes. ``policies``: its
+    ``(route, name, version)`` entries. The series whose labels are now known start at 0
+    (streams and requests per route, each policy's runs and failures by kind), so
+    ``rate()`` and ``increase()`` over them return 0, not nothing, before the first event.
     """
     metrics = get()
     if metrics is None:
         return
     metrics._known_routes = frozenset(routes)
+    for route in (*metrics._known_routes, UNKNOWN_ROUTE):
+        metrics.child(metrics.streams, route)
+        metrics.child(metrics.requests, route)
+    for route, name, policy_version in policies:
+        metrics.child(metrics.policy_duration, route, name, policy_version)
+        for kind in FAILURE_KINDS:
+            metrics.child(metrics.policy_failures, route, name, policy_version, kind)
     metrics.config_version.set(version)
     metrics.config_hash.set(hash_value(content_hash))
     # Multiprocess mode cannot remove a series: a previous publisher's drops to 0 (at

@@ -47,6 +47,12 @@ Rules of the contract:
   policy fails open, so headers only the policy may set (claim headers) never
   reach the upstream from the client. It must be quick; if it raises, that is a
   failure of the policy (``onError`` applies).
+* Optional, streaming bodies: ``on_request_chunk(ctx, chunk)`` / ``on_response_chunk(ctx,
+  chunk)`` (with ``request_framing(ctx)`` / ``response_framing(ctx)``) take the body one
+  whole unit at a time as it flows (SSE events, NDJSON lines, pieces of an upload), instead
+  of ``ctx.body`` whole. A phase streams when every body policy in it has the hook; the
+  header hook then runs at the headers with ``ctx.body`` None. The contract, the results
+  (``Hold``, ``EndStream``) and the framing are in :mod:`engine.streaming`.
 * Optional, at config load (called once per chain entry, right after ``__init__``; a
   wrong answer or an exception rejects the config, naming the entry):
 
@@ -69,6 +75,15 @@ Rules of the contract:
     and unconditional is answered from replies built once per configuration: the net
     header change is computed at load, not per request. Only declare it for actions that
     truly never depend on the request; a static action must not be mutated afterwards.
+* Optional, a static method ``explain(params) -> Mapping[str, Any]`` (see
+  :class:`Explains`): given the validated parameters (defaults filled in), a JSON-like
+  description of what this configuration does, for ``<engine> explain`` and the control
+  plane's ``POST /explain`` (engine/explain.py): the headers it sets, the answer it gives,
+  what a request must carry to pass. It must be pure (no I/O, no clock, no randomness):
+  it is called on the control plane too, without constructing the policy. Never put a
+  secret in it (an API key, a password in a URL): the engine also removes the values of
+  parameters the definition marks ``secret``, but only those. Without the method the
+  entry reads "no static explanation".
 * Optional, a class attribute: ``pure_constructor = True`` declares that ``__init__`` (and
   the config-load methods above) read nothing from the host they run on (no file, no
   environment variable, no network, no installed certificate), start nothing and hold
@@ -89,6 +104,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 from engine.metadata import RequestMetadata
 
 __all__ = [
+    "Explains",
     "Headers",
     "ImmediateResponse",
     "Metadata",
@@ -354,4 +370,14 @@ class StaticPolicy(Protocol):
 
     def static_response(self) -> ResponseAction | None:
         """What ``on_response`` returns for every request (None: nothing, ever)."""
+        ...
+
+
+@runtime_checkable
+class Explains(Protocol):
+    """A policy that says what a configuration of it does (``<engine> explain``)."""
+
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A JSON-like description of what ``params`` make the policy do; pure, no secret."""
         ...

@@ -93,7 +93,15 @@ class ConfigStore:
         self._last_source = source
         # The publisher's name, not snapshot.source: that one holds paths and xDS
         # versions, and a metric label must not change with every push.
-        metrics.config_published(snapshot.version, source, snapshot.content_hash, snapshot.routes)
+        metrics.config_published(
+            snapshot.version,
+            source,
+            snapshot.content_hash,
+            snapshot.routes,
+            [(r, p.name, p.version) for r, chain in snapshot.routes.items() for p in chain.policies]
+            if metrics.enabled()
+            else (),
+        )
         for listener in tuple(self._listeners):
             try:
                 listener(snapshot)

@@ -50,6 +50,9 @@ def _mirrors(rctx):
             result.append(m)
     return result
 
+# Also used by //tools:debian_tools.bzl (kustomize from a pinned .deb).
+debian_mirrors = _mirrors
+
 def _debian_base_debs_impl(rctx):
     lock = json.decode(rctx.read(rctx.attr.lock))
     mirrors = _mirrors(rctx)

@@ -127,7 +127,10 @@ def _entry_spec(entry: route_chain_pb2.PolicyEntry) -> dict[str, Any]:
 
 def route_chain_to_spec(chain: route_chain_pb2.RouteChain) -> dict[str, Any]:
     """The YAML route spec (``{"policies": [...]}``) a ``RouteChain`` stands for."""
-    return {"policies": [_entry_spec(entry) for entry in chain.policies]}
+    spec: dict[str, Any] = {"policies": [_entry_spec(entry) for entry in chain.policies]}
+    if chain.HasField("debug"):
+        spec["debug"] = {"timing": chain.debug.timing}
+    return spec
 
 
 def _unwrap(index: int, resource: any_pb2.Any, errors: list[str]) -> any_pb2.Any | None:
@@ -258,6 +261,10 @@ def encode_route(key: str, spec: Mapping[str, Any]) -> route_chain_pb2.RouteChai
     on input the YAML format would reject anyway.
     """
     chain = route_chain_pb2.RouteChain(key=key)
+    debug = spec.get("debug")
+    if debug is not None:
+        chain.debug.SetInParent()
+        chain.debug.timing = bool(debug.get("timing", False))
     for raw in spec.get("policies") or ():
         entry = chain.policies.add(name=raw["name"], version=raw["version"])
         if "enabled" in raw:

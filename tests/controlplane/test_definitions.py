@@ -85,13 +85,23 @@ def test_only_policies_declaring_a_pure_constructor_are_constructed(
     assert pure_policies(registry) == [
         "apiKey v1.0.0",
         "jsonTransform v1.0.0",
+        "llmUsage v1.0.0",
         "rateLimit v1.0.0",
         "respond v1.0.0",
         "setHeader v1.0.0",
+        "sseGuard v1.0.0",
+        "uploadGuard v1.0.0",
     ]
     # jwtValidation reads caFile, rateLimit v2 reads redisUrlEnv: never on the control plane.
-    assert registry.get("jwtValidation", "v2.0.0").factory is ValidatedParameters
-    assert registry.get("rateLimit", "v2.0.0").factory is ValidatedParameters
+    # They record their parameters, and carry the code's pure explain() hook (POST /explain).
+    for name, version in (("jwtValidation", "v2.0.0"), ("rateLimit", "v2.0.0")):
+        factory = registry.get(name, version).factory
+        assert isinstance(factory, type)
+        assert issubclass(factory, ValidatedParameters)
+        recorded = factory({"requestsPerSecond": 1, "issuer": "i", "audiences": [], "jwksUrl": "u"})
+        hook = getattr(recorded, "explain", None)
+        assert hook is not None
+        assert hook is getattr(code.get(name, version).factory, "explain")  # noqa: B009
     # The definitions file's entries are the ones validated against.
     assert (
         registry.get("setHeader", "v1.0.0").definition

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import http.client
 import importlib.metadata
 import json
@@ -41,6 +42,7 @@ from engine.registry import PolicyRegistry
 from engine.server import serve
 from engine.store import ConfigStore, FileConfigSource
 from engine.tls import ServerTls
+from tools import envoy_bootstrap
 
 __all__ = [
     "EXT_PROC_CIRCUIT_BREAKERS",
@@ -51,6 +53,7 @@ __all__ = [
     "HttpResponse",
     "RecordedRequest",
     "envoy_binary",
+    "ext_proc_settings",
     "free_port",
     "http_request",
     "render_bootstrap",
@@ -377,12 +380,19 @@ def routes_for(keys: Sequence[str]) -> list[EnvoyRoute]:
     return [*DEFAULT_ROUTES, *(EnvoyRoute(k, f"/{k}/", k) for k in keys)]
 
 
-EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = {
-    "thresholds": [
-        {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
-    ]
-}
-"""Circuit breakers of the ext_proc cluster (docs/operators/envoy.md).
+def _sidecar_engine_cluster() -> dict[str, Any]:
+    """The ext_proc cluster settings of deploy/envoy/sidecar.yaml, without its health checks:
+    tests start, stop and stall engines behind Envoy on purpose and assert what each request
+    then gets; those that exercise health checks add their own (test_shutdown)."""
+    settings = envoy_bootstrap.engine_cluster_settings()
+    settings.pop("health_checks", None)
+    return settings
+
+
+_ENGINE_CLUSTER: Final = _sidecar_engine_cluster()
+
+EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = _ENGINE_CLUSTER["circuit_breakers"]
+"""Circuit breakers of the ext_proc cluster (deploy/envoy/sidecar.yaml, docs/operators/envoy.md).
 
 Each ext_proc stream counts as one request of that cluster for as long as its HTTP request
 lives, so Envoy's defaults (1,024 pending / 1,024 requests) fail every HTTP request past the
@@ -403,12 +413,32 @@ once: the engine's accept queue (somaxconn, 4,096 here) overflows, connects time
 Envoy answers 500 (tools/bench/http_transport.py: 5,053 of 52,341 at 10,000 connections).
 Bounded, messages wait in Envoy's pending queue for a kept-alive connection instead."""
 
-EXT_PROC_MAX_REQUESTS_PER_CONNECTION: Final = 100
-"""Retire each HTTP/2 connection to the engine after this many streams. Envoy keeps one
-connection per worker thread while it may, and the engine's workers share the port with
-SO_REUSEPORT, which deals out connections, not streams: without this, one engine worker can
-serve everything. A fresh connection every 100 streams is re-dealt by the kernel, so each
-worker gets its share over time (tools/bench, workers section)."""
+EXT_PROC_MAX_REQUESTS_PER_CONNECTION: Final[int] = _ENGINE_CLUSTER[
+    "typed_extension_protocol_options"
+]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["common_http_protocol_options"][
+    "max_requests_per_connection"
+]
+"""Retire each HTTP/2 connection to the engine after this many streams (sidecar.yaml: 100).
+Envoy keeps one connection per worker thread while it may, and the engine's workers share
+the port with SO_REUSEPORT, which deals out connections, not streams: without this, one
+engine worker can serve everything. A fresh connection every 100 streams is re-dealt by the
+kernel, so each worker gets its share over time (tools/bench, workers section)."""
+
+
+def ext_proc_settings(
+    message_timeout: float, ext_proc: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ext_proc filter's ``typed_config``: deploy/envoy/sidecar.yaml's, with
+    ``message_timeout`` and the test's ``ext_proc`` settings merged over it (top-level keys
+    replaced). Settings that replace ``processing_mode`` without an ``allowed_override_modes``
+    of their own drop the file's list: it names the overrides the engine sends for the
+    file's mode, and would make Envoy drop those the engine sends for another one."""
+    typed = envoy_bootstrap.ext_proc_filter()
+    typed["message_timeout"] = f"{message_timeout}s"
+    if ext_proc and envoy_bootstrap.processing_mode_overridden(ext_proc):
+        typed.pop("allowed_override_modes", None)
+    typed.update(ext_proc or {})
+    return typed
 
 
 def upstream_tls(
@@ -474,8 +504,10 @@ def render_bootstrap(
     test can run Envoy with another filter setting (``failure_mode_allow``, body modes,
     no ``allow_mode_override``), buffer limit or health check.
 
-    ext_proc: request/response headers SEND, bodies NONE (the engine's ``mode_override``
-    turns on what a chain needs), ``allow_mode_override``, fail closed, ``mutation_rules``
+    The ext_proc filter and the engine cluster are deploy/envoy/sidecar.yaml's (see
+    :func:`ext_proc_settings`; the cluster without its health checks): headers SEND, bodies
+    NONE (the engine's ``mode_override`` turns on what a chain needs), ``allow_mode_override``
+    with the engine's ``allowed_override_modes``, fail closed, ``mutation_rules``
     ``allow_all_routing`` (needed to rewrite ``:method``). Each route names itself (for the
     ``xds.route_name`` fallback) and, when it has a key, sets ``x-policy-route`` through
     ``ExtProcPerRoute.overrides.grpc_initial_metadata``.
@@ -503,17 +535,8 @@ def render_bootstrap(
                 ],
             },
         }
-        if http2:  # the ext_proc cluster: see EXT_PROC_CIRCUIT_BREAKERS
-            result["circuit_breakers"] = EXT_PROC_CIRCUIT_BREAKERS
-            result["typed_extension_protocol_options"] = {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": _TYPE + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                    "common_http_protocol_options": {
-                        "max_requests_per_connection": EXT_PROC_MAX_REQUESTS_PER_CONNECTION
-                    },
-                }
-            }
+        if http2:  # the ext_proc cluster: deploy/envoy/sidecar.yaml's settings
+            result.update(copy.deepcopy(_ENGINE_CLUSTER))
         return result
 
     def route(r: EnvoyRoute) -> dict[str, Any]:
@@ -551,22 +574,7 @@ def render_bootstrap(
 
     ext_proc_filter = {
         "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}, "timeout": "5s"},
-            "failure_mode_allow": False,
-            "message_timeout": f"{message_timeout}s",
-            "allow_mode_override": True,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-            },
-            "request_attributes": ["xds.route_name", "source.address"],
-            "mutation_rules": {"allow_all_routing": True},
-            **(ext_proc or {}),
-        },
+        "typed_config": ext_proc_settings(message_timeout, ext_proc),
     }
     filters: list[dict[str, Any]] = [ext_proc_filter]
     make_route = route

@@ -48,7 +48,7 @@ def test_registry_has_every_sample_including_both_versions() -> None:
     registry = manifest_registry()
     assert registry.versions("jwtValidation") == ["v1.0.0", "v2.0.0"]
     assert registry.versions("rateLimit") == ["v1.0.0", "v2.0.0"]
-    assert len(registry) == 8
+    assert len(registry) == 11
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])

@@ -115,12 +115,12 @@ def test_http_endpoint(enabled: metrics.Metrics) -> None:
 
 
 def test_store_publish_and_ratelimit_policy_record(enabled: metrics.Metrics) -> None:
-    from engine.chain import Snapshot
+    from engine.chain import Chain, Snapshot
     from engine.registry import load_policy
     from engine.store import ConfigStore
     from engine.testing import construct, make_request_context
 
-    ConfigStore().publish(Snapshot(routes={"api": None}, source="t", version=4), "test")  # type: ignore[dict-item]
+    ConfigStore().publish(Snapshot(routes={"api": Chain("api")}, source="t", version=4), "test")
     limiter = construct(
         load_policy(Path(__file__).resolve().parents[2] / "policies/rateLimit/v2.0.0"),
         {"requestsPerSecond": 1, "burstSize": 1},
@@ -134,6 +134,26 @@ def test_store_publish_and_ratelimit_policy_record(enabled: metrics.Metrics) -> 
     limited = (("backend", "local"), ("decision", "limited"))
     assert found[("policy_engine_ratelimit_decisions_total", allowed)] == 1
     assert found[("policy_engine_ratelimit_decisions_total", limited)] == 2
+
+
+def test_series_whose_labels_are_known_start_at_zero(enabled: metrics.Metrics) -> None:
+    # Before: a route's counters appeared only at its first request, so rate() over them
+    # (the dashboard, the alerts) returned no data instead of 0 on a quiet engine.
+    from engine.chain import Chain, ChainPolicy, Snapshot
+    from engine.store import ConfigStore
+
+    chain = Chain("api", (ChainPolicy("p", "v1.0.0", object()),))
+    ConfigStore().publish(Snapshot(routes={"api": chain}, source="t", version=1), "test")
+    found = samples(metrics.render())
+    policy = (("name", "p"), ("route", "api"), ("version", "v1.0.0"))
+    assert found[("policy_engine_streams_total", (("route", "api"),))] == 0
+    assert found[("policy_engine_requests_total", (("route", "(unknown)"),))] == 0
+    for kind in metrics.FAILURE_KINDS:
+        assert found[("policy_engine_policy_failures_total", (("kind", kind), *policy))] == 0
+    assert found[("policy_engine_policy_duration_seconds_count", policy)] == 0
+    assert found[("policy_engine_config_reloads_total", (("result", "rejected"),))] == 0
+    assert found[("policy_engine_xds_responses_total", (("result", "NACK"),))] == 0
+    assert found[("policy_engine_extproc_protocol_errors_total", ())] == 0
 
 
 def series(text: bytes) -> set[tuple[str, tuple[tuple[str, str], ...]]]:

@@ -41,6 +41,7 @@ from engine.policy import (
     ResponseContext,
     ResponseModifications,
 )
+from engine.route_names import RouteNamePattern
 from engine.server import serve
 from engine.store import ConfigStore
 
@@ -256,6 +257,23 @@ async def test_metadata_key_wins_over_attribute(engine, client):
     use(engine, public=[], other=[entry(Recorder(engine.seen))])
     await client.exchange("other", [request_headers("/", attributes={"xds.route_name": "public"})])
     assert [c.route for c in engine.seen.requests] == ["other"]
+
+
+async def test_route_name_pattern_derives_the_key_from_the_attribute(engine, client):
+    # Envoy Gateway's route naming: the HTTPRoute's namespace/name is the chain key.
+    engine.processor.route_names = RouteNamePattern(r"httproute/(?P<key>[^/]+/[^/]+)/rule/.+")
+    use(engine, **{"shop/orders": [entry(Recorder(engine.seen))]})
+    name = "httproute/shop/orders/rule/0/match/0/shop_example_com"
+    await client.exchange(None, [request_headers("/", attributes={"xds.route_name": name})])
+    assert [c.route for c in engine.seen.requests] == ["shop/orders"]
+    assert engine.processor.stats.count("request_headers", "shop/orders") == 1
+
+
+async def test_route_name_pattern_never_rewrites_the_metadata_key(engine, client):
+    engine.processor.route_names = RouteNamePattern(r"(?P<key>[^.]+)\..+")
+    use(engine, **{"a.b": [entry(Recorder(engine.seen))], "a": []})
+    await client.exchange("a.b", [request_headers("/", attributes={"xds.route_name": "x.y"})])
+    assert [c.route for c in engine.seen.requests] == ["a.b"]
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The engine image in a real container: //tests/image:podman_test, run on the host.
+# The engine image in a real container, and deploy/kubernetes's local overlay with
+# `podman kube play`: //tests/image:podman_test (test_podman.py, test_kube.py), run on the host.
 #
 #     tests/image/podman_e2e.sh        (tools/test runs it, so CI does)
 #
 # Bazel's offline root is a chroot without cgroups or a container runtime, so podman
 # cannot run inside a Bazel test there. This script
-#   1. makes sure the host has podman and runc (apt-get install as root when missing)
-#      and Debian's docker-registry (unpacked into a cache folder, no daemon, no system user);
+#   1. makes sure the host has podman, runc and catatonit (the pods' infra process;
+#      apt-get install as root when missing), and Debian's docker-registry and redis-server
+#      (each unpacked into a cache folder: no daemon, no system user);
 #   2. checks that podman can run at all here (private store and config in a temp folder);
 #      if it cannot, it says why LOUDLY and exits 0 - the only case the test is skipped;
 #   3. builds the test with tools/bazel (`bazel run --script_path`: build, do not run) and
@@ -35,6 +37,7 @@ trap 'rm -rf "$work"' EXIT
 # --- 1. host tools -----------------------------------------------------------
 missing=()
 for tool in podman runc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+[[ -x /usr/libexec/podman/catatonit || -x /usr/bin/catatonit ]] || missing+=(catatonit)
 if [[ ${#missing[@]} -gt 0 ]]; then
   if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
     skip_loudly "${missing[*]} not installed, and this is not a root Debian shell that could apt-get install them"
@@ -56,6 +59,24 @@ if [[ -z "$registry" ]]; then
       (cd "$work" && apt-get download docker-registry >"$work/download.log" 2>&1 && dpkg-deb -x docker-registry_*.deb "$tools_dir") \
         || { log "ERROR: could not fetch docker-registry: $(tail -n 3 "$work/download.log")"; exit 1; }
     fi
+  fi
+fi
+
+# redis-server for the local overlay's Redis pod (test_kube.py builds its image from the
+# binary and the libraries it links: deploy/kubernetes/overlays/local/redis-image.sh).
+redis_server=${REDIS_SERVER:-$(command -v redis-server || true)}
+redis_libs=""
+if [[ -z "$redis_server" ]]; then
+  redis_root="$CACHE_HOME/host-tools/redis/root"
+  redis_server="$redis_root/usr/bin/redis-server"
+  redis_libs="$redis_root/usr/lib/x86_64-linux-gnu"
+  if [[ ! -x "$redis_server" ]]; then
+    log "unpacking Debian's redis-server into $redis_root (apt-get download; no daemon)"
+    mkdir -p "$redis_root"
+    mkdir -p "$work/redis-debs"
+    (cd "$work/redis-debs" && apt-get download redis-server redis-tools liblzf1 libjemalloc2 >"$work/redis.log" 2>&1 \
+      && for deb in ./*.deb; do dpkg-deb -x "$deb" "$redis_root"; done) \
+      || { log "ERROR: could not fetch redis-server: $(tail -n 3 "$work/redis.log")"; exit 1; }
   fi
 fi
 
@@ -96,9 +117,10 @@ sys.path.insert(0, "builder/private")
 from image_metadata import python_entry
 print(python_entry(open(sys.argv[1]).read(), sys.argv[2]).env["PYTHONPATH"])' "$launcher" "$runfiles")
 target_env=()
-while IFS= read -r line; do target_env+=("$line"); done < <(sed -n 's/^ *\(IMAGE_[A-Z_]*=.*\) \\$/\1/p' "$script")
+while IFS= read -r line; do target_env+=("$line"); done < <(sed -n 's/^ *\(\(IMAGE\|KUSTOMIZE\)[A-Z_]*=.*\) \\$/\1/p' "$script")
 log "running //tests/image:podman_test on the host"
 cd "$runfiles/_main"
 env "${target_env[@]}" PYTHONPATH="$pythonpath" PYTHONSAFEPATH=1 RUNFILES_DIR="$runfiles" \
   POLICY_ENGINE_PODMAN_E2E=1 DOCKER_REGISTRY="$registry" \
-  "$python" tools/pytest/main.py tests/image/test_podman.py "$@"
+  REDIS_SERVER="$redis_server" REDIS_LIBRARY_PATH="$redis_libs" \
+  "$python" tools/pytest/main.py tests/image/test_podman.py tests/image/test_kube.py "$@"

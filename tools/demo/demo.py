@@ -52,6 +52,7 @@ from tests.e2e.harness import (
     free_port,
     http_request,
 )
+from tools import envoy_bootstrap
 
 __all__ = ["ROUTES", "SCENARIOS", "DemoStack", "Scenario", "main", "run_scenario"]
 
@@ -204,9 +205,9 @@ class DemoStack:
                 upstream_port=self.upstream.port,
                 routes=ROUTES,
                 engine_cluster=cluster or None,
-                # The engine's decisions (dynamic metadata) are accepted and logged.
-                ext_proc={"metadata_options": {"receiving_namespaces": {"untyped": [NAMESPACE]}}},
-                http_connection_manager={"access_log": [_access_log(self.access_log)]},
+                # The engine's decisions (dynamic metadata, accepted by the ext_proc filter of
+                # deploy/envoy/sidecar.yaml) logged with that file's access-log format.
+                http_connection_manager={"access_log": envoy_bootstrap.access_log(self.access_log)},
             )
         )
         self.warm_up()
@@ -546,29 +547,6 @@ def _shared_by_workers(stack: DemoStack, workers: int) -> list[str]:
     return []
 
 
-NAMESPACE: Final = "policy_engine"
-"""The engine's default ``--envoy-metadata-namespace``."""
-
-ACCESS_LOG_FORMAT: Final = (
-    "%START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
-    f"sub=%DYNAMIC_METADATA({NAMESPACE}:jwt.sub)% "
-    f"consumer=%DYNAMIC_METADATA({NAMESPACE}:apiKey.consumer)% "
-    f"rl=%DYNAMIC_METADATA({NAMESPACE}:rateLimit.decision)% "
-    f"short_circuit=%DYNAMIC_METADATA({NAMESPACE}:engine.shortCircuit)%\n"
-)
-
-
-def _access_log(path: Path) -> dict[str, Any]:
-    return {
-        "name": "envoy.access_loggers.file",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(path),
-            "log_format": {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}},
-        },
-    }
-
-
 def _logged_decisions(stack: DemoStack) -> list[str]:
     """Problems unless Envoy's access log shows, from the engine's dynamic metadata, the
     private route's JWT subject with an allowed and with a limited rate-limit decision."""
@@ -579,11 +557,13 @@ def _logged_decisions(stack: DemoStack) -> list[str]:
         time.sleep(0.2)
         text = stack.access_log.read_text() if stack.access_log.exists() else ""
         for line in text.splitlines():
-            if "/api/v1/private/" in line:
-                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-                seen.add((fields.get("sub", "-"), fields.get("rl", "-")))
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if str(entry.get("path", "")).startswith("/api/v1/private/"):
+                    seen.add((str(entry.get("jwt_sub")), str(entry.get("rate_limit"))))
     return [
-        f"access log {stack.access_log}: no private-route line with sub={sub} rl={decision}"
+        f"access log {stack.access_log}: no private-route line with jwt_sub={sub} "
+        f"rate_limit={decision}"
         for sub, decision in sorted(wanted - seen)
     ]
 

@@ -35,6 +35,12 @@ COMMANDS: Final[tuple[tuple[str, str, str], ...]] = (
         "engine.main",
     ),
     (
+        "engine explain",
+        "What a route's chain would do for one request, without calling a policy hook "
+        "([troubleshooting](../operators/troubleshooting.md#explain-what-a-route-would-do-with-a-request)).",
+        "engine.explain_cli",
+    ),
+    (
         "controlplane",
         "The xDS control plane and its admin API: `tools/bazel run //controlplane -- ...`.",
         "controlplane.main",

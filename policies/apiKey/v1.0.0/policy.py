@@ -74,6 +74,22 @@ class Policy:
     # Constructing reads nothing from the host: the control plane may run it too.
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """What this configuration requires; the keys themselves never (they are secret)."""
+        in_query = params.get("in", "header") == "query"
+        name = str(params.get("name", "x-api-key"))
+        keys = params.get("keys") or ()
+        return {
+            "requires": f"an API key in the {'query parameter' if in_query else 'header'} "
+            f"{name if in_query else name.lower()}",
+            "rejects": "401 without a key, 403 with a key that is not configured",
+            "keys": len(keys),
+            "consumers": sorted({str(k.get("consumer")) for k in keys}),
+            "writesMetadata": [str(params.get("metadataKey", "apiKey.consumer"))],
+            "stripsKey": bool(params.get("stripKey", True)),
+        }
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._in_query = params.get("in", "header") == "query"
         name = str(params.get("name", "x-api-key"))

@@ -422,6 +422,16 @@ class Policy:
     # Constructing reads nothing from the host: the control plane may run it too.
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The configured body changes of each phase and the body size limit."""
+        said: dict[str, Any] = {
+            phase: params[phase] for phase in ("request", "response") if params.get(phase)
+        }
+        said["maxBodyBytes"] = params.get("maxBodyBytes", 1048576)
+        said["readsBodies"] = [p for p in ("request", "response") if params.get(p)]
+        return said
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._request = _Ops.parse("request", params.get("request") or {})
         self._response = _Ops.parse("response", params.get("response") or {})

@@ -78,6 +78,7 @@ from jwt.utils import base64url_decode
 
 from engine.definition import parse_duration
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
+from engine.secrets import redact_url
 
 # A sibling module. The engine loads this folder as a package, so it is a relative
 # import at run time; mypy checks the folder as its base (a version folder is no
@@ -390,6 +391,23 @@ class Policy:
     a token from the verified-token cache, bounded by ``max_cached_tokens`` and
     ``max_cached_bytes`` (see ``token_cache.py``).
     """
+
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """What a request must carry to pass, and where the keys come from."""
+        header = str(params.get("header", "authorization"))
+        scheme = params.get("prefix", "Bearer ")
+        said: dict[str, Any] = {
+            "requires": f"a JWT in the {header} header (prefix {scheme!r})",
+            "issuer": params["issuer"],
+            "audiences": list(params["audiences"]),
+            "algorithms": list(params.get("algorithms", ["RS256", "ES256"])),
+            "jwks": redact_url(str(params["jwksUrl"])),
+            "clockSkew": params.get("clockSkew", "30s"),
+            "rejects": "401 without a valid token",
+            "writesMetadata": ["jwt.sub", "jwt.claims"],
+        }
+        return said
 
     def __init__(
         self,

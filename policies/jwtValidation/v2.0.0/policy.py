@@ -93,6 +93,7 @@ from engine.policy import (
     RequestContext,
     RequestModifications,
 )
+from engine.secrets import redact_url
 
 # A sibling module. The engine loads this folder as a package, so it is a relative
 # import at run time; mypy checks the folder as its base (a version folder is no
@@ -413,6 +414,28 @@ class Policy:
     a token from the verified-token cache, bounded by ``max_cached_tokens`` and
     ``max_cached_bytes`` (see ``token_cache.py``).
     """
+
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """What a request must carry to pass, and where the keys come from."""
+        header = str(params.get("header", "authorization"))
+        scheme = params.get("prefix", "Bearer ")
+        said: dict[str, Any] = {
+            "requires": f"a JWT in the {header} header (prefix {scheme!r})",
+            "issuer": params["issuer"],
+            "audiences": list(params["audiences"]),
+            "algorithms": list(params.get("algorithms", ["RS256", "ES256"])),
+            "jwks": redact_url(str(params["jwksUrl"])),
+            "clockSkew": params.get("clockSkew", "30s"),
+            "rejects": "401 without a valid token",
+            "writesMetadata": ["jwt.sub", "jwt.claims"],
+        }
+        claims = list(params.get("claimHeaders") or ())
+        if claims:
+            prefix = str(params.get("headerPrefix", "x-jwt-"))
+            said["setsHeaders"] = [f"{prefix}{claim}".lower() for claim in claims]
+            said["strips"] = "those headers from every request it does not validate"
+        return said
 
     def __init__(
         self,

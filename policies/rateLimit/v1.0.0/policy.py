@@ -117,6 +117,19 @@ class Policy:
     # Constructing reads nothing from the host: the control plane may run it too.
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The limit, what it is counted per, and what a limited request gets."""
+        rate = params["requestsPerSecond"]
+        key_by = str(params.get("keyBy", "clientIp"))
+        said: dict[str, Any] = {
+            "limit": f"{rate:g} requests/s, burst {params.get('burstSize') or math.ceil(rate)}",
+            "per": key_by if params.get("keyName") is None else f"{key_by} {params['keyName']}",
+            "rejects": "429 over the limit",
+            "backend": "local (this engine process)",
+        }
+        return said
+
     def __init__(
         self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic
     ) -> None:

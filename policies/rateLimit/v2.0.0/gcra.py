@@ -60,20 +60,27 @@ def interval_us(requests_per_second: float) -> int:
     return max(1, round(MICROS / requests_per_second))
 
 
-def decide(tat: int, now: int, interval: int, burst: int) -> tuple[Decision, int | None]:
-    """The decision for one request at ``now`` given the client's stored ``tat``
-    (0 or any past value for an unknown client), and the TAT to store (``None``
-    when denied: a denied request does not change the state).
+def decide(
+    tat: int, now: int, interval: int, burst: int, cost: int = 1, *, charge: bool = False
+) -> tuple[Decision, int | None]:
+    """The decision for one request of ``cost`` units at ``now`` given the client's stored
+    ``tat`` (0 or any past value for an unknown client), and the TAT to store (``None``
+    when nothing changes: a denied request, or a cost of 0).
+
+    ``cost=0`` only checks that the bucket is not overspent (the request phase of a
+    limit whose cost is known after the response). ``charge=True`` takes ``cost`` units
+    whatever the bucket holds (that cost is already spent): the bucket may go negative,
+    and the client's next requests wait until it has refilled.
 
     Mirrors ``gcra.lua`` line by line; the Redis tests check that they agree.
     """
     tat = max(tat, now)
-    new_tat = tat + interval
+    new_tat = tat + cost * interval
     allow_at = new_tat - burst * interval
-    if now < allow_at:
+    if now < allow_at and not charge:
         return Decision(False, burst, 0, allow_at - now, tat - now), None
-    remaining = (now - allow_at) // interval
-    return Decision(True, burst, remaining, 0, new_tat - now), new_tat
+    remaining = max(0, (now - allow_at) // interval)
+    return Decision(True, burst, remaining, 0, new_tat - now), new_tat if cost else None
 
 
 class LocalBuckets:
@@ -99,16 +106,19 @@ class LocalBuckets:
         self._heap: list[tuple[int, str]] = []
         self._overflow = 0
 
-    def take(self, key: str | None, now: int) -> Decision:
-        """Decide for ``key`` at ``now`` (microseconds) and record the request."""
+    def take(self, key: str | None, now: int, cost: int = 1, *, charge: bool = False) -> Decision:
+        """Decide for ``key`` at ``now`` (microseconds) and record the request (see
+        :func:`decide` for ``cost`` and ``charge``)."""
         tats = self._tats
         tat = tats.get(key)
         if tat is None and len(tats) >= self._max_keys and not self._drop_refilled(now):
-            decision, new_tat = decide(self._overflow, now, self._interval, self._burst)
+            decision, new_tat = decide(
+                self._overflow, now, self._interval, self._burst, cost, charge=charge
+            )
             if new_tat is not None:
                 self._overflow = new_tat
             return decision
-        decision, new_tat = decide(tat or 0, now, self._interval, self._burst)
+        decision, new_tat = decide(tat or 0, now, self._interval, self._burst, cost, charge=charge)
         if new_tat is not None:
             tats[key] = new_tat
             heapq.heappush(self._heap, (new_tat, "" if key is None else "k" + key))

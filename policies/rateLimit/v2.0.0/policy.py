@@ -33,6 +33,17 @@ Contract:
   ``backendErrorDenied``), ``rateLimit.limit``, ``rateLimit.remaining``,
   ``rateLimit.reset``. With two rateLimit v2 entries on one route, the last one that
   ran provides the headers.
+* ``costMetadataKey`` (a cost known only after the response, e.g. ``llmUsage.totalTokens``
+  for "tokens per minute per consumer"): the bucket then holds units, not requests
+  (``requestsPerSecond`` units refill per second, ``burstSize`` at most). The request
+  phase only checks that the client's bucket is not overspent (429 if it is) and takes
+  nothing; at the end of the response the value of that metadata key (a non-negative
+  int; absent: nothing) is charged, whatever the bucket holds, so a large answer makes
+  the client's NEXT requests wait until the bucket has refilled. The response body then
+  streams through the policy (a chunk hook that passes every piece on unchanged), so the
+  charge happens after the policies before it in the chain (``llmUsage``) read the whole
+  answer; a buffered response is charged in ``on_response``. With ``backend: redis`` the
+  charge is shared by every engine using that Redis.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from engine.policy import (
     ResponseContext,
     ResponseModifications,
 )
+from engine.secrets import redact_url
 
 # Sibling modules. The engine loads this folder as a package, so they are relative
 # imports at run time; mypy checks the folder as its base (a version folder is no
@@ -63,6 +75,8 @@ from engine.policy import (
 if TYPE_CHECKING:
     from gcra import MICROS, Decision, LocalBuckets, interval_us
     from redis_backend import BackendUnavailable, RedisBackend, check_redis_url
+
+    from engine.streaming import Chunk
 else:
     from .gcra import MICROS, Decision, LocalBuckets, interval_us
     from .redis_backend import BackendUnavailable, RedisBackend, check_redis_url
@@ -130,6 +144,29 @@ def _redis_url(params: Mapping[str, Any]) -> str:
 class Policy:
     """GCRA rate limiter; see the module docstring for the contract."""
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The limit, what it is counted per, its backend (a Redis URL without its
+        password), and what a limited request gets."""
+        rate = params["requestsPerSecond"]
+        key_by = str(params.get("keyBy", "clientIp"))
+        backend = str(params.get("backend", "local"))
+        said: dict[str, Any] = {
+            "limit": f"{rate:g} requests/s, burst {params.get('burstSize') or math.ceil(rate)}",
+            "per": key_by if params.get("keyName") is None else f"{key_by} {params['keyName']}",
+            "rejects": "429 over the limit",
+            "backend": backend,
+            "writesMetadata": [DECISION_KEY],
+        }
+        if backend == "redis":
+            if params.get("redisUrl"):
+                said["redis"] = redact_url(str(params["redisUrl"]))
+            elif params.get("redisUrlEnv"):
+                said["redis"] = f"the URL in ${params['redisUrlEnv']} on the engine host"
+            said["onBackendError"] = params.get("onBackendError", "deny")
+            said["backendTimeout"] = params.get("backendTimeout", "50ms")
+        return said
+
     def __init__(
         self, params: Mapping[str, Any], *, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -152,6 +189,7 @@ class Policy:
         else:
             self._key_name = key_name
         self._clock = clock
+        self._cost_key: str | None = params.get("costMetadataKey")
         self._local: LocalBuckets | None = None
         self._redis: RedisBackend | None = None
         self._allow_on_error = params.get("onBackendError", "deny") == "allow"
@@ -205,19 +243,25 @@ class Policy:
         The local backend decides inline (a plain call, no coroutine on the hot path);
         the redis backend returns an awaitable, which the chain executor awaits."""
         identifier = self._identifier(ctx)
+        cost = 0 if self._cost_key is not None else 1  # a later cost: only check now
         if self._local is None:
-            return self._redis_request(ctx, identifier)
-        return self._apply(ctx, self._local.take(identifier, int(self._clock() * MICROS)))
+            return self._redis_request(ctx, identifier, cost)
+        now = int(self._clock() * MICROS)
+        return self._apply(ctx, self._local.take(identifier, now, cost))
 
-    async def _redis_request(
-        self, ctx: RequestContext, identifier: str | None
-    ) -> ImmediateResponse | None:
+    def _redis_key(self, ctx: RequestContext, identifier: str | None) -> str:
         assert self._redis is not None
         # A missing identifier is its own key ("-" never collides: real ones get "=").
         identity = f"{self._identity_prefix}:" + ("-" if identifier is None else "=" + identifier)
         scope = self._scope if self._scope is not None else ctx.route
+        return self._redis.key(scope, identity)
+
+    async def _redis_request(
+        self, ctx: RequestContext, identifier: str | None, cost: int = 1
+    ) -> ImmediateResponse | None:
+        assert self._redis is not None
         try:
-            decision = await self._redis.take(self._redis.key(scope, identity))
+            decision = await self._redis.take(self._redis_key(ctx, identifier), cost)
         except BackendUnavailable:
             return self._backend_error(ctx)
         return self._apply(ctx, decision)
@@ -261,8 +305,47 @@ class Policy:
 
     # -- response phase --------------------------------------------------------------
 
-    def on_response(self, ctx: ResponseContext) -> ResponseModifications | None:
-        """Add the RateLimit headers of the request's decision to the upstream response."""
+    def bodies(self) -> tuple[str, ...]:
+        """The response body only for a cost known after it (``costMetadataKey``)."""
+        return ("response",) if self._cost_key is not None else ()
+
+    def on_response_chunk(self, ctx: ResponseContext, chunk: Chunk) -> Awaitable[None] | None:
+        """Every piece goes on unchanged; at the end of the body the cost is charged."""
+        return self._charge(ctx) if chunk.end_of_stream else None
+
+    async def _charge(self, ctx: ResponseContext) -> None:
+        """Charge the cost the metadata holds now (``costMetadataKey``) to the client."""
+        cost = ctx.metadata.get(self._cost_key) if self._cost_key is not None else None
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
+            return
+        if DECISION_KEY not in ctx.metadata or ctx.metadata[DECISION_KEY] != "allowed":
+            return  # not decided by this policy (condition false, backend error): no bucket
+        identifier = self._identifier(ctx.request)
+        if self._local is not None:
+            now = int(self._clock() * MICROS)
+            self._local.take(identifier, now, cost, charge=True)
+            return
+        assert self._redis is not None
+        try:
+            await self._redis.take(self._redis_key(ctx.request, identifier), cost, charge=True)
+        except BackendUnavailable:
+            # Already logged (and counted) by the backend; the answer has gone out.
+            return
+
+    def on_response(
+        self, ctx: ResponseContext
+    ) -> ResponseModifications | Awaitable[ResponseModifications | None] | None:
+        """Add the RateLimit headers of the request's decision to the upstream response
+        (and charge a buffered response's cost)."""
+        if self._cost_key is not None and ctx.body is not None:
+            return self._charged_response(ctx)
+        return self._headers_of(ctx)
+
+    async def _charged_response(self, ctx: ResponseContext) -> ResponseModifications | None:
+        await self._charge(ctx)
+        return self._headers_of(ctx)
+
+    def _headers_of(self, ctx: ResponseContext) -> ResponseModifications | None:
         metadata = ctx.metadata
         if _REMAINING_KEY not in metadata:
             return None

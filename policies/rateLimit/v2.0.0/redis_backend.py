@@ -207,8 +207,9 @@ class RedisBackend:
         digest = hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=16)
         return f"{self._prefix}{scope}:{digest.hexdigest()}"
 
-    async def take(self, key: str) -> Decision:
-        """One decision for ``key`` (see ``gcra.lua``)."""
+    async def take(self, key: str, cost: int = 1, *, charge: bool = False) -> Decision:
+        """One decision for ``key`` (see ``gcra.lua``; ``cost``/``charge`` as in
+        ``gcra.decide``)."""
         shared = _shared(self.url)
         now = time.monotonic()
         probe = own_probe = False
@@ -227,7 +228,8 @@ class RedisBackend:
         deadline = asyncio.timeout(self._timeout)
         try:
             async with deadline:
-                reply = await shared.script(keys=[key], args=list(self._args))
+                args = [*self._args, cost, 1 if charge else 0]
+                reply = await shared.script(keys=[key], args=args)
             decision = _parse(reply, self._args[1])
         except Exception as exc:  # redis errors (connection, reply), a malformed reply
             if deadline.expired():  # our own deadline: this instance's budget, not Redis

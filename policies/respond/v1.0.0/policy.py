@@ -44,6 +44,17 @@ class Policy:
     # Constructing reads nothing from the host: the control plane may run it too.
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The answer given to every request it runs for."""
+        body = str(params.get("body", ""))
+        return {
+            "answers": int(params.get("status", 200)),
+            "headers": {str(k).lower(): v for k, v in (params.get("headers") or {}).items()},
+            "body": body if len(body) <= 200 else body[:200] + "...",
+            "upstream": "never contacted",
+        }
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._response = ImmediateResponse(
             status=int(params.get("status", 200)),

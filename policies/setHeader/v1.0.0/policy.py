@@ -102,6 +102,23 @@ class Policy:
     # Constructing reads nothing from the host: the control plane may run it too.
     pure_constructor = True
 
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The header operations of each phase, as configured (names lower-cased)."""
+        said: dict[str, Any] = {}
+        for phase in ("request", "response"):
+            ops = params.get(phase) or {}
+            shown = {
+                op: {str(k).lower(): v for k, v in ops[op].items()}
+                if op != "remove"
+                else [str(n).lower() for n in ops[op]]
+                for op in ("set", "append", "remove")
+                if ops.get(op)
+            }
+            if shown:
+                said[phase] = shown
+        return said
+
     def __init__(self, params: Mapping[str, Any]) -> None:
         if not params.get("request") and not params.get("response"):
             raise ParameterError(

@@ -15,6 +15,7 @@ import pytest
 from engine.errors import PolicyError
 from engine.policy import ImmediateResponse, ParameterError, RequestContext
 from engine.registry import load_policy
+from engine.streaming_testing import stream_body
 from engine.testing import (
     FakeClock,
     construct,
@@ -345,3 +346,68 @@ def test_refilled_entries_make_room_without_changing_decisions() -> None:
     assert allowed(policy, again)  # 1.1 s refilled one request...
     assert again.metadata["rateLimit.remaining"] == 0  # ...but a kept its state: not a fresh 1
     assert policy.bucket_count == 2
+
+
+# ------------------------------------------------------------- cost after the response
+
+
+def test_gcra_cost_zero_checks_and_charge_overspends() -> None:
+    # Cost 0: nothing stored, allowed while the bucket is not overspent.
+    decision, stored = GCRA.decide(0, 100, 50, 3, 0)
+    assert (decision.allowed, stored) == (True, None)
+    # Charging 10 units into a bucket of 3: never denied, the bucket goes negative.
+    decision, stored = GCRA.decide(0, 100, 50, 3, 10, charge=True)
+    assert (decision.allowed, decision.remaining, stored) == (True, 0, 600)
+    # The next check is denied until the TAT is back within the burst.
+    decision, _ = GCRA.decide(600, 100, 50, 3, 0)
+    assert (decision.allowed, decision.retry_after_us) == (False, 350)
+    assert GCRA.decide(600, 450, 50, 3, 0)[0].allowed
+
+
+async def test_usage_charged_at_the_end_of_the_response_limits_the_next_request() -> None:
+    clock = FakeClock()
+    params = {
+        "requestsPerSecond": 100,  # 100 tokens refill per second
+        "burstSize": 1000,
+        "keyBy": "metadata",
+        "keyName": "consumer",
+        "costMetadataKey": "llmUsage.totalTokens",
+    }
+    policy = make(params, clock)
+    assert policy.bodies() == ("response",)
+    assert make({"requestsPerSecond": 1}).bodies() == ()
+    request = ctx(metadata={"consumer": "alice"})
+    assert allowed(policy, request)  # only checked: nothing taken yet
+    response = make_response_context(request)
+    response.metadata["llmUsage.totalTokens"] = 1500  # more than the whole burst
+    out = await stream_body(policy, response, [b"data: tokens\n\n", b""])
+    assert out.body == b"data: tokens\n\n"  # passed on unchanged
+    limited = policy.on_request(ctx(metadata={"consumer": "alice"}))
+    assert isinstance(limited, ImmediateResponse)
+    assert limited.status == 429
+    assert limited.headers["retry-after"] == "5"  # 500 tokens over: 5 s at 100/s
+    assert allowed(policy, ctx(metadata={"consumer": "bob"}))  # per consumer
+    clock.advance(5)
+    assert allowed(policy, ctx(metadata={"consumer": "alice"}))
+
+
+async def test_buffered_response_is_charged_in_on_response() -> None:
+    clock = FakeClock()
+    params = {"requestsPerSecond": 1, "burstSize": 5, "costMetadataKey": "cost"}
+    policy = make(params, clock)
+    request = ctx()
+    assert allowed(policy, request)
+    response = make_response_context(request, body=b"{}")
+    response.metadata["cost"] = 9
+    action = await policy.on_response(response)
+    assert action is not None  # the RateLimit headers
+    assert not allowed(policy, ctx())
+    # No cost written, or a nonsense one: nothing charged.
+    other = make(params, clock)
+    for value in (None, -3, "9", True):
+        response = make_response_context(ctx(), body=b"{}")
+        assert allowed(other, response.request)
+        if value is not None:
+            response.metadata["cost"] = value
+        await other.on_response(response)
+    assert allowed(other, ctx())

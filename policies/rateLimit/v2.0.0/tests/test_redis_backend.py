@@ -20,7 +20,8 @@ import pytest
 
 from engine.policy import ImmediateResponse, RequestContext
 from engine.registry import load_policy
-from engine.testing import construct, make_request_context
+from engine.streaming import Chunk
+from engine.testing import construct, make_request_context, make_response_context
 from policies.rateLimit.testing import RedisServer, delaying_proxy, redis_server
 
 __all__ = ["redis_server"]  # the fixture, imported so pytest finds it
@@ -83,6 +84,36 @@ async def test_burst_then_429_with_headers_then_refill(redis_server: RedisServer
     await asyncio.sleep(1.05)
     assert await decide(policy, ctx()) is None  # one request refilled
     assert isinstance(await decide(policy, ctx()), ImmediateResponse)
+
+
+async def test_cost_charged_after_the_response_is_shared(redis_server: RedisServer) -> None:
+    # Two instances on one Redis stand for two engines: a cost one of them charges
+    # after a response limits the client's next request on the other.
+    params = {
+        "keyBy": "header",
+        "keyName": "x-user",
+        "requestsPerSecond": 10,
+        "burstSize": 20,
+        "costMetadataKey": "llmUsage.totalTokens",
+        "scope": "llm",
+    }
+    first, second = make(redis_server, **params), make(redis_server, **params)
+    request = ctx()
+    assert await decide(first, request) is None  # a check only: nothing stored
+    assert redis_server.command("KEYS", "*") == []
+    response = make_response_context(request)
+    response.metadata["llmUsage.totalTokens"] = 50  # 30 units over the burst of 20
+    await asyncio.wait_for(first.on_response_chunk(response, Chunk(b"", True)), 10)
+    denied = await decide(second, ctx())
+    assert isinstance(denied, ImmediateResponse)
+    assert denied.status == 429
+    assert denied.headers["retry-after"] == "3"  # 30 units at 10 per second
+    assert await decide(second, ctx(user="bob")) is None
+    keys = redis_server.command("KEYS", "*")
+    assert isinstance(keys, list)
+    ttl = redis_server.command("PTTL", str(keys[0]))
+    assert isinstance(ttl, int)
+    assert 4000 < ttl <= 5000  # the key lives until the bucket is full again (50 / 10 s)
 
 
 async def test_keys_have_the_prefix_a_ttl_and_no_clear_identifier(

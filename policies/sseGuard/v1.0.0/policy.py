@@ -1,0 +1,147 @@
+"""sseGuard v1.0.0: mask (or block on) patterns in streamed SSE and NDJSON responses.
+
+Contract:
+
+* A streaming policy (engine/streaming.py): the response body flows through
+  :meth:`Policy.on_response_chunk` one whole unit at a time: an SSE event for
+  ``text/event-stream``, a line for NDJSON (``application/x-ndjson``,
+  ``application/ndjson``, ``application/jsonl``, ``application/x-jsonlines``). The
+  engine's framing reassembles a unit split across network chunks, so a pattern split
+  across two chunks is matched; a unit goes on as soon as it is complete (events that
+  cannot contain a match are never delayed beyond their own end). Other content types
+  pass untouched (``response_framing`` returns None).
+* ``mask`` (regexes) and ``builtins`` (``email``, ``cardNumber``) are replaced by
+  ``replacement``, matched on the raw bytes of each unit (bytes regexes: ``\\w`` is
+  ASCII). The number of masked matches so far is in metadata ``sseGuard.masked``.
+* ``block``: when one appears in a unit, that unit is NOT sent; the stream ends with a
+  final unit (SSE: ``event: blocked`` with ``blockEvent`` as data; NDJSON: ``blockEvent``
+  as a line) and metadata ``sseGuard.blocked`` is true. The client sees a complete
+  response; Envoy cuts the upstream off.
+* A unit larger than ``maxEventBytes`` while incomplete fails the policy (``onError``).
+* When the chain buffers the response instead (another body policy of the route has no
+  chunk hook), ``on_response`` applies the same rules to the whole body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from engine.framing import Framer
+from engine.policy import ParameterError, ResponseContext, ResponseModifications
+from engine.streaming import Chunk, EndStream, Framing
+
+__all__ = ["Policy"]
+
+BUILTINS: Final = {
+    "email": rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+    # 13 to 19 digits, optionally grouped by spaces or dashes (PAN lengths).
+    "cardNumber": rb"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])",
+}
+SSE_TYPES: Final = frozenset({"text/event-stream"})
+NDJSON_TYPES: Final = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
+
+
+def _compile(field: str, patterns: list[str]) -> list[re.Pattern[bytes]]:
+    compiled = []
+    for index, pattern in enumerate(patterns):
+        try:
+            compiled.append(re.compile(pattern.encode("utf-8")))
+        except re.error as exc:
+            raise ParameterError(
+                f"{field}.{index}", f"not a valid regular expression: {exc}"
+            ) from None
+    return compiled
+
+
+def _media_type(ctx: ResponseContext) -> str:
+    return ctx.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+class Policy:
+    """Masks and blocks patterns per SSE event / NDJSON line."""
+
+    pure_constructor = True
+
+    @staticmethod
+    def explain(params: Mapping[str, Any]) -> dict[str, Any]:
+        """The patterns it masks and blocks in streamed SSE / NDJSON responses."""
+        return {
+            "masks": list(params.get("mask") or ()) + list(params.get("builtins") or ()),
+            "replacement": params.get("replacement", "[redacted]"),
+            "blocks": list(params.get("block") or ()),
+            "onBlock": "the stream ends with a final event carrying blockEvent",
+            "maxEventBytes": params.get("maxEventBytes", 65536),
+            "writesMetadata": ["sseGuard.masked", "sseGuard.blocked"],
+        }
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self._mask = _compile("mask", list(params.get("mask", [])))
+        self._mask += [re.compile(BUILTINS[name]) for name in params.get("builtins", [])]
+        self._block = _compile("block", list(params.get("block", [])))
+        self._replacement = str(params.get("replacement", "[redacted]")).encode("utf-8")
+        self._max_event = int(params.get("maxEventBytes", 65536))
+        text = str(params.get("blockEvent", '{"error": "content blocked by policy"}'))
+        data = "".join(f"data: {line}\n" for line in text.split("\n"))
+        self._final_sse = f"event: blocked\n{data}\n".encode()
+        self._final_line = text.replace("\n", " ").encode("utf-8") + b"\n"
+
+    def response_framing(self, ctx: ResponseContext) -> Framing | None:
+        """Whole SSE events or NDJSON lines; None (pass untouched) for other bodies."""
+        media = _media_type(ctx)
+        if media in SSE_TYPES:
+            return Framing("sse", self._max_event)
+        if media in NDJSON_TYPES:
+            return Framing("lines", self._max_event)
+        return None
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications | None:
+        """At the headers of a streamed body nothing to do; a buffered body (the chain
+        could not stream) gets the same rules, unit by unit."""
+        framing = self.response_framing(ctx)
+        if ctx.body is None or framing is None:
+            return None
+        framer = Framer(framing.kind)
+        units = framer.feed(ctx.body)
+        last = framer.finish()
+        if last is not None:
+            units.append(last)
+        state: dict[str, Any] = {}
+        out: list[bytes] = []
+        for unit in units:
+            result = self._unit(ctx, unit.data, state, framing.kind == "sse")
+            if isinstance(result, EndStream):
+                out.append(result.final)
+                break
+            out.append(unit.data if result is None else result)
+        body = b"".join(out)
+        return None if body == ctx.body else ResponseModifications(body=body)
+
+    def on_response_chunk(self, ctx: ResponseContext, chunk: Chunk) -> bytes | EndStream | None:
+        """One whole event (or line): masked, passed, or the end of the stream."""
+        return self._unit(ctx, chunk.data, chunk.state, _media_type(ctx) in SSE_TYPES)
+
+    def _unit(
+        self, ctx: ResponseContext, data: bytes, state: dict[str, Any], sse: bool
+    ) -> bytes | EndStream | None:
+        if not data:
+            return None
+        for pattern in self._block:
+            if pattern.search(data):
+                ctx.metadata["sseGuard.blocked"] = True
+                return EndStream(self._final_sse if sse else self._final_line)
+        masked = 0
+        for pattern in self._mask:
+            data, count = pattern.subn(self._replace, data)
+            masked += count
+        if not masked:
+            return None
+        state["masked"] = state.get("masked", 0) + masked
+        ctx.metadata["sseGuard.masked"] = state["masked"]
+        return data
+
+    def _replace(self, _match: re.Match[bytes]) -> bytes:
+        return self._replacement

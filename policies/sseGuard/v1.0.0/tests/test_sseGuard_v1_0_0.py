@@ -1,0 +1,118 @@
+"""Tests of sseGuard v1.0.0: masking and blocking per SSE event / NDJSON line, as streamed
+by the engine's own pipeline (engine.streaming_testing.stream_body)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.policy import ParameterError, ResponseContext, ResponseModifications
+from engine.registry import load_policy
+from engine.streaming_testing import stream_body
+from engine.testing import construct, example_id, make_response_context, valid_examples
+
+FOLDER = Path(__file__).resolve().parents[1]
+POLICY = load_policy(FOLDER)
+SSE = {"content-type": "text/event-stream; charset=utf-8"}
+NDJSON = {"content-type": "application/x-ndjson"}
+
+
+def sse_ctx(headers: Mapping[str, str] = SSE) -> ResponseContext:
+    return make_response_context(headers=headers)
+
+
+def test_definition_examples_behave_as_declared() -> None:
+    assert POLICY.check_examples() == []
+
+
+@pytest.mark.parametrize("example", valid_examples(POLICY), ids=example_id)
+def test_valid_examples_construct(example: Mapping[str, Any]) -> None:
+    construct(POLICY, example["parameters"])
+
+
+def test_bad_regex_names_the_field() -> None:
+    with pytest.raises(ParameterError, match=r"block\.1: not a valid regular expression"):
+        construct(POLICY, {"block": ["ok", "("]})
+
+
+async def test_match_split_across_chunks_is_masked() -> None:
+    policy = construct(POLICY, {"builtins": ["email"]})
+    ctx = sse_ctx()
+    out = await stream_body(
+        policy, ctx, [b"data: hi\n\ndata: write to bob@exa", b"mple.com now\n\n", b""]
+    )
+    assert out.pieces == [b"data: hi\n\n", b"data: write to [redacted] now\n\n", b""]
+    assert ctx.metadata["sseGuard.masked"] == 1
+
+
+async def test_events_without_a_match_are_not_delayed() -> None:
+    policy = construct(POLICY, {"builtins": ["email", "cardNumber"]})
+    out = await stream_body(policy, sse_ctx(), [b"data: one\n\ndata: tw", b"o\n\n", b""])
+    # Each complete event leaves with the piece that completed it.
+    assert out.pieces == [b"data: one\n\n", b"data: two\n\n", b""]
+
+
+async def test_card_numbers_and_custom_patterns() -> None:
+    policy = construct(
+        POLICY, {"builtins": ["cardNumber"], "mask": ["sk-[a-z0-9]{8}"], "replacement": "***"}
+    )
+    out = await stream_body(
+        policy, sse_ctx(), [b"data: card 4111 1111 1111 1111, key sk-abcd1234, id 12345\n\n"]
+    )
+    assert out.body == b"data: card ***, key ***, id 12345\n\n"
+
+
+async def test_block_ends_the_stream_with_a_final_event() -> None:
+    policy = construct(POLICY, {"block": ["(?i)secret plan"]})
+    ctx = sse_ctx()
+    out = await stream_body(
+        policy, ctx, [b"data: fine\n\n", b"data: the SECRET ", b"plan is\n\n", b"data: more\n\n"]
+    )
+    assert out.ended_early
+    assert out.body == (
+        b'data: fine\n\nevent: blocked\ndata: {"error": "content blocked by policy"}\n\n'
+    )
+    assert ctx.metadata["sseGuard.blocked"] is True
+
+
+async def test_ndjson_lines() -> None:
+    policy = construct(POLICY, {"builtins": ["email"], "block": ["DROP"], "blockEvent": "stop"})
+    out = await stream_body(
+        policy,
+        sse_ctx(NDJSON),
+        [b'{"to": "a@b.io"}\n{"x"', b": 1}\n", b"DROP\n", b"never\n"],
+    )
+    assert out.body == b'{"to": "[redacted]"}\n{"x": 1}\nstop\n'
+
+
+async def test_other_content_types_pass_untouched() -> None:
+    policy = construct(POLICY, {"builtins": ["email"]})
+    ctx = sse_ctx({"content-type": "application/json"})
+    out = await stream_body(policy, ctx, [b'{"to": "a@b', b'.io"}'])
+    assert out.body == b'{"to": "a@b.io"}'
+
+
+async def test_an_event_over_the_cap_fails_the_policy() -> None:
+    policy = construct(POLICY, {"builtins": ["email"], "maxEventBytes": 64})
+    out = await stream_body(policy, sse_ctx(), [b"data: " + b"x" * 100, b"\n\n"])
+    assert out.immediate is not None
+    assert out.immediate.status == 500
+    # failOpen: the held bytes are released and the rest passes unmasked.
+    out = await stream_body(
+        policy, sse_ctx(), [b"data: " + b"x" * 100, b"\n\ndata: a@b.io\n\n"], fail_open=True
+    )
+    assert out.body == b"data: " + b"x" * 100 + b"\n\ndata: a@b.io\n\n"
+
+
+def test_buffered_body_gets_the_same_rules() -> None:
+    policy = construct(POLICY, {"builtins": ["email"], "block": ["BLOCK"]})
+    body = b"data: a@b.io\n\ndata: BLOCK\n\ndata: after\n\n"
+    action = policy.on_response(make_response_context(headers=SSE, body=body))
+    assert action == ResponseModifications(
+        body=b'data: [redacted]\n\nevent: blocked\ndata: {"error": "content blocked by policy"}\n\n'
+    )
+    assert policy.on_response(make_response_context(headers=SSE, body=b"data: x\n\n")) is None
+    assert policy.on_response(make_response_context(headers=SSE)) is None
