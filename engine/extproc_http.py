@@ -381,7 +381,7 @@ class HttpExtProc:
     async def _request_headers(self, message: Any) -> tuple[pb.ProcessingResponse, _Stream | None]:
         processor = self.processor
         processor.stats.streams += 1
-        route = msg.route_key(None, message)
+        route = msg.route_key(None, message, processor.route_names)
         chain = processor._store.current.chain_for(route) if route else None
         if chain is not None and (chain.requires_request_body or chain.requires_response_body):
             self.body_refusals += 1

@@ -30,6 +30,7 @@ from engine.policy import (
     ResponseContext,
     ResponseModifications,
 )
+from engine.route_names import RouteNamePattern
 from engine.store import ConfigStore
 
 
@@ -275,3 +276,13 @@ async def test_request_context_matches_grpc():
     assert (ctx.path, ctx.method, ctx.route) == ("/a?b=1", "PUT", "public")
     assert ctx.headers.get_all("x-r") == ["1", "2"]
     assert ctx.client_address == "10.0.0.7"
+
+
+async def test_generated_route_names_map_to_keys_as_over_grpc():
+    """--route-name-pattern (Envoy Gateway, Istio) applies over HTTP too, body check included."""
+    handler, processor = make(body=[entry(Upper(), requires_request_body=True)])
+    processor.route_names = RouteNamePattern(r"httproute/default/(?P<key>[^/]+)/rule/0")
+    generated = "httproute/default/body/rule/0"
+    status, reply, _ = await post(handler, as_json(request_headers(attributes=route(generated))))
+    assert (status, decode(reply).status) == (200, 500)
+    assert handler.body_refusals == 1
