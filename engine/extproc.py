@@ -308,8 +308,9 @@ class _Stream:
     def __init__(
         self,
         processor: PolicyProcessor,
-        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse] | None,
     ) -> None:
+        # context: None over the HTTP transport (engine.extproc_http): no invocation metadata.
         self._processor = processor
         self._context = context
         self.phase = _Phase.REQUEST_HEADERS

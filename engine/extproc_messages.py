@@ -166,12 +166,14 @@ def headers_from(http: pb.HttpHeaders) -> tuple[Headers, dict[str, str]]:
 
 
 def route_key(
-    context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse] | None,
     message: pb.ProcessingRequest,
     route_names: RouteNamePattern | None = None,
 ) -> str:
-    """Route key from the invocation metadata, else the ``xds.route_name`` attribute, else ""."""
-    for key, value in context.invocation_metadata() or ():
+    """Route key from the invocation metadata (gRPC only: ``context`` None over HTTP), else
+    the ``xds.route_name`` attribute, else ""."""
+    metadata = context.invocation_metadata() if context is not None else None
+    for key, value in metadata or ():
         if key == ROUTE_METADATA_KEY:
             return value if isinstance(value, str) else decode(value)
     if ATTRIBUTES_KEY in message.attributes:

@@ -7,8 +7,8 @@ binary calls ``main(sys.argv[1:], registry=<generated registry>, build_info=<sta
 Exit codes: 0 ok (or ``--validate`` found no error), 1 invalid configuration, unusable
 TLS files or server failure, 2 bad command line (argparse).
 
-Listeners beyond loopback are authenticated by default: ``--listen`` and
-``--metrics-listen`` on any address but loopback need ``--tls-cert``, ``--tls-key`` and
+Listeners beyond loopback are authenticated by default: ``--listen``, ``--listen-http``
+and ``--metrics-listen`` on any address but loopback need ``--tls-cert``, ``--tls-key`` and
 ``--tls-client-ca`` (mTLS: only clients with a certificate from that CA get in), and
 ``--xds`` beyond loopback needs ``--xds-ca``; ``--insecure`` is the explicit way out
 (each such link is then logged as a warning at startup).
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         default=DEFAULT_LISTEN,
         help=f"gRPC listen address (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--listen-http",
+        metavar="HOST:PORT",
+        default=None,
+        help="also serve Envoy's HTTP ext_proc transport (http_service: header phases as JSON "
+        "POSTs; work in progress in Envoy) on this address, from the same process, snapshot "
+        "and workers; TLS as --listen (default: off). See docs/operators/http-transport.md",
     )
     parser.add_argument(
         "--workers",
@@ -183,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="allow plaintext or unauthenticated links beyond loopback: --listen / "
-        "--metrics-listen without mTLS, --xds without --xds-ca (default: refused)",
+        "--listen-http / --metrics-listen without mTLS, --xds without --xds-ca (default: refused)",
     )
     xds_cli.add_arguments(parser)
     return parser
@@ -230,6 +238,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--drain must be 0 or more")
     if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
         parser.error("--workers > 1 needs a fixed port (port 0 would give each worker its own)")
+    if args.workers > 1 and args.listen_http and args.listen_http.rpartition(":")[2] == "0":
+        parser.error("--workers > 1 needs a fixed --listen-http port")
     return args
 
 
@@ -239,6 +249,8 @@ def _unauthenticated_listeners(args: argparse.Namespace) -> list[str]:
     flags = []
     if not mutual:
         flags += ["--listen"] if args.listen and not is_loopback(args.listen) else []
+        if args.listen_http and not is_loopback(args.listen_http):
+            flags.append("--listen-http")
         if args.metrics_listen and not is_loopback(args.metrics_listen):
             flags.append("--metrics-listen")
     if args.health_listen and not is_loopback(args.health_listen):  # never authenticated
@@ -402,6 +414,7 @@ def main(
                 processor=processor,
                 tls=tls,
                 health_listen=args.health_listen,
+                http_listen=args.listen_http,
             )
         finally:
             if stop_metrics is not None:

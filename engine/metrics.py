@@ -91,6 +91,7 @@ __all__ = [
     "extproc_protocol_error",
     "get",
     "hash_value",
+    "http_body_refusal",
     "policy_failed",
     "policy_ran",
     "policy_short_circuit",
@@ -161,6 +162,12 @@ class Metrics:
         )
         self.protocol_errors = counter(
             "extproc_protocol_errors", "malformed or out-of-order ext_proc messages"
+        )
+        self.http_body_refusals = counter(
+            "http_body_refusals",
+            "requests answered 500 because their chain reads a body and they came over the "
+            "HTTP ext_proc transport (which carries no bodies)",
+            ["route"],
         )
         self.config_version = gauge("config_version", "version of the serving configuration")
         self.config_info = gauge(
@@ -414,6 +421,12 @@ def extproc_protocol_error() -> None:
     metrics = get()
     if metrics is not None:
         metrics.protocol_errors.inc()
+
+
+def http_body_refusal(route: str) -> None:
+    metrics = get()
+    if metrics is not None:
+        metrics.child(metrics.http_body_refusals, route_label(route)).inc()
 
 
 def hash_value(content_hash: str) -> int:

@@ -50,6 +50,8 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from engine import metrics
 from engine.chain import Snapshot
 from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
+from engine.extproc_http import HttpExtProc
+from engine.http_server import HttpServer, start_http_server
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
 from engine.tls import ServerTls
 
@@ -91,6 +93,8 @@ async def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     tls: ServerTls | None = None,
     health_listen: str | None = None,
+    http_listen: str | None = None,
+    on_http_bound: Callable[[int], None] | None = None,
 ) -> None:
     """Serve ext_proc + health on ``listen`` (``host:port``; port 0 picks a free one).
 
@@ -100,6 +104,10 @@ async def serve(
     ``health_listen``: also serve the health service alone, in plaintext, on this address
     (a second gRPC server sharing the health state): what an in-container probe reaches
     when ``listen`` demands a client certificate. Callers keep it on loopback.
+    ``http_listen``: also serve Envoy's HTTP ext_proc transport (``http_service``) there,
+    from the same processor (:mod:`engine.extproc_http`, :mod:`engine.http_server`; same
+    ``tls`` and ``reuse_port``); ``on_http_bound(port)`` gets its bound port. It stops
+    accepting when the grace period starts and its requests in flight finish within it.
 
     Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
     ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set
@@ -141,6 +149,7 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     tasks: list[asyncio.Task[None]] = []
     remove_listener: Callable[[], None] | None = None
+    http_server: HttpServer | None = None
     requested = False  # a requested stop drains; a crash or cancellation does not
     try:
         for sig in signals:
@@ -160,6 +169,15 @@ async def serve(
         await server.start()
         if health_server is not None:
             await health_server.start()
+        if http_listen is not None:
+            http_server = await start_http_server(
+                http_listen, HttpExtProc(processor), reuse_port=reuse_port, tls=tls
+            )
+            log.info(
+                "HTTP ext_proc transport listening on %s (port %d)", http_listen, http_server.port
+            )
+            if on_http_bound is not None:
+                on_http_bound(http_server.port)
         if source is not None:
             tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
         security = "plaintext" if tls is None else "mTLS" if tls.mutual else "TLS"
@@ -192,6 +210,8 @@ async def serve(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if http_server is not None:
+            await http_server.close(max(0.0, deadline - loop.time()))
         await _quiesce(processor, deadline)
         await server.stop(max(0.0, deadline - loop.time()))
         if health_server is not None:

@@ -7,9 +7,10 @@ Each test calls ``stack.configure({...routes...})`` first.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from tests.e2e.harness import (
 from tests.support import POLICIES_DIR
 
 E2E_POLICIES = Path(__file__).resolve().parent / "policies"
+TRANSPORTS = ("grpc", "http")
+"""The ext_proc transports every session stack has an Envoy for (``Stack.envoys``)."""
 
 # Route keys with an Envoy route ``/<key>/`` (plus /api/v1/public and /api/v1/private).
 ROUTE_KEYS = ("cel", "body", "respbody", "meta", "fail", "reload", "status", "nochain")
@@ -59,6 +62,7 @@ class Stack:
     registry: PolicyRegistry
     binary: Path
     workdir: Path
+    envoys: dict[str, EnvoyProcess] = field(default_factory=dict)
     _last: str = ""
 
     def configure(self, routes: Mapping[str, Any], **top: Any) -> None:
@@ -81,9 +85,10 @@ class Stack:
     def other_envoy(self, engine_port: int | None = None, **settings: Any) -> EnvoyProcess:
         """Start another Envoy in front of the same upstream and engine (or the engine on
         ``engine_port``), with ``settings`` (``ext_proc=``, ``listener=``,
-        ``engine_cluster=``; see ``render_bootstrap``). The caller closes it (use it as a
-        context manager)."""
+        ``engine_cluster=``, ``transport=``, ``grpc_routes=``; see ``render_bootstrap``).
+        The caller closes it (use it as a context manager)."""
         workdir = Path(tempfile.mkdtemp(prefix="envoy-", dir=self.workdir))
+        settings.setdefault("http_engine_port", self.engine.http_port)
         return EnvoyProcess(
             self.binary,
             workdir,
@@ -108,18 +113,48 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config_path = workdir / "policy-config.yaml"
     config_path.write_text(config_text({"public": {"policies": []}}))
     with EchoUpstream() as upstream:
-        engine = EngineThread(registry, config_path)
+        engine = EngineThread(registry, config_path, http=True)
         try:
-            with EnvoyProcess(
-                binary,
-                workdir,
-                engine_port=engine.port,
-                upstream_port=upstream.port,
-                routes=[*routes_for(ROUTE_KEYS), *EXTRA_ROUTES],
-            ) as envoy:
-                yield Stack(upstream, engine, envoy, registry, binary, workdir)
+            with contextlib.ExitStack() as envoys:
+                by_transport = {
+                    transport: envoys.enter_context(
+                        EnvoyProcess(
+                            binary,
+                            Path(tempfile.mkdtemp(prefix=f"envoy-{transport}-", dir=workdir)),
+                            engine_port=engine.port,
+                            upstream_port=upstream.port,
+                            routes=[*routes_for(ROUTE_KEYS), *EXTRA_ROUTES],
+                            transport=transport,
+                            http_engine_port=engine.http_port,
+                        )
+                    )
+                    for transport in TRANSPORTS
+                }
+                yield Stack(
+                    upstream,
+                    engine,
+                    by_transport["grpc"],
+                    registry,
+                    binary,
+                    workdir,
+                    envoys=by_transport,
+                )
         finally:
             engine.close()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def e2e_both(request: pytest.FixtureRequest, stack: Stack) -> Iterator[Stack]:
+    """The shared stack through the Envoy of each ext_proc transport in turn (``grpc``,
+    ``http``): the same scenario must behave the same over both. For header-only chains
+    (the HTTP transport carries no bodies)."""
+    stack.recorder_calls().clear()
+    stack.envoy = stack.envoys[request.param]
+    try:
+        yield stack
+        assert stack.envoy.process.poll() is None, f"Envoy died:\n{stack.envoy.log()}"
+    finally:
+        stack.envoy = stack.envoys["grpc"]
 
 
 @pytest.fixture

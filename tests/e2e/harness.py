@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -251,8 +251,11 @@ class EngineThread:
         drain: float = 0.0,
         grace: float = 1.0,
         tls: ServerTls | None = None,
+        http: bool = False,
     ) -> None:
         self.registry = registry
+        self.http = http
+        self.http_port = 0  # the HTTP ext_proc transport's port (with http=True)
         self.drain = drain
         self.grace = grace
         self.tls = tls
@@ -282,7 +285,13 @@ class EngineThread:
 
     def _on_bound(self, port: int) -> None:
         self.port = port
-        self._bound.set()
+        if not self.http or self.http_port:
+            self._bound.set()
+
+    def _on_http_bound(self, port: int) -> None:
+        self.http_port = port
+        if self.port:
+            self._bound.set()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -299,6 +308,8 @@ class EngineThread:
                 on_bound=self._on_bound,
                 processor=self.processor,
                 tls=self.tls,
+                http_listen=f"{HOST}:0" if self.http else None,
+                on_http_bound=self._on_http_bound,
             )
 
         try:
@@ -389,6 +400,19 @@ lives, so Envoy's defaults (1,024 pending / 1,024 requests) fail every HTTP requ
 tools/bench measured 2,926 of 2,926 failures at 2,000 connections). The thresholds must
 exceed the concurrent requests Envoy may carry."""
 
+HTTP_EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = {
+    "thresholds": [
+        {"max_connections": 1024, "max_pending_requests": 100000, "max_requests": 100000}
+    ]
+}
+"""Circuit breakers of the HTTP ext_proc cluster (docs/operators/http-transport.md).
+
+HTTP/1.1 carries one message per connection at a time, so Envoy opens a connection to the
+engine per message in flight. Unbounded, 10,000 client connections open thousands at
+once: the engine's accept queue (somaxconn, 4,096 here) overflows, connects time out and
+Envoy answers 500 (tools/bench/http_transport.py: 5,053 of 52,341 at 10,000 connections).
+Bounded, messages wait in Envoy's pending queue for a kept-alive connection instead."""
+
 EXT_PROC_MAX_REQUESTS_PER_CONNECTION: Final[int] = _ENGINE_CLUSTER[
     "typed_extension_protocol_options"
 ]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["common_http_protocol_options"][
@@ -459,8 +483,18 @@ def render_bootstrap(
     listener: Mapping[str, Any] | None = None,
     engine_cluster: Mapping[str, Any] | None = None,
     http_connection_manager: Mapping[str, Any] | None = None,
+    transport: str = "grpc",
+    http_engine_port: int = 0,
+    grpc_routes: Collection[str] = (),
 ) -> dict[str, Any]:
     """An Envoy 1.36 bootstrap: one listener, ext_proc in front of the router.
+
+    ``transport``: ``"grpc"`` (the default: ``grpc_service`` to ``engine_port``), ``"http"``
+    (``http_service`` to the engine's HTTP transport on ``http_engine_port``; the filter
+    receives AND forwards the :data:`HTTP_STATE_NAMESPACE` dynamic metadata, which carries
+    a request's state to its response phase) or ``"split"``: both filters, each route on
+    exactly one of them (per-route ``ExtProcPerRoute.disabled`` on the other): the routes
+    named in ``grpc_routes`` (those whose chains read bodies) on gRPC, the rest on HTTP.
 
     ``http_connection_manager`` is merged into the HCM's ``typed_config`` (e.g. an
     ``access_log``).
@@ -522,10 +556,45 @@ def render_bootstrap(
             }
         return entry
 
+    def disabled(filter_name: str) -> dict[str, Any]:
+        return {
+            filter_name: {
+                "@type": _TYPE + "extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                "disabled": True,
+            }
+        }
+
+    def split_route(r: EnvoyRoute) -> dict[str, Any]:
+        entry = route(r)
+        if r.name in grpc_routes:
+            entry.setdefault("typed_per_filter_config", {}).update(disabled(HTTP_FILTER_NAME))
+        else:
+            entry["typed_per_filter_config"] = disabled("envoy.filters.http.ext_proc")
+        return entry
+
     ext_proc_filter = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": ext_proc_settings(message_timeout, ext_proc),
     }
+    filters: list[dict[str, Any]] = [ext_proc_filter]
+    make_route = route
+    if transport in ("http", "split"):
+        http_filter = http_ext_proc_filter(ext_proc_filter)
+        if transport == "http":
+            filters = [http_filter]
+        else:
+            filters = [http_filter, ext_proc_filter]
+            make_route = split_route
+    elif transport != "grpc":
+        raise ValueError(f"transport must be grpc, http or split, not {transport!r}")
+    clusters = [
+        {**cluster("ext_proc", engine_port, http2=True), **(engine_cluster or {})},
+        cluster("echo", upstream_port, http2=False),
+    ]
+    if transport != "grpc":
+        http_cluster = cluster(HTTP_CLUSTER, http_engine_port, http2=False)
+        http_cluster["circuit_breakers"] = HTTP_EXT_PROC_CIRCUIT_BREAKERS
+        clusters.append(http_cluster)
     return {
         "admin": {"address": {"socket_address": {"address": HOST, "port_value": admin_port}}},
         "static_resources": {
@@ -548,12 +617,12 @@ def render_bootstrap(
                                                 {
                                                     "name": "all",
                                                     "domains": ["*"],
-                                                    "routes": [route(r) for r in routes],
+                                                    "routes": [make_route(r) for r in routes],
                                                 }
                                             ],
                                         },
                                         "http_filters": [
-                                            ext_proc_filter,
+                                            *filters,
                                             {
                                                 "name": "envoy.filters.http.router",
                                                 "typed_config": {
@@ -570,12 +639,38 @@ def render_bootstrap(
                     **(listener or {}),
                 }
             ],
-            "clusters": [
-                {**cluster("ext_proc", engine_port, http2=True), **(engine_cluster or {})},
-                cluster("echo", upstream_port, http2=False),
-            ],
+            "clusters": clusters,
         },
     }
+
+
+HTTP_FILTER_NAME: Final = "policy_engine.ext_proc_http"
+"""Name of the HTTP-transport ext_proc filter (the gRPC one keeps Envoy's usual name)."""
+HTTP_CLUSTER: Final = "ext_proc_http"
+HTTP_STATE_NAMESPACE: Final = "policy_engine.http_state"
+
+
+def http_ext_proc_filter(grpc_filter: Mapping[str, Any]) -> dict[str, Any]:
+    """The ext_proc filter of ``grpc_filter`` (same settings) over ``http_service``:
+    the engine's HTTP transport on :data:`HTTP_CLUSTER`. Its ``metadata_options`` also
+    receive and forward :data:`HTTP_STATE_NAMESPACE` (a request's state between phases)."""
+    config = {k: v for k, v in grpc_filter["typed_config"].items() if k != "grpc_service"}
+    # An ``http_service`` in the test's ext_proc settings adds to the HttpService (e.g.
+    # request_headers_to_add); the URI and cluster are always the engine's.
+    extra = config.pop("http_service", {})
+    config["http_service"] = {
+        "http_service": {
+            **extra,
+            "http_uri": {"uri": f"http://{HOST}/", "cluster": HTTP_CLUSTER, "timeout": "5s"},
+        }
+    }
+    options = dict(config.get("metadata_options", {}))
+    receiving = list(options.get("receiving_namespaces", {}).get("untyped", []))
+    forwarding = list(options.get("forwarding_namespaces", {}).get("untyped", []))
+    options["receiving_namespaces"] = {"untyped": [*receiving, HTTP_STATE_NAMESPACE]}
+    options["forwarding_namespaces"] = {"untyped": [*forwarding, HTTP_STATE_NAMESPACE]}
+    config["metadata_options"] = options
+    return {"name": HTTP_FILTER_NAME, "typed_config": config}
 
 
 class EnvoyProcess:
@@ -595,6 +690,9 @@ class EnvoyProcess:
         listener: Mapping[str, Any] | None = None,
         engine_cluster: Mapping[str, Any] | None = None,
         http_connection_manager: Mapping[str, Any] | None = None,
+        transport: str = "grpc",
+        http_engine_port: int = 0,
+        grpc_routes: Collection[str] = (),
     ) -> None:
         self.admin_port = free_port()
         self.port = free_port()
@@ -609,6 +707,9 @@ class EnvoyProcess:
             listener=listener,
             engine_cluster=engine_cluster,
             http_connection_manager=http_connection_manager,
+            transport=transport,
+            http_engine_port=http_engine_port,
+            grpc_routes=grpc_routes,
         )
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))

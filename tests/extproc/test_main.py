@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
+import json
 import os
 import signal
 import subprocess
@@ -102,6 +104,10 @@ def test_validate_missing_file(tmp_path):
         pytest.param(
             ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:0"], id="workers-port-0"
         ),
+        pytest.param(
+            ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:9", "--listen-http", ":0"],
+            id="workers-http-port-0",
+        ),
         pytest.param(["--config", "x", "--poll-interval", "0"], id="poll-interval-0"),
         pytest.param(["--config", "x", "--poll-interval", "-1"], id="poll-interval-negative"),
         pytest.param(["--config", "x", "--poll-interval", "inf"], id="poll-interval-inf"),
@@ -167,6 +173,55 @@ def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
         stderr = proc.stderr.read().decode() if proc.stderr else ""
         assert code == 0, stderr
         assert "policy-engine" in stderr  # build info logged at start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_http_transport_served_by_every_worker_on_uvloop(tmp_path):
+    """--listen-http in the real engine process: 2 workers (SO_REUSEPORT), uvloop, the
+    configuration's chain; SIGTERM stops it cleanly."""
+    config = tmp_path / "c.yaml"
+    config.write_text(VALID)
+    port, http_port = free_port(), free_port()
+    argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
+    argv += ["--listen-http", f"127.0.0.1:{http_port}", "--workers", "2", "--grace", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    message = json.dumps(
+        {
+            "request_headers": {"headers": {"headers": [{"key": ":path", "raw_value": "Lw=="}]}},
+            "attributes": {"envoy.filters.http.ext_proc": {"xds.route_name": "public"}},
+        }
+    ).encode()
+    try:
+        wait_serving(port, proc)
+        assert len(children(proc.pid)) == 2
+        for _ in range(20):  # new connections: the kernel deals them to both workers
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+            try:
+                conn.request(
+                    "POST", "/", body=message, headers={"content-type": "application/json"}
+                )
+                reply = conn.getresponse()
+                answer = json.loads(reply.read())
+            finally:
+                conn.close()
+            assert reply.status == 200
+            option = answer["request_headers"]["response"]["header_mutation"]["set_headers"][0]
+            assert option["header"] == {"key": "x-a", "raw_value": "MQ=="}
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert code == 0, stderr
+        assert "HTTP ext_proc transport listening" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()

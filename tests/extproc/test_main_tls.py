@@ -43,8 +43,9 @@ def mtls(tmp_path: Path) -> list[str]:
         (["--listen", "[::]:9002"], "--listen [::]:9002"),
         (["--listen", "10.1.2.3:9002"], "--listen 10.1.2.3:9002"),
         (["--metrics-listen", "0.0.0.0:9090"], "--metrics-listen 0.0.0.0:9090"),
+        (["--listen-http", "0.0.0.0:9003"], "--listen-http 0.0.0.0:9003"),
     ],
-    ids=["v4-any", "v6-any", "address", "metrics"],
+    ids=["v4-any", "v6-any", "address", "metrics", "http-transport"],
 )
 def test_listeners_beyond_loopback_need_mtls_or_insecure(
     argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]

@@ -214,17 +214,19 @@ http {{
         *,
         workers: int,
         tls: tuple[str, str, str] | None = None,
+        http_port: int | None = None,
     ) -> tuple[int, int]:
         """Start the engine (``workers`` processes); return (port, pid of its parent).
 
         ``tls``: (certificate, key, client CA) files: the listener requires client
-        certificates (mTLS); readiness is then read on a loopback ``--health-listen`` port."""
+        certificates (mTLS); readiness is then read on a loopback ``--health-listen`` port.
+        ``http_port``: also serve the HTTP ext_proc transport there (``--listen-http``)."""
         port = free_port()
-        extra: list[str] = []
+        extra: list[str] = [] if http_port is None else [f"--listen-http={HOST}:{http_port}"]
         health_port = port
         if tls is not None:
             health_port = free_port()
-            extra = [
+            extra += [
                 *("--tls-cert", tls[0], "--tls-key", tls[1], "--tls-client-ca", tls[2]),
                 *("--health-listen", f"{HOST}:{health_port}"),
             ]
@@ -255,6 +257,13 @@ http {{
         name = f"floor-{impl}"
         proc = self._python(name, "tools.bench.floor", ["--impl", impl, "--port", str(port)])
         _wait(lambda: self._alive_and_listening(name, proc, port), 30, name)
+        return port, proc.pid
+
+    def http_floor(self) -> tuple[int, int]:
+        """Start the trivial HTTP ext_proc server (tools/bench/http_floor.py): (port, pid)."""
+        port = free_port()
+        proc = self._python("floor-http", "tools.bench.http_floor", ["--port", str(port)])
+        _wait(lambda: self._alive_and_listening("floor-http", proc, port), 30, "floor-http")
         return port, proc.pid
 
     # -- Envoy -----------------------------------------------------------------------

@@ -1,0 +1,422 @@
+"""Envoy's HTTP ext_proc transport (``http_service``): JSON messages <-> the ext_proc layer.
+
+Envoy POSTs each ``ProcessingRequest`` as proto3 JSON (proto field names, header values
+base64 in ``raw_value``) and applies the JSON ``ProcessingResponse`` it gets back. Only
+header phases travel this way: Envoy sends no bodies or trailers over HTTP. Each message is
+handled by the same stream state machine as over gRPC (``engine.extproc._Stream``: route
+key -> snapshot -> chain -> reply), so immediate responses, header mutations, mode overrides
+and dynamic metadata are the gRPC path's, only re-encoded.
+
+One POST per phase
+    Over gRPC one stream holds the request's state between ``request_headers`` and
+    ``response_headers``; over HTTP each phase is a separate POST (possibly to another
+    worker or replica). What the response phase needs (route key, the request as sent
+    upstream, the metadata the request policies wrote) therefore travels in the reply's
+    dynamic metadata, namespace :data:`STATE_NAMESPACE`, which Envoy hands back in the
+    ``response_headers`` message's ``metadata_context`` when the filter both receives and
+    forwards that namespace (``metadata_options``). Clients cannot write it: dynamic
+    metadata is set by Envoy filters only (here: this ext_proc filter, restricted by its
+    ``receiving_namespaces``), never from request headers (checked end to end in
+    tests/e2e/test_http_transport.py). Operators must not let another filter write that
+    namespace. Credentials (``authorization``, ``proxy-authorization``, ``cookie``) are
+    left out of the carried request headers so that they never sit in dynamic metadata
+    (access logs can print it): a response policy over HTTP does not see them. A
+    ``response_headers`` message without valid state is answered 500 (fail closed).
+    The response phase runs the route's chain of the CURRENT snapshot (gRPC keeps the
+    request's snapshot).
+
+Bodies
+    A route whose chain reads a body cannot be policed over HTTP: its request is answered
+    500 at once (logged with the route, counted in ``policy_engine_http_body_refusals_total``),
+    never passed with its body policies skipped. Route such routes to the gRPC filter
+    (docs/operators/http-transport.md).
+
+Route key
+    The ``xds.route_name`` request attribute (``request_attributes: [xds.route_name]``).
+    Envoy 1.36.4 sends no per-route ``grpc_initial_metadata`` over HTTP, and does not add
+    ``http_service.request_headers_to_add`` to its POSTs either.
+
+Errors
+    Malformed JSON or an out-of-order message -> HTTP 400 (Envoy then fails the request
+    closed, or passes it with ``failure_mode_allow``), as gRPC aborts the stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any, Final
+
+import msgspec
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+
+from engine import extproc_messages as msg
+from engine import metrics
+from engine.errors import ProtocolError
+from engine.extproc import PolicyProcessor, _Phase, _Stream
+from engine.policy import Headers, RequestContext, RequestMetadata
+
+__all__ = ["STATE_NAMESPACE", "HttpExtProc", "to_json"]
+
+log = logging.getLogger(__name__)
+
+STATE_NAMESPACE: Final = "policy_engine.http_state"
+"""Dynamic metadata namespace carrying a request's state from its request phase to its
+response phase (``metadata_options`` receiving AND forwarding it)."""
+
+_STATE_KEY: Final = "s"
+_MAX_ROUTE_STATES: Final = 4096
+_STATE_VERSION: Final = 1
+_NOT_CARRIED: Final = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+# -- the JSON ProcessingRequest (only what the engine reads) ---------------------------
+#
+# Decoded straight into msgspec structs shaped like the protobuf messages the stream machine
+# reads (``headers.headers[].key/raw_value/value``, ``end_of_stream``, ``attributes[...]
+# .fields[...].string_value``, ``protocol_config.*``, ``WhichOneof``): building real
+# protobuf messages cost ~12 us of a ~27 us request phase (tools/bench/http_transport.py).
+
+
+class _HeaderValue(msgspec.Struct):
+    key: str = ""
+    value: str = ""
+    raw_value: bytes = b""  # base64 in JSON: msgspec decodes it
+
+
+class _HeaderMap(msgspec.Struct):
+    headers: list[_HeaderValue] = []
+
+
+class _HttpHeaders(msgspec.Struct):
+    headers: _HeaderMap = msgspec.field(default_factory=_HeaderMap)
+    end_of_stream: bool = False
+
+
+class _ProtocolConfig(msgspec.Struct):
+    request_body_mode: str | int = 0
+    response_body_mode: str | int = 0
+    send_body_without_waiting_for_header_response: bool = False
+
+
+class _Metadata(msgspec.Struct):
+    filter_metadata: dict[str, dict[str, Any]] = {}
+
+
+class _Request(msgspec.Struct):
+    request_headers: _HttpHeaders | None = None
+    response_headers: _HttpHeaders | None = None
+    request_body: dict[str, Any] | None = None
+    response_body: dict[str, Any] | None = None
+    request_trailers: dict[str, Any] | None = None
+    response_trailers: dict[str, Any] | None = None
+    attributes: dict[str, dict[str, Any]] = {}
+    metadata_context: _Metadata | None = None
+    protocol_config: _ProtocolConfig = msgspec.field(default_factory=_ProtocolConfig)
+
+
+_DECODER: Final = msgspec.json.Decoder(_Request)
+_ENCODER: Final = msgspec.json.Encoder()
+_STATE_ENCODER: Final = msgspec.msgpack.Encoder()
+_STATE_DECODER: Final = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+class _Value:
+    """A ``google.protobuf.Value`` as the stream machine reads it (``string_value``)."""
+
+    __slots__ = ("string_value",)
+
+    def __init__(self, value: Any) -> None:
+        self.string_value = value if isinstance(value, str) else ""
+
+
+class _Struct:
+    """A ``google.protobuf.Struct`` as the stream machine reads it (``fields``)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.fields = {name: _Value(value) for name, value in values.items()}
+
+
+class _Modes:
+    __slots__ = (
+        "request_body_mode",
+        "response_body_mode",
+        "send_body_without_waiting_for_header_response",
+    )
+
+    def __init__(self, config: _ProtocolConfig) -> None:
+        self.request_body_mode = _mode(config.request_body_mode)
+        self.response_body_mode = _mode(config.response_body_mode)
+        self.send_body_without_waiting_for_header_response = (
+            config.send_body_without_waiting_for_header_response
+        )
+
+
+class _Message:
+    """A ``ProcessingRequest`` as the stream machine reads it (header messages only)."""
+
+    __slots__ = ("attributes", "kind", "protocol_config", "request_headers", "response_headers")
+
+    def __init__(self, request: _Request) -> None:
+        if request.request_headers is not None:
+            self.kind = "request_headers"
+        elif request.response_headers is not None:
+            self.kind = "response_headers"
+        else:
+            for kind in ("request_body", "response_body", "request_trailers", "response_trailers"):
+                if getattr(request, kind) is not None:
+                    raise ProtocolError(
+                        f"{kind} over the HTTP transport (Envoy sends headers only)"
+                    )
+            raise ProtocolError("ProcessingRequest has no request/response message set")
+        self.request_headers = request.request_headers
+        self.response_headers = request.response_headers
+        attributes = request.attributes.get(msg.ATTRIBUTES_KEY)
+        self.attributes = {msg.ATTRIBUTES_KEY: _Struct(attributes)} if attributes else {}
+        self.protocol_config = _Modes(request.protocol_config)
+
+    def WhichOneof(self, _group: str) -> str:
+        return self.kind
+
+
+def _mode(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(msg.Mode.BodySendMode.Value(value))
+    except ValueError:
+        raise ProtocolError(f"unknown body mode {value!r}") from None
+
+
+# -- ProcessingResponse -> JSON ----------------------------------------------------------
+
+_WRAPPERS: Final = frozenset(
+    {"google.protobuf.BoolValue", "google.protobuf.UInt32Value", "google.protobuf.StringValue"}
+)
+_STRUCTS: Final = frozenset({"google.protobuf.Struct", "google.protobuf.Value"})
+
+
+def _value(fd: FieldDescriptor, value: Any) -> Any:
+    kind = fd.type
+    if kind == FieldDescriptor.TYPE_MESSAGE:
+        assert fd.message_type is not None
+        name = fd.message_type.full_name
+        if name in _WRAPPERS:
+            return value.value
+        if name in _STRUCTS:
+            return json_format.MessageToDict(value)
+        return to_json(value)
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    if kind == FieldDescriptor.TYPE_ENUM:
+        assert fd.enum_type is not None
+        return fd.enum_type.values_by_number[value].name
+    return value
+
+
+def to_json(message: Any) -> dict[str, Any]:
+    """``message`` in the proto3 JSON mapping (proto field names), as Envoy parses it.
+    Covers what ``engine.extproc_messages`` builds (no maps, no 64-bit integers)."""
+    out: dict[str, Any] = {}
+    for fd, value in message.ListFields():
+        if fd.is_repeated:
+            out[fd.name] = [_value(fd, item) for item in value]
+        else:
+            out[fd.name] = _value(fd, value)
+    return out
+
+
+_SHARED: Final = {
+    id(msg.PASS_THROUGH_REPLY): to_json(msg.PASS_THROUGH_REPLY),
+    id(msg.INTERNAL_ERROR_REPLY): to_json(msg.INTERNAL_ERROR_REPLY),
+}
+_EMPTY_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+
+
+def _reply_json(reply: pb.ProcessingResponse, stream: _Stream, phase: str) -> dict[str, Any]:
+    """``reply`` as JSON; shared replies (pass-through, error, a static chain's) are
+    converted once and kept (never mutated afterwards: callers copy before adding)."""
+    shared = _SHARED.get(id(reply))
+    if shared is not None:
+        return shared
+    chain = stream.chain
+    if chain is not None and chain.replies.get(phase) is reply:
+        key = ("http", phase)
+        found = chain.replies.get(key)
+        if found is None:
+            found = chain.replies.setdefault(key, to_json(reply))
+        return found  # type: ignore[no-any-return]
+    return to_json(reply)
+
+
+# -- carried state -------------------------------------------------------------------------
+
+
+def _state(stream: _Stream) -> str:
+    request = stream.request
+    state: dict[str, Any] = {"v": _STATE_VERSION, "route": stream.route}
+    if request is not None:
+        headers = request.headers
+        state["request"] = {
+            "headers": {n: headers.get_all(n) for n in headers if n not in _NOT_CARRIED},
+            "path": request.path,
+            "method": request.method,
+            "id": request.request_id,
+            "client": request.client_address,
+            "metadata": dict(request.metadata),
+        }
+    return base64.b64encode(_STATE_ENCODER.encode(state)).decode("ascii")
+
+
+def _decode_state(text: str) -> dict[str, Any]:
+    """The state the request phase left, or raise ``ValueError`` naming what is wrong."""
+    try:
+        state = _STATE_DECODER.decode(base64.b64decode(text, validate=True))
+    except (binascii.Error, msgspec.DecodeError) as exc:
+        raise ValueError(f"malformed {STATE_NAMESPACE} metadata") from exc
+    if state.get("v") != _STATE_VERSION or not isinstance(state.get("route"), str):
+        raise ValueError(f"malformed {STATE_NAMESPACE} metadata")
+    return state
+
+
+def _request_from(route: str, carried: dict[str, Any]) -> RequestContext:
+    raw_headers = carried["headers"]
+    values = {str(k): [str(v) for v in vs] for k, vs in raw_headers.items()}
+    return RequestContext(
+        headers=Headers.adopt(values),
+        path=str(carried["path"]),
+        method=str(carried["method"]),
+        request_id=str(carried["id"]),
+        route=route,
+        metadata=RequestMetadata(dict(carried["metadata"])),
+        client_address=str(carried["client"]),
+    )
+
+
+class HttpExtProc:
+    """The HTTP transport's handler: one POST = one ext_proc message (see the module
+    docstring). Shares the gRPC processor (its store, limits, stats and Envoy metadata)."""
+
+    def __init__(self, processor: PolicyProcessor) -> None:
+        self.processor = processor
+        self.body_refusals = 0
+        self.state_failures = 0
+        # Decoded route-only states (static chains: one per route), bounded.
+        self._route_states: dict[str, dict[str, Any]] = {}
+
+    def _restore(self, request: _Request) -> dict[str, Any]:
+        carried = request.metadata_context
+        namespace = carried.filter_metadata.get(STATE_NAMESPACE) if carried is not None else None
+        text = namespace.get(_STATE_KEY) if namespace else None
+        if not isinstance(text, str):
+            raise ValueError(
+                f"no {STATE_NAMESPACE} metadata (the filter must receive and forward that "
+                "namespace: metadata_options)"
+            )
+        state = self._route_states.get(text)
+        if state is None:
+            state = _decode_state(text)
+            if "request" not in state:
+                if len(self._route_states) >= _MAX_ROUTE_STATES:
+                    self._route_states.clear()
+                self._route_states[text] = state
+        return state
+
+    async def __call__(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """``(HTTP status, JSON body)`` answering one POSTed ``ProcessingRequest``."""
+        try:
+            request = _DECODER.decode(body)
+            message = _Message(request)
+            kind = message.kind
+            if kind == "request_headers":
+                reply, stream = await self._request_headers(message)
+            else:
+                reply, stream = await self._response_headers(message, request)
+        except (msgspec.DecodeError, ProtocolError) as exc:
+            self.processor.stats.protocol_errors += 1
+            metrics.extproc_protocol_error()
+            log.warning("HTTP ext_proc protocol error: %s", exc)
+            return 400, _ENCODER.encode({"error": str(exc)})
+        if stream is None:
+            return 200, _ENCODER.encode(_SHARED.get(id(reply)) or to_json(reply))
+        return 200, self._encode(kind, reply, stream)
+
+    def _encode(self, kind: str, reply: pb.ProcessingResponse, stream: _Stream) -> bytes:
+        """The answer's bytes: the reply, Envoy metadata and (request phase) the state.
+
+        A static phase without request context (no metadata, the state is just the route)
+        has the same answer for every request of its route: built once, kept on the chain."""
+        phase = kind.partition("_")[0]
+        chain = stream.chain
+        key = None
+        if chain is not None and stream.request is None and chain.replies.get(phase) is reply:
+            key = ("http-answer", phase, stream.route)
+            cached = chain.replies.get(key)
+            if cached is not None:
+                return cached  # type: ignore[no-any-return]
+        encoded = _reply_json(reply, stream, phase)
+        extra: dict[str, Any] = {}
+        emit = self.processor.envoy_metadata
+        if emit is not None and stream.request is not None:
+            fields = emit.fields(stream.request.metadata)
+            if fields:
+                extra[emit.namespace] = fields
+        if kind == "request_headers" and stream.phase is _Phase.RESPONSE_HEADERS:
+            extra[STATE_NAMESPACE] = {_STATE_KEY: _state(stream)}
+        if extra:
+            encoded = {
+                **encoded,
+                "dynamic_metadata": {**encoded.get("dynamic_metadata", {}), **extra},
+            }
+        data = _ENCODER.encode(encoded)
+        if key is not None and chain is not None:
+            chain.replies.setdefault(key, data)
+        return data
+
+    async def _request_headers(self, message: Any) -> tuple[pb.ProcessingResponse, _Stream | None]:
+        processor = self.processor
+        processor.stats.streams += 1
+        route = msg.route_key(None, message, processor.route_names)
+        chain = processor._store.current.chain_for(route) if route else None
+        if chain is not None and (chain.requires_request_body or chain.requires_response_body):
+            self.body_refusals += 1
+            metrics.http_body_refusal(route)
+            log.error(
+                "route %r: its chain reads a body, which Envoy's HTTP ext_proc transport "
+                "does not send: answering 500 (route it to the gRPC ext_proc filter)",
+                route,
+            )
+            return msg.INTERNAL_ERROR_REPLY, None
+        stream = _Stream(processor, None)
+        return await stream.handle(message), stream
+
+    async def _response_headers(
+        self, message: Any, request: _Request
+    ) -> tuple[pb.ProcessingResponse, _Stream | None]:
+        processor = self.processor
+        try:
+            state = self._restore(request)
+            route = state["route"]
+            chain = processor._store.current.chain_for(route) if route else None
+            if chain is None or not chain.needs_response:
+                # The configuration changed between the phases: nothing to run now.
+                return _EMPTY_RESPONSE_HEADERS, None
+            stream = _Stream(processor, None)
+            stream.route = route
+            stream.chain = chain
+            if chain.static_response_outcome is None:
+                carried = state.get("request")
+                if not isinstance(carried, dict):
+                    raise ValueError("the route's response phase needs the request, not carried")
+                stream.request = _request_from(route, carried)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.state_failures += 1
+            log.error("HTTP ext_proc response_headers: %s: answering 500", exc)
+            return msg.INTERNAL_ERROR_REPLY, None
+        stream.phase = _Phase.RESPONSE_HEADERS
+        return await stream.handle(message), stream

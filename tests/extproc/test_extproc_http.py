@@ -1,0 +1,288 @@
+"""engine.extproc_http: JSON ProcessingRequest <-> the ext_proc stream machine (no Envoy).
+
+Messages are built with engine.extproc_testing and turned into the proto3 JSON Envoy sends
+(proto field names, base64 ``raw_value``); replies are parsed back with protobuf's own JSON
+parser, which proves they are valid proto3 JSON. The same scenarios run through a real Envoy
+in tests/e2e/test_http_transport.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import json_format
+
+from engine import metrics
+from engine.chain import Chain, ChainPolicy, Snapshot
+from engine.envoy_metadata import EnvoyMetadata
+from engine.extproc import PolicyProcessor
+from engine.extproc_http import STATE_NAMESPACE, HttpExtProc
+from engine.extproc_testing import decode, request_headers, response_headers
+from engine.policy import (
+    ImmediateResponse,
+    RequestContext,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
+from engine.route_names import RouteNamePattern
+from engine.store import ConfigStore
+
+
+class Modify:
+    def __init__(self, action: RequestModifications) -> None:
+        self.action = action
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return self.action
+
+
+class Deny:
+    def on_request(self, ctx: RequestContext) -> ImmediateResponse:
+        return ImmediateResponse(401, {"www-authenticate": "Bearer"}, b"denied")
+
+
+class MetaWriter:
+    def on_request(self, ctx: RequestContext) -> None:
+        ctx.metadata["user"] = "alice"
+
+
+class Respond:
+    def __init__(self, action: ResponseModifications) -> None:
+        self.action = action
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+        return self.action
+
+
+class Upper:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_request(self, ctx: RequestContext) -> None:
+        self.calls += 1
+
+    def on_response(self, ctx: ResponseContext) -> None:
+        self.calls += 1
+
+
+def entry(instance: object, **flags: Any) -> ChainPolicy:
+    return ChainPolicy(
+        name=type(instance).__name__,
+        version="v1.0.0",
+        instance=instance,
+        has_request=hasattr(instance, "on_request"),
+        has_response=hasattr(instance, "on_response"),
+        **flags,
+    )
+
+
+def snapshot(**routes: list[ChainPolicy]) -> Snapshot:
+    chains = {k: Chain(route=k, policies=tuple(v)) for k, v in routes.items()}
+    return Snapshot(routes=MappingProxyType(chains), source="test", version=1)
+
+
+class Remember:
+    """Response policy recording what it sees of the request and the metadata."""
+
+    def __init__(self) -> None:
+        self.seen: list[ResponseContext] = []
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+        self.seen.append(ctx)
+        return ResponseModifications(set_headers={"x-user": str(ctx.metadata.get("user"))})
+
+
+def as_json(message: Any, *, state: dict[str, Any] | None = None) -> bytes:
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if state is not None:
+        data["metadata_context"] = {"filter_metadata": {STATE_NAMESPACE: state}}
+    return json.dumps(data).encode()
+
+
+def parsed(body: bytes) -> Any:
+    return json_format.Parse(body, pb.ProcessingResponse())
+
+
+def route(name: str) -> dict[str, str]:
+    return {"xds.route_name": name, "source.address": "10.0.0.7:5555"}
+
+
+async def post(handler: HttpExtProc, body: bytes) -> tuple[int, Any, dict[str, Any]]:
+    status, reply = await handler("/", body)
+    return status, (parsed(reply) if status == 200 else None), json.loads(reply)
+
+
+def make(**routes: Any) -> tuple[HttpExtProc, PolicyProcessor]:
+    processor = PolicyProcessor(ConfigStore(snapshot(**routes)))
+    return HttpExtProc(processor), processor
+
+
+async def test_request_header_mutation_and_no_response_phase():
+    action = RequestModifications(set_headers={"x-added": "yes"}, remove_headers=("x-drop",))
+    handler, _ = make(public=[entry(Modify(action))])
+    message = request_headers("/p", "GET", {"x-drop": "1"}, attributes=route("public"))
+    status, reply, raw = await post(handler, as_json(message))
+    assert status == 200
+    got = decode(reply)
+    assert got.kind == "request_headers"
+    assert got.set_headers == {"x-added": "yes"}
+    assert got.remove_headers == ["x-drop"]
+    assert got.modes is not None
+    assert got.modes["response_header_mode"] == "SKIP"
+    assert "dynamic_metadata" not in raw, "no response phase: no state to carry"
+
+
+async def test_state_carries_metadata_and_request_to_the_response_phase():
+    remember = Remember()
+    rewrite = RequestModifications(set_headers={"x-up": "1"}, path="/rewritten")
+    handler, _ = make(public=[entry(MetaWriter()), entry(Modify(rewrite)), entry(remember)])
+    message = request_headers(
+        "/p", "GET", {"authorization": "Bearer secret", "x-in": "a"}, attributes=route("public")
+    )
+    status, reply, raw = await post(handler, as_json(message))
+    assert status == 200
+    assert (decode(reply).modes or {})["response_header_mode"] == "SEND"
+    state = raw["dynamic_metadata"][STATE_NAMESPACE]
+    assert b"secret" not in base64.b64decode(state["s"]), "credentials never in metadata"
+    status, reply, _ = await post(handler, as_json(response_headers(200), state=state))
+    assert status == 200
+    got = decode(reply)
+    assert got.kind == "response_headers"
+    assert got.set_headers == {"x-user": "alice"}
+    (ctx,) = remember.seen
+    assert ctx.request.path == "/rewritten"
+    assert ctx.request.headers["x-up"] == "1"
+    assert ctx.request.headers["x-in"] == "a"
+    assert "authorization" not in ctx.request.headers
+    assert ctx.request.client_address == "10.0.0.7"
+    assert ctx.status == 200
+
+
+async def test_response_status_and_envoy_metadata_like_grpc():
+    handler, processor = make(
+        public=[entry(MetaWriter()), entry(Respond(ResponseModifications(status=418)))]
+    )
+    processor.envoy_metadata = EnvoyMetadata(keys=("user",))
+    _, _, raw = await post(handler, as_json(request_headers(attributes=route("public"))))
+    assert raw["dynamic_metadata"]["policy_engine"] == {"user": "alice"}
+    state = raw["dynamic_metadata"][STATE_NAMESPACE]
+    status, reply, raw = await post(handler, as_json(response_headers(200), state=state))
+    assert status == 200
+    assert decode(reply).set_headers == {":status": "418"}
+    assert raw["dynamic_metadata"]["policy_engine"] == {"user": "alice"}
+
+
+async def test_immediate_response():
+    handler, _ = make(public=[entry(Deny())])
+    status, reply, _ = await post(handler, as_json(request_headers(attributes=route("public"))))
+    assert status == 200
+    got = decode(reply)
+    assert got.kind == "immediate_response"
+    assert got.status == 401
+    assert got.body == b"denied"
+    assert got.set_headers == {"www-authenticate": "Bearer"}
+
+
+async def test_unknown_route_is_denied():
+    handler, _ = make(public=[])
+    status, reply, _ = await post(handler, as_json(request_headers(attributes=route("nope"))))
+    assert status == 200
+    assert decode(reply).status == 404
+
+
+@pytest.mark.parametrize("flag", ["requires_request_body", "requires_response_body"])
+async def test_route_needing_bodies_is_refused_never_skipped(flag, caplog, tmp_path):
+    upper = Upper()
+    handler, _ = make(body=[entry(upper, **{flag: True})])
+    metrics.enable(str(tmp_path))
+    status, reply, _ = await post(handler, as_json(request_headers(attributes=route("body"))))
+    assert status == 200
+    got = decode(reply)
+    assert (got.kind, got.status) == ("immediate_response", 500)
+    assert handler.body_refusals == 1
+    assert "route 'body'" in caplog.text
+    try:
+        exposition = metrics.render().decode()
+    finally:
+        metrics.disable()
+    assert 'policy_engine_http_body_refusals_total{route="(unknown)"} 1.0' in exposition
+    assert upper.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        (None, "no policy_engine.http_state metadata"),
+        ({"s": "not base64!"}, "malformed"),
+        ({"s": base64.b64encode(b"\xc1").decode()}, "malformed"),
+        ({"s": base64.b64encode(b"\x80").decode()}, "malformed"),
+    ],
+    ids=["missing", "not-base64", "not-msgpack", "wrong-shape"],
+)
+async def test_response_phase_without_valid_state_fails_closed(state, why, caplog):
+    handler, _ = make(public=[entry(Remember())])
+    status, reply, _ = await post(handler, as_json(response_headers(200), state=state))
+    assert status == 200
+    assert decode(reply).status == 500
+    assert handler.state_failures == 1
+    assert why in caplog.text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b'{"request_headers": 5}', b"{}", b'{"request_body": {"body": "YQ=="}}'],
+    ids=["syntax", "wrong-type", "empty", "body-message"],
+)
+async def test_malformed_messages_are_protocol_errors(body):
+    handler, processor = make(public=[])
+    status, reply = await handler("/", body)
+    assert status == 400
+    assert "error" in json.loads(reply)
+    assert processor.stats.protocol_errors == 1
+
+
+async def test_static_replies_are_encoded_once_and_never_shared_with_state():
+    handler, _ = make(public=[entry(Modify(RequestModifications(set_headers={"x": "1"})))])
+    first = await handler("/", as_json(request_headers(attributes=route("public"))))
+    second = await handler("/", as_json(request_headers(attributes=route("public"))))
+    assert first == second
+
+
+class Reader:
+    """A request policy reading the client address and headers (sees what gRPC sees)."""
+
+    def __init__(self) -> None:
+        self.seen: list[RequestContext] = []
+
+    def on_request(self, ctx: RequestContext) -> ImmediateResponse | None:
+        self.seen.append(ctx)
+        return None
+
+
+async def test_request_context_matches_grpc():
+    reader = Reader()
+    handler, _ = make(public=[entry(reader)])
+    message = request_headers(
+        "/a?b=1", "PUT", [("x-r", "1"), ("x-r", "2")], attributes=route("public")
+    )
+    await handler("/", as_json(message))
+    (ctx,) = reader.seen
+    assert (ctx.path, ctx.method, ctx.route) == ("/a?b=1", "PUT", "public")
+    assert ctx.headers.get_all("x-r") == ["1", "2"]
+    assert ctx.client_address == "10.0.0.7"
+
+
+async def test_generated_route_names_map_to_keys_as_over_grpc():
+    """--route-name-pattern (Envoy Gateway, Istio) applies over HTTP too, body check included."""
+    handler, processor = make(body=[entry(Upper(), requires_request_body=True)])
+    processor.route_names = RouteNamePattern(r"httproute/default/(?P<key>[^/]+)/rule/0")
+    generated = "httproute/default/body/rule/0"
+    status, reply, _ = await post(handler, as_json(request_headers(attributes=route(generated))))
+    assert (status, decode(reply).status) == (200, 500)
+    assert handler.body_refusals == 1
