@@ -154,6 +154,9 @@ class ProcessorStats:
     policy_failures: int = 0
     missing_bodies: int = 0
     too_large: int = 0
+    pieces_after_end: int = 0
+    """Streamed body pieces that came after their body had ended (a policy's end, or Envoy
+    repeating the final piece: envoyproxy/envoy#46237); dropped, never sent on."""
 
     def count(self, kind: str, route: str | None = None) -> int:
         """Messages of ``kind`` received, for one route or (``route=None``) all routes."""
@@ -784,6 +787,7 @@ class _Stream:
             # Nothing more goes on after the end: a piece after a policy ended the body, or
             # Envoy repeating the final piece (envoyproxy/envoy#46237). No reply expected.
             log.debug("route %r: %s body piece after its end: dropped", self.route, side)
+            self._processor.stats.pieces_after_end += 1
             return None
         step = await stream.push(bytes(body.body), body.end_of_stream)
         return self._chunk_step(side, step.data, step.end, step.immediate, body.end_of_stream)

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -693,6 +693,7 @@ class EnvoyProcess:
         transport: str = "grpc",
         http_engine_port: int = 0,
         grpc_routes: Collection[str] = (),
+        edit: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.admin_port = free_port()
         self.port = free_port()
@@ -711,6 +712,8 @@ class EnvoyProcess:
             http_engine_port=http_engine_port,
             grpc_routes=grpc_routes,
         )
+        if edit is not None:  # a test's own change to the bootstrap (e.g. a second filter)
+            edit(bootstrap)
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.log_path = workdir / "envoy.log"
