@@ -39,6 +39,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from engine.config import load_config
+from engine.envoy_metadata import EnvoyMetadata
 from engine.extproc import PolicyProcessor
 from engine.extproc_messages import ROUTE_METADATA_KEY
 from engine.store import ConfigStore
@@ -206,7 +207,8 @@ def _processor() -> Iterator[tuple[PolicyProcessor, str]]:
             routes["auth"] = {"policies": [api_key, rate_limit]}
             snapshot = load_config(config, source="bench-hotpath", registry=manifest_registry())
             token = keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600))
-            yield PolicyProcessor(ConfigStore(snapshot)), token
+            # The engine's default (engine/main.py): dynamic chains' metadata goes to Envoy.
+            yield PolicyProcessor(ConfigStore(snapshot), envoy_metadata=EnvoyMetadata()), token
 
 
 def run(iterations: int = 20000, routes: tuple[str, ...] = _CHAINS) -> dict[str, Any]:
