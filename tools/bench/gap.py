@@ -23,14 +23,23 @@ metadata, the request headers Envoy 1.36 sends for wrk's GET, the response heade
 the reply's ``mode_override`` asks for them, then half-close: it isolates the engine process
 and records how many messages each chain asks for.
 
+Before the callgrind part, the same servers run without valgrind (``--cpu-requests``, 0 to
+skip): ``--rounds`` interleaved passes per row give each server's CPU per request split into
+the event-loop thread and grpc's own threads (``/proc/<pid>/task/*/schedstat``), voluntary
+context switches per request, and (``strace -f -c`` attached for one more pass, when strace is
+on PATH) system calls per request; in the same rounds the chains run in-process timed in CPU
+seconds, "hot" (back to back, as hotpath measures) and "cold" (caches evicted before each
+request, see ``InProcess``). ``--cache-sim`` adds callgrind's simulated cache misses.
+
 Needs valgrind (``valgrind``, ``callgrind_control``, ``callgrind_annotate``) on PATH, so it is
 not a Bazel target: ``tools/bazel`` runs Bazel in an offline root that has no valgrind. Run it
 from the repository root with the locked requirements installed, after generating the protos
 (``python -m tools.protoc.gen_protos``)::
 
-    PYTHONPATH=.:generated/python python -m tools.bench.gap [--requests N] [--concurrency C]
+    PYTHONPATH=.:generated/python python -m tools.bench.gap [--requests N] [--cache-sim]
 
-About two minutes at ``--requests 60`` on this machine kind (callgrind runs ~50x slower).
+About 5 minutes with the defaults on this machine kind (callgrind runs ~50x slower; twice as
+long with ``--cache-sim``). ``--keep DIR`` keeps the dumps for ``callgrind_annotate``.
 """
 
 from __future__ import annotations
@@ -38,15 +47,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import copy
+import json
 import os
 import re
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -139,11 +153,12 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def _valgrind(out: Path) -> list[str]:
+def _valgrind(out: Path, cache_sim: bool) -> list[str]:
     return [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        f"--cache-sim={'yes' if cache_sim else 'no'}",
         f"--callgrind-out-file={out}",
     ]
 
@@ -172,12 +187,13 @@ def measure_server(
     concurrency: int,
     workdir: Path,
     name: str,
+    cache_sim: bool = False,
 ) -> dict[str, tuple[Path, int]]:
     """Start ``argv`` under callgrind; for each (route, messages): warm up, zero, drive
     ``requests`` requests, dump. Returns route -> (dump file, messages per request)."""
     out = workdir / f"cg-{name}"
     proc = subprocess.Popen(
-        [*_valgrind(out), *argv],
+        [*_valgrind(out, cache_sim), *argv],
         stdout=subprocess.DEVNULL,
         stderr=(workdir / f"{name}.log").open("wb"),
     )
@@ -230,11 +246,18 @@ def _inprocess_child(routes: list[str]) -> int:
 
 
 def measure_inprocess(
-    routes: list[str], *, requests: int, workdir: Path
+    routes: list[str], *, requests: int, workdir: Path, cache_sim: bool = False
 ) -> dict[str, tuple[Path, int]]:
     out = workdir / "cg-inprocess"
     proc = subprocess.Popen(
-        [*_valgrind(out), sys.executable, "-m", "tools.bench.gap", "--child", ",".join(routes)],
+        [
+            *_valgrind(out, cache_sim),
+            sys.executable,
+            "-m",
+            "tools.bench.gap",
+            "--child",
+            ",".join(routes),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=(workdir / "inprocess.log").open("wb"),
@@ -273,7 +296,12 @@ _LINE: Final = re.compile(r"^\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(\S.*?)\s*$")
 
 def functions(dump: Path, *, inclusive: bool = False) -> dict[str, int]:
     """``object:function`` -> instructions (exclusive, or inclusive) of one dump."""
-    args = ["callgrind_annotate", "--threshold=100", f"--inclusive={'yes' if inclusive else 'no'}"]
+    args = [
+        "callgrind_annotate",
+        "--threshold=100",
+        "--show=Ir",
+        f"--inclusive={'yes' if inclusive else 'no'}",
+    ]
     text = subprocess.run([*args, str(dump)], check=True, capture_output=True, text=True).stdout
     table: dict[str, int] = {}
     started = False
@@ -287,11 +315,21 @@ def functions(dump: Path, *, inclusive: bool = False) -> dict[str, int]:
     return table
 
 
-def total(dump: Path) -> int:
+def counts(dump: Path) -> dict[str, int]:
+    """The dump's event totals: ``Ir`` (instructions) and, with ``--cache-sim``, the
+    simulated cache misses (``I1mr``, ``D1mr``, ``D1mw``, ``ILmr``, ``DLmr``, ``DLmw``)."""
+    events: list[str] = []
     for line in dump.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            return dict(zip(events, (int(x) for x in line.split()[1:]), strict=False))
     raise RuntimeError(f"no totals in {dump}")
+
+
+def total(dump: Path) -> int:
+    """Instructions in ``dump``."""
+    return counts(dump)["Ir"]
 
 
 def grouped(table: dict[str, int]) -> dict[str, int]:
@@ -302,6 +340,174 @@ def grouped(table: dict[str, int]) -> dict[str, int]:
                 out[label] += ir
                 break
     return dict(out)
+
+
+# -- without valgrind: CPU per thread, context switches, system calls ------------------------
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """One row's figures per request, measured on the server without valgrind."""
+
+    loop_us: float
+    """CPU of the event-loop thread (the process's main thread: Python, uvloop, cygrpc)."""
+    grpc_us: float
+    """CPU of every other thread (grpc's poller and EventEngine threads)."""
+    switches: float
+    """Voluntary context switches, all threads (each one a thread going to sleep)."""
+
+
+def _threads(pid: int) -> dict[int, tuple[int, int]]:
+    """tid -> (CPU ns, voluntary context switches) of each thread of ``pid``."""
+    out: dict[int, tuple[int, int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended between listing and reading
+        switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+        out[int(tid)] = (ns, switches)
+    return out
+
+
+def _cpu_delta(pid: int, before: dict[int, tuple[int, int]], n: int) -> Cpu:
+    after = _threads(pid)
+    loop = grpc_ns = switches = 0
+    for tid, (ns, sw) in after.items():
+        ns0, sw0 = before.get(tid, (0, 0))
+        if tid == pid:
+            loop += ns - ns0
+        else:
+            grpc_ns += ns - ns0
+        switches += sw - sw0
+    return Cpu(loop / n / 1000, grpc_ns / n / 1000, switches / n)
+
+
+def _syscalls(pid: int, port: int, route: str, messages: list[bytes], *, n: int, c: int) -> float:
+    """System calls per request, all threads (``strace -f -c`` attached for ``n`` requests)."""
+    with tempfile.NamedTemporaryFile(prefix="gap-strace-", suffix=".txt") as out:
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-c", "-o", out.name, "-p", str(pid)], stderr=subprocess.DEVNULL
+        )
+        time.sleep(1.5)  # strace attaches to every thread before the measured requests
+        asyncio.run(_drive(port, route, messages, n, c))
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(60)
+        text = Path(out.name).read_text()
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[-1] == "total":
+            return int(fields[2] if len(fields) == 4 else fields[3]) / n
+    raise RuntimeError(f"no strace summary: {text[:200]!r}")
+
+
+class InProcess:
+    """The chains in-process (hotpath's driver), timed in CPU seconds of this thread.
+
+    ``hot``: requests back to back, as ``hotpath`` measures them (code and data stay in the
+    caches). ``cold``: before each request, 16 MB of memory are written (more than the 8 MB
+    L3 of this machine kind) and unrelated interpreter code runs (a JSON round trip), as a
+    server's request runs after gRPC's threads, the event loop and other processes had the
+    core; only the request itself is timed.
+    """
+
+    def __init__(self, routes: list[str]) -> None:
+        self._stack = contextlib.ExitStack()
+        self._loop = hotpath._new_loop()
+        self._stack.callback(self._loop.close)
+        processor, token = self._stack.enter_context(hotpath._processor())
+        self._ones: dict[str, Any] = {}
+        for route in routes:
+            if route.startswith("floor"):
+                self._ones[route] = hotpath._floor_request(int(route[-1]))
+            else:
+                self._ones[route] = hotpath._engine_request(processor, route, token)
+            self._loop.run_until_complete(self._ones[route]())  # JWKS fetched once here
+        self._junk = bytearray(16 << 20)
+        self._blob = {f"k{i}": [i, str(i), {"v": i / 3}] for i in range(5000)}
+
+    def _evict(self) -> None:
+        self._junk[::64] = b"\x01" * (len(self._junk) // 64)
+        json.loads(json.dumps(self._blob))
+
+    def cpu_us(self, route: str, n: int, *, cold: bool) -> float:
+        """Median CPU us of one request on ``route`` over ``n`` requests."""
+        one = self._ones[route]
+
+        async def many() -> list[int]:
+            times = []
+            for _ in range(n):
+                if cold:
+                    self._evict()
+                start = time.thread_time_ns()
+                await one()
+                times.append(time.thread_time_ns() - start)
+            return times
+
+        return statistics.median(self._loop.run_until_complete(many())) / 1000
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def measure_cpu(
+    servers: list[tuple[list[str], int, list[tuple[str, list[bytes]]]]],
+    *,
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    workdir: Path,
+    inprocess: InProcess,
+) -> dict[str, tuple[Cpu, float | None, float, float]]:
+    """Each server (argv, port, workload) started plainly; ``rounds`` interleaved passes of
+    ``requests`` per route, each round followed by ``inprocess``'s hot and cold passes; the
+    median of each figure; then one pass under strace per route (None when strace is not on
+    PATH). Returns route -> (Cpu, syscalls per request, in-process hot us, cold us)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        rows: list[tuple[int, int, str, list[bytes]]] = []
+        for i, (argv, port, workload) in enumerate(servers):
+            log = (workdir / f"cpu-{i}.log").open("wb")
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log))
+            _wait_port(port, procs[-1])
+            rows += [(procs[-1].pid, port, route, messages) for route, messages in workload]
+        for _, port, route, messages in rows:
+            asyncio.run(_drive(port, route, messages, max(200, requests // 5), concurrency))
+        samples: dict[str, list[Cpu]] = collections.defaultdict(list)
+        hot: dict[str, list[float]] = collections.defaultdict(list)
+        cold: dict[str, list[float]] = collections.defaultdict(list)
+        in_n = max(100, requests // 8)
+        for _ in range(rounds):
+            for pid, port, route, messages in rows:
+                before = _threads(pid)
+                asyncio.run(_drive(port, route, messages, requests, concurrency))
+                samples[route].append(_cpu_delta(pid, before, requests))
+            for _, _, route, _ in rows:
+                hot[route].append(inprocess.cpu_us(route, in_n, cold=False))
+                cold[route].append(inprocess.cpu_us(route, in_n, cold=True))
+        traced = shutil.which("strace") is not None
+        out: dict[str, tuple[Cpu, float | None, float, float]] = {}
+        for pid, port, route, messages in rows:
+            got = samples[route]
+            cpu = Cpu(
+                statistics.median(c.loop_us for c in got),
+                statistics.median(c.grpc_us for c in got),
+                statistics.median(c.switches for c in got),
+            )
+            n = max(200, requests // 4)
+            calls = _syscalls(pid, port, route, messages, n=n, c=concurrency) if traced else None
+            out[route] = (cpu, calls, statistics.median(hot[route]), statistics.median(cold[route]))
+        return out
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -318,12 +524,26 @@ def _config(workdir: Path, jwks_url: str, ca: str) -> Path:
         "parameters": {"keys": [{"key": hotpath._API_KEY, "consumer": "bench"}]},
     }
     routes["auth"] = {"policies": [api_key, rate_limit]}
+    # Under callgrind the engine lives longer than the default 5 minute JWKS TTL and a TLS
+    # fetch takes seconds: no background refresh inside a measured window.
+    routes["jwt"]["policies"][0]["parameters"].update(jwksCacheTtl="1h", fetchTimeout="60s")
     path = workdir / "gap-config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def run(requests: int, concurrency: int, workdir: Path) -> Iterator[str]:
+@dataclass(frozen=True)
+class Options:
+    """What one run measures (the command-line options)."""
+
+    requests: int
+    concurrency: int
+    cache_sim: bool
+    cpu_requests: int
+    rounds: int
+
+
+def run(options: Options, workdir: Path) -> Iterator[str]:
     keys = KeySet.generate()
     (workdir / "pki").mkdir(exist_ok=True)
     pki = make_pki(workdir / "pki")
@@ -332,56 +552,134 @@ def run(requests: int, concurrency: int, workdir: Path) -> Iterator[str]:
     with JwksServer(pki, keys.published) as jwks:
         config = _config(workdir, jwks.url, str(pki.ca_file))
         floor_port, engine_port = free_port(), free_port()
-        py = [sys.executable, "-m"]
-        floor = measure_server(
-            [*py, "tools.bench.floor", "--impl", "grpcaio-uvloop", "--port", str(floor_port)],
-            floor_port,
-            [(f"floor{n}", hotpath._messages("headers")) for n in (1, 2)],
-            requests=requests,
-            concurrency=concurrency,
-            workdir=workdir,
-            name="floor",
+        floor_argv = [
+            *[sys.executable, "-m", "tools.bench.floor"],
+            *["--impl", "grpcaio-uvloop", "--port", str(floor_port)],
+        ]
+        engine_argv = [
+            *[sys.executable, "-m", "tools.bench.engine_main"],
+            f"--config={config}",
+            f"--listen={HOST}:{engine_port}",
+            "--workers=1",
+            "--log-level=WARNING",
+        ]
+        floor_work = [(f"floor{n}", hotpath._messages("headers")) for n in (1, 2)]
+        engine_work = [(route, hotpath._messages(route, token)) for route in chains]
+        cpu: dict[str, tuple[Cpu, float | None, float, float]] = {}
+        if options.cpu_requests:
+            inprocess = InProcess(["floor1", "floor2", *chains])
+            try:
+                cpu = measure_cpu(
+                    [
+                        (floor_argv, floor_port, floor_work),
+                        (engine_argv, engine_port, engine_work),
+                    ],
+                    requests=options.cpu_requests,
+                    concurrency=options.concurrency,
+                    rounds=options.rounds,
+                    workdir=workdir,
+                    inprocess=inprocess,
+                )
+            finally:
+                inprocess.close()
+        common: dict[str, Any] = {
+            "requests": options.requests,
+            "concurrency": options.concurrency,
+            "workdir": workdir,
+            "cache_sim": options.cache_sim,
+        }
+        floor = measure_server(floor_argv, floor_port, floor_work, name="floor", **common)
+        engine = measure_server(engine_argv, engine_port, engine_work, name="engine", **common)
+    inproc = measure_inprocess(
+        ["floor1", "floor2", *chains],
+        requests=options.requests,
+        workdir=workdir,
+        cache_sim=options.cache_sim,
+    )
+    yield from report(floor, engine, inproc, cpu, options)
+
+
+def _cpu_table(
+    cpu: dict[str, tuple[Cpu, float | None, float, float]], options: Options
+) -> Iterator[str]:
+    yield (
+        f"without valgrind, CPU us per request (median of {options.rounds} interleaved passes: "
+        f"server {options.cpu_requests} requests, in-process {max(100, options.cpu_requests // 8)}"
+        "); voluntary context switches and system calls (strace -f -c, one pass) per request"
+    )
+    yield ""
+    yield (
+        "| chain | server: loop thread | grpc threads | total | in-process hot | in-process cold "
+        "| switches | syscalls |"
+    )
+    yield "|---|---|---|---|---|---|---|---|"
+    for name, (c, calls, hot, cold) in cpu.items():
+        sys_calls = "-" if calls is None else f"{calls:.1f}"
+        yield (
+            f"| {name} | {c.loop_us:.0f} | {c.grpc_us:.0f} | {c.loop_us + c.grpc_us:.0f} "
+            f"| {hot:.1f} | {cold:.1f} | {c.switches:.1f} | {sys_calls} |"
         )
-        engine = measure_server(
-            [
-                *py,
-                "tools.bench.engine_main",
-                f"--config={config}",
-                f"--listen={HOST}:{engine_port}",
-                "--workers=1",
-                "--log-level=WARNING",
-            ],
-            engine_port,
-            [(route, hotpath._messages(route, token)) for route in chains],
-            requests=requests,
-            concurrency=concurrency,
-            workdir=workdir,
-            name="engine",
+    yield ""
+    base = cpu["headers-request"]
+    yield "dynamic minus static (headers-request), us per request"
+    yield ""
+    yield "| chain | server loop thread | grpc threads | in-process hot | in-process cold |"
+    yield "|---|---|---|---|---|"
+    for name in DYNAMIC:
+        c, _, hot, cold = cpu[name]
+        yield (
+            f"| {name} | {c.loop_us - base[0].loop_us:+.0f} | {c.grpc_us - base[0].grpc_us:+.0f} "
+            f"| {hot - base[2]:+.1f} | {cold - base[3]:+.1f} |"
         )
-    inproc = measure_inprocess(["floor1", "floor2", *chains], requests=requests, workdir=workdir)
-    yield from report(floor, engine, inproc, requests)
+    yield ""
 
 
 def report(
     floor: dict[str, tuple[Path, int]],
     engine: dict[str, tuple[Path, int]],
     inproc: dict[str, tuple[Path, int]],
-    requests: int,
+    cpu: dict[str, tuple[Cpu, float | None, float, float]],
+    options: Options,
 ) -> Iterator[str]:
-    def per(dump: Path) -> float:
-        return total(dump) / requests / 1000
+    requests = options.requests
 
-    yield f"instructions per request (thousands, callgrind; {requests} requests per row)"
+    def per(dump: Path, event: str = "Ir") -> float:
+        return counts(dump).get(event, 0) / requests / 1000
+
+    rows = {**floor, **engine}
+    yield (
+        f"instructions per request (thousands, callgrind; {requests} requests per row, "
+        f"{options.concurrency} streams in flight)"
+    )
     yield ""
     yield "| chain | messages | server (k instr) | in-process (k instr) | server - in-process |"
     yield "|---|---|---|---|---|"
-    rows: dict[str, tuple[float, float]] = {}
-    for name, (dump, count) in {**floor, **engine}.items():
+    for name, (dump, count) in rows.items():
         server = per(dump)
         inner = per(inproc[name][0]) if name in inproc else float("nan")
-        rows[name] = (server, inner)
         yield f"| {name} | {count} | {server:.0f} | {inner:.0f} | {server - inner:.0f} |"
     yield ""
+    if options.cache_sim:
+        yield "simulated cache misses per request (thousands; callgrind --cache-sim, one cache)"
+        yield ""
+        yield "| chain | I1 server | I1 in-proc | D1 server | D1 in-proc | LL server | LL in-proc |"
+        yield "|---|---|---|---|---|---|---|"
+        for name, (dump, _) in rows.items():
+            mine = inproc[name][0]
+
+            def d1(d: Path) -> float:
+                return per(d, "D1mr") + per(d, "D1mw")
+
+            def ll(d: Path) -> float:
+                return per(d, "ILmr") + per(d, "DLmr") + per(d, "DLmw")
+
+            yield (
+                f"| {name} | {per(dump, 'I1mr'):.1f} | {per(mine, 'I1mr'):.1f} "
+                f"| {d1(dump):.1f} | {d1(mine):.1f} | {ll(dump):.2f} | {ll(mine):.2f} |"
+            )
+        yield ""
+    if cpu:
+        yield from _cpu_table(cpu, options)
     static, dynamic = engine["headers-request"][0], engine["auth"][0]
     in_static, in_dynamic = inproc["headers-request"][0], inproc["auth"][0]
     groups = {
@@ -405,39 +703,67 @@ def report(
         v = [groups[n].get(label, 0) / requests / 1000 for n in names]
         d_auth = (v[2] - v[1]) - (v[5] - v[4])
         d_jwt = (v[3] - v[1]) - (v[6] - v[4])
-        yield (
-            f"| {label} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {d_auth:.1f} | {d_jwt:.1f} |"
-        )
+        cells = " | ".join(f"{x:.1f}" for x in v)
+        yield f"| {label} | {cells} | {d_auth:.1f} | {d_jwt:.1f} |"
     yield ""
-    yield "top functions by inclusive instructions per request, auth server minus static server"
+    yield (
+        "functions whose exclusive instructions per request grow most from the static to the "
+        "jwt chain: on the server, and in-process"
+    )
     yield ""
-    a, s = functions(dynamic, inclusive=True), functions(static, inclusive=True)
-    diff = sorted(((a.get(k, 0) - s.get(k, 0), k) for k in a.keys() | s.keys()), reverse=True)
-    yield "| k instr/req | function |"
-    yield "|---|---|"
-    for d, k in diff[:25]:
-        yield f"| {d / requests / 1000:.1f} | {k[:110]} |"
+    on_server = _growth(functions(engine["jwt"][0]), functions(static), requests)
+    in_proc = _growth(functions(inproc["jwt"][0]), functions(in_static), requests)
+    yield "| function | server k instr/req | in-process k instr/req |"
+    yield "|---|---|---|"
+    for name, grown in sorted(on_server.items(), key=lambda kv: -kv[1])[:15]:
+        yield f"| {name} | {grown:+.1f} | {in_proc.get(name, 0.0):+.1f} |"
+
+
+def _growth(a: dict[str, int], b: dict[str, int], requests: int) -> dict[str, float]:
+    """Per function name (object path dropped), ``a - b`` in k instructions per request."""
+
+    def short(table: dict[str, int]) -> dict[str, int]:
+        out: dict[str, int] = collections.Counter()
+        for name, ir in table.items():
+            function = name.split(" [")[0].rsplit(":", 1)[-1]
+            out[function] += ir
+        return dict(out)
+
+    sa, sb = short(a), short(b)
+    return {k: (sa.get(k, 0) - sb.get(k, 0)) / requests / 1000 for k in sa.keys() | sb.keys()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=300, help="measured requests per row")
+    parser.add_argument("--requests", type=int, default=100, help="callgrind requests per row")
     parser.add_argument("--concurrency", type=int, default=4, help="streams in flight")
+    parser.add_argument(
+        "--cache-sim", action="store_true", help="also simulate caches (callgrind ~2x slower)"
+    )
+    parser.add_argument(
+        "--cpu-requests",
+        type=int,
+        default=1000,
+        help="requests per pass without valgrind (0: skip the CPU and system-call figures)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved passes without valgrind")
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind dumps in DIR")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _inprocess_child(args.child.split(","))
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        parser.error("valgrind (callgrind) is not on PATH: apt-get install valgrind")
-    if args.keep:
-        os.makedirs(args.keep, exist_ok=True)
-        workdir = Path(args.keep)
-        for line in run(args.requests, args.concurrency, workdir):
-            print(line, flush=True)
-        return 0
-    with tempfile.TemporaryDirectory(prefix="gap-") as directory:
-        for line in run(args.requests, args.concurrency, Path(directory)):
+        parser.error("valgrind (callgrind) is not on PATH: install Debian's valgrind package")
+    options = Options(
+        args.requests, args.concurrency, args.cache_sim, args.cpu_requests, args.rounds
+    )
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            workdir = Path(args.keep)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gap-")))
+        for line in run(options, workdir):
             print(line, flush=True)
     return 0
 
