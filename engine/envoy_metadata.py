@@ -37,6 +37,9 @@ DEFAULT_KEYS: Final = (
     "engine.shadow",
     "engine.timing",
 )
+# A type tuple, not ``str | int | float | bool``: that union would be built anew on every
+# call (once per listed key per request).
+_SCALARS: Final = (str, int, float, bool)
 
 
 class EnvoyMetadata:
@@ -55,7 +58,7 @@ class EnvoyMetadata:
         found: dict[str, str | int | float | bool] = {}
         for key in self.keys:
             value = metadata.get(key)
-            if isinstance(value, str | int | float | bool):
+            if isinstance(value, _SCALARS):
                 found[key] = value
         return found
 

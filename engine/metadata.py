@@ -49,6 +49,13 @@ CURRENT_POLICY: Final[contextvars.ContextVar[str]] = contextvars.ContextVar(
 _INT_MIN: Final = -(2**63)
 _INT_END: Final = 2**64  # CEL has int64 and uint64
 _DROP: Final = object()
+# isinstance() type tuples, not ``X | Y``: a union in an expression builds a new
+# types.UnionType on every call, and these checks run per metadata value per request.
+_PLAIN: Final = (bool, float, bytes)
+_FAST_SCALARS: Final = (bool, float)
+_SEQUENCES: Final = (list, tuple, set, frozenset)
+_SETS: Final = (set, frozenset)
+_BUFFERS: Final = (bytearray, memoryview)
 
 
 class _Report:
@@ -77,7 +84,7 @@ def _string(value: str, where: str, report: _Report) -> str:
 
 def _convert(value: Any, where: str, depth: int, report: _Report) -> Any:
     """``value`` as CEL can hold it, or ``_DROP``; returns ``value`` itself when clean."""
-    if value is None or isinstance(value, bool | float | bytes):
+    if value is None or isinstance(value, _PLAIN):
         return value
     if isinstance(value, str):
         return _string(value, where, report)
@@ -94,9 +101,9 @@ def _convert(value: Any, where: str, depth: int, report: _Report) -> Any:
     if depth >= MAX_DEPTH:
         report.add(where, f"nested more than {MAX_DEPTH} levels deep (dropped)")
         return _DROP
-    if isinstance(value, list | tuple | set | frozenset):
+    if isinstance(value, _SEQUENCES):
         items: Any = value
-        if isinstance(value, set | frozenset):
+        if isinstance(value, _SETS):
             try:
                 items = sorted(value)
             except TypeError:
@@ -131,7 +138,7 @@ def _convert(value: Any, where: str, depth: int, report: _Report) -> Any:
             if converted is not _DROP:
                 entries[clean_key] = converted
         return entries if changed else value
-    if isinstance(value, bytearray | memoryview):
+    if isinstance(value, _BUFFERS):
         return bytes(value)
     report.add(where, f"{type(value).__name__} is not a CEL value (dropped)")
     return _DROP
@@ -176,7 +183,7 @@ class RequestMetadata(MutableMapping[str, Any]):
         # Fast path for the common scalar values: no walk, no report.
         if not (
             value is None
-            or isinstance(value, bool | float)
+            or isinstance(value, _FAST_SCALARS)
             or (isinstance(value, str) and value.isascii())
         ):
             converted, problems = cel_value(value)
