@@ -38,7 +38,7 @@ from the repository root with the locked requirements installed, after generatin
 
     PYTHONPATH=.:generated/python python -m tools.bench.gap [--requests N] [--cache-sim]
 
-About 5 minutes with the defaults on this machine kind (callgrind runs ~50x slower; twice as
+About 4-5 minutes with the defaults on this machine kind (callgrind runs ~50x slower; twice as
 long with ``--cache-sim``). ``--keep DIR`` keeps the dumps for ``callgrind_annotate``.
 """
 
