@@ -60,7 +60,7 @@ Processing modes
 Streamed bodies
     A phase whose body policies all have chunk hooks (``engine.streaming.streams``) is not
     buffered: its headers hooks run at the headers, the mode override asks Envoy for
-    FULL_DUPLEX_STREAMED (``engine.extproc_streaming``) and each piece goes through the
+    FULL_DUPLEX_STREAMED (``engine.transport.streaming``) and each piece goes through the
     stream's :class:`~engine.streaming.BodyStream`, one reply per piece (none for a piece
     after the end). The stream stays open while a request body still flows or after a policy
     ended the response body, so nothing passes unprocessed.
@@ -97,18 +97,10 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-import engine.extproc_streaming as sx
-from engine import extproc_messages as msg
 from engine import metrics, timing
 from engine.chain import RequestState, count_static_runs, run_request, run_response
 from engine.envoy_metadata import EnvoyMetadata
 from engine.errors import PolicyError, ProtocolError
-from engine.extproc_messages import (
-    ATTRIBUTES_KEY,
-    DEFAULT_MAX_BODY_BYTES,
-    ROUTE_ATTRIBUTE,
-    ROUTE_METADATA_KEY,
-)
 from engine.logformat import REQUEST_ID
 from engine.policy import (
     ImmediateResponse,
@@ -117,6 +109,14 @@ from engine.policy import (
     ResponseContext,
 )
 from engine.streaming import BodyStream, streams
+from engine.transport import messages as msg
+from engine.transport import streaming as sx
+from engine.transport.messages import (
+    ATTRIBUTES_KEY,
+    DEFAULT_MAX_BODY_BYTES,
+    ROUTE_ATTRIBUTE,
+    ROUTE_METADATA_KEY,
+)
 
 if TYPE_CHECKING:
     from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
@@ -185,7 +185,7 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         A ``Process`` stream counts as in flight from its first message until gRPC has
         finished it (its final status sent: the context's done callback), so
         :meth:`wait_idle` returning means every stream's status is already on its connection.
-        The server's stop sequence relies on that (see ``engine.server.serve``).
+        The server's stop sequence relies on that (see ``engine.transport.server.serve``).
     """
 
     def __init__(
@@ -313,7 +313,8 @@ class _Stream:
         processor: PolicyProcessor,
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse] | None,
     ) -> None:
-        # context: None over the HTTP transport (engine.extproc_http): no invocation metadata.
+        # context: None over the HTTP transport (engine.transport.http_service): no
+        # invocation metadata.
         self._processor = processor
         self._context = context
         self.phase = _Phase.REQUEST_HEADERS
@@ -728,7 +729,7 @@ class _Stream:
         assert self.chain is not None
         return await self._guarded("response", run_response(self.chain, self.response), build)
 
-    # -- streamed bodies (engine/streaming.py, engine/extproc_streaming.py) -------------
+    # -- streamed bodies (engine/streaming.py, engine/transport/streaming.py) -------------
 
     async def _start_request_stream(self) -> pb.ProcessingResponse:
         """The request body streams: every request policy runs now, at the headers (body

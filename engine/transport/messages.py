@@ -1,8 +1,8 @@
 """Pure helpers of the ext_proc layer: reading Envoy's messages and building replies.
 
-:mod:`engine.extproc` holds the stream state machine; everything here is a function of its
-arguments (or a reply built once at import), so one request's path reads: message in ->
-:func:`headers_from` / :func:`route_key` -> chain -> :func:`common_request` /
+:mod:`engine.transport.grpc_service` holds the stream state machine; everything here is a
+function of its arguments (or a reply built once at import), so one request's path reads:
+message in -> :func:`headers_from` / :func:`route_key` -> chain -> :func:`common_request` /
 :func:`common_response` / :func:`immediate` -> message out.
 """
 
@@ -110,7 +110,7 @@ def body_mode(configured: int) -> int:
 
     NONE/BUFFERED: ask BUFFERED. A STREAMED or BUFFERED_PARTIAL filter config is asked for
     again unchanged: whether Envoy honours the override or not, the mode is then known, and
-    the body handling matches it (see ``engine.extproc._Stream._whole_body``).
+    the body handling matches it (see ``engine.transport.grpc_service._Stream._whole_body``).
     """
     if configured in (Mode.STREAMED, Mode.BUFFERED_PARTIAL, Mode.FULL_DUPLEX_STREAMED):
         return configured

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from engine.extproc_messages import Mode
+from engine.transport.messages import Mode
 
 __all__ = ["chunk_reply", "stream_modes", "trailers_reply"]
 

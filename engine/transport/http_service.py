@@ -3,9 +3,10 @@
 Envoy POSTs each ``ProcessingRequest`` as proto3 JSON (proto field names, header values
 base64 in ``raw_value``) and applies the JSON ``ProcessingResponse`` it gets back. Only
 header phases travel this way: Envoy sends no bodies or trailers over HTTP. Each message is
-handled by the same stream state machine as over gRPC (``engine.extproc._Stream``: route
-key -> snapshot -> chain -> reply), so immediate responses, header mutations, mode overrides
-and dynamic metadata are the gRPC path's, only re-encoded.
+handled by the same stream state machine as over gRPC
+(``engine.transport.grpc_service._Stream``: route key -> snapshot -> chain -> reply), so
+immediate responses, header mutations, mode overrides and dynamic metadata are the gRPC
+path's, only re-encoded.
 
 One POST per phase
     Over gRPC one stream holds the request's state between ``request_headers`` and
@@ -53,11 +54,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from engine import extproc_messages as msg
 from engine import metrics
 from engine.errors import ProtocolError
-from engine.extproc import PolicyProcessor, _Phase, _Stream
 from engine.policy import Headers, RequestContext, RequestMetadata
+from engine.transport import messages as msg
+from engine.transport.grpc_service import PolicyProcessor, _Phase, _Stream
 
 __all__ = ["STATE_NAMESPACE", "HttpExtProc", "to_json"]
 
@@ -221,7 +222,7 @@ def _value(fd: FieldDescriptor, value: Any) -> Any:
 
 def to_json(message: Any) -> dict[str, Any]:
     """``message`` in the proto3 JSON mapping (proto field names), as Envoy parses it.
-    Covers what ``engine.extproc_messages`` builds (no maps, no 64-bit integers)."""
+    Covers what ``engine.transport.messages`` builds (no maps, no 64-bit integers)."""
     out: dict[str, Any] = {}
     for fd, value in message.ListFields():
         if fd.is_repeated:

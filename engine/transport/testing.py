@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from engine.extproc import ATTRIBUTES_KEY, ROUTE_METADATA_KEY
+from engine.transport.grpc_service import ATTRIBUTES_KEY, ROUTE_METADATA_KEY
 
 __all__ = [
     "Decoded",
