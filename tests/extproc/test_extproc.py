@@ -33,8 +33,9 @@ from engine.policy import (
 )
 from engine.route_names import RouteNamePattern
 from engine.store import ConfigStore
-from engine.transport import grpc_service, server
 from engine.transport import messages as msg
+from engine.transport import server
+from engine.transport import stream as stream_machine
 from engine.transport.grpc_service import PolicyProcessor
 from engine.transport.server import serve
 from engine.transport.testing import (
@@ -455,7 +456,7 @@ async def test_executor_failure_fails_closed(engine, client, monkeypatch):
     async def broken(chain: Chain, ctx: RequestContext, **_: Any) -> None:
         raise RuntimeError("engine bug")
 
-    monkeypatch.setattr(grpc_service, "run_request", broken)
+    monkeypatch.setattr(stream_machine, "run_request", broken)
     replies = await client.exchange("public", [request_headers("/")])
     reply = decode(replies[0])
     assert (reply.kind, reply.status) == ("immediate_response", 500)
@@ -796,7 +797,7 @@ async def test_reply_building_is_inside_the_guard(engine, client, monkeypatch):
     async def unencodable(chain: Chain, ctx: RequestContext, **_: Any) -> RequestOutcome:
         return RequestOutcome(set_headers={"x-sub": "\ud800"})
 
-    monkeypatch.setattr(grpc_service, "run_request", unencodable)
+    monkeypatch.setattr(stream_machine, "run_request", unencodable)
     replies = await client.exchange("public", [request_headers("/")])
     reply = decode(replies[0])
     assert (reply.kind, reply.status) == ("immediate_response", 500)
