@@ -1,4 +1,4 @@
-"""The gRPC server: ext_proc servicer + standard health service, graceful shutdown, workers.
+"""The engine's servers: gRPC ext_proc + health, the HTTP transport beside, drain, workers.
 
 Shape of the grpc aio examples: :func:`serve` builds the server, starts it, waits for a stop
 request (SIGTERM/SIGINT or the ``stop`` event) and stops it with a grace period in ``finally``

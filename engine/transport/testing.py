@@ -1,4 +1,5 @@
-"""Test helpers for the ext_proc service: build messages the way Envoy does, talk to a server.
+"""Test helpers for the ext_proc transports: build messages the way Envoy does, talk to a gRPC
+server.
 
 Message builders mirror what Envoy 1.36 sends (lower-case keys, values in ``raw_value``,
 pseudo-headers first). :class:`ExtProcClient` is a tiny grpc.aio client playing Envoy's
