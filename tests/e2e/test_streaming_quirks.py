@@ -30,8 +30,8 @@ import grpc
 import pytest
 import yaml
 
-from engine.extproc import ROUTE_METADATA_KEY
 from engine.registry import PolicyRegistry, load_policy
+from engine.transport.grpc_service import ROUTE_METADATA_KEY
 from tests.e2e.harness import EngineThread, EnvoyProcess, EnvoyRoute, envoy_binary
 from tests.support.sse_upstream import SseUpstream, read_stream, sse_event
 

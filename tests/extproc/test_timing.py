@@ -12,11 +12,11 @@ import pytest
 
 from engine.config import load_config
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc import PolicyProcessor
-from engine.extproc_testing import ExtProcClient, decode, request_headers, response_headers
-from engine.server import serve
 from engine.store import ConfigStore
 from engine.timing import TIMING_HEADER, TIMING_KEY
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.server import serve
+from engine.transport.testing import ExtProcClient, decode, request_headers, response_headers
 from tests.support import registry_from
 
 _CONFIG = """

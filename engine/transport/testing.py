@@ -1,4 +1,5 @@
-"""Test helpers for the ext_proc service: build messages the way Envoy does, talk to a server.
+"""Test helpers for the ext_proc transports: build messages the way Envoy does, talk to a gRPC
+server.
 
 Message builders mirror what Envoy 1.36 sends (lower-case keys, values in ``raw_value``,
 pseudo-headers first). :class:`ExtProcClient` is a tiny grpc.aio client playing Envoy's
@@ -22,7 +23,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from engine.extproc import ATTRIBUTES_KEY, ROUTE_METADATA_KEY
+from engine.transport.grpc_service import ATTRIBUTES_KEY, ROUTE_METADATA_KEY
 
 __all__ = [
     "Decoded",
