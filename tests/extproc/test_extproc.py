@@ -45,6 +45,7 @@ from engine.transport.testing import (
     request_headers,
     response_body,
     response_headers,
+    serving,
 )
 
 # ----------------------------------------------------------------------------- policies
@@ -150,27 +151,8 @@ async def engine() -> AsyncIterator[Engine]:
     seen = Seen()
     store = ConfigStore(snapshot(public=[entry(Recorder(seen))]))
     processor = PolicyProcessor(store)
-    ports: list[int] = []
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        serve(
-            "127.0.0.1:0",
-            store,
-            grace=0.5,
-            ready=ready,
-            stop=stop,
-            on_bound=ports.append,
-            processor=processor,
-        )
-    )
-    async with asyncio.timeout(5):
-        await ready.wait()
-    try:
-        yield Engine(f"127.0.0.1:{ports[0]}", store, processor, seen)
-    finally:
-        stop.set()
-        async with asyncio.timeout(5):
-            await task
+    async with serving(store, processor) as target:
+        yield Engine(target, store, processor, seen)
 
 
 @pytest.fixture

@@ -27,12 +27,12 @@ from engine.store import ConfigStore
 from engine.streaming import Chunk, EndStream, Framing
 from engine.transport.grpc_service import PolicyProcessor
 from engine.transport.messages import ROUTE_METADATA_KEY
-from engine.transport.server import serve
 from engine.transport.testing import (
     request_body,
     request_headers,
     response_body,
     response_headers,
+    serving,
 )
 
 FDS = "FULL_DUPLEX_STREAMED"
@@ -114,27 +114,8 @@ async def target() -> AsyncIterator[str]:
     )
     store = ConfigStore(snapshot)
     processor = PolicyProcessor(store, envoy_metadata=EnvoyMetadata(keys=["lines"]))
-    ports: list[int] = []
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        serve(
-            "127.0.0.1:0",
-            store,
-            grace=0.5,
-            ready=ready,
-            stop=stop,
-            on_bound=ports.append,
-            processor=processor,
-        )
-    )
-    async with asyncio.timeout(5):
-        await ready.wait()
-    try:
-        yield f"127.0.0.1:{ports[0]}"
-    finally:
-        stop.set()
-        async with asyncio.timeout(5):
-            await task
+    async with serving(store, processor) as target:
+        yield target
 
 
 class Call:
