@@ -170,7 +170,7 @@ class Chain:
     built from the static outcomes."""
     replies: dict[Any, Any] = field(init=False, default_factory=dict, repr=False)
     """The ext_proc layer's replies built from the static outcomes, memoized per chain
-    (engine/extproc.py): built once, shared by every request, never mutated."""
+    (engine/transport/grpc_service.py): built once, shared by every request, never mutated."""
     untimed: Chain | None = field(init=False, default=None, repr=False)
     """For a timing chain: the same chain without timing, which the timed executor runs one
     entry at a time (so the untimed path checks a single flag and nothing more)."""
@@ -919,7 +919,7 @@ def _short_circuited(
     policy: ChainPolicy, route: str, ctx: RequestContext, action: ImmediateResponse
 ) -> None:
     """Count the immediate response and name its policy in the metadata (which Envoy can
-    log: see engine/extproc.py, dynamic metadata)."""
+    log: see engine/transport/grpc_service.py, dynamic metadata)."""
     metrics.policy_short_circuit(route, policy.name, policy.version, action.status)
     ctx.metadata[SHORT_CIRCUIT_KEY] = policy.label
 

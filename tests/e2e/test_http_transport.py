@@ -18,11 +18,15 @@ from typing import Any
 import pytest
 
 from engine.envoy_metadata import EnvoyMetadata
-from tests.e2e.harness import HOST, HTTP_CLUSTER, http_request
+from tests.e2e.harness import (
+    HOST,
+    HTTP_CLUSTER,
+    RECEIVE_ENGINE_METADATA,
+    file_access_log,
+    http_request,
+)
 
 pytestmark = pytest.mark.envoy
-
-METADATA = {"metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}}
 
 
 def policy(name: str, **parameters: Any) -> dict[str, Any]:
@@ -92,7 +96,7 @@ def test_client_cannot_forge_the_carried_state(e2e_both):
 
 def test_immediate_response_and_envoy_metadata_over_http(stack):
     stack.configure({"private": {"policies": [policy("deny")]}})
-    with stack.other_envoy(transport="http", ext_proc=METADATA) as envoy:
+    with stack.other_envoy(transport="http", ext_proc=RECEIVE_ENGINE_METADATA) as envoy:
         reply = http_request(envoy.port, "/api/v1/private/x")
     assert reply.status == 401
     assert reply.json() == {"error": "denied"}
@@ -103,25 +107,15 @@ def test_dynamic_metadata_reaches_envoy_over_both_transports(stack, transport, t
     """The decisions the engine sends as dynamic metadata reach Envoy's access log alike."""
     stack.configure({"meta": {"policies": [writer("carol")]}})
     access_log = tmp_path / f"access-{transport}.log"
-    logger = {
-        "name": "envoy.access_loggers.file",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(access_log),
-            "log_format": {
-                "text_format_source": {
-                    "inline_string": "user=%DYNAMIC_METADATA(policy_engine:user)%\n"
-                }
-            },
-        },
-    }
     processor = stack.engine.processor
     processor.envoy_metadata = EnvoyMetadata(keys=("user",))
     try:
         with stack.other_envoy(
             transport=transport,
-            ext_proc=METADATA,
-            http_connection_manager={"access_log": [logger]},
+            ext_proc=RECEIVE_ENGINE_METADATA,
+            http_connection_manager=file_access_log(
+                access_log, "user=%DYNAMIC_METADATA(policy_engine:user)%\n"
+            ),
         ) as envoy:
             assert http_request(envoy.port, "/meta/x").status == 200
             deadline = time.monotonic() + 30

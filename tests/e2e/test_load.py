@@ -86,7 +86,7 @@ BACKLOG = 1500  # streams arriving while the engine's loop is busy (gRPC's soft 
 
 async def _first_replies(target: str, count: int) -> Counter[str]:
     """Open ``count`` streams at once, send each its request_headers; count the outcomes."""
-    from engine.extproc_testing import ExtProcClient, request_headers
+    from engine.transport.testing import ExtProcClient, request_headers
 
     async def one(client: ExtProcClient) -> str:
         stream = client.open("cel", timeout=60)

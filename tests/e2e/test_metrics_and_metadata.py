@@ -29,9 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from policies.rateLimit.testing import RedisServer, running_redis
 from tests.e2e.harness import (
+    RECEIVE_ENGINE_METADATA,
     EchoUpstream,
     EnvoyProcess,
     envoy_binary,
+    file_access_log,
     free_port,
     http_request,
     routes_for,
@@ -189,7 +191,7 @@ def _with_engine(
             engine_port=port,
             upstream_port=upstream.port,
             routes=routes_for(["m", "k"]),
-            ext_proc={"metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}},
+            ext_proc=RECEIVE_ENGINE_METADATA,
             engine_cluster={
                 "typed_extension_protocol_options": {
                     http: {
@@ -199,19 +201,7 @@ def _with_engine(
                     }
                 }
             },
-            http_connection_manager={
-                "access_log": [
-                    {
-                        "name": "envoy.access_loggers.file",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file."
-                            "v3.FileAccessLog",
-                            "path": str(access_log),
-                            "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}},
-                        },
-                    }
-                ]
-            },
+            http_connection_manager=file_access_log(access_log, LOG_FORMAT),
         ) as envoy:
             yield Stack(envoy, metrics_port, metrics_dir, access_log)
     finally:

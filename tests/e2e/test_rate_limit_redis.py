@@ -9,28 +9,21 @@ serves it.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policies.rateLimit.testing import RedisServer, running_redis
+from tests.e2e.engine_process import EngineProcess
 from tests.e2e.harness import (
     EchoUpstream,
     EnvoyProcess,
     HttpResponse,
     envoy_binary,
-    free_port,
     http_request,
     routes_for,
 )
@@ -39,13 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 POLICY_FOLDER = ROOT / "policies/rateLimit/v2.0.0"
 BURST = 4
 RATE = 0.5  # one request refills every 2 s: the burst below takes far less
-ENGINE = (
-    "import os, sys\n"
-    "from engine.main import main\n"
-    "from engine.registry import PolicyRegistry, load_policy\n"
-    "registry = PolicyRegistry([load_policy(os.environ['RL_POLICY_FOLDER'])])\n"
-    "sys.exit(main(sys.argv[1:], registry=registry))\n"
-)
 
 
 def config(redis_url: str) -> str:
@@ -69,58 +55,7 @@ def config(redis_url: str) -> str:
     return yaml.safe_dump({"routes": routes})
 
 
-class Engine:
-    """An engine process (``workers`` workers) on a fixed 127.0.0.1 port."""
-
-    def __init__(self, config_path: Path, redis_url: str, workers: int, log: Path) -> None:
-        self.port = free_port()
-        self.workers = workers
-        self.log_path = log
-        env = {**os.environ, "RL_POLICY_FOLDER": str(POLICY_FOLDER), "RL_REDIS_URL": redis_url}
-        argv = ["--config", str(config_path), "--listen", f"127.0.0.1:{self.port}"]
-        argv += ["--workers", str(workers), "--grace", "1"]
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", ENGINE, *argv],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-            )
-        try:
-            self._wait_serving()
-        except BaseException:
-            self.close()
-            raise
-
-    def _wait_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert self.process.poll() is None, self.log()[-5000:]
-                with contextlib.suppress(grpc.RpcError):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                assert time.monotonic() < deadline, f"engine not SERVING:\n{self.log()[-5000:]}"
-                time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def spread_over_engines(engines: list[Engine]) -> dict[str, Any]:
+def spread_over_engines(engines: list[EngineProcess]) -> dict[str, Any]:
     """The ext_proc cluster's overrides: every engine an endpoint, one stream per
     connection (so SO_REUSEPORT spreads engine B's streams over its workers)."""
     endpoints = [
@@ -145,7 +80,9 @@ def spread_over_engines(engines: list[Engine]) -> dict[str, Any]:
 
 
 class Stack:
-    def __init__(self, redis: RedisServer, engines: list[Engine], envoy: EnvoyProcess) -> None:
+    def __init__(
+        self, redis: RedisServer, engines: list[EngineProcess], envoy: EnvoyProcess
+    ) -> None:
         self.redis, self.engines, self.envoy = redis, engines, envoy
 
     def get(self, route: str, user: str) -> HttpResponse:
@@ -172,10 +109,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_redis(workdir) as redis, EchoUpstream() as upstream:
         config_path = workdir / "config.yaml"
         config_path.write_text(config(redis.url))
-        engines: list[Engine] = []
+        engines: list[EngineProcess] = []
         try:
-            engines.append(Engine(config_path, redis.url, 1, workdir / "engine-a.log"))
-            engines.append(Engine(config_path, redis.url, 2, workdir / "engine-b.log"))
+            engines.append(
+                EngineProcess(
+                    config_path,
+                    redis.url,
+                    1,
+                    workdir / "engine-a.log",
+                    policy_folders=[POLICY_FOLDER],
+                )
+            )
+            engines.append(
+                EngineProcess(
+                    config_path,
+                    redis.url,
+                    2,
+                    workdir / "engine-b.log",
+                    policy_folders=[POLICY_FOLDER],
+                )
+            )
             with EnvoyProcess(
                 binary,
                 workdir,

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from engine.extproc_testing import ExtProcClient, request_body, request_headers, response_headers
+from engine.transport.testing import ExtProcClient, request_body, request_headers, response_headers
 
 pytestmark = pytest.mark.envoy
 

@@ -30,11 +30,13 @@ from policies.jwtValidation.testing import (
     make_pki,
 )
 from tests.e2e.harness import (
+    RECEIVE_ENGINE_METADATA,
     EchoUpstream,
     EngineThread,
     EnvoyProcess,
     EnvoyRoute,
     envoy_binary,
+    file_access_log,
     http_request,
 )
 
@@ -94,24 +96,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShadowStack]:
                     engine_port=engine.port,
                     upstream_port=upstream.port,
                     routes=[EnvoyRoute(key, f"/{key}/", key) for key in ROUTES],
-                    ext_proc={
-                        "metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}
-                    },
-                    http_connection_manager={
-                        "access_log": [
-                            {
-                                "name": "envoy.access_loggers.file",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions."
-                                    "access_loggers.file.v3.FileAccessLog",
-                                    "path": str(access_log),
-                                    "log_format": {
-                                        "text_format_source": {"inline_string": LOG_FORMAT}
-                                    },
-                                },
-                            }
-                        ]
-                    },
+                    ext_proc=RECEIVE_ENGINE_METADATA,
+                    http_connection_manager=file_access_log(access_log, LOG_FORMAT),
                 ) as envoy:
                     yield ShadowStack(keys, engine, envoy, upstream, access_log)
             finally:

@@ -24,9 +24,16 @@ import pytest
 import yaml
 
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc_messages import DEFAULT_MAX_BODY_BYTES
 from engine.registry import PolicyRegistry, load_policy
-from tests.e2e.harness import EngineThread, EnvoyProcess, EnvoyRoute, envoy_binary
+from engine.transport.messages import DEFAULT_MAX_BODY_BYTES
+from tests.e2e.harness import (
+    RECEIVE_ENGINE_METADATA,
+    EngineThread,
+    EnvoyProcess,
+    EnvoyRoute,
+    envoy_binary,
+    file_access_log,
+)
 from tests.support.sse_upstream import SseUpstream, read_stream, sse_event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,22 +129,8 @@ def stack() -> Iterator[StreamStack]:
                 upstream_port=upstream.port,
                 routes=routes,
                 # The route timeout of the harness (10 s) is far above any stream here.
-                ext_proc={
-                    "metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}
-                },
-                http_connection_manager={
-                    "access_log": [
-                        {
-                            "name": "envoy.access_loggers.file",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.access_loggers."
-                                "file.v3.FileAccessLog",
-                                "path": str(access_log),
-                                "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}},
-                            },
-                        }
-                    ]
-                },
+                ext_proc=RECEIVE_ENGINE_METADATA,
+                http_connection_manager=file_access_log(access_log, LOG_FORMAT),
             ) as envoy:
                 yield StreamStack(upstream, engine, envoy, access_log)
         finally:

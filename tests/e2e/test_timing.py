@@ -19,11 +19,13 @@ import yaml
 from engine.envoy_metadata import EnvoyMetadata
 from engine.timing import TIMING_HEADER
 from tests.e2e.harness import (
+    RECEIVE_ENGINE_METADATA,
     EchoUpstream,
     EngineThread,
     EnvoyProcess,
     EnvoyRoute,
     envoy_binary,
+    file_access_log,
     http_request,
 )
 from tests.support import registry_from
@@ -77,22 +79,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 engine_port=engine.port,
                 upstream_port=upstream.port,
                 routes=[EnvoyRoute(key, f"/{key}/", key) for key in ROUTES],
-                ext_proc={
-                    "metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}
-                },
-                http_connection_manager={
-                    "access_log": [
-                        {
-                            "name": "envoy.access_loggers.file",
-                            "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions."
-                                "access_loggers.file.v3.FileAccessLog",
-                                "path": str(access_log),
-                                "log_format": {"text_format_source": {"inline_string": LOG_FORMAT}},
-                            },
-                        }
-                    ]
-                },
+                ext_proc=RECEIVE_ENGINE_METADATA,
+                http_connection_manager=file_access_log(access_log, LOG_FORMAT),
             ) as envoy:
                 yield Stack(envoy, upstream, access_log)
         finally:

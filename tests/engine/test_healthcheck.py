@@ -11,8 +11,8 @@ import pytest
 
 from engine.healthcheck import main
 from engine.registry import PolicyRegistry
-from engine.server import EXT_PROC_SERVICE, serve
 from engine.store import ConfigStore
+from engine.transport.server import EXT_PROC_SERVICE, serve
 from tests.e2e.harness import EngineThread, free_port
 
 

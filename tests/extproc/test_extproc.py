@@ -1,4 +1,4 @@
-"""engine.extproc through a real grpc.aio server and client (no Envoy).
+"""engine.transport.grpc_service through a real grpc.aio server and client (no Envoy).
 
 Chains are built directly from small in-file policies, so these tests pin the ext_proc
 translation (messages, modes, mutations, stream state machine) independently of config
@@ -22,18 +22,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import extproc, extproc_messages, server
 from engine.chain import Chain, ChainPolicy, RequestOutcome, Snapshot
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc import PolicyProcessor
-from engine.extproc_testing import (
-    ExtProcClient,
-    decode,
-    request_body,
-    request_headers,
-    response_body,
-    response_headers,
-)
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
@@ -42,8 +32,21 @@ from engine.policy import (
     ResponseModifications,
 )
 from engine.route_names import RouteNamePattern
-from engine.server import serve
 from engine.store import ConfigStore
+from engine.transport import messages as msg
+from engine.transport import server
+from engine.transport import stream as stream_machine
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.server import serve
+from engine.transport.testing import (
+    ExtProcClient,
+    decode,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    serving,
+)
 
 # ----------------------------------------------------------------------------- policies
 
@@ -148,27 +151,8 @@ async def engine() -> AsyncIterator[Engine]:
     seen = Seen()
     store = ConfigStore(snapshot(public=[entry(Recorder(seen))]))
     processor = PolicyProcessor(store)
-    ports: list[int] = []
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        serve(
-            "127.0.0.1:0",
-            store,
-            grace=0.5,
-            ready=ready,
-            stop=stop,
-            on_bound=ports.append,
-            processor=processor,
-        )
-    )
-    async with asyncio.timeout(5):
-        await ready.wait()
-    try:
-        yield Engine(f"127.0.0.1:{ports[0]}", store, processor, seen)
-    finally:
-        stop.set()
-        async with asyncio.timeout(5):
-            await task
+    async with serving(store, processor) as target:
+        yield Engine(target, store, processor, seen)
 
 
 @pytest.fixture
@@ -454,7 +438,7 @@ async def test_executor_failure_fails_closed(engine, client, monkeypatch):
     async def broken(chain: Chain, ctx: RequestContext, **_: Any) -> None:
         raise RuntimeError("engine bug")
 
-    monkeypatch.setattr(extproc, "run_request", broken)
+    monkeypatch.setattr(stream_machine, "run_request", broken)
     replies = await client.exchange("public", [request_headers("/")])
     reply = decode(replies[0])
     assert (reply.kind, reply.status) == ("immediate_response", 500)
@@ -578,10 +562,10 @@ async def test_health_listener_is_dropped_after_first_config():
 
 def test_mode_overrides_are_prebuilt():
     """No ProcessingMode is built per request: each combination exists once."""
-    mode = extproc_messages.Mode
-    first = extproc_messages.modes(mode.BUFFERED, False, mode.NONE)
-    assert extproc_messages.modes(mode.BUFFERED, False, mode.NONE) is first
-    assert extproc_messages.modes(mode.NONE, False, mode.NONE) is not first
+    mode = msg.Mode
+    first = msg.modes(mode.BUFFERED, False, mode.NONE)
+    assert msg.modes(mode.BUFFERED, False, mode.NONE) is first
+    assert msg.modes(mode.NONE, False, mode.NONE) is not first
 
 
 def test_serve_workers_stops_started_workers_when_a_fork_fails(monkeypatch):
@@ -795,7 +779,7 @@ async def test_reply_building_is_inside_the_guard(engine, client, monkeypatch):
     async def unencodable(chain: Chain, ctx: RequestContext, **_: Any) -> RequestOutcome:
         return RequestOutcome(set_headers={"x-sub": "\ud800"})
 
-    monkeypatch.setattr(extproc, "run_request", unencodable)
+    monkeypatch.setattr(stream_machine, "run_request", unencodable)
     replies = await client.exchange("public", [request_headers("/")])
     reply = decode(replies[0])
     assert (reply.kind, reply.status) == ("immediate_response", 500)
@@ -895,7 +879,7 @@ async def test_header_policy_replacing_the_body_runs_the_rest_at_once(engine, cl
 
 
 def with_protocol(message: Any, request_mode: str, response_mode: str = "NONE") -> Any:
-    mode = extproc_messages.Mode
+    mode = msg.Mode
     message.protocol_config.request_body_mode = mode.BodySendMode.Value(request_mode)
     message.protocol_config.response_body_mode = mode.BodySendMode.Value(response_mode)
     return message
@@ -1107,4 +1091,4 @@ async def test_one_requests_metadata_never_lands_in_a_shared_reply(engine, clien
     replies = await client.exchange("public", [request_headers("/", headers={"x-user": "bob"})])
     assert decode(replies[0]).status == 500
     assert MessageToDict(replies[0].dynamic_metadata) == {"policy_engine": {"user": "bob"}}
-    assert not extproc_messages.INTERNAL_ERROR_REPLY.HasField("dynamic_metadata")
+    assert not msg.INTERNAL_ERROR_REPLY.HasField("dynamic_metadata")

@@ -1,6 +1,6 @@
-"""engine.extproc_http: JSON ProcessingRequest <-> the ext_proc stream machine (no Envoy).
+"""engine.transport.http_service: JSON ProcessingRequest <-> the ext_proc stream machine (no Envoy).
 
-Messages are built with engine.extproc_testing and turned into the proto3 JSON Envoy sends
+Messages are built with engine.transport.testing and turned into the proto3 JSON Envoy sends
 (proto field names, base64 ``raw_value``); replies are parsed back with protobuf's own JSON
 parser, which proves they are valid proto3 JSON. The same scenarios run through a real Envoy
 in tests/e2e/test_http_transport.py.
@@ -20,9 +20,6 @@ from google.protobuf import json_format
 from engine import metrics
 from engine.chain import Chain, ChainPolicy, Snapshot
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc import PolicyProcessor
-from engine.extproc_http import STATE_NAMESPACE, HttpExtProc
-from engine.extproc_testing import decode, request_headers, response_headers
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
@@ -32,6 +29,9 @@ from engine.policy import (
 )
 from engine.route_names import RouteNamePattern
 from engine.store import ConfigStore
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.http_service import STATE_NAMESPACE, HttpExtProc
+from engine.transport.testing import decode, request_headers, response_headers
 
 
 class Modify:

@@ -1,7 +1,7 @@
-"""engine.extproc with streamed bodies, through a real grpc.aio server and client (no Envoy):
-the mode override that asks for FULL_DUPLEX_STREAMED, the streamed replies, pieces after
-the end, trailers, dynamic metadata at the end of the stream. Through Envoy:
-tests/e2e/test_streaming.py."""
+"""engine.transport.grpc_service with streamed bodies, through a real grpc.aio server and
+client (no Envoy): the mode override that asks for FULL_DUPLEX_STREAMED, the streamed
+replies, pieces after the end, trailers, dynamic metadata at the end of the stream. Through
+Envoy: tests/e2e/test_streaming.py."""
 
 from __future__ import annotations
 
@@ -17,23 +17,23 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from engine.chain import Chain, ChainPolicy, Snapshot
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc import PolicyProcessor
-from engine.extproc_messages import ROUTE_METADATA_KEY
-from engine.extproc_testing import (
-    request_body,
-    request_headers,
-    response_body,
-    response_headers,
-)
 from engine.policy import (
     ImmediateResponse,
     RequestContext,
     ResponseContext,
     ResponseModifications,
 )
-from engine.server import serve
 from engine.store import ConfigStore
 from engine.streaming import Chunk, EndStream, Framing
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.messages import ROUTE_METADATA_KEY
+from engine.transport.testing import (
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    serving,
+)
 
 FDS = "FULL_DUPLEX_STREAMED"
 
@@ -114,27 +114,8 @@ async def target() -> AsyncIterator[str]:
     )
     store = ConfigStore(snapshot)
     processor = PolicyProcessor(store, envoy_metadata=EnvoyMetadata(keys=["lines"]))
-    ports: list[int] = []
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        serve(
-            "127.0.0.1:0",
-            store,
-            grace=0.5,
-            ready=ready,
-            stop=stop,
-            on_bound=ports.append,
-            processor=processor,
-        )
-    )
-    async with asyncio.timeout(5):
-        await ready.wait()
-    try:
-        yield f"127.0.0.1:{ports[0]}"
-    finally:
-        stop.set()
-        async with asyncio.timeout(5):
-            await task
+    async with serving(store, processor) as target:
+        yield target
 
 
 class Call:

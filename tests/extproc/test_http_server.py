@@ -1,4 +1,5 @@
-"""engine.http_server: the HTTP/1.1 server of the HTTP ext_proc transport, over real sockets."""
+"""engine.transport.http_server: the HTTP/1.1 server of the HTTP ext_proc transport, over
+real sockets."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from engine.http_server import HttpServer, start_http_server
 from engine.tls import ServerTls, ServerTlsFiles
 from engine.tls_testing import TestPki
+from engine.transport.http_server import HttpServer, start_http_server
 
 WAIT = 10.0
 
@@ -233,7 +234,8 @@ async def test_tls_with_client_certificates(tmp_path: Path):
 
 
 def test_serves_on_uvloop():
-    """The engine runs on uvloop (engine.server.run_loop), whose transports are its own."""
+    """The engine runs on uvloop (engine.transport.server.run_loop), whose transports are its
+    own."""
 
     async def exchange() -> tuple[int, dict[str, str], bytes]:
         srv = await start_http_server("127.0.0.1:0", echo)

@@ -17,9 +17,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import server
 from engine.main import ENGINE_VERSION, main, parse_args
 from engine.registry import PolicyRegistry
+from engine.transport import server
 from tests.e2e.harness import free_port
 from tests.support import registry_from
 
@@ -295,7 +295,7 @@ def test_a_dead_worker_is_restarted(tmp_path):
 
 CRASHING = (
     "import logging, sys\n"
-    "from engine.server import serve_workers\n"
+    "from engine.transport.server import serve_workers\n"
     "logging.basicConfig(level=logging.INFO)\n"
     "async def worker():\n"
     "    raise RuntimeError('crash at start')\n"

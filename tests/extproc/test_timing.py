@@ -3,7 +3,6 @@ server: the routes come from a config document loaded with the real test policie
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,11 +11,16 @@ import pytest
 
 from engine.config import load_config
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc import PolicyProcessor
-from engine.extproc_testing import ExtProcClient, decode, request_headers, response_headers
-from engine.server import serve
 from engine.store import ConfigStore
 from engine.timing import TIMING_HEADER, TIMING_KEY
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.testing import (
+    ExtProcClient,
+    decode,
+    request_headers,
+    response_headers,
+    serving,
+)
 from tests.support import registry_from
 
 _CONFIG = """
@@ -63,27 +67,8 @@ async def target() -> AsyncIterator[str]:
     registry = registry_from("addHeader", "deny", "statusSetter")
     store = ConfigStore(load_config(_CONFIG, source="timing.yaml", registry=registry))
     processor = PolicyProcessor(store, envoy_metadata=EnvoyMetadata())
-    ports: list[int] = []
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        serve(
-            "127.0.0.1:0",
-            store,
-            grace=0.5,
-            ready=ready,
-            stop=stop,
-            on_bound=ports.append,
-            processor=processor,
-        )
-    )
-    async with asyncio.timeout(30):
-        await ready.wait()
-    try:
-        yield f"127.0.0.1:{ports[0]}"
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await task
+    async with serving(store, processor, within=30) as target:
+        yield target
 
 
 def _metadata(reply: Any) -> dict[str, Any]:

@@ -69,7 +69,7 @@ import yaml
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from engine.extproc_messages import ROUTE_METADATA_KEY
+from engine.transport.messages import ROUTE_METADATA_KEY
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tools.bench import hotpath
 from tools.bench.paths import engine_config

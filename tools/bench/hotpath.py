@@ -40,9 +40,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from engine.config import load_config
 from engine.envoy_metadata import EnvoyMetadata
-from engine.extproc import PolicyProcessor
-from engine.extproc_messages import ROUTE_METADATA_KEY
 from engine.store import ConfigStore
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.messages import ROUTE_METADATA_KEY
 from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tools.bench.engine_main import manifest_registry
 from tools.bench.floor import reply_for
@@ -182,7 +182,7 @@ def _time(loop: asyncio.AbstractEventLoop, one: Callable[[], Any], iterations: i
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    import uvloop  # noqa: PLC0415 - the engine's loop (engine/server.py); imported where used
+    import uvloop  # noqa: PLC0415 - the engine's loop (engine/transport/server.py); imported where used
 
     return uvloop.new_event_loop()
 

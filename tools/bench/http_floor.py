@@ -1,8 +1,8 @@
 """The trivial HTTP ext_proc server: the HTTP transport's floor.
 
 ``python -m tools.bench.http_floor --port PORT`` serves Envoy's ``http_service`` ext_proc
-POSTs on the engine's own HTTP server (:mod:`engine.http_server`, uvloop), decodes each JSON
-``ProcessingRequest`` (msgspec, as the engine does) and answers a prebuilt reply: to
+POSTs on the engine's own HTTP server (:mod:`engine.transport.http_server`, uvloop), decodes
+each JSON ``ProcessingRequest`` (msgspec, as the engine does) and answers a prebuilt reply: to
 ``request_headers`` one asking for the response headers too (two messages per request, like
 the 5-header chain with its response header; routes named ``floor1*``: one message, like
 jwtValidation + rateLimit), to ``response_headers`` an empty one. The
@@ -19,7 +19,7 @@ from typing import Any, Final
 import msgspec
 import uvloop
 
-from engine.http_server import start_http_server
+from engine.transport.http_server import start_http_server
 
 __all__ = ["main"]
 

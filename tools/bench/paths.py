@@ -23,7 +23,8 @@ ENGINE_KEYS: Final = ("empty", "headers-request", "headers", "jwt", "json")
 TLS_KEYS: Final = ("empty", "headers")
 """Engine routes measured a second time over mTLS (``/tls-<key>/``, server ``engine-tls``)."""
 ENGINE_TRANSPORT: Final = "grpcaio-uvloop"
-"""The floor implementation on the engine's own transport (grpc.aio on uvloop: engine/server.py)."""
+"""The floor implementation on the engine's own transport (grpc.aio on uvloop:
+engine/transport/server.py)."""
 JSON_BODY_BYTES: Final = 100 * 1024
 
 

@@ -198,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         procs.envoy("envoy-direct", binary, bootstrap, concurrency=1)
         return port
 
-    def stack(upstream: SseUpstream) -> tuple[int, int, list[int]]:
-        """A fresh engine and Envoy: (Envoy's port, the engine's pid, pids to stop)."""
+    def stack(upstream: SseUpstream, *, buffered: bool = True) -> tuple[int, int, list[int]]:
+        """A fresh engine and Envoy: (Envoy's port, the engine's pid, pids to stop).
+
+        ``buffered``: raise Envoy's buffer limit to 32 MiB, as a route whose 10 MB bodies
+        buffer needs (default 1 MiB: a 500); a streamed route keeps Envoy's default, which
+        also caps the pieces Envoy sends the engine."""
         n = next(counter)
         engine_port, engine_pid = procs.engine(f"engine{n}", CONFIG, workers=1)
         port = free_port()
@@ -210,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             upstream_port=upstream.port,
             routes=[EnvoyRoute(k, f"/{k}/", k) for k in CONFIG["routes"]],
             message_timeout=30,
-            # A buffered 10 MB response must fit Envoy's buffer (default 1 MiB: a 500).
-            listener={"per_connection_buffer_limit_bytes": 32 * 2**20},
+            listener={"per_connection_buffer_limit_bytes": 32 * 2**20} if buffered else None,
         )
         envoy_pid = procs.envoy(f"envoy{n}", binary, bootstrap, concurrency=1)
         return port, engine_pid, [envoy_pid, engine_pid]
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             ttfb_direct = statistics.median(r[0] for r in direct_ttfb)
             print(f"  {'direct':12} first byte {ttfb_direct * 1000:6.1f} ms  (Envoy, no ext_proc)")
             for route in ("down-stream", "down-buffer", "up-stream", "up-buffer"):
-                port, engine_pid, pids = stack(upstream)
+                port, engine_pid, pids = stack(upstream, buffered=route.endswith("buffer"))
                 action: Callable[[], Any] = (
                     functools.partial(first_byte, port, f"/{route}/x")
                     if route.startswith("down")

@@ -35,7 +35,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine.extproc_testing import ExtProcClient, request_headers, response_headers
+from engine.transport.testing import ExtProcClient, request_headers, response_headers
 from policies.rateLimit.testing import running_redis
 from tests.e2e.harness import free_port
 

@@ -1,9 +1,30 @@
 """Pure helpers of the ext_proc layer: reading Envoy's messages and building replies.
 
-:mod:`engine.extproc` holds the stream state machine; everything here is a function of its
-arguments (or a reply built once at import), so one request's path reads: message in ->
-:func:`headers_from` / :func:`route_key` -> chain -> :func:`common_request` /
+:mod:`engine.transport.stream` holds the stream state machine; everything here is a
+function of its arguments (or a reply built once at import), so one request's path reads:
+message in -> :func:`headers_from` / :func:`route_key` -> chain -> :func:`common_request` /
 :func:`common_response` / :func:`immediate` -> message out.
+
+Streamed bodies (checked against Envoy 1.36.4, tests/e2e/test_streaming.py)
+    :func:`stream_modes` asks Envoy for ``FULL_DUPLEX_STREAMED``; :func:`chunk_reply` and
+    :func:`trailers_reply` carry the policies' output.
+
+    The filter is configured as for buffered bodies (headers SEND, bodies NONE,
+    ``allow_mode_override: true``). For a chain whose phase streams
+    (:func:`engine.streaming.streams`), the reply to ``request_headers`` carries a
+    ``mode_override`` with that side's body mode ``FULL_DUPLEX_STREAMED`` and its trailer mode
+    ``SEND`` (Envoy requires trailers SEND with that body mode). Envoy then sends every body
+    piece as it arrives and each reply's ``body_mutation.streamed_response`` ``{body,
+    end_of_stream}`` is what goes on: an empty body holds, ``end_of_stream`` ends the body
+    (also when a policy ends it early: the client sees a complete response, Envoy resets
+    the upstream). There is no per-message timer in this mode (``message_timeout`` does not
+    apply to body pieces). ``Content-Length`` is dropped by Envoy (HTTP/1 goes chunked).
+
+    Envoy ignores a mode override when the filter's own body mode is
+    ``FULL_DUPLEX_STREAMED``, with ``send_body_without_waiting_for_header_response``, or when
+    ``allowed_override_modes`` lists no entry equal to it: the engine refuses the first two
+    up front and fails closed when a body it asked for does not come (docs/operators/envoy.md
+    lists the entries to allow).
 """
 
 from __future__ import annotations
@@ -40,6 +61,7 @@ __all__ = [
     "ROUTE_METADATA_KEY",
     "Mode",
     "body_mode",
+    "chunk_reply",
     "client_address",
     "common_request",
     "common_response",
@@ -48,6 +70,8 @@ __all__ = [
     "immediate",
     "modes",
     "route_key",
+    "stream_modes",
+    "trailers_reply",
     "whole_body_mutation",
 ]
 
@@ -110,7 +134,8 @@ def body_mode(configured: int) -> int:
 
     NONE/BUFFERED: ask BUFFERED. A STREAMED or BUFFERED_PARTIAL filter config is asked for
     again unchanged: whether Envoy honours the override or not, the mode is then known, and
-    the body handling matches it (see ``engine.extproc._Stream._whole_body``).
+    the body handling matches it (see ``StreamMachine._whole_body``,
+    :mod:`engine.transport.stream`).
     """
     if configured in (Mode.STREAMED, Mode.BUFFERED_PARTIAL, Mode.FULL_DUPLEX_STREAMED):
         return configured
@@ -298,3 +323,43 @@ def immediate(response: ImmediateResponse) -> pb.ProcessingResponse:
 
 
 INTERNAL_ERROR_REPLY: Final = immediate(INTERNAL_ERROR)
+
+
+# -- streamed bodies ------------------------------------------------------------------
+
+_FDS: Final = Mode.FULL_DUPLEX_STREAMED
+
+
+def stream_modes(
+    *, request_body: int, response: bool, response_body: int, request_stream: bool
+) -> Any:
+    """The full mode override: body modes as given (``FULL_DUPLEX_STREAMED`` for a
+    streamed side, whose trailer mode then becomes SEND); other trailer modes DEFAULT
+    (Envoy keeps the filter's own)."""
+    mode = Mode(
+        request_body_mode=_FDS if request_stream else request_body,
+        response_header_mode=Mode.SEND if response else Mode.SKIP,
+        response_body_mode=response_body,
+    )
+    if request_stream:
+        mode.request_trailer_mode = Mode.SEND
+    if response_body == _FDS:
+        mode.response_trailer_mode = Mode.SEND
+    return mode
+
+
+def chunk_reply(side: str, data: bytes, end: bool) -> pb.ProcessingResponse:
+    """The reply carrying ``data`` on (``end``: the body ends with it)."""
+    common = pb.CommonResponse()
+    streamed = common.body_mutation.streamed_response
+    streamed.body = data
+    streamed.end_of_stream = end
+    if side == "request":
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))
+
+
+def trailers_reply(side: str) -> pb.ProcessingResponse:
+    if side == "request":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

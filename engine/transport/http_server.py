@@ -1,9 +1,9 @@
 """A small HTTP/1.1 server for Envoy's ``http_service`` ext_proc transport.
 
 One client matters: Envoy's ext_proc filter, which POSTs one JSON ``ProcessingRequest`` per
-message and waits for the JSON ``ProcessingResponse`` (``engine.extproc_http``). The server
-is a raw :class:`asyncio.Protocol` on the engine's uvloop, with a strict parser of just
-what HTTP/1.1 needs here (request line, headers, ``Content-Length`` or chunked bodies),
+message and waits for the JSON ``ProcessingResponse`` (``engine.transport.http_service``).
+The server is a raw :class:`asyncio.Protocol` on the engine's uvloop, with a strict parser
+of just what HTTP/1.1 needs here (request line, headers, ``Content-Length`` or chunked bodies),
 because everything per request costs CPU the transport is chosen to save
 (docs/decisions.md: no framework; measured in ``tools/bench/http_transport.py``).
 

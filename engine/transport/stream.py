@@ -1,4 +1,11 @@
-"""The Envoy ext_proc gRPC service: one ``Process`` stream = one HTTP request.
+"""The ext_proc stream machine: one HTTP request's ext_proc messages in, replies out.
+
+Both transports drive it: the gRPC servicer (:mod:`engine.transport.grpc_service`) with every
+message of one ``Process`` stream, the HTTP transport (:mod:`engine.transport.http_service`)
+with the one message of each POST. :class:`StreamMachine` turns Envoy's messages into the
+runtime's contexts (``engine.policy``), runs the route's chain (``engine.chain``,
+``engine.streaming``) and turns its outcomes into replies (:mod:`engine.transport.messages`).
+How a message travelled is not its concern: the gRPC context is only read for the route key.
 
 Reading one request top-down::
 
@@ -8,20 +15,6 @@ Reading one request top-down::
     response_headers -> (only if the chain has a response phase) run the response policies now,
                         or wait for the buffered body
     response_body    -> (only if the chain needs it) run the response policies
-
-How the route is found
-    Each Envoy route carries ``ExtProcPerRoute.overrides.grpc_initial_metadata``
-    ``{key: x-policy-route, value: <route key>}``; Envoy merges per-route config before it
-    opens the stream, so the key arrives in the gRPC invocation metadata of ``Process``. This
-    is the most robust mechanism (it needs no attributes, no CEL and no metadata parsing). As a
-    fallback the ``xds.route_name`` request attribute is used when Envoy sends it
-    (``request_attributes: [xds.route_name]``), turned into a key by ``route_names`` when
-    the route names are generated (Envoy Gateway, Istio: ``engine.route_names``). A request
-    whose key is missing or unknown to the current snapshot gets the snapshot's
-    ``unknownRoute`` answer: by default a 404 (fail closed: a missing chain is a deployment
-    mismatch, and passing would run the request with no policy at all), or pass-through
-    with ``unknownRoute: {action: allow}``. A warning is logged once per key (for up to
-    1024 keys, then debug). The empty chain of a KNOWN route passes through.
 
 Static routes
     A phase whose policies are all static and unconditional (``Chain.static_request_outcome``
@@ -60,10 +53,10 @@ Processing modes
 Streamed bodies
     A phase whose body policies all have chunk hooks (``engine.streaming.streams``) is not
     buffered: its headers hooks run at the headers, the mode override asks Envoy for
-    FULL_DUPLEX_STREAMED (``engine.extproc_streaming``) and each piece goes through the
-    stream's :class:`~engine.streaming.BodyStream`, one reply per piece (none for a piece
-    after the end). The stream stays open while a request body still flows or after a policy
-    ended the response body, so nothing passes unprocessed.
+    FULL_DUPLEX_STREAMED (:func:`engine.transport.messages.stream_modes`) and each piece
+    goes through the stream's :class:`~engine.streaming.BodyStream`, one reply per piece
+    (none for a piece after the end). The stream stays open while a request body still
+    flows or after a policy ended the response body, so nothing passes unprocessed.
 
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
@@ -78,37 +71,24 @@ Mutations
     sent with ``CONTINUE_AND_REPLACE`` on the headers reply.
 
 Errors
-    Malformed or out-of-order messages abort THAT stream with ``INVALID_ARGUMENT`` naming the
-    problem; other streams are unaffected. A policy failure escaping the chain executor never
+    A malformed or out-of-order message raises :class:`~engine.errors.ProtocolError` naming
+    the problem; the transport ends THAT exchange with it (gRPC: ``INVALID_ARGUMENT``, HTTP:
+    400), other requests are unaffected. A policy failure escaping the chain executor never
     kills the stream: the request is answered with a 500 (fail closed).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-import engine.extproc_streaming as sx
-from engine import extproc_messages as msg
-from engine import metrics, timing
+from engine import timing
 from engine.chain import RequestState, count_static_runs, run_request, run_response
-from engine.envoy_metadata import EnvoyMetadata
 from engine.errors import PolicyError, ProtocolError
-from engine.extproc_messages import (
-    ATTRIBUTES_KEY,
-    DEFAULT_MAX_BODY_BYTES,
-    ROUTE_ATTRIBUTE,
-    ROUTE_METADATA_KEY,
-)
 from engine.logformat import REQUEST_ID
 from engine.policy import (
     ImmediateResponse,
@@ -117,55 +97,22 @@ from engine.policy import (
     ResponseContext,
 )
 from engine.streaming import BodyStream, streams
+from engine.transport import messages as msg
 
 if TYPE_CHECKING:
+    import grpc
+
     from engine.chain import Chain, ChainPolicy, RequestOutcome, ResponseOutcome
-    from engine.route_names import RouteNamePattern
-    from engine.store import ConfigStore
+    from engine.transport.grpc_service import PolicyProcessor
 
 _Outcome = TypeVar("_Outcome", "RequestOutcome", "ResponseOutcome")
 
-__all__ = [
-    "ATTRIBUTES_KEY",
-    "DEFAULT_MAX_BODY_BYTES",
-    "ROUTE_ATTRIBUTE",
-    "ROUTE_METADATA_KEY",
-    "PolicyProcessor",
-    "ProcessorStats",
-]
+__all__ = ["Phase", "StreamMachine"]
 
 log = logging.getLogger(__name__)
 
-_MAX_WARNED_ROUTES: Final = 1024
 
-
-@dataclass(slots=True)
-class ProcessorStats:
-    """Counters of one :class:`PolicyProcessor` (for tests and debugging; not thread-safe).
-
-    ``messages`` counts received messages by ``(route key, message kind)``; the route key is
-    ``""`` for messages that arrive before the route is known.
-    """
-
-    streams: int = 0
-    messages: Counter[tuple[str, str]] = field(default_factory=Counter)
-    protocol_errors: int = 0
-    unknown_routes: int = 0
-    policy_failures: int = 0
-    missing_bodies: int = 0
-    too_large: int = 0
-    pieces_after_end: int = 0
-    """Streamed body pieces that came after their body had ended (a policy's end, or Envoy
-    repeating the final piece: envoyproxy/envoy#46237); dropped, never sent on."""
-
-    def count(self, kind: str, route: str | None = None) -> int:
-        """Messages of ``kind`` received, for one route or (``route=None``) all routes."""
-        if route is not None:
-            return self.messages[(route, kind)]
-        return sum(n for (_, k), n in self.messages.items() if k == kind)
-
-
-class _Phase(enum.Enum):
+class Phase(enum.Enum):
     """What the stream waits for next."""
 
     REQUEST_HEADERS = "request_headers"
@@ -175,119 +122,17 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
-class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """``envoy.service.ext_proc.v3.ExternalProcessor`` running per-route policy chains.
+class StreamMachine:
+    """State of one HTTP request's ext_proc exchange: a whole gRPC ``Process`` stream, or
+    over the HTTP transport one POST (one phase; the HTTP side sets :attr:`phase`,
+    :attr:`route`, :attr:`chain` and :attr:`request` from the state it carried between
+    phases).
 
-    ``store.current`` is read once per stream (at ``request_headers``). The processor keeps no
-    per-request state outside the stream, so one instance serves all concurrent streams.
-
-    Streams in flight
-        A ``Process`` stream counts as in flight from its first message until gRPC has
-        finished it (its final status sent: the context's done callback), so
-        :meth:`wait_idle` returning means every stream's status is already on its connection.
-        The server's stop sequence relies on that (see ``engine.server.serve``).
+    Feed it messages in order: :meth:`handle_streamed` (every message, streamed body pieces
+    included) or :meth:`handle` (one message, one reply). :attr:`phase` says what comes
+    next; :attr:`final` whether the reply just returned ends a phase (dynamic metadata
+    rides on those); :attr:`streaming` whether a streamed body still needs the stream open.
     """
-
-    def __init__(
-        self,
-        store: ConfigStore,
-        *,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        envoy_metadata: EnvoyMetadata | None = None,
-        route_names: RouteNamePattern | None = None,
-    ) -> None:
-        self._store = store
-        self._warned_routes: set[str] = set()
-        self.max_body_bytes = max_body_bytes
-        self.stats = ProcessorStats()
-        # Which request metadata Envoy receives as dynamic metadata (None: none).
-        self.envoy_metadata = envoy_metadata
-        # How an xds.route_name attribute becomes a chain key (None: the name is the key).
-        self.route_names = route_names
-        self._in_flight = 0
-        # Futures (created on the waiting loop: a processor is not bound to one loop)
-        # resolved when _in_flight drops to 0.
-        self._idle_waiters: list[asyncio.Future[None]] = []
-
-    @property
-    def streams_in_flight(self) -> int:
-        """``Process`` streams started and not yet finished by gRPC (status not yet sent)."""
-        return self._in_flight
-
-    async def wait_idle(self) -> None:
-        """Return once no ``Process`` stream is in flight (at once if none is). New streams
-        may start again afterwards: the caller decides what idle is worth (the server's stop
-        sequence calls it before it sends GOAWAY)."""
-        while self._in_flight:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(waiter)
-            await waiter
-
-    def _stream_finished(self, _context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                if not waiter.done():  # a waiter whose wait was cancelled (timeout)
-                    waiter.set_result(None)
-
-    async def Process(
-        self,
-        request_iterator: AsyncIterator[pb.ProcessingRequest],
-        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        """Handle one HTTP request; the stream ends (OK) as soon as nothing more is needed."""
-        self.stats.streams += 1
-        # gRPC calls this once the RPC is over, final status sent, whichever way it ended
-        # (returned, aborted, cancelled by the peer); the end of this generator comes earlier.
-        # (grpc-stubs declare the callback as a class, not a Protocol: no function matches.)
-        context.add_done_callback(self._stream_finished)  # type: ignore[arg-type]
-        self._in_flight += 1
-        stream = _Stream(self, context)
-        emit = self.envoy_metadata
-        try:
-            async for request in request_iterator:
-                stream.final = True
-                for reply in await stream.handle_streamed(request):
-                    if emit is not None and stream.request is not None and stream.final:
-                        yield emit.attach(reply, stream.request.metadata)
-                    else:
-                        yield reply
-                if stream.phase is _Phase.DONE and not stream.streaming:
-                    return
-            if stream.phase is _Phase.REQUEST_BODY:
-                self.stats.missing_bodies += 1
-                log.error(
-                    "route %r: the stream ended before the request body the chain needs; "
-                    "check that Envoy honours the mode_override (allow_mode_override: true)",
-                    stream.route,
-                )
-        except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            metrics.extproc_protocol_error()
-            log.warning("ext_proc protocol error (route %r): %s", stream.route, exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-    def _chain_for(self, route: str) -> tuple[Chain | None, ImmediateResponse | None]:
-        """The route's chain, or (None, the unknownRoute answer; None = pass through)."""
-        snapshot = self._store.current
-        chain = snapshot.chain_for(route) if route else None
-        metrics.stream(route, has_chain=chain is not None)
-        if chain is not None:
-            return chain, None
-        answer = snapshot.unknown_route
-        self.stats.unknown_routes += 1
-        if route not in self._warned_routes and len(self._warned_routes) < _MAX_WARNED_ROUTES:
-            self._warned_routes.add(route)
-            what = "passing requests through" if answer is None else f"answering {answer.status}"
-            log.warning("no policy chain for route key %r: %s (unknownRoute)", route, what)
-        else:
-            log.debug("no policy chain for route key %r", route)
-        return None, answer
-
-
-class _Stream:
-    """State of one ``Process`` stream (one HTTP request)."""
 
     __slots__ = (
         "_chunks",
@@ -313,10 +158,11 @@ class _Stream:
         processor: PolicyProcessor,
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse] | None,
     ) -> None:
-        # context: None over the HTTP transport (engine.extproc_http): no invocation metadata.
+        # context: None over the HTTP transport (engine.transport.http_service): no
+        # invocation metadata.
         self._processor = processor
         self._context = context
-        self.phase = _Phase.REQUEST_HEADERS
+        self.phase = Phase.REQUEST_HEADERS
         self.route = ""
         self.chain: Chain | None = None
         self.request: RequestContext | None = None
@@ -370,12 +216,12 @@ class _Stream:
         if (
             kind == "response_headers"
             and request_stream is not None
-            and self.phase is _Phase.REQUEST_BODY
+            and self.phase is Phase.REQUEST_BODY
         ):
             if not request_stream.received:
                 return [self._body_never_came(kind)]
             # An early answer while the upload still streams: both go on.
-            self.phase = _Phase.RESPONSE_HEADERS
+            self.phase = Phase.RESPONSE_HEADERS
         return None
 
     async def handle(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -387,34 +233,34 @@ class _Stream:
         if kind != "request_headers":  # counted once its route is known
             self._processor.stats.messages[(self.route, kind)] += 1
         if kind == "request_headers":
-            if phase is not _Phase.REQUEST_HEADERS:
+            if phase is not Phase.REQUEST_HEADERS:
                 raise ProtocolError("second request_headers on one stream")
             return await self._on_request_headers(message)
-        if phase is _Phase.REQUEST_HEADERS:
+        if phase is Phase.REQUEST_HEADERS:
             raise ProtocolError(f"{kind} before request_headers")
         if kind == "request_body":
-            if phase is _Phase.REQUEST_BODY:
+            if phase is Phase.REQUEST_BODY:
                 return await self._on_request_body(message.request_body)
             # A chunk we did not ask for (e.g. a filter-level body mode): let it through.
             return pb.ProcessingResponse(request_body=pb.BodyResponse())
-        if phase is _Phase.REQUEST_BODY and kind in ("request_trailers", "response_headers"):
+        if phase is Phase.REQUEST_BODY and kind in ("request_trailers", "response_headers"):
             if self._chunks:  # a STREAMED body ended by trailers: its chunks were held back
                 return self._refuse("request", "a STREAMED request body with trailers")
             return self._body_never_came(kind)
         if kind == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
         if kind == "response_headers":
-            if phase is not _Phase.RESPONSE_HEADERS:
+            if phase is not Phase.RESPONSE_HEADERS:
                 raise ProtocolError("second response_headers on one stream")
             return await self._on_response_headers(message.response_headers)
         if kind == "response_body":
-            if phase is _Phase.RESPONSE_BODY:
+            if phase is Phase.RESPONSE_BODY:
                 return await self._on_response_body(message.response_body)
-            if phase is not _Phase.DONE and self.response is None:
+            if phase is not Phase.DONE and self.response is None:
                 raise ProtocolError("response_body before response_headers")
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         if kind == "response_trailers":
-            if phase is _Phase.RESPONSE_BODY and self._chunks:
+            if phase is Phase.RESPONSE_BODY and self._chunks:
                 return self._refuse("response", "a STREAMED response body with trailers")
             if self.response is None:
                 raise ProtocolError("response_trailers before response_headers")
@@ -427,9 +273,9 @@ class _Stream:
         http = message.request_headers
         self.route = msg.route_key(self._context, message, self._processor.route_names)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
-        chain, unknown = self._processor._chain_for(self.route)
+        chain, unknown = self._processor.chain_for(self.route)
         if chain is None:
-            self.phase = _Phase.DONE
+            self.phase = Phase.DONE
             if unknown is not None:
                 return msg.immediate(unknown)
             return msg.PASS_THROUGH_REPLY
@@ -437,7 +283,7 @@ class _Stream:
         if chain.fully_static:
             # Same answer for every request (computed at config load): no context needed.
             count_static_runs(chain, "request")
-            self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+            self.phase = Phase.RESPONSE_HEADERS if chain.needs_response else Phase.DONE
             return _static_reply(chain, "request")
         headers, pseudo = msg.headers_from(http)
         request_id = headers.get("x-request-id", "")
@@ -471,7 +317,7 @@ class _Stream:
                 return await self._start_request_stream()
             return await self._run_request_head()
         mode = self._modes(request_body=False)
-        self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+        self.phase = Phase.RESPONSE_HEADERS if chain.needs_response else Phase.DONE
         return await self._run_request(
             lambda outcome: pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(
@@ -503,13 +349,13 @@ class _Stream:
         def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
             mode = self._modes(request_body=not replaced)
             if replaced:
-                self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+                self.phase = Phase.RESPONSE_HEADERS if chain.needs_response else Phase.DONE
             common = msg.common_request(outcome, body_buffered=False)
             return pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=common), mode_override=mode
             )
 
-        self.phase = _Phase.REQUEST_BODY
+        self.phase = Phase.REQUEST_BODY
         return await self._guarded("request", head(), build)
 
     async def _on_request_body(self, body: pb.HttpBody) -> pb.ProcessingResponse:
@@ -519,7 +365,7 @@ class _Stream:
         if isinstance(data, pb.ProcessingResponse):
             return data
         self.request.body = data
-        self.phase = _Phase.RESPONSE_HEADERS if self.chain.needs_response else _Phase.DONE
+        self.phase = Phase.RESPONSE_HEADERS if self.chain.needs_response else Phase.DONE
         if self.request_mode == msg.Mode.STREAMED:
 
             def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
@@ -581,7 +427,7 @@ class _Stream:
             side,
             limit,
         )
-        self.phase = _Phase.DONE
+        self.phase = Phase.DONE
         self._chunks = []
         return msg.immediate(msg.REQUEST_TOO_LARGE if side == "request" else msg.RESPONSE_TOO_LARGE)
 
@@ -594,7 +440,7 @@ class _Stream:
             what,
             side,
         )
-        self.phase = _Phase.DONE
+        self.phase = Phase.DONE
         self._chunks = []
         failure = self.chain.body_failure if self.chain is not None else None
         if side == "request" and failure is not None:
@@ -606,7 +452,7 @@ class _Stream:
         assert self.chain is not None
         chain = self.chain
         if request_stream or self.streams_response:
-            return sx.stream_modes(
+            return msg.stream_modes(
                 request_body=self.request_mode if request_body else msg.Mode.NONE,
                 # A streamed request body also asks for the response headers: the response
                 # then waits for the reply ending the request body (and its dynamic
@@ -640,7 +486,7 @@ class _Stream:
             kind,
             self.chain.body_failure.status,
         )
-        self.phase = _Phase.DONE
+        self.phase = Phase.DONE
         return msg.immediate(self.chain.body_failure)
 
     async def _run_request(
@@ -663,7 +509,7 @@ class _Stream:
         assert self.chain is not None
         if self.chain.static_response_outcome is not None:
             count_static_runs(self.chain, "response")
-            self.phase = _Phase.DONE
+            self.phase = Phase.DONE
             return _static_reply(self.chain, "response")
         assert self.request is not None
         headers, pseudo = msg.headers_from(http)
@@ -679,10 +525,10 @@ class _Stream:
         if self.streams_response and not http.end_of_stream:
             return await self._start_response_stream()
         if self.chain.requires_response_body and not http.end_of_stream:
-            self.phase = _Phase.RESPONSE_BODY
+            self.phase = Phase.RESPONSE_BODY
             self._received = 0
             return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-        self.phase = _Phase.DONE
+        self.phase = Phase.DONE
         return await self._run_response(
             lambda outcome: pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(
@@ -697,7 +543,7 @@ class _Stream:
         if isinstance(data, pb.ProcessingResponse):
             return data
         self.response.body = data
-        self.phase = _Phase.DONE
+        self.phase = Phase.DONE
         if self.response_mode == msg.Mode.STREAMED:
 
             def build(outcome: ResponseOutcome) -> pb.ProcessingResponse:
@@ -728,7 +574,7 @@ class _Stream:
         assert self.chain is not None
         return await self._guarded("response", run_response(self.chain, self.response), build)
 
-    # -- streamed bodies (engine/streaming.py, engine/extproc_streaming.py) -------------
+    # -- streamed bodies (engine/streaming.py, engine/transport/messages.py) --------------
 
     async def _start_request_stream(self) -> pb.ProcessingResponse:
         """The request body streams: every request policy runs now, at the headers (body
@@ -740,15 +586,15 @@ class _Stream:
         def build(outcome: RequestOutcome) -> pb.ProcessingResponse:
             common = msg.common_request(outcome, body_buffered=False)
             if outcome.body is not None:  # replaced at the headers: the original never comes
-                self.phase = _Phase.RESPONSE_HEADERS if chain.needs_response else _Phase.DONE
+                self.phase = Phase.RESPONSE_HEADERS if chain.needs_response else Phase.DONE
                 mode = self._modes(request_body=False)
             else:
                 started = BodyStream.start(self.route, "request", chain.request_policies, request)
                 if isinstance(started, ImmediateResponse):
-                    self.phase = _Phase.DONE
+                    self.phase = Phase.DONE
                     return msg.immediate(started)
                 self.request_stream = started
-                self.phase = _Phase.REQUEST_BODY
+                self.phase = Phase.REQUEST_BODY
                 mode = self._modes(request_body=False, request_stream=True)
             return pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=common), mode_override=mode
@@ -767,14 +613,14 @@ class _Stream:
             common = msg.common_response(outcome, body_buffered=False)
             reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
             if outcome.body is not None:  # replaced at the headers: the original never comes
-                self.phase = _Phase.DONE
+                self.phase = Phase.DONE
                 return reply
             started = BodyStream.start(self.route, "response", chain.response_policies, response)
             if isinstance(started, ImmediateResponse):
-                self.phase = _Phase.DONE
+                self.phase = Phase.DONE
                 return msg.immediate(started)
             self.response_stream = started
-            self.phase = _Phase.RESPONSE_BODY
+            self.phase = Phase.RESPONSE_BODY
             return reply
 
         return await self._run_response(build)
@@ -804,9 +650,9 @@ class _Stream:
             if step.immediate is not None:
                 return [reply]
             if step.data:  # the body goes on before the trailers, which end it
-                replies.append(sx.chunk_reply(side, step.data, False))
+                replies.append(msg.chunk_reply(side, step.data, False))
         self.final = True
-        replies.append(sx.trailers_reply(side))
+        replies.append(msg.trailers_reply(side))
         return replies
 
     def _chunk_step(
@@ -820,20 +666,20 @@ class _Stream:
         if immediate is not None:
             # Fail closed (or a request policy's answer). Once the response headers went to
             # the client, Envoy resets the stream: an incomplete answer, never a cut one.
-            self.phase = _Phase.DONE
+            self.phase = Phase.DONE
             self.request_stream = self.response_stream = None
             return msg.immediate(immediate)
         if end:
             if side == "request":
-                if self.phase is _Phase.REQUEST_BODY:
+                if self.phase is Phase.REQUEST_BODY:
                     assert self.chain is not None
                     needs = self.chain.needs_response
-                    self.phase = _Phase.RESPONSE_HEADERS if needs else _Phase.DONE
+                    self.phase = Phase.RESPONSE_HEADERS if needs else Phase.DONE
             else:
-                self.phase = _Phase.DONE
+                self.phase = Phase.DONE
                 self.cut = not envoy_end  # a policy ended it: Envoy may still send pieces
         self.final = end
-        return sx.chunk_reply(side, data, end)
+        return msg.chunk_reply(side, data, end)
 
     async def _guarded(
         self,
@@ -852,7 +698,7 @@ class _Stream:
         try:
             outcome = await run
             if outcome.immediate is not None:
-                self.phase = _Phase.DONE
+                self.phase = Phase.DONE
                 return msg.immediate(outcome.immediate)
             if outcome.body is not None and len(outcome.body) > self._processor.max_body_bytes:
                 # The reply could exceed the gRPC message limit and fail the whole stream.
@@ -864,7 +710,7 @@ class _Stream:
             # The executor contains policy failures; reaching here is an engine bug. Fail closed.
             self._processor.stats.policy_failures += 1
             log.exception("%s chain failed for route %r", phase, self.route)
-            self.phase = _Phase.DONE
+            self.phase = Phase.DONE
             return msg.INTERNAL_ERROR_REPLY
 
 

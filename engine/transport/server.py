@@ -1,4 +1,4 @@
-"""The gRPC server: ext_proc servicer + standard health service, graceful shutdown, workers.
+"""The engine's servers: gRPC ext_proc + health, the HTTP transport beside, drain, workers.
 
 Shape of the grpc aio examples: :func:`serve` builds the server, starts it, waits for a stop
 request (SIGTERM/SIGINT or the ``stop`` event) and stops it with a grace period in ``finally``
@@ -49,11 +49,11 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from engine import metrics
 from engine.chain import Snapshot
-from engine.extproc import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
-from engine.extproc_http import HttpExtProc
-from engine.http_server import HttpServer, start_http_server
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore
 from engine.tls import ServerTls
+from engine.transport.grpc_service import DEFAULT_MAX_BODY_BYTES, PolicyProcessor
+from engine.transport.http_server import HttpServer, start_http_server
+from engine.transport.http_service import HttpExtProc
 
 __all__ = [
     "EXT_PROC_SERVICE",
@@ -105,9 +105,10 @@ async def serve(
     (a second gRPC server sharing the health state): what an in-container probe reaches
     when ``listen`` demands a client certificate. Callers keep it on loopback.
     ``http_listen``: also serve Envoy's HTTP ext_proc transport (``http_service``) there,
-    from the same processor (:mod:`engine.extproc_http`, :mod:`engine.http_server`; same
-    ``tls`` and ``reuse_port``); ``on_http_bound(port)`` gets its bound port. It stops
-    accepting when the grace period starts and its requests in flight finish within it.
+    from the same processor (:mod:`engine.transport.http_service`,
+    :mod:`engine.transport.http_server`; same ``tls`` and ``reuse_port``);
+    ``on_http_bound(port)`` gets its bound port. It stops accepting when the grace period
+    starts and its requests in flight finish within it.
 
     Returns after a graceful stop. ``on_bound(port)`` is called with the bound port, then
     ``ready`` is set, once the server accepts streams. The server stops when ``stop`` is set

@@ -1,4 +1,5 @@
-"""Test helpers for the ext_proc service: build messages the way Envoy does, talk to a server.
+"""Test helpers for the ext_proc transports: build messages the way Envoy does, talk to a gRPC
+server.
 
 Message builders mirror what Envoy 1.36 sends (lower-case keys, values in ``raw_value``,
 pseudo-headers first). :class:`ExtProcClient` is a tiny grpc.aio client playing Envoy's
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from engine.extproc import ATTRIBUTES_KEY, ROUTE_METADATA_KEY
+from engine.store import ConfigStore
+from engine.transport.grpc_service import ATTRIBUTES_KEY, ROUTE_METADATA_KEY, PolicyProcessor
+from engine.transport.server import serve
 
 __all__ = [
     "Decoded",
@@ -34,6 +37,7 @@ __all__ = [
     "request_headers",
     "response_body",
     "response_headers",
+    "serving",
 ]
 
 HeaderItems = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -252,3 +256,39 @@ class ExtProcClient:
         finally:
             stream.cancel()
         return replies
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    store: ConfigStore,
+    processor: PolicyProcessor | None = None,
+    *,
+    grace: float = 0.5,
+    within: float = 5.0,
+    **options: Any,
+) -> AsyncIterator[str]:
+    """The engine's gRPC server (:func:`engine.transport.server.serve`) on a free
+    127.0.0.1 port, in this event loop: yields its ``host:port`` once it serves, stops it
+    on exit. ``within`` (seconds) bounds the start and the stop; ``options`` go to ``serve``."""
+    ports: list[int] = []
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        serve(
+            "127.0.0.1:0",
+            store,
+            grace=grace,
+            ready=ready,
+            stop=stop,
+            on_bound=ports.append,
+            processor=processor,
+            **options,
+        )
+    )
+    try:
+        async with asyncio.timeout(within):
+            await ready.wait()
+        yield f"127.0.0.1:{ports[0]}"
+    finally:
+        stop.set()
+        async with asyncio.timeout(within):
+            await task

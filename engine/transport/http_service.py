@@ -3,9 +3,10 @@
 Envoy POSTs each ``ProcessingRequest`` as proto3 JSON (proto field names, header values
 base64 in ``raw_value``) and applies the JSON ``ProcessingResponse`` it gets back. Only
 header phases travel this way: Envoy sends no bodies or trailers over HTTP. Each message is
-handled by the same stream state machine as over gRPC (``engine.extproc._Stream``: route
-key -> snapshot -> chain -> reply), so immediate responses, header mutations, mode overrides
-and dynamic metadata are the gRPC path's, only re-encoded.
+handled by the same stream state machine as over gRPC
+(:class:`engine.transport.stream.StreamMachine`: route key -> snapshot -> chain -> reply), so
+immediate responses, header mutations, mode overrides and dynamic metadata are the gRPC
+path's, only re-encoded.
 
 One POST per phase
     Over gRPC one stream holds the request's state between ``request_headers`` and
@@ -53,11 +54,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from engine import extproc_messages as msg
 from engine import metrics
 from engine.errors import ProtocolError
-from engine.extproc import PolicyProcessor, _Phase, _Stream
 from engine.policy import Headers, RequestContext, RequestMetadata
+from engine.transport import messages as msg
+from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.stream import Phase, StreamMachine
 
 __all__ = ["STATE_NAMESPACE", "HttpExtProc", "to_json"]
 
@@ -221,7 +223,7 @@ def _value(fd: FieldDescriptor, value: Any) -> Any:
 
 def to_json(message: Any) -> dict[str, Any]:
     """``message`` in the proto3 JSON mapping (proto field names), as Envoy parses it.
-    Covers what ``engine.extproc_messages`` builds (no maps, no 64-bit integers)."""
+    Covers what ``engine.transport.messages`` builds (no maps, no 64-bit integers)."""
     out: dict[str, Any] = {}
     for fd, value in message.ListFields():
         if fd.is_repeated:
@@ -238,7 +240,7 @@ _SHARED: Final = {
 _EMPTY_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
 
-def _reply_json(reply: pb.ProcessingResponse, stream: _Stream, phase: str) -> dict[str, Any]:
+def _reply_json(reply: pb.ProcessingResponse, stream: StreamMachine, phase: str) -> dict[str, Any]:
     """``reply`` as JSON; shared replies (pass-through, error, a static chain's) are
     converted once and kept (never mutated afterwards: callers copy before adding)."""
     shared = _SHARED.get(id(reply))
@@ -257,7 +259,7 @@ def _reply_json(reply: pb.ProcessingResponse, stream: _Stream, phase: str) -> di
 # -- carried state -------------------------------------------------------------------------
 
 
-def _state(stream: _Stream) -> str:
+def _state(stream: StreamMachine) -> str:
     request = stream.request
     state: dict[str, Any] = {"v": _STATE_VERSION, "route": stream.route}
     if request is not None:
@@ -346,7 +348,7 @@ class HttpExtProc:
             return 200, _ENCODER.encode(_SHARED.get(id(reply)) or to_json(reply))
         return 200, self._encode(kind, reply, stream)
 
-    def _encode(self, kind: str, reply: pb.ProcessingResponse, stream: _Stream) -> bytes:
+    def _encode(self, kind: str, reply: pb.ProcessingResponse, stream: StreamMachine) -> bytes:
         """The answer's bytes: the reply, Envoy metadata and (request phase) the state.
 
         A static phase without request context (no metadata, the state is just the route)
@@ -366,7 +368,7 @@ class HttpExtProc:
             fields = emit.fields(stream.request.metadata)
             if fields:
                 extra[emit.namespace] = fields
-        if kind == "request_headers" and stream.phase is _Phase.RESPONSE_HEADERS:
+        if kind == "request_headers" and stream.phase is Phase.RESPONSE_HEADERS:
             extra[STATE_NAMESPACE] = {_STATE_KEY: _state(stream)}
         if extra:
             encoded = {
@@ -378,11 +380,13 @@ class HttpExtProc:
             chain.replies.setdefault(key, data)
         return data
 
-    async def _request_headers(self, message: Any) -> tuple[pb.ProcessingResponse, _Stream | None]:
+    async def _request_headers(
+        self, message: Any
+    ) -> tuple[pb.ProcessingResponse, StreamMachine | None]:
         processor = self.processor
         processor.stats.streams += 1
         route = msg.route_key(None, message, processor.route_names)
-        chain = processor._store.current.chain_for(route) if route else None
+        chain = processor.store.current.chain_for(route) if route else None
         if chain is not None and (chain.requires_request_body or chain.requires_response_body):
             self.body_refusals += 1
             metrics.http_body_refusal(route)
@@ -392,21 +396,21 @@ class HttpExtProc:
                 route,
             )
             return msg.INTERNAL_ERROR_REPLY, None
-        stream = _Stream(processor, None)
+        stream = StreamMachine(processor, None)
         return await stream.handle(message), stream
 
     async def _response_headers(
         self, message: Any, request: _Request
-    ) -> tuple[pb.ProcessingResponse, _Stream | None]:
+    ) -> tuple[pb.ProcessingResponse, StreamMachine | None]:
         processor = self.processor
         try:
             state = self._restore(request)
             route = state["route"]
-            chain = processor._store.current.chain_for(route) if route else None
+            chain = processor.store.current.chain_for(route) if route else None
             if chain is None or not chain.needs_response:
                 # The configuration changed between the phases: nothing to run now.
                 return _EMPTY_RESPONSE_HEADERS, None
-            stream = _Stream(processor, None)
+            stream = StreamMachine(processor, None)
             stream.route = route
             stream.chain = chain
             if chain.static_response_outcome is None:
@@ -418,5 +422,5 @@ class HttpExtProc:
             self.state_failures += 1
             log.error("HTTP ext_proc response_headers: %s: answering 500", exc)
             return msg.INTERNAL_ERROR_REPLY, None
-        stream.phase = _Phase.RESPONSE_HEADERS
+        stream.phase = Phase.RESPONSE_HEADERS
         return await stream.handle(message), stream
