@@ -7,11 +7,8 @@ log, stop) started on a given bootstrap instead of one the harness renders.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tests.e2e.harness import EnvoyProcess
 
@@ -45,33 +42,4 @@ class BootstrapEnvoy(EnvoyProcess):
     ) -> None:
         self.admin_port = admin_port
         self.port = port
-        self.config_path = workdir / "envoy.yaml"
-        self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
-        self.log_path = workdir / "envoy.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                str(binary),
-                "-c",
-                str(self.config_path),
-                "--disable-hot-restart",
-                "--file-flush-interval-msec",
-                "200",
-                "--concurrency",
-                "1",
-                "-l",
-                "warn",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + start_timeout
-        try:
-            while not self._ready():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"Envoy not ready after {start_timeout}s:\n{self.log()}")
-                time.sleep(0.05)
-        except BaseException:
-            self.close()
-            raise
+        self._start(binary, workdir, bootstrap, start_timeout)

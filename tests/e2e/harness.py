@@ -737,6 +737,13 @@ class EnvoyProcess:
         )
         if edit is not None:  # a test's own change to the bootstrap (e.g. a second filter)
             edit(bootstrap)
+        self._start(binary, workdir, bootstrap, start_timeout)
+
+    def _start(
+        self, binary: Path, workdir: Path, bootstrap: dict[str, Any], start_timeout: float
+    ) -> None:
+        """Write ``bootstrap`` to ``workdir/envoy.yaml``, start ``binary`` on it and wait until
+        it is ready (``self.admin_port`` and ``self.port`` set); stop it on failure."""
         self.config_path = workdir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self.log_path = workdir / "envoy.log"
@@ -762,6 +769,10 @@ class EnvoyProcess:
         )
         try:
             _wait(self._ready, start_timeout, "Envoy /ready == LIVE", interval=0.05)
+        except TimeoutError as exc:
+            log = self.log()
+            self.close()
+            raise TimeoutError(f"{exc}; Envoy's log:\n{log}") from None
         except BaseException:
             self.close()
             raise

@@ -47,6 +47,7 @@ from engine.transport.testing import (
     response_headers,
     serving,
 )
+from tests.extproc.chains import entry, snapshot
 
 # ----------------------------------------------------------------------------- policies
 
@@ -112,27 +113,6 @@ class Respond:
 
     def on_response(self, ctx: ResponseContext) -> ResponseModifications:
         return self.action
-
-
-def entry(instance: object, **flags: Any) -> ChainPolicy:
-    has_request = hasattr(instance, "on_request")
-    has_response = hasattr(instance, "on_response")
-    return ChainPolicy(
-        name=type(instance).__name__,
-        version="v1.0.0",
-        instance=instance,
-        has_request=flags.pop("has_request", has_request),
-        has_response=flags.pop("has_response", has_response),
-        **flags,
-    )
-
-
-def snapshot(**routes: list[ChainPolicy]) -> Snapshot:
-    return Snapshot(
-        routes=MappingProxyType({k: Chain(route=k, policies=tuple(v)) for k, v in routes.items()}),
-        source="test",
-        version=1,
-    )
 
 
 # ----------------------------------------------------------------------------- fixtures

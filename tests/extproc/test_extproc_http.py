@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
 from engine import metrics
-from engine.chain import Chain, ChainPolicy, Snapshot
 from engine.envoy_metadata import EnvoyMetadata
 from engine.policy import (
     ImmediateResponse,
@@ -32,6 +30,7 @@ from engine.store import ConfigStore
 from engine.transport.grpc_service import PolicyProcessor
 from engine.transport.http_service import STATE_NAMESPACE, HttpExtProc
 from engine.transport.testing import decode, request_headers, response_headers
+from tests.extproc.chains import entry, snapshot
 
 
 class Modify:
@@ -69,22 +68,6 @@ class Upper:
 
     def on_response(self, ctx: ResponseContext) -> None:
         self.calls += 1
-
-
-def entry(instance: object, **flags: Any) -> ChainPolicy:
-    return ChainPolicy(
-        name=type(instance).__name__,
-        version="v1.0.0",
-        instance=instance,
-        has_request=hasattr(instance, "on_request"),
-        has_response=hasattr(instance, "on_response"),
-        **flags,
-    )
-
-
-def snapshot(**routes: list[ChainPolicy]) -> Snapshot:
-    chains = {k: Chain(route=k, policies=tuple(v)) for k, v in routes.items()}
-    return Snapshot(routes=MappingProxyType(chains), source="test", version=1)
 
 
 class Remember:

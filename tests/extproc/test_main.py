@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import io
 import json
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -134,6 +136,34 @@ SCRIPT = (
 )
 
 
+@contextlib.contextmanager
+def engine_process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """The engine's command line (``SCRIPT``) with ``argv`` as a process, its stderr piped;
+    killed on exit if it still runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def clean_exit_log(proc: subprocess.Popen[bytes]) -> str:
+    """Wait (bounded) for ``proc`` to exit; assert it exited 0; its stderr."""
+    code = proc.wait(timeout=15)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 0, stderr
+    return stderr
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -146,13 +176,7 @@ def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
     port = free_port()
     argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
     argv += ["--workers", str(workers), "--grace", "1", "--drain", "2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, *argv],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with engine_process(argv) as proc:
         wait_serving(port, proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -169,16 +193,8 @@ def test_server_process_serves_and_stops_on_sigterm(tmp_path, workers):
                 assert time.monotonic() < deadline, "NOT_SERVING not reported during the drain"
                 time.sleep(0.05)
             assert proc.poll() is None
-        code = proc.wait(timeout=15)
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
-        assert code == 0, stderr
+        stderr = clean_exit_log(proc)
         assert "policy-engine" in stderr  # build info logged at start
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def test_http_transport_served_by_every_worker_on_uvloop(tmp_path):
@@ -189,19 +205,13 @@ def test_http_transport_served_by_every_worker_on_uvloop(tmp_path):
     port, http_port = free_port(), free_port()
     argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
     argv += ["--listen-http", f"127.0.0.1:{http_port}", "--workers", "2", "--grace", "1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, *argv],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     message = json.dumps(
         {
             "request_headers": {"headers": {"headers": [{"key": ":path", "raw_value": "Lw=="}]}},
             "attributes": {"envoy.filters.http.ext_proc": {"xds.route_name": "public"}},
         }
     ).encode()
-    try:
+    with engine_process(argv) as proc:
         wait_serving(port, proc)
         assert len(children(proc.pid)) == 2
         for _ in range(20):  # new connections: the kernel deals them to both workers
@@ -218,16 +228,8 @@ def test_http_transport_served_by_every_worker_on_uvloop(tmp_path):
             option = answer["request_headers"]["response"]["header_mutation"]["set_headers"][0]
             assert option["header"] == {"key": "x-a", "raw_value": "MQ=="}
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=15)
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
-        assert code == 0, stderr
+        stderr = clean_exit_log(proc)
         assert "HTTP ext_proc transport listening" in stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def test_max_body_bytes_sizes_the_grpc_limits():
@@ -261,8 +263,7 @@ def test_a_dead_worker_is_restarted(tmp_path):
     port = free_port()
     argv = ["--config", str(config), "--listen", f"127.0.0.1:{port}", "--workers", "2"]
     argv += ["--grace", "1", "--drain", "0"]
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, *argv], cwd=ROOT, stderr=subprocess.PIPE)
-    try:
+    with engine_process(argv) as proc:
         wait_serving(port, proc)
         deadline = time.monotonic() + 15
         while len(children(proc.pid)) < 2:
@@ -281,16 +282,8 @@ def test_a_dead_worker_is_restarted(tmp_path):
         assert first[1] in now  # the other worker kept running
         wait_serving(port, proc)
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=15)
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
-        assert code == 0, stderr
+        stderr = clean_exit_log(proc)
         assert "unexpectedly: restarting it (1 of at most 5 restarts per minute)" in stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 CRASHING = (
