@@ -5,6 +5,7 @@ cluster: the end-to-end harness (:func:`tests.e2e.harness.render_bootstrap`), an
 it the demo and the benchmark, take them from there with :func:`ext_proc_filter` and
 :func:`engine_cluster_settings`; :func:`localize` turns a whole deploy file into one that
 runs on 127.0.0.1 with free ports and test certificates (tests/deploy).
+``sidecar-http.yaml`` adds the HTTP transport's filter and cluster (:data:`HTTP_ENGINE_CLUSTER`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "DEPLOY_DIR",
     "ENGINE_CLUSTER",
     "EXT_PROC_FILTER",
+    "HTTP_ENGINE_CLUSTER",
     "access_log",
     "engine_cluster",
     "engine_cluster_settings",
@@ -35,6 +37,8 @@ DEPLOY_DIR: Final = Path(os.path.abspath(__file__)).parent.parent / "deploy" / "
 """``deploy/envoy`` (under Bazel: in the runfiles tree, as a data dependency)."""
 EXT_PROC_FILTER: Final = "envoy.filters.http.ext_proc"
 ENGINE_CLUSTER: Final = "ext_proc"
+HTTP_ENGINE_CLUSTER: Final = "ext_proc_http"
+"""The engine's HTTP ext_proc transport (``--listen-http``) in ``sidecar-http.yaml``."""
 
 _cache: dict[str, dict[str, Any]] = {}
 
@@ -130,9 +134,11 @@ def localize(
     access_log_path: Path | str | None = None,
     files: Mapping[str, str] | None = None,
     server_name: str | None = None,
+    engine_http_port: int | None = None,
 ) -> dict[str, Any]:
     """Make a deploy file runnable here (in place; returns it): every address ``host``
-    with these ports (the engine and the application as STATIC clusters), access logs to
+    with these ports (the engine, its HTTP transport when the file has one, and the
+    application as STATIC clusters), access logs to
     ``access_log_path``, each ``filename`` in ``files`` replaced by its value, and the
     engine's TLS name (SNI and SAN match) ``server_name``."""
     bootstrap["admin"]["address"]["socket_address"] = {"address": host, "port_value": admin_port}
@@ -143,7 +149,10 @@ def localize(
         for entry in hcm.get("access_log", []):
             entry["typed_config"]["path"] = str(access_log_path)
     for cluster in bootstrap["static_resources"]["clusters"]:
-        port = engine_port if cluster["name"] == ENGINE_CLUSTER else upstream_port
+        ports = {ENGINE_CLUSTER: engine_port, HTTP_ENGINE_CLUSTER: engine_http_port}
+        port = ports.get(cluster["name"], upstream_port)
+        if port is None:
+            raise ValueError(f"cluster {cluster['name']!r}: pass engine_http_port")
         for key in ("dns_lookup_family", "dns_refresh_rate"):
             cluster.pop(key, None)
         cluster["type"] = "STATIC"

@@ -7,6 +7,10 @@ access log with the engine's decisions and Envoy's request id, Envoy's own ``/he
 the engine healthy in Envoy's gRPC health check; then, with the engine gone, the fail-closed
 routes answer 500 and the fail-open route passes. ``shared-service.yaml`` runs with a
 throw-away PKI in place of the Kubernetes secret: Envoy reaches the engine over mTLS only.
+``sidecar-http.yaml`` (both transports) is checked to be sidecar.yaml plus exactly the HTTP
+filter the end-to-end tests run, then runs: the body route over gRPC, the header routes over
+HTTP (counted on Envoy's HTTP cluster), and without the engine the same fail-closed /
+fail-open split.
 """
 
 from __future__ import annotations
@@ -25,7 +29,16 @@ from engine.registry import PolicyRegistry, load_policy
 from engine.tls import ServerTls, ServerTlsFiles
 from engine.tls_testing import TestPki
 from tests.deploy.envoy_run import BootstrapEnvoy, validate
-from tests.e2e.harness import EchoUpstream, EngineThread, envoy_binary, free_port, http_request
+from tests.e2e.harness import (
+    HTTP_EXT_PROC_CIRCUIT_BREAKERS,
+    HTTP_FILTER_NAME,
+    EchoUpstream,
+    EngineThread,
+    envoy_binary,
+    free_port,
+    http_ext_proc_filter,
+    http_request,
+)
 from tools import envoy_bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,11 +89,11 @@ def binary() -> Path:
     return found
 
 
-def _engine(workdir: Path, tls: ServerTls | None = None) -> EngineThread:
+def _engine(workdir: Path, tls: ServerTls | None = None, *, http: bool = False) -> EngineThread:
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     registry = PolicyRegistry(load_policy(folder) for folder in FOLDERS)
-    engine = EngineThread(registry, config, tls=tls)
+    engine = EngineThread(registry, config, tls=tls, http=http)
     # The engine's defaults (--envoy-metadata-namespace/-keys): its decisions for Envoy.
     engine.processor.envoy_metadata = EnvoyMetadata(DEFAULT_NAMESPACE, DEFAULT_KEYS)
     return engine
@@ -228,5 +241,123 @@ def test_shared_service_reaches_the_engine_over_mtls(
             assert upstream.requests_to("/api/v1/public/a")[-1].headers["x-chain"] == "public"
             assert http_request(port, "/api/v1/private/b").status == 401
             assert envoy.stat("cluster.ext_proc.ssl.handshake") >= 1
+    finally:
+        engine.close()
+
+
+# -- sidecar-http.yaml: both transports ----------------------------------------------------
+
+
+def _without_routes_filters_clusters(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    hcm = envoy_bootstrap.http_connection_manager(bootstrap)
+    del hcm["http_filters"]
+    del hcm["route_config"]["virtual_hosts"][0]["routes"]
+    del bootstrap["static_resources"]["clusters"]
+    return bootstrap
+
+
+def _enabled_filters(route: dict[str, Any], filters: list[str]) -> list[str]:
+    per_filter = route.get("typed_per_filter_config", {})
+    return [name for name in filters if not per_filter.get(name, {}).get("disabled", False)]
+
+
+def test_sidecar_http_is_the_sidecar_plus_the_tested_http_filter() -> None:
+    """The gRPC parts are sidecar.yaml's; the HTTP filter is exactly what the end-to-end
+    tests run (harness.http_ext_proc_filter of the gRPC filter); each policed route
+    enables exactly one ext_proc filter."""
+    sidecar, both = envoy_bootstrap.load("sidecar"), envoy_bootstrap.load("sidecar-http")
+    grpc_filter, router = envoy_bootstrap.http_connection_manager(sidecar)["http_filters"]
+    assert envoy_bootstrap.http_connection_manager(both)["http_filters"] == [
+        http_ext_proc_filter(grpc_filter),
+        grpc_filter,
+        router,
+    ]
+    clusters = {c["name"]: c for c in both["static_resources"]["clusters"]}
+    for cluster in sidecar["static_resources"]["clusters"]:
+        assert clusters.pop(cluster["name"]) == cluster
+    http_cluster = clusters.pop(envoy_bootstrap.HTTP_ENGINE_CLUSTER)
+    assert not clusters
+    assert "typed_extension_protocol_options" not in http_cluster  # HTTP/1.1
+    assert http_cluster["circuit_breakers"] == HTTP_EXT_PROC_CIRCUIT_BREAKERS
+    assert _without_routes_filters_clusters(both) == _without_routes_filters_clusters(sidecar)
+
+    filters = [HTTP_FILTER_NAME, envoy_bootstrap.EXT_PROC_FILTER]
+    routes = envoy_bootstrap.http_connection_manager(envoy_bootstrap.load("sidecar-http"))[
+        "route_config"
+    ]["virtual_hosts"][0]["routes"]
+    enabled = {r["name"]: _enabled_filters(r, filters) for r in routes}
+    assert enabled == {
+        "healthz": [],  # Envoy's direct response
+        "public": [envoy_bootstrap.EXT_PROC_FILTER],  # its chain reads bodies
+        "private": [HTTP_FILTER_NAME],
+        "assets": [HTTP_FILTER_NAME],
+    }
+
+
+def test_sidecar_http_validates_as_written(binary: Path) -> None:
+    result = validate(binary, envoy_bootstrap.DEPLOY_DIR / "sidecar-http.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sidecar_http_serves_header_routes_over_http_and_bodies_over_grpc(
+    binary: Path, tmp_path: Path, upstream: EchoUpstream
+) -> None:
+    engine = _engine(tmp_path, http=True)
+    try:
+        admin, port = free_port(), free_port()
+        access = tmp_path / "access.log"
+        bootstrap = envoy_bootstrap.localize(
+            envoy_bootstrap.load("sidecar-http"),
+            admin_port=admin,
+            listener_port=port,
+            engine_port=engine.port,
+            engine_http_port=engine.http_port,
+            upstream_port=upstream.port,
+            access_log_path=access,
+        )
+        (tmp_path / "local.yaml").write_text(yaml.safe_dump(bootstrap))
+        result = validate(binary, tmp_path / "local.yaml")
+        assert result.returncode == 0, result.stdout + result.stderr
+        over_http = "cluster.ext_proc_http.upstream_rq_total"
+        with BootstrapEnvoy(binary, tmp_path, bootstrap, admin_port=admin, port=port) as envoy:
+            healthy = "cluster.ext_proc.membership_healthy"
+            _wait_for(lambda: envoy.stat(healthy) == 1, 30, "the engine healthy in Envoy")
+
+            # The body route: gRPC (bodies wrapped both ways), nothing over HTTP.
+            public = http_request(port, "/api/v1/public/a", method="POST", body=b"hi")
+            assert public.status == 200, envoy.log()
+            assert upstream.requests_to("/api/v1/public/a")[-1].body == b"<<hi>>"
+            assert public.body.startswith(b"<<")
+            assert public.body.endswith(b">>")
+            assert envoy.stat(over_http) == 0
+
+            # The header routes: HTTP, keyed by their route names.
+            assert http_request(port, "/api/v1/private/b").status == 401
+            ok = http_request(port, "/api/v1/private/c", headers={"x-api-key": "k1"})
+            assert ok.status == 200, envoy.log()
+            assert ok.echo is not None
+            assert ok.echo["headers"]["x-chain"] == "private"
+            assets = http_request(port, "/assets/d")
+            assert assets.echo is not None
+            assert assets.echo["headers"]["x-chain"] == "assets"
+            assert envoy.stat(over_http) >= 3
+
+            # The engine's decisions reach the access log over HTTP too.
+            lines = {entry["path"]: entry for entry in _access_log(access, 4)}
+            assert lines["/api/v1/private/b"]["short_circuit"] == "apiKey v1.0.0"
+            assert lines["/api/v1/private/c"]["api_key_consumer"] == "alice"
+            assert lines["/api/v1/private/c"]["route"] == "private"
+
+            engine.close()
+            # Fail closed over both transports; the assets route fails open over HTTP.
+            assert http_request(port, "/api/v1/public/e").status == 500
+            keyed = http_request(port, "/api/v1/private/f", headers={"x-api-key": "k1"})
+            assert keyed.status == 500
+            opened = http_request(port, "/assets/g")
+            assert opened.status == 200, envoy.log()
+            assert opened.echo is not None
+            assert "x-chain" not in opened.echo["headers"]
+            assert not upstream.requests_to("/api/v1/private/f")
+            assert not upstream.requests_to("/api/v1/public/e")
     finally:
         engine.close()

@@ -669,7 +669,7 @@ def file_access_log(path: Path, line_format: str) -> dict[str, Any]:
 
 HTTP_FILTER_NAME: Final = "policy_engine.ext_proc_http"
 """Name of the HTTP-transport ext_proc filter (the gRPC one keeps Envoy's usual name)."""
-HTTP_CLUSTER: Final = "ext_proc_http"
+HTTP_CLUSTER: Final = envoy_bootstrap.HTTP_ENGINE_CLUSTER
 HTTP_STATE_NAMESPACE: Final = "policy_engine.http_state"
 
 
