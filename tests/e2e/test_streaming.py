@@ -34,7 +34,7 @@ from tests.e2e.harness import (
     envoy_binary,
     file_access_log,
 )
-from tests.support.sse_upstream import SseUpstream, read_stream, sse_event
+from tests.support.sse_upstream import SseUpstream, llm_answer, read_stream, sse_event
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_POLICIES = Path(__file__).resolve().parent / "policies"
@@ -291,22 +291,6 @@ def test_upstream_hanging_up_mid_stream(stack: StreamStack) -> None:
     assert not received.endswith(b"0\r\n\r\n")
     wait_for(lambda: stack.engine.processor.streams_in_flight == 0)
     assert stack.envoy.process.poll() is None
-
-
-def llm_answer(total_tokens: int) -> list[tuple[float, bytes]]:
-    """An OpenAI-style streamed answer whose last event before [DONE] carries the usage."""
-    delta = {"model": "gpt-test", "choices": [{"delta": {"content": "token"}}]}
-    usage = {
-        "model": "gpt-test",
-        "choices": [],
-        "usage": {
-            "prompt_tokens": 2,
-            "completion_tokens": total_tokens - 2,
-            "total_tokens": total_tokens,
-        },
-    }
-    script = [(0.0, sse_event(json.dumps(delta))), (0.05, sse_event(json.dumps(delta)))]
-    return [*script, (0.05, sse_event(json.dumps(usage))), (0.0, sse_event("[DONE]"))]
 
 
 def test_usage_of_a_streamed_answer_drives_a_429_on_the_next_request(stack: StreamStack) -> None:

@@ -21,7 +21,7 @@ import yaml
 from policies.rateLimit.testing import RedisServer, running_redis
 from tests.e2e.engine_process import EngineProcess
 from tests.e2e.harness import EnvoyProcess, EnvoyRoute, envoy_binary
-from tests.support.sse_upstream import SseUpstream, read_stream, sse_event
+from tests.support.sse_upstream import SseUpstream, llm_answer, read_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 BURST = 60  # tokens a consumer may spend at once
@@ -47,22 +47,6 @@ def config() -> str:
         },
     ]
     return yaml.safe_dump({"routes": {"tpm": {"policies": chain}}})
-
-
-def llm_answer(total_tokens: int) -> list[tuple[float, bytes]]:
-    """An OpenAI-style streamed answer whose last event before [DONE] carries the usage."""
-    delta = {"model": "gpt-test", "choices": [{"delta": {"content": "token"}}]}
-    usage = {
-        "model": "gpt-test",
-        "choices": [],
-        "usage": {
-            "prompt_tokens": 2,
-            "completion_tokens": total_tokens - 2,
-            "total_tokens": total_tokens,
-        },
-    }
-    script = [(0.0, sse_event(json.dumps(delta))), (0.05, sse_event(json.dumps(delta)))]
-    return [*script, (0.05, sse_event(json.dumps(usage))), (0.0, sse_event("[DONE]"))]
 
 
 @dataclass

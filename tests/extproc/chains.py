@@ -1,5 +1,6 @@
 """Chains built straight from policy instances, for the ext_proc tests: no registry, no
-configuration document, one snapshot of the given routes."""
+configuration document, one snapshot of the given routes; and the two policies both
+transports' tests use (:class:`Modify`, :class:`Deny`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from types import MappingProxyType
 from typing import Any
 
 from engine.chain import Chain, ChainPolicy, Snapshot
+from engine.policy import ImmediateResponse, RequestContext, RequestModifications
 
-__all__ = ["entry", "snapshot"]
+__all__ = ["Deny", "Modify", "entry", "snapshot"]
 
 
 def entry(instance: object, **flags: Any) -> ChainPolicy:
@@ -33,3 +35,20 @@ def snapshot(**routes: list[ChainPolicy]) -> Snapshot:
         source="test",
         version=1,
     )
+
+
+class Modify:
+    """A request policy answering ``action`` (header changes and the like)."""
+
+    def __init__(self, action: RequestModifications) -> None:
+        self.action = action
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return self.action
+
+
+class Deny:
+    """A request policy answering 401 at once."""
+
+    def on_request(self, ctx: RequestContext) -> ImmediateResponse:
+        return ImmediateResponse(401, {"www-authenticate": "Bearer"}, b"denied")

@@ -47,7 +47,7 @@ from engine.transport.testing import (
     response_headers,
     serving,
 )
-from tests.extproc.chains import entry, snapshot
+from tests.extproc.chains import Deny, Modify, entry, snapshot
 
 # ----------------------------------------------------------------------------- policies
 
@@ -77,19 +77,6 @@ class ResponseRecorder:
     def on_response(self, ctx: ResponseContext) -> None:
         self.seen.responses.append(ctx)
         self.seen.bodies.append(ctx.body)
-
-
-class Modify:
-    def __init__(self, action: RequestModifications) -> None:
-        self.action = action
-
-    def on_request(self, ctx: RequestContext) -> RequestModifications:
-        return self.action
-
-
-class Deny:
-    def on_request(self, ctx: RequestContext) -> ImmediateResponse:
-        return ImmediateResponse(401, {"www-authenticate": "Bearer"}, b"denied")
 
 
 class Upper:

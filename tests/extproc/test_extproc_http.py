@@ -30,20 +30,7 @@ from engine.store import ConfigStore
 from engine.transport.grpc_service import PolicyProcessor
 from engine.transport.http_service import STATE_NAMESPACE, HttpExtProc
 from engine.transport.testing import decode, request_headers, response_headers
-from tests.extproc.chains import entry, snapshot
-
-
-class Modify:
-    def __init__(self, action: RequestModifications) -> None:
-        self.action = action
-
-    def on_request(self, ctx: RequestContext) -> RequestModifications:
-        return self.action
-
-
-class Deny:
-    def on_request(self, ctx: RequestContext) -> ImmediateResponse:
-        return ImmediateResponse(401, {"www-authenticate": "Bearer"}, b"denied")
+from tests.extproc.chains import Deny, Modify, entry, snapshot
 
 
 class MetaWriter:

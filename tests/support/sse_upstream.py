@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO, Final
 
-__all__ = ["SseUpstream", "read_stream", "sse_event"]
+__all__ = ["SseUpstream", "llm_answer", "read_stream", "sse_event"]
 
 HOST: Final = "127.0.0.1"
 
@@ -41,6 +41,22 @@ def sse_event(data: str, *, event: str | None = None, event_id: str | None = Non
         lines.append(f"id: {event_id}")
     lines += [f"data: {line}" for line in data.split("\n")]
     return ("\n".join(lines) + "\n\n").encode()
+
+
+def llm_answer(total_tokens: int) -> list[tuple[float, bytes]]:
+    """An OpenAI-style streamed answer whose last event before [DONE] carries the usage."""
+    delta = {"model": "gpt-test", "choices": [{"delta": {"content": "token"}}]}
+    usage = {
+        "model": "gpt-test",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 2,
+            "completion_tokens": total_tokens - 2,
+            "total_tokens": total_tokens,
+        },
+    }
+    script = [(0.0, sse_event(json.dumps(delta))), (0.05, sse_event(json.dumps(delta)))]
+    return [*script, (0.05, sse_event(json.dumps(usage))), (0.0, sse_event("[DONE]"))]
 
 
 class _Handler(BaseHTTPRequestHandler):
