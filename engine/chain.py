@@ -431,6 +431,8 @@ def _ran_static(route: str, policy: ChainPolicy) -> None:
 
 def count_static_runs(chain: Chain, phase: str) -> None:
     """Count the runs of a static phase answered from its outcome (see :func:`_ran_static`)."""
+    if not metrics.enabled():
+        return
     for policy in chain.request_policies if phase == "request" else chain.response_policies:
         _ran_static(chain.route, policy)
 

@@ -135,13 +135,23 @@ class _Value:
         self.string_value = value if isinstance(value, str) else ""
 
 
+class _Fields(dict[str, Any]):
+    """``Struct.fields``: each value wrapped as a :class:`_Value` when it is read (most
+    requests read one or two of them)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> _Value:
+        return _Value(dict.__getitem__(self, name))
+
+
 class _Struct:
     """A ``google.protobuf.Struct`` as the stream machine reads it (``fields``)."""
 
     __slots__ = ("fields",)
 
     def __init__(self, values: dict[str, Any]) -> None:
-        self.fields = {name: _Value(value) for name, value in values.items()}
+        self.fields = _Fields(values)
 
 
 class _Modes:
@@ -180,19 +190,30 @@ class _Message:
         self.response_headers = request.response_headers
         attributes = request.attributes.get(msg.ATTRIBUTES_KEY)
         self.attributes = {msg.ATTRIBUTES_KEY: _Struct(attributes)} if attributes else {}
-        self.protocol_config = _Modes(request.protocol_config)
+        # Envoy sends protocol_config with the first message only; the stream machine
+        # reads it there.
+        if self.kind == "request_headers":
+            self.protocol_config = _Modes(request.protocol_config)
+        else:
+            self.protocol_config = _NO_MODES
 
     def WhichOneof(self, _group: str) -> str:
         return self.kind
 
 
+_BODY_MODES: Final[dict[str, int]] = dict(msg.Mode.BodySendMode.items())
+
+
 def _mode(value: str | int) -> int:
     if isinstance(value, int):
         return value
-    try:
-        return int(msg.Mode.BodySendMode.Value(value))
-    except ValueError:
-        raise ProtocolError(f"unknown body mode {value!r}") from None
+    found = _BODY_MODES.get(value)
+    if found is None:
+        raise ProtocolError(f"unknown body mode {value!r}")
+    return found
+
+
+_NO_MODES: Final = _Modes(_ProtocolConfig())
 
 
 # -- ProcessingResponse -> JSON ----------------------------------------------------------
@@ -397,6 +418,7 @@ class HttpExtProc:
             )
             return msg.INTERNAL_ERROR_REPLY, None
         stream = StreamMachine(processor, None)
+        stream.route = route
         return await stream.handle(message), stream
 
     async def _response_headers(

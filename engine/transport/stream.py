@@ -271,7 +271,8 @@ class StreamMachine:
 
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
-        self.route = msg.route_key(self._context, message, self._processor.route_names)
+        if not self.route:  # the HTTP transport found it already (its body-route check)
+            self.route = msg.route_key(self._context, message, self._processor.route_names)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor.chain_for(self.route)
         if chain is None:

@@ -217,6 +217,19 @@ async def test_malformed_messages_are_protocol_errors(body):
     assert processor.stats.protocol_errors == 1
 
 
+@pytest.mark.parametrize("mode", ["SOMETIMES", "buffered", ""])
+async def test_an_unknown_body_mode_is_a_protocol_error(mode):
+    """protocol_config's modes are checked on the first message even where the chain never
+    reads them (a static chain's request phase)."""
+    handler, processor = make(public=[entry(Modify(RequestModifications(set_headers={"x": "1"})))])
+    message = json.loads(as_json(request_headers(attributes=route("public"))))
+    message["protocol_config"] = {"request_body_mode": mode}
+    status, reply = await handler("/", json.dumps(message).encode())
+    assert status == 400
+    assert "unknown body mode" in json.loads(reply)["error"]
+    assert processor.stats.protocol_errors == 1
+
+
 async def test_static_replies_are_encoded_once_and_never_shared_with_state():
     handler, _ = make(public=[entry(Modify(RequestModifications(set_headers={"x": "1"})))])
     first = await handler("/", as_json(request_headers(attributes=route("public"))))

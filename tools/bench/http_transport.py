@@ -10,10 +10,11 @@ one of them (per-route ``ExtProcPerRoute.disabled`` on the others):
   decode, answer a prebuilt reply; 2 and 1 messages per request);
 * ``/floor2-grpc/``, ``/floor1-grpc/``: the trivial grpc.aio servicer on uvloop
   (``tools/bench/floor.py``), same message counts;
-* ``/headers/`` and ``/jwt/`` over the engine's HTTP transport (``--listen-http``) and
-  ``/grpc-headers/``, ``/grpc-jwt/`` over its gRPC one: the same engine process (1 worker),
-  the same chains (``tools/bench/paths.py``: 5 x setHeader + 1 response header, 2 messages;
-  jwtValidation + rateLimit, 1 message).
+* ``/headers/``, ``/headers1/`` and ``/jwt/`` over the engine's HTTP transport
+  (``--listen-http``) and ``/grpc-headers/``, ``/grpc-headers1/``, ``/grpc-jwt/`` over its
+  gRPC one: the same engine process (1 worker), the same chains (``tools/bench/paths.py``:
+  5 x setHeader + 1 response header, 2 messages; 5 x setHeader on the request headers only,
+  1 message; jwtValidation + rateLimit, 1 message).
 
 Rounds interleave every path (saturation: wrk, 50 connections; latency: wrk, 1 connection);
 each figure is the median over rounds. CPU per request is utime + stime of the server process
@@ -73,6 +74,7 @@ class Path_:
     server: str | None  # whose CPU counts: "engine", "floor-http", "floor-grpc"
     floor: str | None = None  # the path whose CPU per request is this one's floor
     auth: bool = False
+    key: str = ""  # the engine's route key (engine paths)
 
 
 PATHS: Final = (
@@ -81,10 +83,21 @@ PATHS: Final = (
     Path_("floor2-grpc", "/floor2-grpc/x", GRPC_FILTER, "floor-grpc"),
     Path_("floor1-http", "/floor1-http/x", FLOOR_FILTER, "floor-http"),
     Path_("floor1-grpc", "/floor1-grpc/x", GRPC_FILTER, "floor-grpc"),
-    Path_("headers-http", "/headers/x", HTTP_FILTER, "engine", "floor2-http"),
-    Path_("headers-grpc", "/grpc-headers/x", GRPC_FILTER, "engine", "floor2-grpc"),
-    Path_("jwt-http", "/jwt/x", HTTP_FILTER, "engine", "floor1-http", auth=True),
-    Path_("jwt-grpc", "/grpc-jwt/x", GRPC_FILTER, "engine", "floor1-grpc", auth=True),
+    Path_("headers-http", "/headers/x", HTTP_FILTER, "engine", "floor2-http", key="headers"),
+    Path_("headers-grpc", "/grpc-headers/x", GRPC_FILTER, "engine", "floor2-grpc", key="headers"),
+    Path_(
+        "headers1-http", "/headers1/x", HTTP_FILTER, "engine", "floor1-http", key="headers-request"
+    ),
+    Path_(
+        "headers1-grpc",
+        "/grpc-headers1/x",
+        GRPC_FILTER,
+        "engine",
+        "floor1-grpc",
+        key="headers-request",
+    ),
+    Path_("jwt-http", "/jwt/x", HTTP_FILTER, "engine", "floor1-http", auth=True, key="jwt"),
+    Path_("jwt-grpc", "/grpc-jwt/x", GRPC_FILTER, "engine", "floor1-grpc", auth=True, key="jwt"),
 )
 LABELS: Final = {
     "direct": "Envoy direct (no ext_proc)",
@@ -94,6 +107,8 @@ LABELS: Final = {
     "floor1-grpc": "trivial grpc.aio servicer, 1 message",
     "headers-http": "engine 5 x setHeader (+1 response header), HTTP",
     "headers-grpc": "engine 5 x setHeader (+1 response header), gRPC",
+    "headers1-http": "engine 5 x setHeader (request headers only), HTTP",
+    "headers1-grpc": "engine 5 x setHeader (request headers only), gRPC",
     "jwt-http": "engine jwtValidation + rateLimit, HTTP",
     "jwt-grpc": "engine jwtValidation + rateLimit, gRPC",
 }
@@ -151,12 +166,12 @@ def bootstrap(
     def route(path: Path_) -> dict[str, Any]:
         prefix = path.url.rsplit("/", 1)[0] + "/"
         # The HTTP routes' names are their engine route keys (xds.route_name).
-        name = {"headers-http": "headers", "jwt-http": "jwt"}.get(path.name, path.name)
+        name = path.key if path.filter == HTTP_FILTER else path.name
         per_route: dict[str, Any] = {
             f: {"@type": _PER_ROUTE, "disabled": True} for f in FILTERS if f != path.filter
         }
         if path.filter == GRPC_FILTER:
-            key = path.name.split("-")[0]  # headers, jwt, floor1, floor2
+            key = path.key or path.name.split("-")[0]  # the engine's, or floor1 / floor2
             overrides: dict[str, Any] = {
                 "grpc_initial_metadata": [{"key": "x-policy-route", "value": key}]
             }
