@@ -15,6 +15,7 @@ fail-open split.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -144,25 +145,41 @@ def _access_log(path: Path, want: int) -> list[dict[str, Any]]:
     return lines
 
 
+@contextlib.contextmanager
+def _served(
+    binary: Path,
+    workdir: Path,
+    name: str,
+    engine: EngineThread,
+    upstream: EchoUpstream,
+    **localize: Any,
+) -> Iterator[tuple[BootstrapEnvoy, int]]:
+    """``deploy/envoy/<name>.yaml`` made runnable here (access log ``workdir/access.log``),
+    validated by Envoy, running, the engine healthy in it: ``(envoy, listener port)``."""
+    admin, port = free_port(), free_port()
+    bootstrap = envoy_bootstrap.localize(
+        envoy_bootstrap.load(name),
+        admin_port=admin,
+        listener_port=port,
+        engine_port=engine.port,
+        upstream_port=upstream.port,
+        access_log_path=workdir / "access.log",
+        **localize,
+    )
+    (workdir / "local.yaml").write_text(yaml.safe_dump(bootstrap))
+    result = validate(binary, workdir / "local.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with BootstrapEnvoy(binary, workdir, bootstrap, admin_port=admin, port=port) as envoy:
+        healthy = "cluster.ext_proc.membership_healthy"
+        _wait_for(lambda: envoy.stat(healthy) == 1, 30, f"the engine healthy in Envoy ({name})")
+        yield envoy, port
+
+
 def test_sidecar_serves_real_traffic(binary: Path, tmp_path: Path, upstream: EchoUpstream) -> None:
     engine = _engine(tmp_path)
+    access = tmp_path / "access.log"
     try:
-        admin, port = free_port(), free_port()
-        access = tmp_path / "access.log"
-        bootstrap = envoy_bootstrap.localize(
-            envoy_bootstrap.load("sidecar"),
-            admin_port=admin,
-            listener_port=port,
-            engine_port=engine.port,
-            upstream_port=upstream.port,
-            access_log_path=access,
-        )
-        (tmp_path / "local.yaml").write_text(yaml.safe_dump(bootstrap))
-        result = validate(binary, tmp_path / "local.yaml")
-        assert result.returncode == 0, result.stdout + result.stderr
-        with BootstrapEnvoy(binary, tmp_path, bootstrap, admin_port=admin, port=port) as envoy:
-            healthy = "cluster.ext_proc.membership_healthy"
-            _wait_for(lambda: envoy.stat(healthy) == 1, 30, "the engine healthy in Envoy")
+        with _served(binary, tmp_path, "sidecar", engine, upstream) as (envoy, port):
             assert http_request(port, "/healthz").body == b"ok\n"
 
             public = http_request(port, "/api/v1/public/a", method="POST", body=b"hi")
@@ -214,28 +231,21 @@ def test_shared_service_reaches_the_engine_over_mtls(
     server, client = pki.server("engine"), pki.client("envoy", dns=["envoy"])
     tls = ServerTls(ServerTlsFiles(str(server.cert), str(server.key), str(pki.ca_file)))
     engine = _engine(tmp_path, tls)
+    files = {
+        SECRET + "tls.crt": str(client.cert),
+        SECRET + "tls.key": str(client.key),
+        SECRET + "ca.crt": str(pki.ca_file),
+    }
     try:
-        admin, port = free_port(), free_port()
-        bootstrap = envoy_bootstrap.localize(
-            envoy_bootstrap.load("shared-service"),
-            admin_port=admin,
-            listener_port=port,
-            engine_port=engine.port,
-            upstream_port=upstream.port,
-            access_log_path=tmp_path / "access.log",
-            files={
-                SECRET + "tls.crt": str(client.cert),
-                SECRET + "tls.key": str(client.key),
-                SECRET + "ca.crt": str(pki.ca_file),
-            },
+        with _served(
+            binary,
+            tmp_path,
+            "shared-service",
+            engine,
+            upstream,
+            files=files,
             server_name="localhost",
-        )
-        (tmp_path / "local.yaml").write_text(yaml.safe_dump(bootstrap))
-        result = validate(binary, tmp_path / "local.yaml")
-        assert result.returncode == 0, result.stdout + result.stderr
-        with BootstrapEnvoy(binary, tmp_path, bootstrap, admin_port=admin, port=port) as envoy:
-            healthy = "cluster.ext_proc.membership_healthy"
-            _wait_for(lambda: envoy.stat(healthy) == 1, 30, "the engine healthy over mTLS")
+        ) as (envoy, port):
             reply = http_request(port, "/api/v1/public/a")
             assert reply.status == 200, envoy.log()
             assert upstream.requests_to("/api/v1/public/a")[-1].headers["x-chain"] == "public"
@@ -303,26 +313,12 @@ def test_sidecar_http_serves_header_routes_over_http_and_bodies_over_grpc(
     binary: Path, tmp_path: Path, upstream: EchoUpstream
 ) -> None:
     engine = _engine(tmp_path, http=True)
+    access = tmp_path / "access.log"
+    over_http = "cluster.ext_proc_http.upstream_rq_total"
     try:
-        admin, port = free_port(), free_port()
-        access = tmp_path / "access.log"
-        bootstrap = envoy_bootstrap.localize(
-            envoy_bootstrap.load("sidecar-http"),
-            admin_port=admin,
-            listener_port=port,
-            engine_port=engine.port,
-            engine_http_port=engine.http_port,
-            upstream_port=upstream.port,
-            access_log_path=access,
-        )
-        (tmp_path / "local.yaml").write_text(yaml.safe_dump(bootstrap))
-        result = validate(binary, tmp_path / "local.yaml")
-        assert result.returncode == 0, result.stdout + result.stderr
-        over_http = "cluster.ext_proc_http.upstream_rq_total"
-        with BootstrapEnvoy(binary, tmp_path, bootstrap, admin_port=admin, port=port) as envoy:
-            healthy = "cluster.ext_proc.membership_healthy"
-            _wait_for(lambda: envoy.stat(healthy) == 1, 30, "the engine healthy in Envoy")
-
+        with _served(
+            binary, tmp_path, "sidecar-http", engine, upstream, engine_http_port=engine.http_port
+        ) as (envoy, port):
             # The body route: gRPC (bodies wrapped both ways), nothing over HTTP.
             public = http_request(port, "/api/v1/public/a", method="POST", body=b"hi")
             assert public.status == 200, envoy.log()
