@@ -59,11 +59,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
-from engine import metrics
+from engine import metrics, timing
 from engine.chain import ChainPolicy, failure_response
 from engine.errors import ConditionEvaluationError, PolicyError
 from engine.framing import FRAMINGS, Framer, FramingKind, SseEvent, Unit
@@ -199,6 +200,7 @@ class _Stage:
     state: dict[str, Any] = field(default_factory=dict)
     kept: bytes = b""
     bypass: bool = False
+    nanoseconds: int = 0  # time in the chunk hook so far (timing chains only)
 
     @property
     def held(self) -> int:
@@ -212,15 +214,22 @@ class BodyStream:
     sends (in order) and returns what to send on. Never raises for a policy's fault.
     """
 
-    __slots__ = ("_ctx", "_route", "_side", "_stages", "ended", "received", "sent")
+    __slots__ = ("_ctx", "_route", "_side", "_stages", "_timed", "ended", "received", "sent")
 
     def __init__(
-        self, route: str, side: Side, ctx: RequestContext | ResponseContext, stages: list[_Stage]
+        self,
+        route: str,
+        side: Side,
+        ctx: RequestContext | ResponseContext,
+        stages: list[_Stage],
+        *,
+        timed: bool = False,
     ) -> None:
         self._route = route
         self._side = side
         self._ctx = ctx
         self._stages = stages
+        self._timed = timed
         self.ended = False
         self.received = 0
         self.sent = 0
@@ -232,10 +241,16 @@ class BodyStream:
         side: Side,
         policies: Iterable[ChainPolicy],
         ctx: RequestContext | ResponseContext,
+        *,
+        timed: bool = False,
     ) -> BodyStream | ImmediateResponse:
         """The stream for ``side``'s body: the entries needing that body whose condition
         holds and which want this body (``*_framing``), in chain order. A condition or a
-        framing method that fails is that entry's failure (``onError``)."""
+        framing method that fails is that entry's failure (``onError``).
+
+        ``timed`` (a ``debug: {timing: true}`` chain): each stage's time in its chunk hook
+        is summed over the body and recorded in ``engine.timing`` when the body ends
+        (engine/timing.py; ``desc=body`` or ``desc="response body"``)."""
         stages: list[_Stage] = []
         for policy in policies:
             if not _needs_body(policy, side):
@@ -268,7 +283,7 @@ class BodyStream:
                 continue
             hook = getattr(policy.instance, _HOOKS[side])
             stages.append(_Stage(policy, Framer(framing.kind), framing.max_held_bytes, hook))
-        return cls(route, side, ctx, stages)
+        return cls(route, side, ctx, stages, timed=timed)
 
     @property
     def held(self) -> int:
@@ -289,20 +304,35 @@ class BodyStream:
                     self._route, stage.policy, self._side, failed.__cause__, _request_id(self._ctx)
                 )
                 if failure is not None:
-                    self.ended = True
+                    self._end()
                     return StreamStep(immediate=failure)
                 data = self._release(stage, failed.args[0])
                 stage.bypass = True
                 continue
             except _Immediate as answer:
-                self.ended = True
+                self._end()
                 return StreamStep(immediate=answer.response)
             if cut:
                 end = True
         if end:
-            self.ended = True
+            self._end()
         self.sent += len(data)
         return StreamStep(data, end)
+
+    def _end(self) -> None:
+        self.ended = True
+        if not self._timed:
+            return
+        response = self._side == "response"
+        for stage in self._stages:
+            timing.record(
+                self._ctx.metadata,
+                stage.policy.name,
+                stage.nanoseconds,
+                response=response,
+                shadow=stage.policy.shadow,
+                body=True,
+            )
 
     @staticmethod
     def _release(stage: _Stage, before: bytes) -> bytes:
@@ -333,7 +363,8 @@ class BodyStream:
                 last_unit = end and index == len(units)
                 current = stage.kept + unit.data
                 stage.kept = b""
-                result = await self._call(stage, Chunk(current, last_unit, unit.event, stage.state))
+                call = self._timed_call if self._timed else self._call
+                result = await call(stage, Chunk(current, last_unit, unit.event, stage.state))
                 if result is None:
                     out.append(current)
                 elif isinstance(result, bytes | bytearray | memoryview):
@@ -365,6 +396,13 @@ class BodyStream:
             stage.kept += current + b"".join(u.data for u in units[index:])
             raise _Failed(b"".join(out)) from exc
         return b"".join(out), False
+
+    async def _timed_call(self, stage: _Stage, chunk: Chunk) -> object:
+        started = time.perf_counter_ns()
+        try:
+            return await self._call(stage, chunk)
+        finally:
+            stage.nanoseconds += time.perf_counter_ns() - started
 
     async def _call(self, stage: _Stage, chunk: Chunk) -> object:
         policy = stage.policy

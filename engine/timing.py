@@ -21,13 +21,17 @@ an entry whose condition is false is measured too, its condition is its cost) an
       x-policy-engine-timing: jwtValidation;dur=0.412, setHeader;dur=0.018,
                               setHeader;desc=response;dur=0.009
 
-  ``desc`` says ``response`` for a response-phase run and ``shadow`` for a ``mode:
-  shadow`` entry. It is on immediate responses too (a 401 from jwtValidation), and on
+  ``desc`` says ``response`` for a response-phase run, ``body`` for a streamed body's
+  chunk hook (its time summed over the whole body: ``desc=body`` for the request body,
+  ``desc="response body"``), and ``shadow`` for a ``mode: shadow`` entry. It is on
+  immediate responses too (a 401 from jwtValidation), and on
   every response of the route, so Envoy is asked for the response headers even when
   the chain has no response policy (one more ext_proc message per request: a debugging
   setting, not one for every route in production). With a STREAMED response body the
   headers are already on their way when the policies run: the header is left out, the
-  metadata is still written.
+  metadata is still written, and a streamed body's entries are added when the body ends
+  (the dynamic metadata Envoy gets at the end of the stream; a request body's entries are
+  in the response header when the request body ended before the response headers).
 
 A route without policies times nothing and sends no header; a route without the
 setting pays nothing (the executor checks one flag per phase, see tools/bench_timing.py).
@@ -61,9 +65,12 @@ TIMING_HEADER: Final = "x-policy-engine-timing"
 TIMING_KEY: Final = "engine.timing"
 
 
-def format_entry(name: str, nanoseconds: int, *, response: bool, shadow: bool) -> str:
+def format_entry(
+    name: str, nanoseconds: int, *, response: bool, shadow: bool, body: bool = False
+) -> str:
     """One ``Server-Timing`` entry: ``name[;desc=...];dur=<milliseconds>``."""
-    desc = " ".join(word for word, on in (("response", response), ("shadow", shadow)) if on)
+    words = (("response", response), ("body", body), ("shadow", shadow))
+    desc = " ".join(word for word, on in words if on)
     if " " in desc:
         desc = f'"{desc}"'
     described = f";desc={desc}" if desc else ""
@@ -77,10 +84,12 @@ def record(
     *,
     response: bool = False,
     shadow: bool = False,
+    body: bool = False,
 ) -> None:
     """Append one entry to the request's :data:`TIMING_KEY` (written whole: see
-    :class:`~engine.metadata.RequestMetadata`)."""
-    entry = format_entry(name, nanoseconds, response=response, shadow=shadow)
+    :class:`~engine.metadata.RequestMetadata`). ``body``: the time of a streamed body's
+    chunk hook, summed over the body (engine/streaming.py)."""
+    entry = format_entry(name, nanoseconds, response=response, shadow=shadow, body=body)
     before = metadata.get(TIMING_KEY)
     metadata[TIMING_KEY] = f"{before}, {entry}" if isinstance(before, str) and before else entry
 

@@ -590,7 +590,9 @@ class StreamMachine:
                 self.phase = Phase.RESPONSE_HEADERS if chain.needs_response else Phase.DONE
                 mode = self._modes(request_body=False)
             else:
-                started = BodyStream.start(self.route, "request", chain.request_policies, request)
+                started = BodyStream.start(
+                    self.route, "request", chain.request_policies, request, timed=chain.timing
+                )
                 if isinstance(started, ImmediateResponse):
                     self.phase = Phase.DONE
                     return msg.immediate(started)
@@ -616,7 +618,9 @@ class StreamMachine:
             if outcome.body is not None:  # replaced at the headers: the original never comes
                 self.phase = Phase.DONE
                 return reply
-            started = BodyStream.start(self.route, "response", chain.response_policies, response)
+            started = BodyStream.start(
+                self.route, "response", chain.response_policies, response, timed=chain.timing
+            )
             if isinstance(started, ImmediateResponse):
                 self.phase = Phase.DONE
                 return msg.immediate(started)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import socket
 import tempfile
 import threading
@@ -51,6 +52,13 @@ CONFIG = {
                 }
             ]
         },
+        # debug timing: the chunk hook's time, summed over the body, in engine.timing.
+        "timed-sse": {
+            "debug": {"timing": True},
+            "policies": [
+                {"name": "sseGuard", "version": "v1.0.0", "parameters": {"builtins": ["email"]}}
+            ],
+        },
         "upload": {"policies": [{"name": "bodyDigest", "version": "v1.0.0"}]},
         "guard": {"policies": [{"name": "uploadGuard", "version": "v1.0.0"}]},
         "llm": {"policies": [{"name": "llmUsage", "version": "v1.0.0"}]},
@@ -84,7 +92,8 @@ LOG_FORMAT = (
     "%REQ(:PATH)% %RESPONSE_CODE% "
     "tokens=%DYNAMIC_METADATA(policy_engine:llmUsage.totalTokens)% "
     "model=%DYNAMIC_METADATA(policy_engine:llmUsage.model)% "
-    "sha=%DYNAMIC_METADATA(policy_engine:uploadGuard.sha256)%\n"
+    "sha=%DYNAMIC_METADATA(policy_engine:uploadGuard.sha256)% "
+    "timing=%DYNAMIC_METADATA(policy_engine:engine.timing)%\n"
 )
 
 
@@ -117,7 +126,7 @@ def stack() -> Iterator[StreamStack]:
         engine = EngineThread(registry, config_path)
         # Metadata written by chunk hooks goes to Envoy with the reply ending the stream.
         engine.processor.envoy_metadata = EnvoyMetadata(
-            keys=["llmUsage.totalTokens", "llmUsage.model", "uploadGuard.sha256"]
+            keys=["llmUsage.totalTokens", "llmUsage.model", "uploadGuard.sha256", "engine.timing"]
         )
         access_log = workdir / "access.log"
         try:
@@ -256,6 +265,24 @@ def test_usage_of_a_streamed_llm_answer_reaches_envoy_at_the_end(stack: StreamSt
     assert len(pieces) > 1  # streamed, not buffered
     line = access_log_line(stack, "/llm/chat")
     assert "tokens=42 model=gpt-test" in line, line
+
+
+def test_timing_of_a_streamed_body_reaches_envoy_at_the_end(stack: StreamStack) -> None:
+    """debug timing on a streamed SSE route: the events still stream, the response header
+    is left out (the headers went before the body), and the access log gets sseGuard's
+    time at the headers and its chunk hook's time summed over the body."""
+    script = [(0.0, sse_event("a@example.com"))] + [(0.05, sse_event("x")) for _ in range(4)]
+    stack.upstream.set_script(script, name="timed")
+    status, pieces = read_stream(stack.envoy.port, "/timed-sse/a", {"x-sse-script": "timed"})
+    assert status == 200
+    assert len(pieces) > 1  # streamed, not buffered
+    assert b"a@example.com" not in b"".join(data for _, data in pieces)
+    line = access_log_line(stack, "/timed-sse/a")
+    timing = line.partition(" timing=")[2]
+    assert re.fullmatch(
+        r'sseGuard;desc=response;dur=\d+\.\d{3}, sseGuard;desc="response body";dur=\d+\.\d{3}',
+        timing,
+    ), line
 
 
 def test_slow_upstream_beyond_message_timeout(stack: StreamStack) -> None:

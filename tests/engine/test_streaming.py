@@ -13,6 +13,7 @@ from engine.policy import ImmediateResponse, RequestContext, ResponseContext
 from engine.streaming import BodyStream, Chunk, EndStream, Framing, Hold, streams
 from engine.streaming_testing import stream_body
 from engine.testing import make_request_context, make_response_context
+from engine.timing import TIMING_KEY
 
 
 class Passthrough:
@@ -207,3 +208,46 @@ def test_framing_is_checked() -> None:
         Framing("xml")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 1"):
         Framing("bytes", 0)
+
+
+class Slow(Lines):
+    """Sleeps in each chunk hook: its summed time is at least the sleeps."""
+
+    async def on_response_chunk(self, ctx: ResponseContext, chunk: Chunk) -> Any:
+        await asyncio.sleep(0.02)
+        return chunk.data
+
+
+async def test_timing_chains_record_each_stage_summed_over_the_body() -> None:
+    ctx = make_response_context()
+    stream = BodyStream.start("r", "response", [entry(Slow()), entry(Lines())], ctx, timed=True)
+    assert isinstance(stream, BodyStream)
+    await stream.push(b"a\n", False)
+    assert TIMING_KEY not in ctx.metadata  # recorded once, when the body ends
+    await stream.push(b"b\n", True)
+    entries = ctx.metadata[TIMING_KEY].split(", ")
+    assert [e.partition(";dur=")[0] for e in entries] == [
+        'Slow;desc="response body"',
+        'Lines;desc="response body"',
+    ]
+    slow_ms = float(entries[0].partition(";dur=")[2])
+    assert slow_ms >= 40  # two units of 20 ms each: the hook's time, not one call's
+
+
+async def test_request_bodies_are_timed_and_untimed_chains_record_nothing() -> None:
+    class Guard(Holder):
+        def on_request_chunk(self, ctx: RequestContext, chunk: Chunk) -> ImmediateResponse | None:
+            return ImmediateResponse(413) if b"big" in chunk.data else None
+
+    timed_ctx = make_request_context()
+    stream = BodyStream.start("r", "request", [entry(Guard(), "request")], timed_ctx, timed=True)
+    assert isinstance(stream, BodyStream)
+    step = await stream.push(b"big", False)  # an answer ends the body: recorded then
+    assert step.immediate == ImmediateResponse(413)
+    assert timed_ctx.metadata[TIMING_KEY].startswith("Guard;desc=body;dur=")
+
+    plain_ctx = make_request_context()
+    stream = BodyStream.start("r", "request", [entry(Guard(), "request")], plain_ctx)
+    assert isinstance(stream, BodyStream)
+    await stream.push(b"ok", True)
+    assert TIMING_KEY not in plain_ctx.metadata
