@@ -89,6 +89,10 @@ class ProcessorStats:
     pieces_after_end: int = 0
     """Streamed body pieces that came after their body had ended (a policy's end, or Envoy
     repeating the final piece: envoyproxy/envoy#46237); dropped, never sent on."""
+    body_refusals: int = 0
+    """Requests over the HTTP transport whose chain reads a body (answered 500)."""
+    state_failures: int = 0
+    """HTTP transport ``response_headers`` without valid carried state (answered 500)."""
 
     def count(self, kind: str, route: str | None = None) -> int:
         """Messages of ``kind`` received, for one route or (``route=None``) all routes."""

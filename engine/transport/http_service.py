@@ -327,8 +327,6 @@ class HttpExtProc:
 
     def __init__(self, processor: PolicyProcessor) -> None:
         self.processor = processor
-        self.body_refusals = 0
-        self.state_failures = 0
         # Decoded route-only states (static chains: one per route), bounded.
         self._route_states: dict[str, dict[str, Any]] = {}
 
@@ -404,21 +402,8 @@ class HttpExtProc:
     async def _request_headers(
         self, message: Any
     ) -> tuple[pb.ProcessingResponse, StreamMachine | None]:
-        processor = self.processor
-        processor.stats.streams += 1
-        route = msg.route_key(None, message, processor.route_names)
-        chain = processor.store.current.chain_for(route) if route else None
-        if chain is not None and (chain.requires_request_body or chain.requires_response_body):
-            self.body_refusals += 1
-            metrics.http_body_refusal(route)
-            log.error(
-                "route %r: its chain reads a body, which Envoy's HTTP ext_proc transport "
-                "does not send: answering 500 (route it to the gRPC ext_proc filter)",
-                route,
-            )
-            return msg.INTERNAL_ERROR_REPLY, None
-        stream = StreamMachine(processor, None)
-        stream.route = route
+        self.processor.stats.streams += 1
+        stream = StreamMachine(self.processor, None, headers_only=True)
         return await stream.handle(message), stream
 
     async def _response_headers(
@@ -441,7 +426,7 @@ class HttpExtProc:
                     raise ValueError("the route's response phase needs the request, not carried")
                 stream.request = _request_from(route, carried)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self.state_failures += 1
+            processor.stats.state_failures += 1
             log.error("HTTP ext_proc response_headers: %s: answering 500", exc)
             return msg.INTERNAL_ERROR_REPLY, None
         stream.phase = Phase.RESPONSE_HEADERS

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from engine import timing
+from engine import metrics, timing
 from engine.chain import RequestState, count_static_runs, run_request, run_response
 from engine.errors import PolicyError, ProtocolError
 from engine.logformat import REQUEST_ID
@@ -137,6 +137,7 @@ class StreamMachine:
     __slots__ = (
         "_chunks",
         "_context",
+        "_headers_only",
         "_processor",
         "_received",
         "chain",
@@ -157,11 +158,15 @@ class StreamMachine:
         self,
         processor: PolicyProcessor,
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse] | None,
+        *,
+        headers_only: bool = False,
     ) -> None:
         # context: None over the HTTP transport (engine.transport.http_service): no
-        # invocation metadata.
+        # invocation metadata. headers_only: that transport carries no bodies, so a route
+        # whose chain reads one is refused (never run with its body policies skipped).
         self._processor = processor
         self._context = context
+        self._headers_only = headers_only
         self.phase = Phase.REQUEST_HEADERS
         self.route = ""
         self.chain: Chain | None = None
@@ -271,8 +276,7 @@ class StreamMachine:
 
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
-        if not self.route:  # the HTTP transport found it already (its body-route check)
-            self.route = msg.route_key(self._context, message, self._processor.route_names)
+        self.route = msg.route_key(self._context, message, self._processor.route_names)
         self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor.chain_for(self.route)
         if chain is None:
@@ -280,6 +284,8 @@ class StreamMachine:
             if unknown is not None:
                 return msg.immediate(unknown)
             return msg.PASS_THROUGH_REPLY
+        if self._headers_only and (chain.requires_request_body or chain.requires_response_body):
+            return self._refuse_body_route()
         self.chain = chain
         if chain.fully_static:
             # Same answer for every request (computed at config load): no context needed.
@@ -327,6 +333,17 @@ class StreamMachine:
                 mode_override=mode,
             )
         )
+
+    def _refuse_body_route(self) -> pb.ProcessingResponse:
+        self.phase = Phase.DONE
+        self._processor.stats.body_refusals += 1
+        metrics.http_body_refusal(self.route)
+        log.error(
+            "route %r: its chain reads a body, which Envoy's HTTP ext_proc transport "
+            "does not send: answering 500 (route it to the gRPC ext_proc filter)",
+            self.route,
+        )
+        return msg.INTERNAL_ERROR_REPLY
 
     async def _run_request_head(self) -> pb.ProcessingResponse:
         """The chain needs the request body: run the header-only prefix now (it may reject

@@ -175,7 +175,7 @@ async def test_route_needing_bodies_is_refused_never_skipped(flag, caplog, tmp_p
     assert status == 200
     got = decode(reply)
     assert (got.kind, got.status) == ("immediate_response", 500)
-    assert handler.body_refusals == 1
+    assert handler.processor.stats.body_refusals == 1
     assert "route 'body'" in caplog.text
     try:
         exposition = metrics.render().decode()
@@ -200,7 +200,7 @@ async def test_response_phase_without_valid_state_fails_closed(state, why, caplo
     status, reply, _ = await post(handler, as_json(response_headers(200), state=state))
     assert status == 200
     assert decode(reply).status == 500
-    assert handler.state_failures == 1
+    assert handler.processor.stats.state_failures == 1
     assert why in caplog.text
 
 
@@ -268,4 +268,4 @@ async def test_generated_route_names_map_to_keys_as_over_grpc():
     generated = "httproute/default/body/rule/0"
     status, reply, _ = await post(handler, as_json(request_headers(attributes=route(generated))))
     assert (status, decode(reply).status) == (200, 500)
-    assert handler.body_refusals == 1
+    assert handler.processor.stats.body_refusals == 1
