@@ -148,8 +148,8 @@ def localize(
     if access_log_path is not None:
         for entry in hcm.get("access_log", []):
             entry["typed_config"]["path"] = str(access_log_path)
+    ports = {ENGINE_CLUSTER: engine_port, HTTP_ENGINE_CLUSTER: engine_http_port}
     for cluster in bootstrap["static_resources"]["clusters"]:
-        ports = {ENGINE_CLUSTER: engine_port, HTTP_ENGINE_CLUSTER: engine_http_port}
         port = ports.get(cluster["name"], upstream_port)
         if port is None:
             raise ValueError(f"cluster {cluster['name']!r}: pass engine_http_port")
