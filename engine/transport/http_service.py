@@ -254,27 +254,19 @@ def to_json(message: Any) -> dict[str, Any]:
     return out
 
 
-_SHARED: Final = {
-    id(msg.PASS_THROUGH_REPLY): to_json(msg.PASS_THROUGH_REPLY),
-    id(msg.INTERNAL_ERROR_REPLY): to_json(msg.INTERNAL_ERROR_REPLY),
-}
 _EMPTY_RESPONSE_HEADERS: Final = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_SHARED: Final = {
+    id(reply): to_json(reply)
+    for reply in (msg.PASS_THROUGH_REPLY, msg.INTERNAL_ERROR_REPLY, _EMPTY_RESPONSE_HEADERS)
+}
 
 
-def _reply_json(reply: pb.ProcessingResponse, stream: StreamMachine, phase: str) -> dict[str, Any]:
-    """``reply`` as JSON; shared replies (pass-through, error, a static chain's) are
-    converted once and kept (never mutated afterwards: callers copy before adding)."""
+def _reply_json(reply: pb.ProcessingResponse) -> dict[str, Any]:
+    """``reply`` as JSON; the module's shared replies are converted once (never mutated:
+    callers copy before adding). A static chain's answer is kept whole, as bytes, by
+    :meth:`HttpExtProc._encode`."""
     shared = _SHARED.get(id(reply))
-    if shared is not None:
-        return shared
-    chain = stream.chain
-    if chain is not None and chain.replies.get(phase) is reply:
-        key = ("http", phase)
-        found = chain.replies.get(key)
-        if found is None:
-            found = chain.replies.setdefault(key, to_json(reply))
-        return found  # type: ignore[no-any-return]
-    return to_json(reply)
+    return shared if shared is not None else to_json(reply)
 
 
 # -- carried state -------------------------------------------------------------------------
@@ -364,7 +356,7 @@ class HttpExtProc:
             log.warning("HTTP ext_proc protocol error: %s", exc)
             return 400, _ENCODER.encode({"error": str(exc)})
         if stream is None:
-            return 200, _ENCODER.encode(_SHARED.get(id(reply)) or to_json(reply))
+            return 200, _ENCODER.encode(_reply_json(reply))
         return 200, self._encode(kind, reply, stream)
 
     def _encode(self, kind: str, reply: pb.ProcessingResponse, stream: StreamMachine) -> bytes:
@@ -380,7 +372,7 @@ class HttpExtProc:
             cached = chain.replies.get(key)
             if cached is not None:
                 return cached  # type: ignore[no-any-return]
-        encoded = _reply_json(reply, stream, phase)
+        encoded = _reply_json(reply)
         extra: dict[str, Any] = {}
         emit = self.processor.envoy_metadata
         if emit is not None and stream.request is not None:
