@@ -79,6 +79,7 @@ __all__ = [
     "ResponseOutcome",
     "ResponseState",
     "Snapshot",
+    "apply_request",
     "check_static_request",
     "check_static_response",
     "count_static_runs",
@@ -205,13 +206,13 @@ class Chain:
         )
         if timed:
             set_(self, "untimed", Chain(route=self.route, policies=self.policies))
+        # A timed chain runs (and times) every request: nothing is answered from a static
+        # outcome.
         request_outcome = None
-        if timed:
-            pass  # every request runs (and is timed); nothing is answered from a static outcome
-        elif not self.requires_request_body:
+        if not timed and not self.requires_request_body:
             request_outcome = _static_request_outcome(self.request_policies)
         response_outcome = None
-        if not self.requires_response_body and not timed:
+        if not timed and not self.requires_response_body:
             response_outcome = _static_response_outcome(self.response_policies)
         set_(self, "static_request_outcome", request_outcome)
         set_(self, "static_response_outcome", response_outcome)
@@ -497,7 +498,7 @@ async def run_request(
             if isinstance(static, ImmediateResponse):
                 _short_circuited(policy, chain.route, ctx, static)
                 return RequestOutcome(immediate=static)
-            _apply_request(ctx, static)
+            apply_request(ctx, static)
             continue
         try:
             action = await _call(policy, chain.route, policy.instance.on_request, ctx)
@@ -510,7 +511,7 @@ async def run_request(
             if not isinstance(action, RequestModifications):
                 raise PolicyError(f"returned {type(action).__name__}, not a RequestAction")
             _check_request(action)
-            _apply_request(ctx, action)
+            apply_request(ctx, action)
         except asyncio.CancelledError:
             if _cancelling():
                 raise
@@ -1059,8 +1060,9 @@ def _apply_headers(
         headers.add(name.lower(), value)
 
 
-def _apply_request(ctx: RequestContext, action: RequestModifications) -> None:
-    """Apply a validated request action (see :func:`_check_request`)."""
+def apply_request(ctx: RequestContext, action: RequestModifications) -> None:
+    """Apply a validated request action (see :func:`_check_request`): removals, sets,
+    appends, then path, method, body. ``engine.explain`` applies static actions with it."""
     _apply_headers(ctx.headers, action.set_headers, action.append_headers, action.remove_headers)
     if action.path is not None:
         ctx.path = action.path

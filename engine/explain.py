@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from engine.chain import ChainPolicy, Snapshot
+from engine.chain import ChainPolicy, Snapshot, apply_request
 from engine.conditions import read_paths, request_data
 from engine.errors import ConditionEvaluationError, ExplainError, RegistryError
 from engine.policy import (
@@ -319,7 +319,7 @@ def _request_phase(policy: ChainPolicy, ctx: RequestContext, state: _State) -> d
     if isinstance(static, ImmediateResponse):
         state.answered = f"{policy.label} ({static.status})"
     else:
-        _apply(ctx, static)
+        apply_request(ctx, static)
     return phase
 
 
@@ -358,8 +358,7 @@ def _not_run(
         else:
             if names:
                 phase["strips"] = names
-                for name in names:
-                    ctx.headers.pop(name.lower(), None)
+                apply_request(ctx, RequestModifications(remove_headers=tuple(names)))
     return phase
 
 
@@ -396,20 +395,6 @@ def _response_phase(policy: ChainPolicy, ctx: RequestContext, state: _State) -> 
         phase["runs"] = f"{prefix} (static action)"
         phase["applies"] = describe_action(static)
     return phase
-
-
-def _apply(ctx: RequestContext, action: RequestModifications) -> None:
-    """The executor's order: removals, sets, appends (engine/chain.py)."""
-    for name in action.remove_headers:
-        ctx.headers.pop(name.lower(), None)
-    for name, value in action.set_headers.items():
-        ctx.headers[name.lower()] = value
-    for name, value in action.append_headers.items():
-        ctx.headers.add(name.lower(), value)
-    if action.path is not None:
-        ctx.path = action.path
-    if action.method is not None:
-        ctx.method = action.method
 
 
 def describe_action(action: object) -> dict[str, Any]:

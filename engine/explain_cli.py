@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from engine.config import load_config_file
 from engine.errors import ConfigError, ExplainError
-from engine.explain import ExplainRequest, explain
+from engine.explain import ABSENT, ExplainRequest, explain
 from engine.registry import PolicyRegistry
 
 __all__ = ["build_parser", "main", "render"]
@@ -136,7 +136,7 @@ def _phase_lines(name: str, phase: dict[str, Any]) -> list[str]:
         if "error" in condition:
             lines.append(f"        {condition['error']}")
         for read, got in condition.get("reads", {}).items():
-            lines.append(f"        read {read} = {got if got == '(absent)' else _show(got)}")
+            lines.append(f"        read {read} = {got if got == ABSENT else _show(got)}")
     for key, label in (("applies", "applies"), ("wouldApply", "would apply (shadow)")):
         if key in phase:
             lines.append(f"      {label}: {_show(phase[key])}")
