@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import ssl
@@ -84,6 +83,7 @@ from controlplane.rollout import wait_for_engines
 from controlplane.table import Change, RouteTable
 from engine.definition import YamlError, load_yaml
 from engine.settle import SettledFiles
+from engine.tls import is_loopback
 
 __all__ = [
     "MAX_WAIT",
@@ -92,7 +92,6 @@ __all__ = [
     "AdminServer",
     "CertReloader",
     "default_allowed_hosts",
-    "is_loopback",
 ]
 
 log: Final = logging.getLogger("controlplane.admin")
@@ -104,17 +103,6 @@ _ANONYMOUS: Final = Identity("anonymous", Role.READ_WRITE)
 _WRITE_METHODS: Final = frozenset({"PUT", "DELETE", "POST", "PATCH"})
 MAX_WAIT: Final = 60.0
 """The longest ``?wait=`` in seconds (a client wanting longer polls ``/status``)."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals; any other name is not (fail closed)."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_allowed_hosts(listen_host: str) -> frozenset[str]:
@@ -209,9 +197,11 @@ class AdminApi:
             return self._only(request, "GET") or _json(
                 200, {"status": "ok", "version": self.table.current.version}
             )
+        # POST /explain reads: it is not a change, whoever sends it.
+        writes = request.method in _WRITE_METHODS and path != _EXPLAIN
         who = self._authenticate(request)
         if who is None:
-            if request.method in _WRITE_METHODS:
+            if writes:
                 self.ads.metrics.admin_change("none", "unauthenticated")
             log.warning(
                 "admin: 401 for %s %s from %s (missing or unknown token)",
@@ -224,7 +214,7 @@ class AdminApi:
                 {"errors": ["authentication required: Authorization: Bearer <token>"]},
                 {"www-authenticate": 'Bearer realm="controlplane-admin"'},
             )
-        if request.method in _WRITE_METHODS and not who.may_write and path != _EXPLAIN:
+        if writes and not who.may_write:
             self.ads.metrics.admin_change(who.role.value, "forbidden")
             log.warning(
                 "admin: 403 for %s %s by %s (read-only)", request.method, request.path, who.name

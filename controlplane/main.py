@@ -64,7 +64,6 @@ from controlplane.admin import (
     AdminServer,
     CertReloader,
     default_allowed_hosts,
-    is_loopback,
 )
 from controlplane.ads import AdsLimits, AdsServer
 from controlplane.auth import TokenFile, TokenFileError
@@ -77,6 +76,7 @@ from engine.cli import run_cli
 from engine.errors import DefinitionError, EngineError, TlsError
 from engine.registry import PolicyRegistry
 from engine.settle import DEFAULT_SETTLE
+from engine.tls import is_loopback
 
 __all__ = ["build_parser", "main", "parse_args", "serve"]
 
@@ -194,7 +194,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if not host or not port.isdigit():
             parser.error(f"--metrics-listen {args.metrics_listen}: expected HOST:PORT")
         if (
-            not is_loopback(host.strip("[]"))
+            not is_loopback(args.metrics_listen)
             and args.xds_client_ca is None
             and not args.metrics_insecure
         ):
@@ -204,11 +204,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 "mTLS), or --metrics-insecure to serve them to anyone who connects"
             )
     return args
-
-
-def host_of(listen: str) -> str:
-    """The host of ``HOST:PORT`` (brackets of an IPv6 literal removed)."""
-    return listen.rpartition(":")[0].strip("[]")
 
 
 def _check_admin_security(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -317,7 +312,7 @@ async def serve(
         log.error("cannot listen on %s: %s", args.admin_listen, exc)
         return 1
     stop_metrics = None
-    metrics_listen = getattr(args, "metrics_listen", None)  # embedders' Namespaces may lack it
+    metrics_listen = args.metrics_listen
     if metrics_listen:
         try:
             stop_metrics = engine_metrics.serve(
@@ -329,7 +324,7 @@ async def serve(
             return 1
         scheme = "https" if tls is not None else "http"
         log.info("metrics on %s://%s/metrics", scheme, metrics_listen)
-        if not is_loopback(host_of(metrics_listen)) and (tls is None or not tls.mutual):
+        if not is_loopback(metrics_listen) and (tls is None or not tls.mutual):
             log.warning("--metrics-insecure: metrics on %s for anyone", metrics_listen)
     await server.start()
     loop = asyncio.get_running_loop()
