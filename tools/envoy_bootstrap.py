@@ -68,12 +68,12 @@ def _ext_proc(bootstrap: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"no {EXT_PROC_FILTER} filter in the bootstrap")
 
 
-def engine_cluster(bootstrap: Mapping[str, Any]) -> dict[str, Any]:
-    """The ext_proc cluster of ``bootstrap`` (not a copy)."""
+def engine_cluster(bootstrap: Mapping[str, Any], name: str = ENGINE_CLUSTER) -> dict[str, Any]:
+    """The engine's cluster ``name`` of ``bootstrap`` (default: the gRPC one; not a copy)."""
     for cluster in bootstrap["static_resources"]["clusters"]:
-        if cluster["name"] == ENGINE_CLUSTER:
+        if cluster["name"] == name:
             return cluster  # type: ignore[no-any-return]
-    raise ValueError(f"no cluster {ENGINE_CLUSTER!r} in the bootstrap")
+    raise ValueError(f"no cluster {name!r} in the bootstrap")
 
 
 def ext_proc_filter(name: str = "sidecar") -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +40,7 @@ from tests.e2e.harness import (
     http_ext_proc_filter,
     http_request,
 )
+from tests.e2e.xds_harness import wait_until
 from tools import envoy_bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,13 +101,6 @@ def _engine(workdir: Path, tls: ServerTls | None = None, *, http: bool = False) 
     return engine
 
 
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_the_two_files_differ_only_in_the_engine_cluster() -> None:
     sidecar, shared = envoy_bootstrap.load("sidecar"), envoy_bootstrap.load("shared-service")
     assert envoy_bootstrap.http_connection_manager(sidecar) == (
@@ -142,7 +135,7 @@ def _access_log(path: Path, want: int) -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in text.splitlines() if line.strip()]
         return len(lines) >= want
 
-    _wait_for(enough, 15, f"{want} access-log lines in {path}")
+    wait_until(enough, 15, f"{want} access-log lines in {path}")
     return lines
 
 
@@ -174,7 +167,7 @@ def _served(
     assert result.returncode == 0, result.stdout + result.stderr
     with BootstrapEnvoy(binary, workdir, bootstrap, admin_port=admin, port=port) as envoy:
         healthy = "cluster.ext_proc.membership_healthy"
-        _wait_for(lambda: envoy.stat(healthy) == 1, 30, f"the engine healthy in Envoy ({name})")
+        wait_until(lambda: envoy.stat(healthy) == 1, 30, f"the engine healthy in Envoy ({name})")
         yield envoy, port
 
 

@@ -41,13 +41,13 @@ from engine.registry import PolicyRegistry
 from engine.store import ConfigStore, FileConfigSource
 from engine.tls import ServerTls
 from engine.transport.grpc_service import ROUTE_METADATA_KEY, PolicyProcessor
+from engine.transport.http_service import STATE_NAMESPACE
 from engine.transport.server import serve
 from tools import envoy_bootstrap
 
 __all__ = [
     "EXT_PROC_CIRCUIT_BREAKERS",
     "EXT_PROC_MAX_REQUESTS_PER_CONNECTION",
-    "RECEIVE_ENGINE_METADATA",
     "EchoUpstream",
     "EngineThread",
     "EnvoyProcess",
@@ -402,11 +402,9 @@ lives, so Envoy's defaults (1,024 pending / 1,024 requests) fail every HTTP requ
 tools/bench measured 2,926 of 2,926 failures at 2,000 connections). The thresholds must
 exceed the concurrent requests Envoy may carry."""
 
-HTTP_EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = {
-    "thresholds": [
-        {"max_connections": 1024, "max_pending_requests": 100000, "max_requests": 100000}
-    ]
-}
+HTTP_EXT_PROC_CIRCUIT_BREAKERS: Final[dict[str, Any]] = envoy_bootstrap.engine_cluster(
+    envoy_bootstrap.load("sidecar-http"), envoy_bootstrap.HTTP_ENGINE_CLUSTER
+)["circuit_breakers"]
 """Circuit breakers of the HTTP ext_proc cluster (docs/operators/http-transport.md).
 
 HTTP/1.1 carries one message per connection at a time, so Envoy opens a connection to the
@@ -646,13 +644,6 @@ def render_bootstrap(
     }
 
 
-RECEIVE_ENGINE_METADATA: Final[dict[str, Any]] = {
-    "metadata_options": {"receiving_namespaces": {"untyped": ["policy_engine"]}}
-}
-"""ext_proc settings under which Envoy keeps the engine's dynamic metadata (namespace
-``policy_engine``) for its access log, as deploy/envoy does."""
-
-
 def file_access_log(path: Path, line_format: str) -> dict[str, Any]:
     """http_connection_manager settings that log each request to ``path`` as ``line_format``
     (e.g. ``%DYNAMIC_METADATA(policy_engine:KEY)%`` fields)."""
@@ -670,7 +661,7 @@ def file_access_log(path: Path, line_format: str) -> dict[str, Any]:
 HTTP_FILTER_NAME: Final = "policy_engine.ext_proc_http"
 """Name of the HTTP-transport ext_proc filter (the gRPC one keeps Envoy's usual name)."""
 HTTP_CLUSTER: Final = envoy_bootstrap.HTTP_ENGINE_CLUSTER
-HTTP_STATE_NAMESPACE: Final = "policy_engine.http_state"
+HTTP_STATE_NAMESPACE: Final = STATE_NAMESPACE
 
 
 def http_ext_proc_filter(grpc_filter: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from engine.envoy_metadata import EnvoyMetadata
 from tests.e2e.harness import (
     HOST,
     HTTP_CLUSTER,
-    RECEIVE_ENGINE_METADATA,
     file_access_log,
     http_request,
 )
@@ -96,7 +95,7 @@ def test_client_cannot_forge_the_carried_state(e2e_both):
 
 def test_immediate_response_and_envoy_metadata_over_http(stack):
     stack.configure({"private": {"policies": [policy("deny")]}})
-    with stack.other_envoy(transport="http", ext_proc=RECEIVE_ENGINE_METADATA) as envoy:
+    with stack.other_envoy(transport="http") as envoy:
         reply = http_request(envoy.port, "/api/v1/private/x")
     assert reply.status == 401
     assert reply.json() == {"error": "denied"}
@@ -112,7 +111,6 @@ def test_dynamic_metadata_reaches_envoy_over_both_transports(stack, transport, t
     try:
         with stack.other_envoy(
             transport=transport,
-            ext_proc=RECEIVE_ENGINE_METADATA,
             http_connection_manager=file_access_log(
                 access_log, "user=%DYNAMIC_METADATA(policy_engine:user)%\n"
             ),

@@ -29,7 +29,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from policies.rateLimit.testing import RedisServer, running_redis
 from tests.e2e.harness import (
-    RECEIVE_ENGINE_METADATA,
     EchoUpstream,
     EnvoyProcess,
     envoy_binary,
@@ -191,7 +190,6 @@ def _with_engine(
             engine_port=port,
             upstream_port=upstream.port,
             routes=routes_for(["m", "k"]),
-            ext_proc=RECEIVE_ENGINE_METADATA,
             engine_cluster={
                 "typed_extension_protocol_options": {
                     http: {

@@ -30,7 +30,6 @@ from policies.jwtValidation.testing import (
     make_pki,
 )
 from tests.e2e.harness import (
-    RECEIVE_ENGINE_METADATA,
     EchoUpstream,
     EngineThread,
     EnvoyProcess,
@@ -96,7 +95,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShadowStack]:
                     engine_port=engine.port,
                     upstream_port=upstream.port,
                     routes=[EnvoyRoute(key, f"/{key}/", key) for key in ROUTES],
-                    ext_proc=RECEIVE_ENGINE_METADATA,
                     http_connection_manager=file_access_log(access_log, LOG_FORMAT),
                 ) as envoy:
                     yield ShadowStack(keys, engine, envoy, upstream, access_log)

@@ -28,7 +28,6 @@ from engine.envoy_metadata import EnvoyMetadata
 from engine.registry import PolicyRegistry, load_policy
 from engine.transport.messages import DEFAULT_MAX_BODY_BYTES
 from tests.e2e.harness import (
-    RECEIVE_ENGINE_METADATA,
     EngineThread,
     EnvoyProcess,
     EnvoyRoute,
@@ -138,7 +137,6 @@ def stack() -> Iterator[StreamStack]:
                 upstream_port=upstream.port,
                 routes=routes,
                 # The route timeout of the harness (10 s) is far above any stream here.
-                ext_proc=RECEIVE_ENGINE_METADATA,
                 http_connection_manager=file_access_log(access_log, LOG_FORMAT),
             ) as envoy:
                 yield StreamStack(upstream, engine, envoy, access_log)

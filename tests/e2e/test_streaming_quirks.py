@@ -152,14 +152,6 @@ def stack() -> Iterator[Stack]:
             engine.close()
 
 
-def wait_for(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.02)
-
-
 # ----------------------------------------------------------------- two ext_proc filters
 
 EVENTS = [sse_event(f"event {i} from bob@example.com") for i in range(30)]

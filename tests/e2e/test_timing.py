@@ -19,7 +19,6 @@ import yaml
 from engine.envoy_metadata import EnvoyMetadata
 from engine.timing import TIMING_HEADER
 from tests.e2e.harness import (
-    RECEIVE_ENGINE_METADATA,
     EchoUpstream,
     EngineThread,
     EnvoyProcess,
@@ -79,7 +78,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 engine_port=engine.port,
                 upstream_port=upstream.port,
                 routes=[EnvoyRoute(key, f"/{key}/", key) for key in ROUTES],
-                ext_proc=RECEIVE_ENGINE_METADATA,
                 http_connection_manager=file_access_log(access_log, LOG_FORMAT),
             ) as envoy:
                 yield Stack(envoy, upstream, access_log)

@@ -287,11 +287,7 @@ def test_sidecar_envoy_bootstrap_is_valid_for_envoy(tmp_path: Path) -> None:
         if c["name"] == "engine"
     )
     host, port = _arg(engine["args"], "--listen").rsplit(":", 1)
-    cluster = next(
-        c
-        for c in yaml.safe_load(bootstrap)["static_resources"]["clusters"]
-        if c["name"] == envoy_bootstrap.ENGINE_CLUSTER
-    )
+    cluster = envoy_bootstrap.engine_cluster(yaml.safe_load(bootstrap))
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert address["socket_address"] == {"address": host, "port_value": int(port)}
 
