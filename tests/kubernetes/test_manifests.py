@@ -347,3 +347,28 @@ def test_sidecar_envoy_is_deploy_envoy_where_the_engine_is_concerned() -> None:
         (entry,) = per_filter["overrides"]["grpc_initial_metadata"]
         keys.add(entry["value"])
     assert keys == chains
+
+
+GATEWAY_EXAMPLES: Final = [
+    Path("deploy/gateways/envoy-gateway/policy-engine.yaml"),
+    Path("deploy/gateways/istio/policy-engine.yaml"),
+]
+
+
+@pytest.mark.parametrize("example", GATEWAY_EXAMPLES, ids=lambda p: p.parent.name)
+def test_gateway_examples_select_only_the_engine_pods(example: Path) -> None:
+    """The Envoy Gateway and Istio examples' Services and policies run beside these
+    manifests: a selector on the shared name label alone would also take the control
+    plane's pod (its ADS and admin ports behind the engine's Service or Istio policies)."""
+    pods = _pods("standalone")
+    selectors = []
+    for doc in yaml.safe_load_all(example.read_text()):
+        spec = (doc or {}).get("spec", {})
+        if doc["kind"] == "Service":
+            selectors.append({"matchLabels": spec["selector"]})
+        elif "selector" in spec:
+            selectors.append(spec["selector"])
+    assert selectors, f"{example}: no selector"
+    for selector in selectors:
+        chosen = {n for n, labels in pods.items() if _selects(selector, labels)}
+        assert chosen == {"policy-engine"}, f"{example}: {selector} selects {sorted(chosen)}"
