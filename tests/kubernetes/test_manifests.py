@@ -372,3 +372,12 @@ def test_gateway_examples_select_only_the_engine_pods(example: Path) -> None:
     for selector in selectors:
         chosen = {n for n, labels in pods.items() if _selects(selector, labels)}
         assert chosen == {"policy-engine"}, f"{example}: {selector} selects {sorted(chosen)}"
+
+
+def test_standalone_engine_service_is_headless() -> None:
+    """deploy/envoy/shared-service.yaml resolves the Service by DNS and balances over the
+    pods it gets (LEAST_REQUEST, health checks per pod): one address per pod."""
+    (service,) = [
+        s for s in kinds("standalone", "Service") if s["metadata"]["name"] == "policy-engine"
+    ]
+    assert service["spec"]["clusterIP"] == "None"
