@@ -158,6 +158,11 @@ class Policy:
             "backend": backend,
             "writesMetadata": [DECISION_KEY],
         }
+        if params.get("costMetadataKey"):
+            said["cost"] = (
+                f"each request checks the bucket; the metadata {params['costMetadataKey']} "
+                "is charged as units at the end of the response"
+            )
         if backend == "redis":
             if params.get("redisUrl"):
                 said["redis"] = redact_url(str(params["redisUrl"]))

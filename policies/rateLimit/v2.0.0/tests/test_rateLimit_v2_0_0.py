@@ -411,3 +411,14 @@ async def test_buffered_response_is_charged_in_on_response() -> None:
             response.metadata["cost"] = value
         await other.on_response(response)
     assert allowed(other, ctx())
+
+
+def test_explain_says_when_the_cost_comes_from_metadata() -> None:
+    policy_class: Any = POLICY.factory
+    plain = policy_class.explain({"requestsPerSecond": 10, "keyBy": "clientIp"})
+    assert "cost" not in plain
+    costed = policy_class.explain(
+        {"requestsPerSecond": 10, "keyBy": "clientIp", "costMetadataKey": "llmUsage.totalTokens"}
+    )
+    assert "llmUsage.totalTokens" in costed["cost"]
+    assert "end of the response" in costed["cost"]
