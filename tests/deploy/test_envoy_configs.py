@@ -35,6 +35,7 @@ from tests.e2e.harness import (
     HTTP_FILTER_NAME,
     EchoUpstream,
     EngineThread,
+    access_log_lines,
     envoy_binary,
     free_port,
     http_ext_proc_filter,
@@ -127,16 +128,8 @@ def upstream() -> Iterator[EchoUpstream]:
 
 
 def _access_log(path: Path, want: int) -> list[dict[str, Any]]:
-    lines: list[dict[str, Any]] = []
-
-    def enough() -> bool:
-        nonlocal lines
-        text = path.read_text() if path.exists() else ""
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return len(lines) >= want
-
-    wait_until(enough, 15, f"{want} access-log lines in {path}")
-    return lines
+    lines = access_log_lines(path, lambda lines: sum(1 for x in lines if x.strip()) >= want, 15)
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 @contextlib.contextmanager

@@ -53,6 +53,8 @@ __all__ = [
     "EnvoyProcess",
     "HttpResponse",
     "RecordedRequest",
+    "access_log_line",
+    "access_log_lines",
     "envoy_binary",
     "ext_proc_settings",
     "file_access_log",
@@ -642,6 +644,29 @@ def render_bootstrap(
             "clusters": clusters,
         },
     }
+
+
+def access_log_lines(
+    path: Path, enough: Callable[[list[str]], bool], timeout: float = 30.0
+) -> list[str]:
+    """The lines of the access log at ``path`` once ``enough(lines)`` holds; an
+    AssertionError after ``timeout`` seconds. The harness's Envoy flushes its access log
+    every 0.2 s; the bound is for a busy host."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if enough(lines):
+            return lines
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: not there after {timeout:g}s; last lines {lines[-5:]}")
+        time.sleep(0.05)
+
+
+def access_log_line(path: Path, prefix: str) -> str:
+    """The first line of the access log at ``path`` starting with ``prefix`` (waited for
+    as :func:`access_log_lines` does)."""
+    lines = access_log_lines(path, lambda lines: any(x.startswith(prefix) for x in lines))
+    return next(x for x in lines if x.startswith(prefix))
 
 
 def file_access_log(path: Path, line_format: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from engine.envoy_metadata import EnvoyMetadata
 from tests.e2e.harness import (
     HOST,
     HTTP_CLUSTER,
+    access_log_lines,
     file_access_log,
     http_request,
 )
@@ -116,10 +117,7 @@ def test_dynamic_metadata_reaches_envoy_over_both_transports(stack, transport, t
             ),
         ) as envoy:
             assert http_request(envoy.port, "/meta/x").status == 200
-            deadline = time.monotonic() + 30
-            while "user=" not in (access_log.read_text() if access_log.exists() else ""):
-                assert time.monotonic() < deadline, "no access log line"
-                time.sleep(0.05)
+            access_log_lines(access_log, lambda lines: any("user=" in x for x in lines))
     finally:
         processor.envoy_metadata = None
     assert access_log.read_text().splitlines() == ["user=carol"]

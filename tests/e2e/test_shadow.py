@@ -34,6 +34,7 @@ from tests.e2e.harness import (
     EngineThread,
     EnvoyProcess,
     EnvoyRoute,
+    access_log_lines,
     envoy_binary,
     file_access_log,
     http_request,
@@ -116,16 +117,7 @@ def decisions() -> dict[tuple[str, str], float]:
 
 
 def access_lines(stack: ShadowStack, count: int) -> list[str]:
-    # The harness's Envoy flushes its access log every 0.2 s; the bound is for a busy host.
-    deadline = time.monotonic() + 30
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        text = stack.access_log.read_text() if stack.access_log.exists() else ""
-        lines = text.splitlines()
-        if len(lines) >= count:
-            break
-        time.sleep(0.2)
-    return lines
+    return access_log_lines(stack.access_log, lambda lines: len(lines) >= count)
 
 
 def test_shadow_jwt_lets_everything_through_and_counts_exactly_the_rejections(

@@ -31,6 +31,7 @@ from tests.e2e.harness import (
     EngineThread,
     EnvoyProcess,
     EnvoyRoute,
+    access_log_line,
     envoy_binary,
     file_access_log,
 )
@@ -233,16 +234,9 @@ def test_large_streamed_bodies_arrive_exactly_once(stack: StreamStack) -> None:
     assert messages >= 2
 
 
-def access_log_line(stack: StreamStack, path: str) -> str:
-    """The access log line of ``path`` (Envoy flushes every 0.2 s; the bound is for load)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = stack.access_log.read_text() if stack.access_log.exists() else ""
-        for line in text.splitlines():
-            if line.startswith(path + " "):
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line for {path}")
+def logged(stack: StreamStack, path: str) -> str:
+    """The access log line of ``path``."""
+    return access_log_line(stack.access_log, path + " ")
 
 
 def test_usage_of_a_streamed_llm_answer_reaches_envoy_at_the_end(stack: StreamStack) -> None:
@@ -261,7 +255,7 @@ def test_usage_of_a_streamed_llm_answer_reaches_envoy_at_the_end(stack: StreamSt
     assert status == 200
     assert b"".join(data for _, data in pieces) == b"".join(piece for _, piece in script)
     assert len(pieces) > 1  # streamed, not buffered
-    line = access_log_line(stack, "/llm/chat")
+    line = logged(stack, "/llm/chat")
     assert "tokens=42 model=gpt-test" in line, line
 
 
@@ -275,7 +269,7 @@ def test_timing_of_a_streamed_body_reaches_envoy_at_the_end(stack: StreamStack) 
     assert status == 200
     assert len(pieces) > 1  # streamed, not buffered
     assert b"a@example.com" not in b"".join(data for _, data in pieces)
-    line = access_log_line(stack, "/timed-sse/a")
+    line = logged(stack, "/timed-sse/a")
     timing = line.partition(" timing=")[2]
     assert re.fullmatch(
         r'sseGuard;desc=response;dur=\d+\.\d{3}, sseGuard;desc="response body";dur=\d+\.\d{3}',
@@ -461,4 +455,4 @@ def test_upload_far_over_max_body_bytes_streams_with_flat_rss(stack: StreamStack
     assert reply.status == 200, answer
     assert answer == f'{{"bytes": {size}, "sha256": "{expected.hexdigest()}"}}'.encode()
     assert growth < RSS_BOUND
-    assert f"sha={expected.hexdigest()}" in access_log_line(stack, "/guard/upload")
+    assert f"sha={expected.hexdigest()}" in logged(stack, "/guard/upload")

@@ -8,7 +8,6 @@ and ``engine.timing`` reaches Envoy's access log as dynamic metadata (a default 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.e2e.harness import (
     EngineThread,
     EnvoyProcess,
     EnvoyRoute,
+    access_log_line,
     envoy_binary,
     file_access_log,
     http_request,
@@ -93,15 +93,8 @@ def names(value: str) -> list[str]:
 
 
 def logged(stack: Stack, path: str) -> str:
-    """The access log line of ``path`` (the harness's Envoy flushes it every 0.2 s)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = stack.access_log.read_text() if stack.access_log.exists() else ""
-        for line in text.splitlines():
-            if line.startswith(f"{path} "):
-                return line
-        time.sleep(0.2)
-    raise AssertionError(f"no access log line for {path}")
+    """The access log line of ``path``."""
+    return access_log_line(stack.access_log, f"{path} ")
 
 
 def test_timed_route_header_and_access_log(stack: Stack) -> None:
