@@ -269,3 +269,87 @@ async def test_generated_route_names_map_to_keys_as_over_grpc():
     status, reply, _ = await post(handler, as_json(request_headers(attributes=route(generated))))
     assert (status, decode(reply).status) == (200, 500)
     assert handler.processor.stats.body_refusals == 1
+
+
+class Static:
+    """A policy with the same action for every request and response (static phases)."""
+
+    REQUEST = RequestModifications(set_headers={"x-static": "1"})
+    RESPONSE = ResponseModifications(set_headers={"x-served": "1"})
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return self.REQUEST
+
+    def on_response(self, ctx: ResponseContext) -> ResponseModifications:
+        return self.RESPONSE
+
+
+def static_entry(request: RequestModifications = Static.REQUEST) -> Any:
+    return entry(Static(), static_request=request, static_response=Static.RESPONSE)
+
+
+async def test_static_phases_answer_and_count_alike_from_their_kept_answers(tmp_path):
+    """The first request of a static route goes through the stream machine; later ones are
+    answered from the encoded answer it kept (http_service._static_answer): same bytes,
+    same counters and metrics as the machine's."""
+    handler, processor = make(public=[static_entry()])
+    metrics.enable(str(tmp_path))
+    try:
+        first = [await handler("/", as_json(request_headers(attributes=route("public"))))]
+        state = json.loads(first[0][1])["dynamic_metadata"][STATE_NAMESPACE]
+        second = [await handler("/", as_json(response_headers(200), state=state))]
+        for _ in range(2):
+            first.append(await handler("/", as_json(request_headers(attributes=route("public")))))
+            second.append(await handler("/", as_json(response_headers(200), state=state)))
+        exposition = metrics.render().decode()
+    finally:
+        metrics.disable()
+    assert first[0][0] == second[0][0] == 200
+    assert first[1:] == [first[0]] * 2
+    assert second[1:] == [second[0]] * 2
+    assert decode(parsed(first[0][1])).set_headers == {"x-static": "1"}
+    assert decode(parsed(second[0][1])).set_headers == {"x-served": "1"}
+    stats = processor.stats
+    assert stats.streams == 3
+    assert stats.messages[("public", "request_headers")] == 3
+    assert stats.messages[("public", "response_headers")] == 3
+    counts = {
+        line.partition("{")[0]: line.rpartition(" ")[2]
+        for line in exposition.splitlines()
+        if line.startswith(
+            (
+                "policy_engine_streams_total{",
+                "policy_engine_requests_total{",
+                "policy_engine_policy_duration_seconds_count{",
+            )
+        )
+    }
+    assert counts == {
+        "policy_engine_streams_total": "3.0",
+        "policy_engine_requests_total": "3.0",
+        "policy_engine_policy_duration_seconds_count": "6.0",  # 3 requests x 2 phases
+    }
+
+
+async def test_a_new_configuration_is_not_answered_from_the_old_ones_kept_answers():
+    handler, processor = make(public=[static_entry()])
+    for _ in range(2):
+        await handler("/", as_json(request_headers(attributes=route("public"))))
+    changed = RequestModifications(set_headers={"x-static": "2"})
+    processor.store.publish(snapshot(public=[static_entry(changed)]), "test")
+    _, reply, _ = await post(handler, as_json(request_headers(attributes=route("public"))))
+    assert decode(reply).set_headers == {"x-static": "2"}
+    processor.store.publish(snapshot(other=[static_entry()]), "test")
+    _, reply, _ = await post(handler, as_json(request_headers(attributes=route("public"))))
+    assert decode(reply).status == 404, "the route is gone: unknownRoute, not a kept answer"
+
+
+async def test_an_unknown_body_mode_is_a_protocol_error_on_a_kept_answer_too():
+    handler, processor = make(public=[static_entry()])
+    await handler("/", as_json(request_headers(attributes=route("public"))))
+    message = json.loads(as_json(request_headers(attributes=route("public"))))
+    message["protocol_config"] = {"response_body_mode": "SOMETIMES"}
+    status, reply = await handler("/", json.dumps(message).encode())
+    assert status == 400
+    assert "unknown body mode" in json.loads(reply)["error"]
+    assert processor.stats.protocol_errors == 1
