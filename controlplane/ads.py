@@ -370,11 +370,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 )
                 log.warning("engine %s NACKed %s: %s", engine.node_id, sent[1], engine.nack_error)
                 self.metrics.verdict(engine.node_id, "NACK")
-            elif type_url == ROUTE_CHAIN_TYPE:
-                self.metrics.verdict(engine.node_id, "ACK")
-                engine.acked_version, engine.acked_generation = request.version_info, sent[2]
             else:
-                engine.settings_acked_version = request.version_info
+                self.metrics.verdict(engine.node_id, "ACK")
+                if type_url == ROUTE_CHAIN_TYPE:
+                    engine.acked_version, engine.acked_generation = request.version_info, sent[2]
+                else:
+                    engine.settings_acked_version = request.version_info
             self._signal()
 
     def _count_node(self, engine: EngineStatus, stream: _Stream) -> None:

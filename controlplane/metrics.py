@@ -9,7 +9,10 @@ Metric names (all prefixed ``policy_controlplane_``):
 
 =============================================  ================================================
 ``xds_pushes_total{type}``                     ADS responses sent, ``routes`` / ``settings``
-``xds_responses_total{node,result}``           engines' verdicts, ``ACK`` / ``NACK``
+``xds_responses_total{node,result}``           engines' verdicts, ``ACK`` / ``NACK``: one per
+                                               response answered, of either type (so a
+                                               version counts two, as in the engine's own
+                                               ``policy_engine_xds_responses_total``)
 ``admin_changes_total{role,result}``           admin API writes (PUT, DELETE): ``applied``,
                                                ``invalid`` (400), ``forbidden`` (403, a
                                                read-only token), ``unauthenticated`` (401,
@@ -70,7 +73,8 @@ class ControlPlaneMetrics:
         )
         self.responses = Counter(
             PREFIX + "xds_responses",
-            "engines' verdicts on the versions sent (ACK / NACK), by node id",
+            "engines' verdicts (ACK / NACK) on the ADS responses sent, one per response "
+            "answered, routes or settings (a version is one of each), by node id",
             ["node", "result"],
             registry=self.registry,
         )
@@ -104,7 +108,10 @@ class ControlPlaneMetrics:
         self.pushes.labels(type_name).inc()
 
     def verdict(self, node: str, result: str) -> None:
-        """An engine answered a response: ``ACK`` or ``NACK``."""
+        """An engine answered a response, of either type: ``ACK`` or ``NACK``. The engine
+        answers both responses of a version alike, so one version counts two verdicts:
+        the counts match ``xds_pushes_total`` (less those superseded or not yet answered)
+        and the engine's own ``policy_engine_xds_responses_total``."""
         self.responses.labels(self.node_label(node), result).inc()
 
     def admin_change(self, role: str, result: str) -> None:

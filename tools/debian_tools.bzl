@@ -14,9 +14,7 @@ root (`grep -A30 '^Package: kustomize$' ~/.cache/policy-engine/sid-root-v*/var/l
 or of any Debian trixie/sid machine (`apt-cache show kustomize`), and update `_TOOLS`.
 """
 
-load("//builder/private:debian_base.bzl", "debian_mirrors")
-
-_ENV = "POLICY_ENGINE_DEBIAN_MIRRORS"
+load("//builder/private:debian_base.bzl", "DEBIAN_MIRRORS_ENV", "debian_mirrors")
 
 # name -> (.deb path in the archive, its sha256, the binary inside the package)
 _TOOLS = {
@@ -60,7 +58,7 @@ debian_tool = repository_rule(
     implementation = _debian_tool_impl,
     doc = "One tool of `_TOOLS`, unpacked from its pinned .deb.",
     attrs = {"tool": attr.string(mandatory = True, values = _TOOLS.keys())},
-    environ = [_ENV],
+    environ = [DEBIAN_MIRRORS_ENV],
 )
 
 def _debian_tools_impl(module_ctx):

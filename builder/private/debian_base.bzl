@@ -18,7 +18,10 @@ The mirror is never written in the repository. In order:
    `/etc/apt/sources.list`), when it has them.
 """
 
-_ENV = "POLICY_ENGINE_DEBIAN_MIRRORS"
+# The repository environment variable that names the mirrors (1. above). Loaded by
+# //tools:debian_tools.bzl too: a rule calling debian_mirrors must list it in `environ`,
+# so that a change of mirrors re-runs it.
+DEBIAN_MIRRORS_ENV = "POLICY_ENGINE_DEBIAN_MIRRORS"
 
 def _words(text):
     return [w for w in text.replace("\t", " ").split(" ") if w]
@@ -37,12 +40,12 @@ def _apt_source_uris(rctx):
     return [u for u in uris if u.startswith("http")]
 
 def _mirrors(rctx):
-    configured = _words(rctx.os.environ.get(_ENV, ""))
+    configured = _words(rctx.os.environ.get(DEBIAN_MIRRORS_ENV, ""))
     mirrors = configured or _apt_source_uris(rctx)
     if not mirrors:
         fail(("debian_base: no Debian mirror. Set {env} to your mirror's archive roots " +
               "(e.g. --repo_env={env}='http://MIRROR/debian http://MIRROR/debian-security'), " +
-              "or build on a Debian machine whose apt sources name one.").format(env = _ENV))
+              "or build on a Debian machine whose apt sources name one.").format(env = DEBIAN_MIRRORS_ENV))
     result = []
     for m in mirrors:
         m = m.rstrip("/")
@@ -84,7 +87,7 @@ debian_base_debs = repository_rule(
     implementation = _debian_base_debs_impl,
     doc = "The .deb files pinned in `lock`, each checked against its sha256.",
     attrs = {"lock": attr.label(mandatory = True, allow_single_file = [".json"])},
-    environ = [_ENV],
+    environ = [DEBIAN_MIRRORS_ENV],
 )
 
 def _debian_base_impl(module_ctx):

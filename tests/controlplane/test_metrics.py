@@ -82,20 +82,12 @@ async def test_metrics_of_a_running_control_plane() -> None:
         assert await admin(plane, "PUT", "/routes/api", ROUTE, plane.reader_token) == 403
         assert await admin(plane, "DELETE", "/routes/api", None, "") == 401
 
-        def wanted(found: dict[Any, float]) -> bool:
-            return found.get(("policy_controlplane_xds_responses_total",
-                              (("node", "edge-2"), ("result", "NACK")))) == 1  # fmt: skip
-
-        found = await asyncio.to_thread(scrape, port)
-        for _ in range(100):
-            if wanted(found):
-                break
-            await asyncio.sleep(0.05)
-            found = await asyncio.to_thread(scrape, port)
+        # One verdict per response answered: each version is a routes and a settings one.
+        expected = {("edge-1", "ACK"): 4, ("edge-1", "NACK"): 0, ("edge-2", "ACK"): 2,
+                    ("edge-2", "NACK"): 2}  # fmt: skip
+        found = await wait_for_verdicts(port, expected)
+        assert verdicts(found, expected) == expected
         p = "policy_controlplane_"
-        assert found[(p + "xds_responses_total", (("node", "edge-1"), ("result", "ACK")))] == 2
-        assert found[(p + "xds_responses_total", (("node", "edge-1"), ("result", "NACK")))] == 0
-        assert found[(p + "xds_responses_total", (("node", "edge-2"), ("result", "ACK")))] == 1
         assert found[(p + "xds_pushes_total", (("type", "routes"),))] == 4
         assert found[(p + "xds_pushes_total", (("type", "settings"),))] == 4
         assert found[(p + "engines_connected", ())] == 2
@@ -120,6 +112,56 @@ async def test_metrics_of_a_running_control_plane() -> None:
     finally:
         await good.close()
         await bad.close()
+        assert await plane.stop() == 0
+
+
+def verdicts(
+    found: dict[Any, float], wanted: dict[tuple[str, str], int]
+) -> dict[tuple[str, str], float | None]:
+    """The ``xds_responses_total`` sample of each ``(node, result)`` of ``wanted``."""
+    name = "policy_controlplane_xds_responses_total"
+    return {
+        (node, result): found.get((name, (("node", node), ("result", result))))
+        for node, result in wanted
+    }
+
+
+async def wait_for_verdicts(port: int, wanted: dict[tuple[str, str], int]) -> dict[Any, float]:
+    """Scrape until the verdict counts are ``wanted`` (5 s at most); the last scrape."""
+    found = await asyncio.to_thread(scrape, port)
+    for _ in range(100):
+        if verdicts(found, wanted) == wanted:
+            break
+        await asyncio.sleep(0.05)
+        found = await asyncio.to_thread(scrape, port)
+    return found
+
+
+async def test_a_version_counts_as_many_acks_as_nacks() -> None:
+    """Each response answered is one verdict, ACK or NACK alike: an accepted version
+    counts two ACKs (routes and settings), a rejected one two NACKs, and together they
+    are the responses pushed. (ACKs used to be counted for routes responses only.)"""
+    port = free_port()
+    plane = ControlPlane(registry_from("addHeader"), metrics_listen=f"127.0.0.1:{port}")
+    await plane.start()
+    engine = FakeEngine(plane.xds_port, "edge-1")
+    try:
+        await engine.connect()
+        await engine.next_version()
+        await engine.ack()
+        assert await admin(plane, "PUT", "/routes/api", ROUTE, plane.admin_token) == 200
+        await engine.next_version()
+        await engine.nack("routes[api]: unknown policy addHeader v1.0.0")
+        expected = {("edge-1", "ACK"): 2, ("edge-1", "NACK"): 2}
+        found = await wait_for_verdicts(port, expected)
+        assert verdicts(found, expected) == expected
+        pushed = sum(
+            found[("policy_controlplane_xds_pushes_total", (("type", kind),))]
+            for kind in ("routes", "settings")
+        )
+        assert pushed == 4
+    finally:
+        await engine.close()
         assert await plane.stop() == 0
 
 

@@ -42,6 +42,7 @@ from tests.e2e.harness import EnvoyRoute, envoy_binary, free_port, render_bootst
 from tests.support.sse_upstream import SseUpstream, read_stream, sse_event
 from tools.bench.loadtools import Tools
 from tools.bench.procs import HOST, Procs, cpu_seconds, rss_bytes
+from tools.bench.stats import percentile
 
 __all__ = ["main"]
 
@@ -70,11 +71,6 @@ CONFIG: Final[dict[str, Any]] = {
         },
     }
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Sampler:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tests.e2e.harness import EchoUpstream, EnvoyProcess, envoy_binary, http_request, routes_for
 from tests.e2e.xds_harness import ControlPlaneProcess, EngineXdsProcess, write_e2e_definitions
+from tools.bench.stats import percentile
 
 __all__ = ["main"]
 
@@ -38,12 +39,6 @@ def chain(value: str) -> dict[str, object]:
             }
         ]
     }
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def main(argv: list[str]) -> int:

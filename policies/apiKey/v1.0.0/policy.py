@@ -77,8 +77,8 @@ class Policy:
     @staticmethod
     def explain(params: Mapping[str, Any]) -> dict[str, Any]:
         """What this configuration requires; the keys themselves never (they are secret)."""
-        in_query = params.get("in", "header") == "query"
-        name = str(params.get("name", "x-api-key"))
+        in_query = params["in"] == "query"
+        name = str(params["name"])
         keys = params.get("keys") or ()
         return {
             "requires": f"an API key in the {'query parameter' if in_query else 'header'} "
@@ -86,20 +86,20 @@ class Policy:
             "rejects": "401 without a key, 403 with a key that is not configured",
             "keys": len(keys),
             "consumers": sorted({str(k.get("consumer")) for k in keys}),
-            "writesMetadata": [str(params.get("metadataKey", "apiKey.consumer"))],
-            "stripsKey": bool(params.get("stripKey", True)),
+            "writesMetadata": [str(params["metadataKey"])],
+            "stripsKey": bool(params["stripKey"]),
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        self._in_query = params.get("in", "header") == "query"
-        name = str(params.get("name", "x-api-key"))
+        self._in_query = params["in"] == "query"
+        name = str(params["name"])
         # The schema pattern is anchored with `$`, which Python lets match before a
         # final newline; fullmatch closes that gap.
         if _TOKEN.fullmatch(name) is None:
             raise ParameterError("name", f"{name!r} is not a valid header or parameter name")
         self._name = name if self._in_query else name.lower()
-        self._metadata_key = str(params.get("metadataKey", "apiKey.consumer"))
-        self._strip = bool(params.get("stripKey", True))
+        self._metadata_key = str(params["metadataKey"])
+        self._strip = bool(params["stripKey"])
         # RFC 9110 requires a challenge with every 401; API keys have no registered
         # scheme, so this names where the key goes (the name is a token: no quoting issue).
         self._challenge = (

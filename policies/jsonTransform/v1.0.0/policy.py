@@ -428,7 +428,7 @@ class Policy:
         said: dict[str, Any] = {
             phase: params[phase] for phase in ("request", "response") if params.get(phase)
         }
-        said["maxBodyBytes"] = params.get("maxBodyBytes", 1048576)
+        said["maxBodyBytes"] = params["maxBodyBytes"]
         said["readsBodies"] = [p for p in ("request", "response") if params.get(p)]
         return said
 
@@ -437,7 +437,7 @@ class Policy:
         self._response = _Ops.parse("response", params.get("response") or {})
         if not self._request and not self._response:
             raise ParameterError("request", "configure set or remove for request, response or both")
-        self._max_body = int(params.get("maxBodyBytes", 1 << 20))
+        self._max_body = int(params["maxBodyBytes"])
 
     def phases(self) -> tuple[str, ...]:
         """The phases this configuration acts in: the request phase when it transforms

@@ -395,15 +395,15 @@ class Policy:
     @staticmethod
     def explain(params: Mapping[str, Any]) -> dict[str, Any]:
         """What a request must carry to pass, and where the keys come from."""
-        header = str(params.get("header", "authorization"))
-        scheme = params.get("prefix", "Bearer ")
+        header = str(params["header"])
+        scheme = params["prefix"]
         said: dict[str, Any] = {
             "requires": f"a JWT in the {header} header (prefix {scheme!r})",
             "issuer": params["issuer"],
             "audiences": list(params["audiences"]),
-            "algorithms": list(params.get("algorithms", ["RS256", "ES256"])),
+            "algorithms": list(params["algorithms"]),
             "jwks": redact_url(str(params["jwksUrl"])),
-            "clockSkew": params.get("clockSkew", "30s"),
+            "clockSkew": params["clockSkew"],
             "rejects": "401 without a valid token",
             "writesMetadata": ["jwt.sub", "jwt.claims"],
         }
@@ -421,21 +421,21 @@ class Policy:
         url = str(params["jwksUrl"])
         if not url.startswith("https://"):  # the schema checks too; never fetch over HTTP
             raise ParameterError("jwksUrl", "must be HTTPS")
-        self._algorithms = tuple(params.get("algorithms", ("RS256", "ES256")))
+        self._algorithms = tuple(params["algorithms"])
         for index, alg in enumerate(self._algorithms):
             if alg not in ALLOWED_ALGORITHMS:
                 raise ParameterError(f"algorithms[{index}]", f"{alg!r} is not allowed")
         self._issuer = str(params["issuer"])
         self._audiences = [str(aud) for aud in params["audiences"]]
-        self._header = str(params.get("header", "authorization")).lower()
-        self._prefix = str(params.get("prefix", "Bearer ")).lower()
-        self._leeway = parse_duration(params.get("clockSkew", "30s"))
+        self._header = str(params["header"]).lower()
+        self._prefix = str(params["prefix"]).lower()
+        self._leeway = parse_duration(params["clockSkew"])
         self._jwks = JwksCache(
             url,
             context=ssl_context(params.get("caFile")),
-            timeout=parse_duration(params.get("fetchTimeout", "5s")),
-            min_refresh_interval=parse_duration(params.get("minRefreshInterval", "30s")),
-            ttl=parse_duration(params.get("jwksCacheTtl", "5m")),
+            timeout=parse_duration(params["fetchTimeout"]),
+            min_refresh_interval=parse_duration(params["minRefreshInterval"]),
+            ttl=parse_duration(params["jwksCacheTtl"]),
             clock=clock,
         )
         self._wall_clock = wall_clock

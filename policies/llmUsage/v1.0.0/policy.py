@@ -82,7 +82,7 @@ class Policy:
         """What it reads and writes; it never changes the body."""
         return {
             "reads": "token usage of OpenAI-compatible responses (SSE events or JSON), "
-            f"at most {params.get('maxBodyBytes', 1048576)} bytes",
+            f"at most {params['maxBodyBytes']} bytes",
             "writesMetadata": [
                 "llmUsage.promptTokens",
                 "llmUsage.completionTokens",
@@ -93,7 +93,7 @@ class Policy:
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        self._max = int(params.get("maxBodyBytes", 1 << 20))
+        self._max = int(params["maxBodyBytes"])
 
     def response_framing(self, ctx: ResponseContext) -> Framing | None:
         kind = _kind(ctx)

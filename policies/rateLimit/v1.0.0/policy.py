@@ -121,7 +121,7 @@ class Policy:
     def explain(params: Mapping[str, Any]) -> dict[str, Any]:
         """The limit, what it is counted per, and what a limited request gets."""
         rate = params["requestsPerSecond"]
-        key_by = str(params.get("keyBy", "clientIp"))
+        key_by = str(params["keyBy"])
         said: dict[str, Any] = {
             "limit": f"{rate:g} requests/s, burst {params.get('burstSize') or math.ceil(rate)}",
             "per": key_by if params.get("keyName") is None else f"{key_by} {params['keyName']}",
@@ -136,7 +136,7 @@ class Policy:
         self._rate = float(params["requestsPerSecond"])
         burst = params.get("burstSize")
         self._burst = float(burst if burst is not None else max(1, math.ceil(self._rate)))
-        self._key_by = str(params.get("keyBy", "clientIp"))
+        self._key_by = str(params["keyBy"])
         key_name = params.get("keyName")
         if self._key_by == "clientIp":
             if key_name is not None:
@@ -150,7 +150,7 @@ class Policy:
             self._key_name = key_name.lower()
         else:
             self._key_name = key_name
-        self._max_keys = int(params.get("maxKeys", 10000))
+        self._max_keys = int(params["maxKeys"])
         self._clock = clock
         self._buckets: OrderedDict[_Key, _Bucket] = OrderedDict()
         self._overflow = _Bucket(self._burst, clock())

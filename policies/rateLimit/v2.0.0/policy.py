@@ -149,8 +149,8 @@ class Policy:
         """The limit, what it is counted per, its backend (a Redis URL without its
         password), and what a limited request gets."""
         rate = params["requestsPerSecond"]
-        key_by = str(params.get("keyBy", "clientIp"))
-        backend = str(params.get("backend", "local"))
+        key_by = str(params["keyBy"])
+        backend = str(params["backend"])
         said: dict[str, Any] = {
             "limit": f"{rate:g} requests/s, burst {params.get('burstSize') or math.ceil(rate)}",
             "per": key_by if params.get("keyName") is None else f"{key_by} {params['keyName']}",
@@ -179,7 +179,7 @@ class Policy:
         burst = params.get("burstSize")
         self._burst = int(burst if burst is not None else max(1, math.ceil(rate)))
         self._interval = interval_us(rate)
-        self._key_by = str(params.get("keyBy", "clientIp"))
+        self._key_by = str(params["keyBy"])
         key_name = params.get("keyName")
         if self._key_by == "clientIp":
             if key_name is not None:
@@ -199,8 +199,8 @@ class Policy:
         self._redis: RedisBackend | None = None
         self._allow_on_error = params.get("onBackendError", "deny") == "allow"
         self._scope: str | None = params.get("scope")
-        self._backend = str(params.get("backend", "local"))
-        if params.get("backend", "local") == "redis":
+        self._backend = str(params["backend"])
+        if params["backend"] == "redis":
             if self._scope is not None and _SCOPE.fullmatch(self._scope) is None:
                 raise ParameterError("scope", f"{self._scope!r}: use letters, digits, _ . : -")
             timeout = parse_duration(params.get("backendTimeout", "50ms"))
@@ -221,9 +221,7 @@ class Policy:
             for name in _REDIS_ONLY:
                 if params.get(name) is not None:
                     raise ParameterError(name, "only applies when backend is redis")
-            self._local = LocalBuckets(
-                self._interval, self._burst, int(params.get("maxKeys", 10000))
-            )
+            self._local = LocalBuckets(self._interval, self._burst, int(params["maxKeys"]))
 
     # -- request phase ---------------------------------------------------------------
 

@@ -47,19 +47,19 @@ class Policy:
     @staticmethod
     def explain(params: Mapping[str, Any]) -> dict[str, Any]:
         """The answer given to every request it runs for."""
-        body = str(params.get("body", ""))
+        body = str(params["body"])
         return {
-            "answers": int(params.get("status", 200)),
-            "headers": {str(k).lower(): v for k, v in (params.get("headers") or {}).items()},
+            "answers": int(params["status"]),
+            "headers": {str(k).lower(): v for k, v in params["headers"].items()},
             "body": body if len(body) <= 200 else body[:200] + "...",
             "upstream": "never contacted",
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._response = ImmediateResponse(
-            status=int(params.get("status", 200)),
-            headers=MappingProxyType(_headers(params.get("headers") or {})),
-            body=str(params.get("body", "")).encode("utf-8"),
+            status=int(params["status"]),
+            headers=MappingProxyType(_headers(params["headers"])),
+            body=str(params["body"]).encode("utf-8"),
         )
 
     def static_request(self) -> ImmediateResponse:

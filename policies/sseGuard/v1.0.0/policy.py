@@ -70,21 +70,21 @@ class Policy:
     def explain(params: Mapping[str, Any]) -> dict[str, Any]:
         """The patterns it masks and blocks in streamed SSE / NDJSON responses."""
         return {
-            "masks": list(params.get("mask") or ()) + list(params.get("builtins") or ()),
-            "replacement": params.get("replacement", "[redacted]"),
-            "blocks": list(params.get("block") or ()),
+            "masks": list(params["mask"]) + list(params["builtins"]),
+            "replacement": params["replacement"],
+            "blocks": list(params["block"]),
             "onBlock": "the stream ends with a final event carrying blockEvent",
-            "maxEventBytes": params.get("maxEventBytes", 65536),
+            "maxEventBytes": params["maxEventBytes"],
             "writesMetadata": ["sseGuard.masked", "sseGuard.blocked"],
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        self._mask = _compile("mask", list(params.get("mask", [])))
-        self._mask += [re.compile(BUILTINS[name]) for name in params.get("builtins", [])]
-        self._block = _compile("block", list(params.get("block", [])))
-        self._replacement = str(params.get("replacement", "[redacted]")).encode("utf-8")
-        self._max_event = int(params.get("maxEventBytes", 65536))
-        text = str(params.get("blockEvent", '{"error": "content blocked by policy"}'))
+        self._mask = _compile("mask", list(params["mask"]))
+        self._mask += [re.compile(BUILTINS[name]) for name in params["builtins"]]
+        self._block = _compile("block", list(params["block"]))
+        self._replacement = str(params["replacement"]).encode("utf-8")
+        self._max_event = int(params["maxEventBytes"])
+        text = str(params["blockEvent"])
         data = "".join(f"data: {line}\n" for line in text.split("\n"))
         self._final_sse = f"event: blocked\n{data}\n".encode()
         self._final_line = text.replace("\n", " ").encode("utf-8") + b"\n"

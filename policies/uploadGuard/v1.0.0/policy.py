@@ -45,21 +45,21 @@ class Policy:
     @staticmethod
     def explain(params: Mapping[str, Any]) -> dict[str, Any]:
         """What an upload must be to pass, and what it records."""
-        types = list(params.get("contentTypes") or ())
+        types = list(params["contentTypes"])
         said: dict[str, Any] = {
-            "maxBytes": params.get("maxBytes", 1073741824),
+            "maxBytes": params["maxBytes"],
             "contentTypes": types or "any",
             "rejects": "413 over maxBytes (declared or streamed)"
             + (", 415 for another content-type" if types else ""),
         }
-        if params.get("digest", True):
+        if params["digest"]:
             said["writesMetadata"] = ["uploadGuard.sha256", "uploadGuard.bytes"]
         return said
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        self._max = int(params.get("maxBytes", 1 << 30))
-        self._types = frozenset(t.lower() for t in params.get("contentTypes", []))
-        self._digest = bool(params.get("digest", True))
+        self._max = int(params["maxBytes"])
+        self._types = frozenset(t.lower() for t in params["contentTypes"])
+        self._digest = bool(params["digest"])
 
     def on_request(self, ctx: RequestContext) -> ImmediateResponse | None:
         """At the headers (``ctx.body`` None): type and declared length. On a route that

@@ -414,11 +414,15 @@ async def test_buffered_response_is_charged_in_on_response() -> None:
 
 
 def test_explain_says_when_the_cost_comes_from_metadata() -> None:
-    policy_class: Any = POLICY.factory
-    plain = policy_class.explain({"requestsPerSecond": 10, "keyBy": "clientIp"})
+    def explain(params: Mapping[str, Any]) -> Any:
+        # As the engine calls it: with the validated parameters, defaults filled in.
+        normalised, errors = POLICY.definition.validate_parameters(params)
+        assert errors == []
+        policy_class: Any = POLICY.factory
+        return policy_class.explain(normalised)
+
+    plain = explain({"requestsPerSecond": 10})
     assert "cost" not in plain
-    costed = policy_class.explain(
-        {"requestsPerSecond": 10, "keyBy": "clientIp", "costMetadataKey": "llmUsage.totalTokens"}
-    )
+    costed = explain({"requestsPerSecond": 10, "costMetadataKey": "llmUsage.totalTokens"})
     assert "llmUsage.totalTokens" in costed["cost"]
     assert "end of the response" in costed["cost"]
