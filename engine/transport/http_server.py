@@ -230,9 +230,11 @@ class _Connection(asyncio.Protocol):
                 raise _BadRequest(400, "malformed header line")
             lname = name.lower()
             if lname == b"content-length":
-                if length >= 0 or not value.strip().isdigit():
+                digits = value.strip()
+                # At most 18 digits: int() refuses more than 4,300 (ValueError).
+                if length >= 0 or not digits.isdigit() or len(digits) > 18:
                     raise _BadRequest(400, "bad content-length")
-                length = int(value)
+                length = int(digits)
             elif lname == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     raise _BadRequest(501, "unsupported transfer-encoding")

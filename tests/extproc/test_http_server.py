@@ -144,6 +144,8 @@ async def test_connection_close_is_honoured(server):
         (b"POST / HTTP/1.1\r\n" + b"x-big: " + b"a" * 20000 + b"\r\n\r\n", 431),
         (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400),
         (b"POST / HTTP/1.1\r\n bad: folded\r\n\r\n", 400),
+        # more digits than int() converts (4,300): a 400, not an exception in data_received
+        (b"POST / HTTP/1.1\r\ncontent-length: " + b"1" * 5000 + b"\r\n\r\n", 400),
     ],
     ids=[
         "too-large",
@@ -158,6 +160,7 @@ async def test_connection_close_is_honoured(server):
         "headers-too-large",
         "bad-chunk-size",
         "folded-header",
+        "length-of-5000-digits",
     ],
 )
 async def test_bad_requests_are_answered_and_closed(server, raw, status):
