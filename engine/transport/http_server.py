@@ -93,8 +93,9 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.paused = False
-        # Loop time of the last answer (or the connection's start): the sweep measures the
-        # idle and header timeouts from it (no timer per request).
+        # Loop time of the last answer (or the connection's start), or of the first byte of
+        # a request that started on an idle connection: the sweep measures the idle and
+        # header timeouts from it (no timer per request).
         self.since = server.loop.time()
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -109,6 +110,10 @@ class _Connection(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        if not self._buffer and not self.busy:
+            # A new request starts: its header timeout counts from now, not from the
+            # previous answer (a kept-alive connection may have been idle since).
+            self.since = self._server.loop.time()
         self._buffer += data
         if not self.busy:
             self._next()

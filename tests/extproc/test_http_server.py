@@ -188,6 +188,27 @@ async def test_incomplete_request_times_out(server):
     assert await closed(reader)
 
 
+async def test_header_timeout_counts_from_the_request_not_the_previous_answer():
+    """A kept-alive connection idle longer than the header timeout (not the idle one) then
+    sends a request in two pieces: it is answered, not cut with a 408 at the first sweep."""
+    srv = await start_http_server(
+        "127.0.0.1:0", echo, max_request_bytes=1000, header_timeout=1.0, idle_timeout=10.0
+    )
+    try:
+        reader, writer = await connect(srv)
+        writer.write(post(b"a"))
+        assert (await read_response(reader))[0] == 200
+        await asyncio.sleep(1.5)  # idle: longer than header_timeout, shorter than idle_timeout
+        message = post(b"second")
+        writer.write(message[:10])
+        await asyncio.sleep(0.5)  # the rest within header_timeout (sweeps every 0.25 s)
+        writer.write(message[10:])
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        await srv.close(1.0)
+
+
 async def test_idle_connection_is_closed(server):
     reader, writer = await connect(server)
     writer.write(post(b"a"))
