@@ -78,6 +78,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_buffer",
+        "_context",
         "_server",
         "_transport",
         "busy",
@@ -89,6 +90,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        self._context = contextvars.Context()
         self._buffer = bytearray()
         self.busy = False
         self.closing = False
@@ -103,6 +105,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
+        # Each request runs in a copy of this one: never in a copy of the request before
+        # (a pipelined request is started from inside the previous one's context).
+        self._context = contextvars.copy_context()
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,7 +160,7 @@ class _Connection(asyncio.Protocol):
         # Run the handler at once, in its own context, up to its first real suspension:
         # most chains never suspend, and a task per request costs more than the chain.
         # A handler that does suspend continues in a task with the same context.
-        context = contextvars.copy_context()
+        context = self._context.copy()
         coro = self._serve(path, body, keep_alive)
         try:
             waiting = context.run(coro.send, None)

@@ -325,6 +325,30 @@ def test_handlers_that_suspend_resume_in_their_own_context(loop: str) -> None:
     ]
 
 
+async def leaky(path: str, body: bytes) -> tuple[int, bytes]:
+    """Answers what it found in its context, then sets the variable (as the stream machine
+    sets the request id of its log lines)."""
+    seen = _VAR.get()
+    _VAR.set(body.decode())
+    if body == b"slow":
+        await asyncio.sleep(0.01)
+    return 200, f'"{seen}"'.encode()
+
+
+@pytest.mark.parametrize("first", [b"fast", b"slow"])
+async def test_pipelined_requests_do_not_inherit_each_others_context(first: bytes) -> None:
+    """Each request starts from the connection's context, never from the previous
+    request's (its request id would be logged on the next request's lines)."""
+    srv = await start_http_server("127.0.0.1:0", leaky)
+    try:
+        reader, writer = await connect(srv)
+        writer.write(post(first) + post(b"second"))
+        assert (await read_response(reader))[2] == b'"unset"'
+        assert (await read_response(reader))[2] == b'"unset"'
+    finally:
+        await srv.close(1.0)
+
+
 class FakeTransport:
     """Records what the connection does to its transport."""
 
