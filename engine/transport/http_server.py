@@ -142,33 +142,40 @@ class _Connection(asyncio.Protocol):
     # -- requests -------------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Take the next complete request from the buffer, if there is one."""
-        if self._transport is None or self.closing:
+        """Serve the complete requests in the buffer, in order: in a loop while each is
+        answered at once (pipelined requests never recurse), until one suspends (its task
+        serves the rest, :meth:`_continue`) or no complete request is left."""
+        while self._transport is not None and not self.closing:
+            try:
+                parsed = self._parse()
+            except _BadRequest as exc:
+                self._fail(exc)
+                return
+            if parsed is None:
+                return
+            path, body, keep_alive = parsed
+            self.busy = True
+            server = self._server
+            server.in_flight += 1
+            server.idle.clear()
+            # Run the handler at once, in its own context, up to its first real suspension:
+            # most chains never suspend, and a task per request costs more than the chain.
+            # A handler that does suspend continues in a task with the same context.
+            context = self._context.copy()
+            coro = self._serve(path, body, keep_alive)
+            try:
+                waiting = context.run(coro.send, None)
+            except StopIteration:
+                continue
+            task = server.loop.create_task(self._continue(coro, waiting), context=context)
+            server.tasks.add(task)
+            task.add_done_callback(server.tasks.discard)
             return
-        try:
-            parsed = self._parse()
-        except _BadRequest as exc:
-            self._fail(exc)
-            return
-        if parsed is None:
-            return
-        path, body, keep_alive = parsed
-        self.busy = True
-        server = self._server
-        server.in_flight += 1
-        server.idle.clear()
-        # Run the handler at once, in its own context, up to its first real suspension:
-        # most chains never suspend, and a task per request costs more than the chain.
-        # A handler that does suspend continues in a task with the same context.
-        context = self._context.copy()
-        coro = self._serve(path, body, keep_alive)
-        try:
-            waiting = context.run(coro.send, None)
-        except StopIteration:
-            return
-        task = server.loop.create_task(_resume(coro, waiting), context=context)
-        server.tasks.add(task)
-        task.add_done_callback(server.tasks.discard)
+
+    async def _continue(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        """A request whose handler suspended: finish it, then serve what was pipelined."""
+        await _resume(coro, waiting)
+        self._next()
 
     async def _serve(self, path: str, body: bytes, keep_alive: bool) -> None:
         try:
@@ -185,8 +192,6 @@ class _Connection(asyncio.Protocol):
         if self.paused and self._transport is not None and not self.closing:
             self.paused = False
             self._transport.resume_reading()
-        if self._transport is not None and not self.closing and self._buffer:
-            self._next()
 
     def _answer(self, status: int, body: bytes, *, keep_alive: bool) -> None:
         transport = self._transport

@@ -108,6 +108,17 @@ async def test_keep_alive_and_pipelined_requests(server):
     writer.close()
 
 
+async def test_many_pipelined_requests_in_one_read(server):
+    """Requests answered at once are served in a loop: 2,000 pipelined ones (beyond
+    Python's recursion limit) are all answered, in order."""
+    reader, writer = await connect(server)
+    writer.write(b"".join(post(str(i).encode()) for i in range(2000)))
+    for i in range(2000):
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b'{"path": "/x", "len": ' + str(len(str(i))).encode() + b"}")
+    writer.close()
+
+
 async def test_chunked_body_split_across_reads(server):
     reader, writer = await connect(server)
     message = (
