@@ -8,7 +8,8 @@ because everything per request costs CPU the transport is chosen to save
 (docs/decisions.md: no framework; measured in ``tools/bench/http_transport.py``).
 
 Limits and timeouts (anything else is answered 400/413/431 and the connection closed)
-    * headers at most :data:`MAX_HEADER_BYTES`, body at most ``max_request_bytes``;
+    * headers at most :data:`MAX_HEADER_BYTES`, body at most ``max_request_bytes`` (a
+      chunked body's framing included: it is buffered too);
     * a started request must be complete within ``header_timeout`` seconds (slow-loris);
     * a connection idle for ``idle_timeout`` seconds is closed;
     * keep-alive is the default (HTTP/1.1); ``connection: close`` is honoured. Requests are
@@ -78,6 +79,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_buffer",
+        "_chunks",
         "_context",
         "_server",
         "_transport",
@@ -92,6 +94,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._context = contextvars.Context()
         self._buffer = bytearray()
+        self._chunks: _Chunks | None = None  # the chunked body being read
         self.busy = False
         self.closing = False
         self.paused = False
@@ -210,6 +213,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, exc: _BadRequest) -> None:
         log.debug("HTTP ext_proc: bad request (%s): %s", exc.status, exc)
         self._buffer.clear()
+        self._chunks = None
         body = b'{"error": "' + str(exc).encode("ascii", "replace") + b'"}'
         self._answer(exc.status, body, keep_alive=False)
 
@@ -267,10 +271,14 @@ class _Connection(asyncio.Protocol):
         limit = self._server.max_request_bytes
         start = end + 4
         if chunked:
-            parsed = _dechunk(buffer, start, limit)
-            if parsed is None:
+            chunks = self._chunks
+            if chunks is None:
+                chunks = self._chunks = _Chunks(start)
+            chunked_body = _dechunk(buffer, chunks, start + limit)
+            if chunked_body is None:
                 return None
-            body, consumed = parsed
+            self._chunks = None
+            body, consumed = chunked_body, chunks.at
         else:
             length = max(length, 0)
             if length > limit:
@@ -307,12 +315,21 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
             return
 
 
-def _dechunk(buffer: bytearray, start: int, limit: int) -> tuple[bytes, int] | None:
-    """A chunked body from ``buffer[start:]``: ``(body, end offset)``; None if incomplete.
-    Trailers are not accepted (Envoy sends none)."""
-    parts: list[bytes] = []
-    total = 0
-    at = start
+class _Chunks:
+    """A chunked body read so far, kept between reads: each chunk is parsed once."""
+
+    __slots__ = ("at", "parts")
+
+    def __init__(self, at: int) -> None:
+        self.at = at  # buffer offset of the next chunk-size line
+        self.parts: list[bytes] = []
+
+
+def _dechunk(buffer: bytearray, chunks: _Chunks, end: int) -> bytes | None:
+    """The chunked body, parsed on from ``chunks.at``; None while incomplete (``chunks``
+    keeps the chunks parsed). Its framing counts toward the limit: nothing of it may lie
+    beyond the buffer offset ``end``. Trailers are not accepted (Envoy sends none)."""
+    at = chunks.at
     while True:
         eol = buffer.find(b"\r\n", at, at + 32)
         if eol < 0:
@@ -326,18 +343,18 @@ def _dechunk(buffer: bytearray, start: int, limit: int) -> tuple[bytes, int] | N
             raise _BadRequest(400, "malformed chunk size") from None
         if size < 0:
             raise _BadRequest(400, "malformed chunk size")
-        total += size
-        if total > limit:
-            raise _BadRequest(413, "request too large")
         data_start = eol + 2
+        if data_start + size + 2 > end:
+            raise _BadRequest(413, "request too large")
         if len(buffer) < data_start + size + 2:
             return None
         if buffer[data_start + size : data_start + size + 2] != b"\r\n":
             raise _BadRequest(400, "malformed chunk")
+        chunks.at = data_start + size + 2
         if size == 0:
-            return b"".join(parts), data_start + 2
-        parts.append(bytes(buffer[data_start : data_start + size]))
-        at = data_start + size + 2
+            return b"".join(chunks.parts)
+        chunks.parts.append(bytes(buffer[data_start : data_start + size]))
+        at = chunks.at
 
 
 class HttpServer:

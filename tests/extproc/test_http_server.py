@@ -132,6 +132,44 @@ async def test_chunked_body_split_across_reads(server):
     writer.close()
 
 
+async def test_chunked_framing_counts_toward_the_size_limit(server):
+    """600 one-byte chunks: a 600-byte body in 3,600 buffered bytes, over the 1,000 limit."""
+    reader, writer = await connect(server)
+    writer.write(b"POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 600)
+    status, headers, _ = await read_response(reader)
+    assert (status, headers["connection"]) == (413, "close")
+
+
+class CountingBuffer(bytearray):
+    """A connection's buffer that counts the searches made in it."""
+
+    finds = 0
+
+    def find(self, *args: object) -> int:
+        self.finds += 1
+        return super().find(*args)  # type: ignore[arg-type]
+
+
+async def test_a_chunked_body_is_parsed_once_whatever_the_number_of_reads():
+    """Each read parses only the new chunks, never the body again from its start (which
+    took seconds of the event loop, both transports', for a few MB of tiny chunks)."""
+    srv = HttpServer(echo, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
+    connection = srv._protocol()
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection._buffer = buffer = CountingBuffer()
+    connection.data_received(b"POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+    for _ in range(2000):  # one chunk per read
+        connection.data_received(b"1\r\na\r\n")
+    connection.data_received(b"0\r\n\r\n")
+    assert transport.written == [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 27\r\n\r\n"
+        b'{"path": "/c", "len": 2000}'
+    ]
+    assert buffer.finds <= 4 * 2000, "quadratic: every read parsed every chunk again"
+    await srv.close(1.0)
+
+
 async def test_connection_close_is_honoured(server):
     reader, writer = await connect(server)
     writer.write(post(b"a", extra="connection: close\r\n"))
