@@ -209,6 +209,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    for flag in ("--listen", "--listen-http", "--metrics-listen", "--health-listen"):
+        address = getattr(args, flag[2:].replace("-", "_"))
+        port = (address or ":0").rpartition(":")[2]
+        # Checked here: out of range, the listeners wrapped it (99999 listened on 34463).
+        if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+            parser.error(f"{flag} {address}: expected HOST:PORT, a port from 0 to 65535")
     for flag in _unauthenticated_listeners(args):
         if not args.insecure:
             remedy = (

@@ -8,7 +8,8 @@ because everything per request costs CPU the transport is chosen to save
 (docs/decisions.md: no framework; measured in ``tools/bench/http_transport.py``).
 
 Limits and timeouts (anything else is answered 400/413/431 and the connection closed)
-    * headers at most :data:`MAX_HEADER_BYTES`, body at most ``max_request_bytes``;
+    * headers at most :data:`MAX_HEADER_BYTES`, body at most ``max_request_bytes`` (a
+      chunked body's framing included: it is buffered too);
     * a started request must be complete within ``header_timeout`` seconds (slow-loris);
     * a connection idle for ``idle_timeout`` seconds is closed;
     * keep-alive is the default (HTTP/1.1); ``connection: close`` is honoured. Requests are
@@ -78,6 +79,8 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_buffer",
+        "_chunks",
+        "_context",
         "_server",
         "_transport",
         "busy",
@@ -89,12 +92,15 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        self._context = contextvars.Context()
         self._buffer = bytearray()
+        self._chunks: _Chunks | None = None  # the chunked body being read
         self.busy = False
         self.closing = False
         self.paused = False
-        # Loop time of the last answer (or the connection's start): the sweep measures the
-        # idle and header timeouts from it (no timer per request).
+        # Loop time of the last answer (or the connection's start), or of the first byte of
+        # a request that started on an idle connection: the sweep measures the idle and
+        # header timeouts from it (no timer per request).
         self.since = server.loop.time()
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -102,6 +108,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
         self._transport = cast(asyncio.Transport, transport)
+        # Each request runs in a copy of this one: never in a copy of the request before
+        # (a pipelined request is started from inside the previous one's context).
+        self._context = contextvars.copy_context()
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -109,6 +118,10 @@ class _Connection(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        if not self._buffer and not self.busy:
+            # A new request starts: its header timeout counts from now, not from the
+            # previous answer (a kept-alive connection may have been idle since).
+            self.since = self._server.loop.time()
         self._buffer += data
         if not self.busy:
             self._next()
@@ -132,33 +145,40 @@ class _Connection(asyncio.Protocol):
     # -- requests -------------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Take the next complete request from the buffer, if there is one."""
-        if self._transport is None or self.closing:
+        """Serve the complete requests in the buffer, in order: in a loop while each is
+        answered at once (pipelined requests never recurse), until one suspends (its task
+        serves the rest, :meth:`_continue`) or no complete request is left."""
+        while self._transport is not None and not self.closing:
+            try:
+                parsed = self._parse()
+            except _BadRequest as exc:
+                self._fail(exc)
+                return
+            if parsed is None:
+                return
+            path, body, keep_alive = parsed
+            self.busy = True
+            server = self._server
+            server.in_flight += 1
+            server.idle.clear()
+            # Run the handler at once, in its own context, up to its first real suspension:
+            # most chains never suspend, and a task per request costs more than the chain.
+            # A handler that does suspend continues in a task with the same context.
+            context = self._context.copy()
+            coro = self._serve(path, body, keep_alive)
+            try:
+                waiting = context.run(coro.send, None)
+            except StopIteration:
+                continue
+            task = server.loop.create_task(self._continue(coro, waiting), context=context)
+            server.tasks.add(task)
+            task.add_done_callback(server.tasks.discard)
             return
-        try:
-            parsed = self._parse()
-        except _BadRequest as exc:
-            self._fail(exc)
-            return
-        if parsed is None:
-            return
-        path, body, keep_alive = parsed
-        self.busy = True
-        server = self._server
-        server.in_flight += 1
-        server.idle.clear()
-        # Run the handler at once, in its own context, up to its first real suspension:
-        # most chains never suspend, and a task per request costs more than the chain.
-        # A handler that does suspend continues in a task with the same context.
-        context = contextvars.copy_context()
-        coro = self._serve(path, body, keep_alive)
-        try:
-            waiting = context.run(coro.send, None)
-        except StopIteration:
-            return
-        task = server.loop.create_task(_resume(coro, waiting), context=context)
-        server.tasks.add(task)
-        task.add_done_callback(server.tasks.discard)
+
+    async def _continue(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        """A request whose handler suspended: finish it, then serve what was pipelined."""
+        await _resume(coro, waiting)
+        self._next()
 
     async def _serve(self, path: str, body: bytes, keep_alive: bool) -> None:
         try:
@@ -175,8 +195,6 @@ class _Connection(asyncio.Protocol):
         if self.paused and self._transport is not None and not self.closing:
             self.paused = False
             self._transport.resume_reading()
-        if self._transport is not None and not self.closing and self._buffer:
-            self._next()
 
     def _answer(self, status: int, body: bytes, *, keep_alive: bool) -> None:
         transport = self._transport
@@ -195,6 +213,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, exc: _BadRequest) -> None:
         log.debug("HTTP ext_proc: bad request (%s): %s", exc.status, exc)
         self._buffer.clear()
+        self._chunks = None
         body = b'{"error": "' + str(exc).encode("ascii", "replace") + b'"}'
         self._answer(exc.status, body, keep_alive=False)
 
@@ -230,9 +249,11 @@ class _Connection(asyncio.Protocol):
                 raise _BadRequest(400, "malformed header line")
             lname = name.lower()
             if lname == b"content-length":
-                if length >= 0 or not value.strip().isdigit():
+                digits = value.strip()
+                # At most 18 digits: int() refuses more than 4,300 (ValueError).
+                if length >= 0 or not digits.isdigit() or len(digits) > 18:
                     raise _BadRequest(400, "bad content-length")
-                length = int(value)
+                length = int(digits)
             elif lname == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     raise _BadRequest(501, "unsupported transfer-encoding")
@@ -250,10 +271,14 @@ class _Connection(asyncio.Protocol):
         limit = self._server.max_request_bytes
         start = end + 4
         if chunked:
-            parsed = _dechunk(buffer, start, limit)
-            if parsed is None:
+            chunks = self._chunks
+            if chunks is None:
+                chunks = self._chunks = _Chunks(start)
+            chunked_body = _dechunk(buffer, chunks, start + limit)
+            if chunked_body is None:
                 return None
-            body, consumed = parsed
+            self._chunks = None
+            body, consumed = chunked_body, chunks.at
         else:
             length = max(length, 0)
             if length > limit:
@@ -290,12 +315,21 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
             return
 
 
-def _dechunk(buffer: bytearray, start: int, limit: int) -> tuple[bytes, int] | None:
-    """A chunked body from ``buffer[start:]``: ``(body, end offset)``; None if incomplete.
-    Trailers are not accepted (Envoy sends none)."""
-    parts: list[bytes] = []
-    total = 0
-    at = start
+class _Chunks:
+    """A chunked body read so far, kept between reads: each chunk is parsed once."""
+
+    __slots__ = ("at", "parts")
+
+    def __init__(self, at: int) -> None:
+        self.at = at  # buffer offset of the next chunk-size line
+        self.parts: list[bytes] = []
+
+
+def _dechunk(buffer: bytearray, chunks: _Chunks, end: int) -> bytes | None:
+    """The chunked body, parsed on from ``chunks.at``; None while incomplete (``chunks``
+    keeps the chunks parsed). Its framing counts toward the limit: nothing of it may lie
+    beyond the buffer offset ``end``. Trailers are not accepted (Envoy sends none)."""
+    at = chunks.at
     while True:
         eol = buffer.find(b"\r\n", at, at + 32)
         if eol < 0:
@@ -309,18 +343,18 @@ def _dechunk(buffer: bytearray, start: int, limit: int) -> tuple[bytes, int] | N
             raise _BadRequest(400, "malformed chunk size") from None
         if size < 0:
             raise _BadRequest(400, "malformed chunk size")
-        total += size
-        if total > limit:
-            raise _BadRequest(413, "request too large")
         data_start = eol + 2
+        if data_start + size + 2 > end:
+            raise _BadRequest(413, "request too large")
         if len(buffer) < data_start + size + 2:
             return None
         if buffer[data_start + size : data_start + size + 2] != b"\r\n":
             raise _BadRequest(400, "malformed chunk")
+        chunks.at = data_start + size + 2
         if size == 0:
-            return b"".join(parts), data_start + 2
-        parts.append(bytes(buffer[data_start : data_start + size]))
-        at = data_start + size + 2
+            return b"".join(chunks.parts)
+        chunks.parts.append(bytes(buffer[data_start : data_start + size]))
+        at = chunks.at
 
 
 class HttpServer:

@@ -108,6 +108,17 @@ async def test_keep_alive_and_pipelined_requests(server):
     writer.close()
 
 
+async def test_many_pipelined_requests_in_one_read(server):
+    """Requests answered at once are served in a loop: 2,000 pipelined ones (beyond
+    Python's recursion limit) are all answered, in order."""
+    reader, writer = await connect(server)
+    writer.write(b"".join(post(str(i).encode()) for i in range(2000)))
+    for i in range(2000):
+        status, _, body = await read_response(reader)
+        assert (status, body) == (200, b'{"path": "/x", "len": ' + str(len(str(i))).encode() + b"}")
+    writer.close()
+
+
 async def test_chunked_body_split_across_reads(server):
     reader, writer = await connect(server)
     message = (
@@ -119,6 +130,44 @@ async def test_chunked_body_split_across_reads(server):
     status, _, body = await read_response(reader)
     assert (status, body) == (200, b'{"path": "/c", "len": 5}')
     writer.close()
+
+
+async def test_chunked_framing_counts_toward_the_size_limit(server):
+    """600 one-byte chunks: a 600-byte body in 3,600 buffered bytes, over the 1,000 limit."""
+    reader, writer = await connect(server)
+    writer.write(b"POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 600)
+    status, headers, _ = await read_response(reader)
+    assert (status, headers["connection"]) == (413, "close")
+
+
+class CountingBuffer(bytearray):
+    """A connection's buffer that counts the searches made in it."""
+
+    finds = 0
+
+    def find(self, *args: object) -> int:
+        self.finds += 1
+        return super().find(*args)  # type: ignore[arg-type]
+
+
+async def test_a_chunked_body_is_parsed_once_whatever_the_number_of_reads():
+    """Each read parses only the new chunks, never the body again from its start (which
+    took seconds of the event loop, both transports', for a few MB of tiny chunks)."""
+    srv = HttpServer(echo, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
+    connection = srv._protocol()
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection._buffer = buffer = CountingBuffer()
+    connection.data_received(b"POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+    for _ in range(2000):  # one chunk per read
+        connection.data_received(b"1\r\na\r\n")
+    connection.data_received(b"0\r\n\r\n")
+    assert transport.written == [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 27\r\n\r\n"
+        b'{"path": "/c", "len": 2000}'
+    ]
+    assert buffer.finds <= 4 * 2000, "quadratic: every read parsed every chunk again"
+    await srv.close(1.0)
 
 
 async def test_connection_close_is_honoured(server):
@@ -144,6 +193,8 @@ async def test_connection_close_is_honoured(server):
         (b"POST / HTTP/1.1\r\n" + b"x-big: " + b"a" * 20000 + b"\r\n\r\n", 431),
         (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400),
         (b"POST / HTTP/1.1\r\n bad: folded\r\n\r\n", 400),
+        # more digits than int() converts (4,300): a 400, not an exception in data_received
+        (b"POST / HTTP/1.1\r\ncontent-length: " + b"1" * 5000 + b"\r\n\r\n", 400),
     ],
     ids=[
         "too-large",
@@ -158,6 +209,7 @@ async def test_connection_close_is_honoured(server):
         "headers-too-large",
         "bad-chunk-size",
         "folded-header",
+        "length-of-5000-digits",
     ],
 )
 async def test_bad_requests_are_answered_and_closed(server, raw, status):
@@ -183,6 +235,27 @@ async def test_incomplete_request_times_out(server):
     status, _, _ = await read_response(reader)
     assert status == 408
     assert await closed(reader)
+
+
+async def test_header_timeout_counts_from_the_request_not_the_previous_answer():
+    """A kept-alive connection idle longer than the header timeout (not the idle one) then
+    sends a request in two pieces: it is answered, not cut with a 408 at the first sweep."""
+    srv = await start_http_server(
+        "127.0.0.1:0", echo, max_request_bytes=1000, header_timeout=1.0, idle_timeout=10.0
+    )
+    try:
+        reader, writer = await connect(srv)
+        writer.write(post(b"a"))
+        assert (await read_response(reader))[0] == 200
+        await asyncio.sleep(1.5)  # idle: longer than header_timeout, shorter than idle_timeout
+        message = post(b"second")
+        writer.write(message[:10])
+        await asyncio.sleep(0.5)  # the rest within header_timeout (sweeps every 0.25 s)
+        writer.write(message[10:])
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        await srv.close(1.0)
 
 
 async def test_idle_connection_is_closed(server):
@@ -299,6 +372,30 @@ def test_handlers_that_suspend_resume_in_their_own_context(loop: str) -> None:
         (500, b'{"error": "internal error"}'),
         (200, b'"req2"'),
     ]
+
+
+async def leaky(path: str, body: bytes) -> tuple[int, bytes]:
+    """Answers what it found in its context, then sets the variable (as the stream machine
+    sets the request id of its log lines)."""
+    seen = _VAR.get()
+    _VAR.set(body.decode())
+    if body == b"slow":
+        await asyncio.sleep(0.01)
+    return 200, f'"{seen}"'.encode()
+
+
+@pytest.mark.parametrize("first", [b"fast", b"slow"])
+async def test_pipelined_requests_do_not_inherit_each_others_context(first: bytes) -> None:
+    """Each request starts from the connection's context, never from the previous
+    request's (its request id would be logged on the next request's lines)."""
+    srv = await start_http_server("127.0.0.1:0", leaky)
+    try:
+        reader, writer = await connect(srv)
+        writer.write(post(first) + post(b"second"))
+        assert (await read_response(reader))[2] == b'"unset"'
+        assert (await read_response(reader))[2] == b'"unset"'
+    finally:
+        await srv.close(1.0)
 
 
 class FakeTransport:

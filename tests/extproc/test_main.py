@@ -98,6 +98,9 @@ def test_validate_missing_file(tmp_path):
     assert "cannot read" in err
 
 
+HTTP_PORT_0 = ["--listen-http", "127.0.0.1:0"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -107,7 +110,7 @@ def test_validate_missing_file(tmp_path):
             ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:0"], id="workers-port-0"
         ),
         pytest.param(
-            ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:9", "--listen-http", ":0"],
+            ["--config", "x", "--workers", "2", "--listen", "127.0.0.1:9", *HTTP_PORT_0],
             id="workers-http-port-0",
         ),
         pytest.param(["--config", "x", "--poll-interval", "0"], id="poll-interval-0"),
@@ -126,6 +129,22 @@ def test_bad_command_lines_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv, registry=PolicyRegistry(()))
     assert info.value.code == 2
+
+
+LISTENERS = ["--listen", "--listen-http", "--metrics-listen", "--health-listen"]
+
+
+@pytest.mark.parametrize("flag", LISTENERS)
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1", "127.0.0.1:http", "[::1]:"])
+def test_listen_addresses_need_a_port_in_range(flag, address, capsys):
+    """Before: 127.0.0.1:99999 listened on port 34463 (99999 - 65536) for --listen and
+    --listen-http, and a missing or named port ended --listen-http in a traceback."""
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--config", "x", flag, address])
+    assert info.value.code == 2
+    assert f"{flag} {address}: expected HOST:PORT, a port from 0 to 65535" in (
+        capsys.readouterr().err
+    )
 
 
 SCRIPT = (
