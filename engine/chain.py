@@ -126,6 +126,10 @@ class ChainPolicy:
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """The validated parameters (defaults filled in), read only by ``explain``
     (engine/explain.py); the instance has its own copy."""
+    secrets: frozenset[str] = frozenset()
+    """The secret strings of its parameters (those its definition marks ``secret``,
+    engine/secrets.py): kept out of what the engine hands back to Envoy (the HTTP
+    transport's carried request state)."""
 
     @property
     def label(self) -> str:
@@ -175,6 +179,8 @@ class Chain:
     untimed: Chain | None = field(init=False, default=None, repr=False)
     """For a timing chain: the same chain without timing, which the timed executor runs one
     entry at a time (so the untimed path checks a single flag and nothing more)."""
+    secrets: frozenset[str] = field(init=False, repr=False)
+    """The secret strings of every entry's parameters (:attr:`ChainPolicy.secrets`)."""
 
     def __post_init__(self) -> None:
         # Computed once here so the per-request path reads plain attributes.
@@ -198,6 +204,7 @@ class Chain:
         set_(self, "response_policies", tuple(p for p in self.policies if p.has_response))
         set_(self, "requires_request_body", any(p.requires_request_body for p in self.policies))
         set_(self, "requires_response_body", any(p.requires_response_body for p in self.policies))
+        set_(self, "secrets", frozenset().union(*(p.secrets for p in self.policies)))
         timed = self.timing and bool(self.policies)
         set_(
             self,

@@ -518,6 +518,7 @@ def load_config(
                     static_response=plan.static_response,
                     shadow=entry.shadow,
                     params=MappingProxyType(entry.params),
+                    secrets=frozenset(parameters_secrets(entry.params, definition.secrets)),
                 )
             )
         routes[route] = Chain(route=route, policies=tuple(compiled), timing=route in timed)

@@ -19,8 +19,10 @@ One POST per phase
     metadata is set by Envoy filters only (here: this ext_proc filter, restricted by its
     ``receiving_namespaces``), never from request headers (checked end to end in
     tests/e2e/test_http_transport.py). Operators must not let another filter write that
-    namespace. Credentials (``authorization``, ``proxy-authorization``, ``cookie``) are
-    left out of the carried request headers so that they never sit in dynamic metadata
+    namespace. Credentials (``authorization``, ``proxy-authorization``, ``cookie``, and
+    any header holding a secret parameter of the chain, e.g. apiKey's key with
+    ``stripKey: false``) are left out of the carried request headers, and such a secret in
+    the path is replaced by ``<redacted>``, so that they never sit in dynamic metadata
     (access logs can print it): a response policy over HTTP does not see them. A
     ``response_headers`` message without valid state is answered 500 (fail closed).
     The response phase runs the route's chain of the CURRENT snapshot (gRPC keeps the
@@ -58,6 +60,7 @@ from engine import metrics
 from engine.chain import count_static_runs
 from engine.errors import ProtocolError
 from engine.policy import Headers, RequestContext, RequestMetadata
+from engine.secrets import MIN_BARE_SCRUB, scrub
 from engine.transport import messages as msg
 from engine.transport.grpc_service import PolicyProcessor
 from engine.transport.stream import Phase, StreamMachine
@@ -283,15 +286,31 @@ def _state(stream: StreamMachine) -> str:
     state: dict[str, Any] = {"v": _STATE_VERSION, "route": stream.route}
     if request is not None:
         headers = request.headers
+        carried = {n: headers.get_all(n) for n in headers if n not in _NOT_CARRIED}
+        path = request.path
+        secrets = stream.chain.secrets if stream.chain is not None else ()
+        if secrets:  # e.g. apiKey's key in its header or query (stripKey: false)
+            carried = {n: values for n, values in carried.items() if not _holds(values, secrets)}
+            path = scrub(path, secrets)
         state["request"] = {
-            "headers": {n: headers.get_all(n) for n in headers if n not in _NOT_CARRIED},
-            "path": request.path,
+            "headers": carried,
+            "path": path,
             "method": request.method,
             "id": request.request_id,
             "client": request.client_address,
             "metadata": dict(request.metadata),
         }
     return base64.b64encode(_STATE_ENCODER.encode(state)).decode("ascii")
+
+
+def _holds(values: list[str], secrets: frozenset[str]) -> bool:
+    """Whether a header's values hold a secret: one whole, or inside from
+    :data:`~engine.secrets.MIN_BARE_SCRUB` characters on (as :func:`scrub` finds them)."""
+    return any(
+        value == secret or (len(secret) >= MIN_BARE_SCRUB and secret in value)
+        for value in values
+        for secret in secrets
+    )
 
 
 def _decode_state(text: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 
 from engine import metrics
+from engine.config import load_config
 from engine.envoy_metadata import EnvoyMetadata
 from engine.policy import (
     ImmediateResponse,
@@ -31,6 +32,7 @@ from engine.transport.grpc_service import PolicyProcessor
 from engine.transport.http_service import STATE_NAMESPACE, HttpExtProc
 from engine.transport.testing import decode, request_headers, response_headers
 from tests.extproc.chains import Deny, Modify, entry, snapshot
+from tests.support import registry_from
 
 
 class MetaWriter:
@@ -353,3 +355,40 @@ async def test_an_unknown_body_mode_is_a_protocol_error_on_a_kept_answer_too():
     assert status == 400
     assert "unknown body mode" in json.loads(reply)["error"]
     assert processor.stats.protocol_errors == 1
+
+
+async def test_secret_parameters_never_travel_in_the_carried_state():
+    """A header or query holding a secret parameter's value (apiKey's key with stripKey:
+    false) is kept out of the state the response phase gets back, like credential headers:
+    dynamic metadata can end up in access logs."""
+    token = "tok-3f9a1c77e2"
+    document = {
+        "routes": {
+            "public": {
+                "policies": [
+                    {"name": "secretToken", "version": "v1.0.0", "parameters": {"token": token}},
+                    {"name": "statusSetter", "version": "v1.0.0", "parameters": {"status": 203}},
+                ]
+            }
+        }
+    }
+    registry = registry_from("secretToken", "statusSetter")
+    processor = PolicyProcessor(ConfigStore(load_config(document, source="t", registry=registry)))
+    handler = HttpExtProc(processor)
+    message = request_headers(
+        f"/p?key={token}&x=1",
+        "GET",
+        {"x-token": token, "x-token-quoted": f"Token {token}", "x-in": "a"},
+        attributes=route("public"),
+    )
+    status, _, raw = await post(handler, as_json(message))
+    assert status == 200
+    state = raw["dynamic_metadata"][STATE_NAMESPACE]
+    assert token.encode() not in base64.b64decode(state["s"])
+    remember = Remember()
+    processor.store.publish(snapshot(public=[entry(remember)]), "test")
+    status, _, _ = await post(handler, as_json(response_headers(200), state=state))
+    assert status == 200
+    (ctx,) = remember.seen
+    assert dict(ctx.request.headers) == {"x-in": "a"}
+    assert ctx.request.path == "/p?key=<redacted>&x=1"
