@@ -170,18 +170,21 @@ async def serve(
         await server.start()
         if health_server is not None:
             await health_server.start()
+        security = "plaintext" if tls is None else "mTLS" if tls.mutual else "TLS"
         if http_listen is not None:
             http_server = await start_http_server(
                 http_listen, HttpExtProc(processor), reuse_port=reuse_port, tls=tls
             )
             log.info(
-                "HTTP ext_proc transport listening on %s (port %d)", http_listen, http_server.port
+                "HTTP ext_proc transport listening on %s (port %d, %s)",
+                http_listen,
+                http_server.port,
+                security,
             )
             if on_http_bound is not None:
                 on_http_bound(http_server.port)
         if source is not None:
             tasks.append(asyncio.create_task(_run_source(source), name="config-source"))
-        security = "plaintext" if tls is None else "mTLS" if tls.mutual else "TLS"
         log.info(
             "policy engine listening on %s (port %d, %s, pid %d)",
             listen,

@@ -248,7 +248,8 @@ def test_http_transport_served_by_every_worker_on_uvloop(tmp_path):
             assert option["header"] == {"key": "x-a", "raw_value": "MQ=="}
         proc.send_signal(signal.SIGTERM)
         stderr = clean_exit_log(proc)
-        assert "HTTP ext_proc transport listening" in stderr
+        where = f"127.0.0.1:{http_port} (port {http_port}, plaintext)"
+        assert f"HTTP ext_proc transport listening on {where}" in stderr
 
 
 def test_max_body_bytes_sizes_the_grpc_limits():
