@@ -188,10 +188,18 @@ http {{
 
     # -- gRPC servers ----------------------------------------------------------------
 
-    def _python(self, name: str, module: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+    def _python(
+        self, name: str, module: str, args: Sequence[str], *, tree: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``python -m module args`` with this process's path; ``tree``: another checkout of
+        the repository whose code comes first (and the working directory, which ``-m`` puts
+        first on the path): tools/bench/ab_http.py runs two checkouts side by side."""
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        return self._spawn(name, [sys.executable, "-m", module, *args], env=env)
+        paths = [p for p in sys.path if p]
+        if tree is not None:
+            paths = [str(tree), str(tree / "generated" / "python"), *paths]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        return self._spawn(name, [sys.executable, "-m", module, *args], env=env, cwd=tree)
 
     def _wait_serving(self, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
         deadline = time.monotonic() + 30
@@ -215,12 +223,14 @@ http {{
         workers: int,
         tls: tuple[str, str, str] | None = None,
         http_port: int | None = None,
+        tree: Path | None = None,
     ) -> tuple[int, int]:
         """Start the engine (``workers`` processes); return (port, pid of its parent).
 
         ``tls``: (certificate, key, client CA) files: the listener requires client
         certificates (mTLS); readiness is then read on a loopback ``--health-listen`` port.
-        ``http_port``: also serve the HTTP ext_proc transport there (``--listen-http``)."""
+        ``http_port``: also serve the HTTP ext_proc transport there (``--listen-http``).
+        ``tree``: run another checkout's engine (see :meth:`_python`)."""
         port = free_port()
         extra: list[str] = [] if http_port is None else [f"--listen-http={HOST}:{http_port}"]
         health_port = port
@@ -244,6 +254,7 @@ http {{
                 "--log-level=WARNING",
                 *extra,
             ],
+            tree=tree,
         )
         self._wait_serving(name, proc, health_port)
         if workers > 1:  # every worker must listen before the load starts
