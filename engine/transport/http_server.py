@@ -9,7 +9,8 @@ because everything per request costs CPU the transport is chosen to save
 
 Limits and timeouts (anything else is answered 400/413/431 and the connection closed)
     * headers at most :data:`MAX_HEADER_BYTES`, body at most ``max_request_bytes`` (a
-      chunked body's framing included: it is buffered too);
+      chunked body's framing included: it is buffered too), in at most :data:`MAX_CHUNKS`
+      chunks (chunk sizes strictly hex);
     * a started request must be complete within ``header_timeout`` seconds (slow-loris);
     * a connection idle for ``idle_timeout`` seconds is closed;
     * keep-alive is the default (HTTP/1.1); ``connection: close`` is honoured. Requests are
@@ -30,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
@@ -50,6 +52,12 @@ Handler = Callable[[str, bytes], Awaitable[tuple[int, bytes]]]
 """``handler(path, body) -> (status, JSON body)`` for one POST."""
 
 MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_CHUNKS: Final = 4096
+"""Chunks in one chunked body: each costs a few microseconds of the event loop, which a
+client sending one-byte chunks up to the size limit (some 700,000) would otherwise hold."""
+_CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,8}")
+"""A chunk-size (RFC 9112 section 7.1: hex digits only; ``int(x, 16)`` alone would also take
+``0x5``, ``+5``, ``1_0`` or spaces, which a proxy in front may read differently)."""
 DEFAULT_MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
 """Largest JSON message accepted: Envoy's own header limits (60 KiB by default) in base64
 JSON stay far below it."""
@@ -336,13 +344,12 @@ def _dechunk(buffer: bytearray, chunks: _Chunks, end: int) -> bytes | None:
             if len(buffer) - at > 32:
                 raise _BadRequest(400, "malformed chunk size")
             return None
-        size_text = bytes(buffer[at:eol]).partition(b";")[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _BadRequest(400, "malformed chunk size") from None
-        if size < 0:
+        size_text = bytes(buffer[at:eol]).partition(b";")[0]
+        if _CHUNK_SIZE.fullmatch(size_text) is None:
             raise _BadRequest(400, "malformed chunk size")
+        size = int(size_text, 16)
+        if len(chunks.parts) >= MAX_CHUNKS and size:
+            raise _BadRequest(400, f"more than {MAX_CHUNKS} chunks")
         data_start = eol + 2
         if data_start + size + 2 > end:
             raise _BadRequest(413, "request too large")

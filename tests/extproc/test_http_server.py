@@ -15,7 +15,7 @@ import uvloop
 
 from engine.tls import ServerTls, ServerTlsFiles
 from engine.tls_testing import TestPki
-from engine.transport.http_server import HttpServer, start_http_server
+from engine.transport.http_server import MAX_CHUNKS, HttpServer, start_http_server
 
 WAIT = 10.0
 
@@ -140,6 +140,23 @@ async def test_chunked_framing_counts_toward_the_size_limit(server):
     assert (status, headers["connection"]) == (413, "close")
 
 
+async def test_a_chunked_body_has_at_most_max_chunks():
+    srv = HttpServer(echo, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
+    connection = srv._protocol()
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    head = b"POST /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+    connection.data_received(head + b"1\r\na\r\n" * MAX_CHUNKS + b"0\r\n\r\n")
+    assert transport.written[-1].endswith(b'{"path": "/c", "len": %d}' % MAX_CHUNKS)
+    connection = srv._protocol()
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(head + b"1\r\na\r\n" * (MAX_CHUNKS + 1) + b"0\r\n\r\n")
+    assert transport.written[-1].startswith(b"HTTP/1.1 400 ")
+    assert f"more than {MAX_CHUNKS} chunks".encode() in transport.written[-1]
+    await srv.close(1.0)
+
+
 class CountingBuffer(bytearray):
     """A connection's buffer that counts the searches made in it."""
 
@@ -192,6 +209,9 @@ async def test_connection_close_is_honoured(server):
         (b"POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\n" + b"x-big: " + b"a" * 20000 + b"\r\n\r\n", 431),
         (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0x1\r\na\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n+1\r\na\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n 1\r\na\r\n0\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\n bad: folded\r\n\r\n", 400),
         # more digits than int() converts (4,300): a 400, not an exception in data_received
         (b"POST / HTTP/1.1\r\ncontent-length: " + b"1" * 5000 + b"\r\n\r\n", 400),
@@ -208,6 +228,9 @@ async def test_connection_close_is_honoured(server):
         "length-and-chunked",
         "headers-too-large",
         "bad-chunk-size",
+        "chunk-size-0x",
+        "chunk-size-plus",
+        "chunk-size-space",
         "folded-header",
         "length-of-5000-digits",
     ],
