@@ -49,6 +49,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -228,22 +229,41 @@ _WRAPPERS: Final = frozenset(
 _STRUCTS: Final = frozenset({"google.protobuf.Struct", "google.protobuf.Value"})
 
 
-def _value(fd: FieldDescriptor, value: Any) -> Any:
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _wrapped(value: Any) -> Any:
+    return value.value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _converter(fd: FieldDescriptor) -> Callable[[Any], Any]:
+    """How one field's (single) value becomes JSON, decided once per field descriptor."""
     kind = fd.type
     if kind == FieldDescriptor.TYPE_MESSAGE:
         assert fd.message_type is not None
         name = fd.message_type.full_name
         if name in _WRAPPERS:
-            return value.value
+            return _wrapped
         if name in _STRUCTS:
-            return json_format.MessageToDict(value)
-        return to_json(value)
+            return json_format.MessageToDict
+        return to_json
     if kind == FieldDescriptor.TYPE_BYTES:
-        return base64.b64encode(value).decode("ascii")
+        return _b64
     if kind == FieldDescriptor.TYPE_ENUM:
         assert fd.enum_type is not None
-        return fd.enum_type.values_by_number[value].name
-    return value
+        names = {number: value.name for number, value in fd.enum_type.values_by_number.items()}
+        return names.__getitem__
+    return _same
+
+
+_FIELDS: dict[FieldDescriptor, tuple[str, bool, Callable[[Any], Any]]] = {}
+"""Per field descriptor: its JSON name, whether it is repeated, its converter (the replies
+use a few dozen fields; reading the descriptors on every reply cost more than the rest)."""
 
 
 def to_json(message: Any) -> dict[str, Any]:
@@ -251,10 +271,11 @@ def to_json(message: Any) -> dict[str, Any]:
     Covers what ``engine.transport.messages`` builds (no maps, no 64-bit integers)."""
     out: dict[str, Any] = {}
     for fd, value in message.ListFields():
-        if fd.is_repeated:
-            out[fd.name] = [_value(fd, item) for item in value]
-        else:
-            out[fd.name] = _value(fd, value)
+        field = _FIELDS.get(fd)
+        if field is None:
+            field = _FIELDS[fd] = (fd.name, fd.is_repeated, _converter(fd))
+        name, repeated, convert = field
+        out[name] = [convert(item) for item in value] if repeated else convert(value)
     return out
 
 
