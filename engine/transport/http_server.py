@@ -33,8 +33,8 @@ import contextvars
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, cast
+from collections.abc import Awaitable, Callable
+from typing import Final, cast
 
 from engine.tls import ServerTls
 
@@ -48,8 +48,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], Awaitable[tuple[int, bytes]]]
-"""``handler(path, body) -> (status, JSON body)`` for one POST."""
+Handler = Callable[[str, bytes], "tuple[int, bytes] | Awaitable[tuple[int, bytes]]"]
+"""``handler(path, body)`` for one POST: ``(status, JSON body)`` when it can answer at once,
+else an awaitable of it, which runs in a task of its own (so the code behind it may use
+anything asyncio offers: ``asyncio.timeout`` and ``asyncio.current_task`` need a task)."""
 
 MAX_HEADER_BYTES: Final = 16 * 1024
 MAX_CHUNKS: Final = 4096
@@ -74,6 +76,9 @@ _REASONS: Final = {
     501: "Not Implemented",
     503: "Service Unavailable",
 }
+
+
+_INTERNAL_ERROR: Final = (500, b'{"error": "internal error"}')
 
 
 class _BadRequest(Exception):
@@ -154,8 +159,8 @@ class _Connection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Serve the complete requests in the buffer, in order: in a loop while each is
-        answered at once (pipelined requests never recurse), until one suspends (its task
-        serves the rest, :meth:`_continue`) or no complete request is left."""
+        answered at once (pipelined requests never recurse), until one needs a task (which
+        serves the rest when it is done, :meth:`_serve`) or no complete request is left."""
         while self._transport is not None and not self.closing:
             try:
                 parsed = self._parse()
@@ -169,32 +174,36 @@ class _Connection(asyncio.Protocol):
             server = self._server
             server.in_flight += 1
             server.idle.clear()
-            # Run the handler at once, in its own context, up to its first real suspension:
-            # most chains never suspend, and a task per request costs more than the chain.
-            # A handler that does suspend continues in a task with the same context.
+            # The handler answers at once where it can (a task per request costs more than
+            # a static chain's whole answer); what it cannot answer at once runs in a task,
+            # in the same copy of the connection's context.
             context = self._context.copy()
-            coro = self._serve(path, body, keep_alive)
             try:
-                waiting = context.run(coro.send, None)
-            except StopIteration:
+                result = context.run(server.handler, path, body)
+            except Exception:
+                log.exception("HTTP ext_proc handler failed")
+                result = _INTERNAL_ERROR
+            if isinstance(result, tuple):
+                self._finish(result, keep_alive)
                 continue
-            task = server.loop.create_task(self._continue(coro, waiting), context=context)
+            task = server.loop.create_task(self._serve(result, keep_alive), context=context)
             server.tasks.add(task)
             task.add_done_callback(server.tasks.discard)
             return
 
-    async def _continue(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-        """A request whose handler suspended: finish it, then serve what was pipelined."""
-        await _resume(coro, waiting)
+    async def _serve(self, pending: Awaitable[tuple[int, bytes]], keep_alive: bool) -> None:
+        """A request the handler answers later: answer it, then serve what was pipelined."""
+        try:
+            result = await pending
+        except Exception:
+            log.exception("HTTP ext_proc handler failed")
+            result = _INTERNAL_ERROR
+        self._finish(result, keep_alive)
         self._next()
 
-    async def _serve(self, path: str, body: bytes, keep_alive: bool) -> None:
+    def _finish(self, result: tuple[int, bytes], keep_alive: bool) -> None:
         try:
-            try:
-                status, reply = await self._server.handler(path, body)
-            except Exception:
-                log.exception("HTTP ext_proc handler failed")
-                status, reply = 500, b'{"error": "internal error"}'
+            status, reply = result
             self._answer(status, reply, keep_alive=keep_alive and not self._server.stopping)
         finally:
             self.busy = False
@@ -297,30 +306,6 @@ class _Connection(asyncio.Protocol):
             consumed = start + length
         del buffer[:consumed]
         return target, body, keep_alive
-
-
-async def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """Drive ``coro`` on from its first suspension (it yielded ``waiting``), as a Task would:
-    wait for what it waits on, then resume it (``send(None)``; a failure is thrown in)."""
-    while True:
-        try:
-            if waiting is None:  # a bare yield (asyncio.sleep(0))
-                await asyncio.sleep(0)
-            else:
-                # The coroutine's own await marked the future as yielded to a Task; a Task
-                # clears the mark before it waits (asyncio.Task.__step), and so must we.
-                waiting._asyncio_future_blocking = False
-                await waiting
-        except BaseException as exc:  # handed to the coroutine, as a Task does
-            try:
-                waiting = coro.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            waiting = coro.send(None)
-        except StopIteration:
-            return
 
 
 class _Chunks:

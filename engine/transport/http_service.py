@@ -49,7 +49,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import msgspec
@@ -386,27 +386,41 @@ class HttpExtProc:
                 self._route_states[text] = state
         return state
 
-    async def __call__(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """``(HTTP status, JSON body)`` answering one POSTed ``ProcessingRequest``."""
+    def __call__(
+        self, path: str, body: bytes
+    ) -> tuple[int, bytes] | Coroutine[Any, Any, tuple[int, bytes]]:
+        """``(HTTP status, JSON body)`` answering one POSTed ``ProcessingRequest``: at once
+        for a malformed message or a static phase's kept answer, else a coroutine that runs
+        the stream machine (the HTTP server runs it in a task: policies may use anything
+        asyncio offers, ``asyncio.timeout`` included)."""
         try:
             request = _DECODER.decode(body)
             answer = self._static_answer(request)
             if answer is not None:
                 return 200, answer
             message = _Message(request)
-            kind = message.kind
+        except (msgspec.DecodeError, ProtocolError) as exc:
+            return self._protocol_error(exc)
+        return self._handle(message, request)
+
+    async def _handle(self, message: _Message, request: _Request) -> tuple[int, bytes]:
+        kind = message.kind
+        try:
             if kind == "request_headers":
                 reply, stream = await self._request_headers(message)
             else:
                 reply, stream = await self._response_headers(message, request)
-        except (msgspec.DecodeError, ProtocolError) as exc:
-            self.processor.stats.protocol_errors += 1
-            metrics.extproc_protocol_error()
-            log.warning("HTTP ext_proc protocol error: %s", exc)
-            return 400, _ENCODER.encode({"error": str(exc)})
+        except ProtocolError as exc:
+            return self._protocol_error(exc)
         if stream is None:
             return 200, _ENCODER.encode(_reply_json(reply))
         return 200, self._encode(kind, reply, stream)
+
+    def _protocol_error(self, exc: Exception) -> tuple[int, bytes]:
+        self.processor.stats.protocol_errors += 1
+        metrics.extproc_protocol_error()
+        log.warning("HTTP ext_proc protocol error: %s", exc)
+        return 400, _ENCODER.encode({"error": str(exc)})
 
     def _encode(self, kind: str, reply: pb.ProcessingResponse, stream: StreamMachine) -> bytes:
         """The answer's bytes: the reply, Envoy metadata and (request phase) the state.

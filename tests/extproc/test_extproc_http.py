@@ -8,6 +8,7 @@ in tests/e2e/test_http_transport.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -29,6 +30,7 @@ from engine.policy import (
 from engine.route_names import RouteNamePattern
 from engine.store import ConfigStore
 from engine.transport.grpc_service import PolicyProcessor
+from engine.transport.http_server import start_http_server
 from engine.transport.http_service import STATE_NAMESPACE, HttpExtProc
 from engine.transport.testing import decode, request_headers, response_headers
 from tests.extproc.chains import Deny, Modify, entry, snapshot
@@ -85,8 +87,17 @@ def route(name: str) -> dict[str, str]:
     return {"xds.route_name": name, "source.address": "10.0.0.7:5555"}
 
 
+async def call(handler: HttpExtProc, body: bytes) -> tuple[int, bytes]:
+    """As the HTTP server uses the handler: an answer at once, or an awaitable it runs in a
+    task of its own."""
+    result = handler("/", body)
+    if isinstance(result, tuple):
+        return result
+    return await asyncio.create_task(result)
+
+
 async def post(handler: HttpExtProc, body: bytes) -> tuple[int, Any, dict[str, Any]]:
-    status, reply = await handler("/", body)
+    status, reply = await call(handler, body)
     return status, (parsed(reply) if status == 200 else None), json.loads(reply)
 
 
@@ -213,7 +224,7 @@ async def test_response_phase_without_valid_state_fails_closed(state, why, caplo
 )
 async def test_malformed_messages_are_protocol_errors(body):
     handler, processor = make(public=[])
-    status, reply = await handler("/", body)
+    status, reply = await call(handler, body)
     assert status == 400
     assert "error" in json.loads(reply)
     assert processor.stats.protocol_errors == 1
@@ -226,7 +237,7 @@ async def test_an_unknown_body_mode_is_a_protocol_error(mode):
     handler, processor = make(public=[entry(Modify(RequestModifications(set_headers={"x": "1"})))])
     message = json.loads(as_json(request_headers(attributes=route("public"))))
     message["protocol_config"] = {"request_body_mode": mode}
-    status, reply = await handler("/", json.dumps(message).encode())
+    status, reply = await call(handler, json.dumps(message).encode())
     assert status == 400
     assert "unknown body mode" in json.loads(reply)["error"]
     assert processor.stats.protocol_errors == 1
@@ -234,8 +245,8 @@ async def test_an_unknown_body_mode_is_a_protocol_error(mode):
 
 async def test_static_replies_are_encoded_once_and_never_shared_with_state():
     handler, _ = make(public=[entry(Modify(RequestModifications(set_headers={"x": "1"})))])
-    first = await handler("/", as_json(request_headers(attributes=route("public"))))
-    second = await handler("/", as_json(request_headers(attributes=route("public"))))
+    first = await call(handler, as_json(request_headers(attributes=route("public"))))
+    second = await call(handler, as_json(request_headers(attributes=route("public"))))
     assert first == second
 
 
@@ -256,7 +267,7 @@ async def test_request_context_matches_grpc():
     message = request_headers(
         "/a?b=1", "PUT", [("x-r", "1"), ("x-r", "2")], attributes=route("public")
     )
-    await handler("/", as_json(message))
+    await call(handler, as_json(message))
     (ctx,) = reader.seen
     assert (ctx.path, ctx.method, ctx.route) == ("/a?b=1", "PUT", "public")
     assert ctx.headers.get_all("x-r") == ["1", "2"]
@@ -297,12 +308,12 @@ async def test_static_phases_answer_and_count_alike_from_their_kept_answers(tmp_
     handler, processor = make(public=[static_entry()])
     metrics.enable(str(tmp_path))
     try:
-        first = [await handler("/", as_json(request_headers(attributes=route("public"))))]
+        first = [await call(handler, as_json(request_headers(attributes=route("public"))))]
         state = json.loads(first[0][1])["dynamic_metadata"][STATE_NAMESPACE]
-        second = [await handler("/", as_json(response_headers(200), state=state))]
+        second = [await call(handler, as_json(response_headers(200), state=state))]
         for _ in range(2):
-            first.append(await handler("/", as_json(request_headers(attributes=route("public")))))
-            second.append(await handler("/", as_json(response_headers(200), state=state)))
+            first.append(await call(handler, as_json(request_headers(attributes=route("public")))))
+            second.append(await call(handler, as_json(response_headers(200), state=state)))
         exposition = metrics.render().decode()
     finally:
         metrics.disable()
@@ -336,7 +347,7 @@ async def test_static_phases_answer_and_count_alike_from_their_kept_answers(tmp_
 async def test_a_new_configuration_is_not_answered_from_the_old_ones_kept_answers():
     handler, processor = make(public=[static_entry()])
     for _ in range(2):
-        await handler("/", as_json(request_headers(attributes=route("public"))))
+        await call(handler, as_json(request_headers(attributes=route("public"))))
     changed = RequestModifications(set_headers={"x-static": "2"})
     processor.store.publish(snapshot(public=[static_entry(changed)]), "test")
     _, reply, _ = await post(handler, as_json(request_headers(attributes=route("public"))))
@@ -348,10 +359,10 @@ async def test_a_new_configuration_is_not_answered_from_the_old_ones_kept_answer
 
 async def test_an_unknown_body_mode_is_a_protocol_error_on_a_kept_answer_too():
     handler, processor = make(public=[static_entry()])
-    await handler("/", as_json(request_headers(attributes=route("public"))))
+    await call(handler, as_json(request_headers(attributes=route("public"))))
     message = json.loads(as_json(request_headers(attributes=route("public"))))
     message["protocol_config"] = {"response_body_mode": "SOMETIMES"}
-    status, reply = await handler("/", json.dumps(message).encode())
+    status, reply = await call(handler, json.dumps(message).encode())
     assert status == 400
     assert "unknown body mode" in json.loads(reply)["error"]
     assert processor.stats.protocol_errors == 1
@@ -392,3 +403,34 @@ async def test_secret_parameters_never_travel_in_the_carried_state():
     (ctx,) = remember.seen
     assert dict(ctx.request.headers) == {"x-in": "a"}
     assert ctx.request.path == "/p?key=<redacted>&x=1"
+
+
+class Waits:
+    """An async request policy that suspends, inside asyncio.timeout as policies may."""
+
+    async def on_request(self, ctx: RequestContext) -> RequestModifications:
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0.001)
+        return RequestModifications(set_headers={"x-waited": "1"})
+
+
+async def test_policies_that_suspend_run_in_a_task_over_the_http_server():
+    """Through the real HTTP server: an entry with ``timeout:`` (the executor's
+    asyncio.timeout) and a policy using asyncio.timeout itself. Before, the server ran the
+    handler outside any task and both failed closed ("Timeout should be used inside a
+    task"): rateLimit v2's Redis calls and every policy timeout over HTTP."""
+    handler, _ = make(a=[entry(Waits(), timeout=2.0)], b=[entry(Waits())])
+    server = await start_http_server("127.0.0.1:0", handler)
+    try:
+        for name in ("a", "b"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            body = as_json(request_headers(attributes=route(name)))
+            writer.write(b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            reply = parsed(await reader.readexactly(length))
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert decode(reply).set_headers == {"x-waited": "1"}, name
+    finally:
+        await server.close(1.0)

@@ -20,12 +20,18 @@ from engine.transport.http_server import MAX_CHUNKS, HttpServer, start_http_serv
 WAIT = 10.0
 
 
+def echo_now(path: str, body: bytes) -> tuple[int, bytes]:
+    """A handler answering at once (no task: the server answers within data_received)."""
+    return 200, b'{"path": "' + path.encode() + b'", "len": ' + str(len(body)).encode() + b"}"
+
+
 async def echo(path: str, body: bytes) -> tuple[int, bytes]:
+    """A handler the server runs in a task."""
     if body == b"slow":
         await asyncio.sleep(0.3)
     if body == b"boom":
         raise RuntimeError("handler bug")
-    return 200, b'{"path": "' + path.encode() + b'", "len": ' + str(len(body)).encode() + b"}"
+    return echo_now(path, body)
 
 
 @pytest.fixture
@@ -141,7 +147,7 @@ async def test_chunked_framing_counts_toward_the_size_limit(server):
 
 
 async def test_a_chunked_body_has_at_most_max_chunks():
-    srv = HttpServer(echo, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
+    srv = HttpServer(echo_now, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
     connection = srv._protocol()
     transport = FakeTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
@@ -170,7 +176,7 @@ class CountingBuffer(bytearray):
 async def test_a_chunked_body_is_parsed_once_whatever_the_number_of_reads():
     """Each read parses only the new chunks, never the body again from its start (which
     took seconds of the event loop, both transports', for a few MB of tiny chunks)."""
-    srv = HttpServer(echo, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
+    srv = HttpServer(echo_now, max_request_bytes=100_000, header_timeout=10, idle_timeout=300)
     connection = srv._protocol()
     transport = FakeTransport()
     connection.connection_made(transport)  # type: ignore[arg-type]
@@ -463,3 +469,29 @@ async def test_reading_pauses_while_a_request_is_served_and_more_than_one_is_buf
     await wait_for(lambda: not transport.paused)
     await wait_for(lambda: len(transport.written) >= 2)
     await srv.close(1.0)
+
+
+async def test_a_handler_that_awaits_runs_in_a_task_of_its_own():
+    """What the handler does not answer at once runs in a task: asyncio.timeout and
+    asyncio.current_task work there (policies use them; outside a task the first raised
+    "Timeout should be used inside a task")."""
+    seen: list[object] = []
+
+    async def timed(path: str, body: bytes) -> tuple[int, bytes]:
+        async with asyncio.timeout(5):
+            seen.append(asyncio.current_task())
+            await asyncio.sleep(0)
+        return 200, b"{}"
+
+    srv = await start_http_server("127.0.0.1:0", timed)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(post(b"x") + post(b"y"))  # pipelined: each in its own task
+        assert (await read_response(reader))[0] == 200
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        await srv.close(1.0)
+    assert len(seen) == 2
+    assert None not in seen
+    assert seen[0] is not seen[1]

@@ -39,7 +39,7 @@ _FIRST: Final = {True: _first(True), False: _first(False)}
 _SECOND: Final = msgspec.json.encode({"response_headers": {}})
 
 
-async def answer(_path: str, body: bytes) -> tuple[int, bytes]:
+def answer(_path: str, body: bytes) -> tuple[int, bytes]:
     """Routes named ``floor1*`` (the ``xds.route_name`` attribute) skip the response phase."""
     message = _DECODER.decode(body)
     if "request_headers" not in message:
