@@ -18,6 +18,8 @@ Run from the repository root, outside Bazel (the other checkout is not in its ru
     PYTHONPATH=$PWD:$PWD/generated/python python -m tools.bench.ab_http --old /tmp/old
 
 ``--rounds`` (default 8) and ``--seconds`` per run (default 3): about 3 minutes.
+``--paths`` picks the engine paths (default the two 5 x setHeader chains; ``jwt-http``:
+jwtValidation + rateLimit).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from tools.bench.procs import cpu_seconds, free_port
 __all__ = ["main"]
 
 ENGINE_PATHS: Final = ("headers1-http", "headers-http")
+"""The default engine paths (``--paths``: any of http_transport's ``*-http`` engine paths)."""
 FLOOR_PATHS: Final = ("floor1-http", "floor2-http")
 
 Runs = dict[tuple[str, str], list[tuple[float, float]]]
@@ -51,13 +54,14 @@ def _measure(
     floor_pid: int,
     token: str,
     *,
+    engine_paths: tuple[str, ...],
     rounds: int,
     seconds: float,
 ) -> Runs:
     paths: dict[str, Path_] = {p.name: p for p in PATHS}
     runs: Runs = {}
     for round_ in range(rounds):
-        order = [(s, p) for s in stacks for p in ENGINE_PATHS] + [("new", p) for p in FLOOR_PATHS]
+        order = [(s, p) for s in stacks for p in engine_paths] + [("new", p) for p in FLOOR_PATHS]
         random.Random(round_).shuffle(order)
         for stack, name in order:
             listener, engine_pid = stacks[stack]
@@ -77,7 +81,7 @@ def _measure(
     return runs
 
 
-def format_lines(runs: Runs) -> list[str]:
+def format_lines(runs: Runs, engine_paths: tuple[str, ...] = ENGINE_PATHS) -> list[str]:
     lines = [
         "| path | engine | rps (median) | CPU us/request (median) | CPU per round |",
         "|---|---|---|---|---|",
@@ -88,7 +92,7 @@ def format_lines(runs: Runs) -> list[str]:
         rounds = " ".join(f"{r[1]:.0f}" for r in rs)
         label = "floor" if name in FLOOR_PATHS else stack
         lines.append(f"| {name} | {label} | {rps:,.0f} | {cpu:.1f} | {rounds} |")
-    for name in ENGINE_PATHS:
+    for name in engine_paths:
         pairs = list(zip(runs[("old", name)], runs[("new", name)], strict=True))
         cpu_ratios = [new[1] / old[1] for old, new in pairs]
         rps_ratios = [new[0] / old[0] for old, new in pairs]
@@ -105,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--old", type=Path, required=True, help="the other checkout's root")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0)
+    engine_http = [p.name for p in PATHS if p.server == "engine" and p.name.endswith("-http")]
+    parser.add_argument(
+        "--paths",
+        default=",".join(ENGINE_PATHS),
+        help=f"comma-separated engine paths, of: {', '.join(engine_http)}",
+    )
     args = parser.parse_args(argv)
+    engine_paths = tuple(p for p in args.paths.split(",") if p)
+    unknown = sorted(set(engine_paths) - set(engine_http))
+    if unknown or not engine_paths:
+        parser.error(f"--paths: unknown {', '.join(unknown) or '(none given)'}")
     old = args.old.resolve()
     if not (old / "engine").is_dir() or not (old / "generated" / "python").is_dir():
         parser.error(f"--old {old}: not a checkout with engine/ and generated/python/")
@@ -132,11 +146,17 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     stacks[stack] = (listener, pid)
                 runs = _measure(
-                    bench, stacks, floor_pid, token, rounds=args.rounds, seconds=args.seconds
+                    bench,
+                    stacks,
+                    floor_pid,
+                    token,
+                    engine_paths=engine_paths,
+                    rounds=args.rounds,
+                    seconds=args.seconds,
                 )
         finally:
             bench.procs.close()
-    for line in format_lines(runs):
+    for line in format_lines(runs, engine_paths):
         print(line)
     return 0
 
