@@ -343,7 +343,8 @@ class AdminApi:
                 request.method,
                 _shown(request),
                 after.version,
-                ", ".join(f"{r.node or r.peer} {r.result}" for r in results) or "no engine",
+                ", ".join(f"{printable(r.node or r.peer)} {r.result}" for r in results)
+                or "no engine",
             )
         return _json(200, answer)
 
