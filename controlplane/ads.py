@@ -378,10 +378,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 self.metrics.verdict(engine.node_id, "NACK")
             else:
                 self.metrics.verdict(engine.node_id, "ACK")
+                # The version sent with that nonce: the request's version_info is the
+                # client's text (up to the message limit), not kept.
                 if type_url == ROUTE_CHAIN_TYPE:
-                    engine.acked_version, engine.acked_generation = request.version_info, sent[2]
+                    engine.acked_version, engine.acked_generation = sent[1], sent[2]
                 else:
-                    engine.settings_acked_version = request.version_info
+                    engine.settings_acked_version = sent[1]
             self._signal()
 
     def _count_node(self, engine: EngineStatus, stream: _Stream) -> None:

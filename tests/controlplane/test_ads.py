@@ -179,3 +179,20 @@ async def test_node_ids_and_nack_texts_cannot_forge_log_lines(caplog):
     for message in messages:
         assert message.isprintable(), message
     assert any("NACKed" in m and "first\\nsecond\\n2026-12-04" in m for m in messages)
+
+
+async def test_an_ack_records_the_version_sent_not_the_clients_words():
+    # The ACK names its response by nonce; its version_info is the client's text (up to
+    # the 4 MiB message limit), which was kept per stream and shown by /status as it was.
+    async with serving(AdsLimits()) as rig:
+        call = await rig.open("edge")
+        sent = call.first.version_info
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                type_url=ROUTE_CHAIN_TYPE,
+                response_nonce=call.first.nonce,
+                version_info="v" * 3_000_000,
+            )
+        )
+        await until(lambda: rig.ads.status()[0]["ackedVersion"], "the ACK recorded")
+        assert rig.ads.status()[0]["ackedVersion"] == sent
