@@ -82,6 +82,7 @@ from controlplane.explain import MAX_EXPLAIN_BODY, TABLE_VERSION_HEADER, Explain
 from controlplane.rollout import wait_for_engines
 from controlplane.table import Change, RouteTable
 from engine.definition import YamlError, load_yaml
+from engine.logformat import printable
 from engine.settle import SettledFiles
 from engine.tls import is_loopback
 
@@ -127,6 +128,12 @@ def _host_of(header: str) -> str:
     if header.count(":") == 1:
         return header.partition(":")[0]
     return header
+
+
+def _shown(request: web.BaseRequest) -> str:
+    """The request's path for a log line: its first 200 characters, control characters
+    escaped (the path is decoded: ``%0A`` would otherwise start a forged line)."""
+    return printable(request.path[:200])
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ class AdminApi:
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:  # a handler bug answers 500, the server keeps going
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s %s failed", request.method, _shown(request))
             return _json(500, {"errors": ["internal error (see the log)"]})
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
@@ -189,7 +196,7 @@ class AdminApi:
                 host[:100],
                 request.remote,
                 request.method,
-                request.path[:200],
+                _shown(request),
             )
             return _json(421, {"errors": ["Host not served here (see --admin-allowed-host)"]})
         path = request.path.rstrip("/") or "/"
@@ -206,7 +213,7 @@ class AdminApi:
             log.warning(
                 "admin: 401 for %s %s from %s (missing or unknown token)",
                 request.method,
-                request.path[:200],
+                _shown(request),
                 request.remote,
             )
             return _json(
@@ -217,7 +224,7 @@ class AdminApi:
         if writes and not who.may_write:
             self.ads.metrics.admin_change(who.role.value, "forbidden")
             log.warning(
-                "admin: 403 for %s %s by %s (read-only)", request.method, request.path, who.name
+                "admin: 403 for %s %s by %s (read-only)", request.method, _shown(request), who.name
             )
             return _json(403, {"errors": [f"token {who.name!r} is read-only"]})
         if path == "/status":
@@ -318,7 +325,7 @@ class AdminApi:
             who.role.value,
             request.remote,
             request.method,
-            request.path,
+            _shown(request),
             json.dumps(change.keys),
             change.before.version,
             change.after.version,
@@ -334,9 +341,10 @@ class AdminApi:
             log.info(
                 "admin: %s %s: version %s: %s",
                 request.method,
-                request.path,
+                _shown(request),
                 after.version,
-                ", ".join(f"{r.node or r.peer} {r.result}" for r in results) or "no engine",
+                ", ".join(f"{printable(r.node or r.peer)} {r.result}" for r in results)
+                or "no engine",
             )
         return _json(200, answer)
 

@@ -56,6 +56,7 @@ from google.protobuf import json_format
 
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.table import RouteTable, TableVersion
+from engine.logformat import printable
 from engine.tls import node_ids_of
 from engine.xds.resources import ROUTE_CHAIN_TYPE, SETTINGS_TYPE
 
@@ -299,7 +300,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             engine.connected = False
             engine.last_change = time.time()
             self._signal()
-            log.info("engine %s stream %d closed", engine.node_id, engine.stream)
+            log.info("engine %s stream %d closed", printable(engine.node_id), engine.stream)
             self._open -= 1
             _release(self._per_peer, address)
             if stream.counted_node is not None:
@@ -344,7 +345,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     warned.add(type_url)
                     log.warning(
                         "engine %s asked for %r: not served%s",
-                        engine.node_id,
+                        printable(engine.node_id),
                         type_url[:200],
                         " (further unknown types on this stream are not logged)"
                         if len(warned) == MAX_WARNED_TYPES
@@ -368,14 +369,21 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 engine.nack_error = _bounded_text(
                     self.table.scrub(request.error_detail.message), MAX_NACK_TEXT
                 )
-                log.warning("engine %s NACKed %s: %s", engine.node_id, sent[1], engine.nack_error)
+                log.warning(
+                    "engine %s NACKed %s: %s",
+                    printable(engine.node_id),
+                    sent[1],
+                    printable(engine.nack_error),
+                )
                 self.metrics.verdict(engine.node_id, "NACK")
             else:
                 self.metrics.verdict(engine.node_id, "ACK")
+                # The version sent with that nonce: the request's version_info is the
+                # client's text (up to the message limit), not kept.
                 if type_url == ROUTE_CHAIN_TYPE:
-                    engine.acked_version, engine.acked_generation = request.version_info, sent[2]
+                    engine.acked_version, engine.acked_generation = sent[1], sent[2]
                 else:
-                    engine.settings_acked_version = request.version_info
+                    engine.settings_acked_version = sent[1]
             self._signal()
 
     def _count_node(self, engine: EngineStatus, stream: _Stream) -> None:
@@ -425,7 +433,7 @@ def _bounded_metadata(node: Any) -> dict[str, Any]:
     if size > MAX_METADATA_BYTES:
         log.warning(
             "engine %s sent %d bytes of node metadata (limit %d): not kept",
-            node.id[:200],
+            printable(node.id[:200]),
             size,
             MAX_METADATA_BYTES,
         )

@@ -6,7 +6,8 @@ the directory's contents atomically; this module notices and hands the new docum
 
 * A file holds ``routes: {...}``, the engine's config format.
 * A directory: every ``*.yaml`` / ``*.yml`` in it (not hidden, not recursive; symlinks
-  followed, so a Kubernetes ConfigMap's ``..data`` swap works) holds ``routes:``; the
+  followed, so a Kubernetes ConfigMap's ``..data`` swap works; a dangling one is an
+  error naming it, not a file gone) holds ``routes:``; the
   union is the table. A route key defined in two files is an error naming both.
 
 Change detection polls ``stat`` of every file (cheap). A change is loaded only once it
@@ -45,9 +46,17 @@ def _files(path: Path) -> list[Path]:
         return sorted(
             p
             for p in path.iterdir()
-            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".") and p.is_file()
+            if p.suffix in (".yaml", ".yml")
+            and not p.name.startswith(".")
+            # A dangling symlink is listed (reading it is then an error naming it): if it
+            # were skipped, its routes would be pushed as deleted.
+            and (p.is_file() or (p.is_symlink() and not p.exists()))
         )
     return [path]
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    return f"{exc.filename or path}: cannot read: {exc.strerror or exc}"
 
 
 def read_config(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -133,7 +142,7 @@ class ConfigWatcher:
             try:
                 contents = await asyncio.to_thread(self._files.poll)
             except OSError as exc:
-                return self._report([f"{self.path}: cannot read: {exc.strerror or exc}"], True)
+                return self._report([_unreadable(self.path, exc)], True)
             if contents is not None:
                 return await self._load(contents)
             if asyncio.get_running_loop().time() > deadline:
@@ -158,7 +167,7 @@ class ConfigWatcher:
         try:
             contents = await asyncio.to_thread(self._files.poll)
         except OSError as exc:
-            errors = [f"{self.path}: cannot read: {exc.strerror or exc}"]
+            errors = [_unreadable(self.path, exc)]
             report = self._report(errors, not self._unreadable)
             self._unreadable = True
             return report

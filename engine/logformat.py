@@ -32,6 +32,7 @@ __all__ = [
     "add_argument",
     "configure",
     "formatter",
+    "printable",
 ]
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
@@ -63,6 +64,17 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry)
+
+
+def printable(text: str) -> str:
+    """``text`` (a value a client chose: a request path, a node id) as it may appear
+    inside a log line: every character that is not printable (newline, carriage return,
+    escape, NUL, a bidi override...) written as its Python escape (``\\n``,
+    ``\\x1b``, ``\\u202e``), so it cannot end the line and start one that reads like
+    another record, nor drive the terminal of whoever reads the log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def formatter(kind: str) -> logging.Formatter:

@@ -250,6 +250,26 @@ async def test_audit_log_names_who_what_and_versions_never_the_token(
     assert plane.reader_token not in everything
 
 
+async def test_paths_from_clients_cannot_forge_log_lines(
+    plane: ControlPlane, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A decoded path may hold a newline: written as it is, an unauthenticated client
+    # could add a line that reads like an audit entry (and terminal escapes, a NUL...).
+    caplog.set_level(logging.DEBUG)
+    forged = "%0Aaudit:%20admin%20(read-write)%20from%2010.0.0.1:%20PUT%20x%1B[2J%00"
+    assert (await call(plane, "GET", "/nope" + forged))[0] == 401
+    reader = plane.reader_token
+    assert (await call(plane, "PUT", "/routes/a" + forged, ROUTE, token=reader))[0] == 403
+    assert (await call(plane, "GET", "/x" + forged, headers={"Host": "evil.example"}))[0] == 421
+    status, _, _ = await call(plane, "PUT", "/routes/b" + forged, ROUTE, token=plane.admin_token)
+    assert status == 200
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("controlplane")]
+    assert len([m for m in messages if "/nope" in m or "/routes/a" in m or "/routes/b" in m]) == 3
+    for message in messages:
+        assert message.isprintable(), message
+    assert any("PUT /routes/b\\naudit: admin" in m for m in messages), messages
+
+
 async def test_connections_over_the_cap_get_503(
     definitions: PolicyRegistry, tmp_path: Path
 ) -> None:

@@ -151,3 +151,48 @@ async def test_an_oversized_node_id_is_refused(caplog):
         assert info.value.details() == "node id of 10000 characters; at most 256"
         await until(lambda: rig.ads._open == 0, "the refused stream released")
         assert not rig.ads._per_node
+
+
+async def test_node_ids_and_nack_texts_cannot_forge_log_lines(caplog):
+    # Both are the client's words (without mTLS, anyone's): a newline in them would start
+    # a line that reads like another record, an escape would reach the reader's terminal.
+    caplog.set_level(logging.INFO, logger="controlplane.ads")
+    forged = "\n2026-12-04 00:00:00,000 INFO [1] controlplane.audit: audit: forged\x1b[2J\x00"
+    async with serving(AdsLimits()) as rig:
+        call = await rig.open("edge" + forged)
+        await call.write(discovery_pb2.DiscoveryRequest(type_url="type.example/T" + forged))
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                type_url=ROUTE_CHAIN_TYPE,
+                response_nonce=call.first.nonce,
+                error_detail=status_pb2.Status(code=3, message="first\nsecond" + forged),
+            )
+        )
+        await until(lambda: rig.ads.status()[0]["nackError"], "the NACK recorded")
+        call.cancel()
+        await until(lambda: rig.ads._open == 0, "the stream closed")
+        row = rig.ads.status()[0]
+        assert row["node"] == "edge" + forged  # the status (JSON) keeps the words as sent
+        assert row["nackError"] == "first\nsecond" + forged
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "NACKed" in m or "closed" in m]) == 2, messages
+    for message in messages:
+        assert message.isprintable(), message
+    assert any("NACKed" in m and "first\\nsecond\\n2026-12-04" in m for m in messages)
+
+
+async def test_an_ack_records_the_version_sent_not_the_clients_words():
+    # The ACK names its response by nonce; its version_info is the client's text (up to
+    # the 4 MiB message limit), which was kept per stream and shown by /status as it was.
+    async with serving(AdsLimits()) as rig:
+        call = await rig.open("edge")
+        sent = call.first.version_info
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                type_url=ROUTE_CHAIN_TYPE,
+                response_nonce=call.first.nonce,
+                version_info="v" * 3_000_000,
+            )
+        )
+        await until(lambda: rig.ads.status()[0]["ackedVersion"], "the ACK recorded")
+        assert rig.ads.status()[0]["ackedVersion"] == sent

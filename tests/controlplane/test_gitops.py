@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from controlplane.definitions import load_validation_registry
-from controlplane.table import TableVersion
+from controlplane.gitops import ConfigWatcher
+from controlplane.table import RouteTable, TableVersion
 from controlplane.testing import ControlPlane, write_definitions
 from engine.registry import PolicyRegistry
 
@@ -109,3 +110,34 @@ async def test_a_directory_change_is_announced_once_then_loaded_settled(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("loading it once unchanged for 0.3s" in m for m in messages) == 1
     assert plane.table.current.document["routes"] == {"a": limit(2)}
+
+
+async def test_a_dangling_symlink_is_an_error_not_a_file_gone(
+    definitions: PolicyRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A *.yaml symlink whose target is missing (a target moved, a half-done swap) is a
+    # file that cannot be read, not a file that was deleted: dropping its routes would
+    # push a table without them (an unknownRoute: allow then opens those paths).
+    config = tmp_path / "routes"
+    config.mkdir()
+    target = tmp_path / "secure.yaml"
+    target.write_text(yaml.safe_dump({"routes": {"secure": limit(5)}}))
+    swap(config / "a.yaml", {"routes": {"public": limit(1)}})
+    (config / "b.yaml").symlink_to(target)
+    table = RouteTable(definitions)
+    watcher = ConfigWatcher(config, table, settle=0)
+    assert await watcher.load_initial() == []
+    before = table.current
+    assert set(before.document["routes"]) == {"public", "secure"}
+    target.rename(tmp_path / "moved.yaml")
+    errors = await watcher.check_once()
+    assert errors == [f"{config / 'b.yaml'}: cannot read: No such file or directory"]
+    assert table.current is before
+    assert f"{config / 'b.yaml'}: cannot read" in caplog.text
+    (tmp_path / "moved.yaml").rename(target)
+    await watcher.check_once()
+    assert table.current is before  # the same content again: nothing new to push
+    swap(config / "a.yaml", {"routes": {"public": limit(2)}})
+    assert await watcher.check_once() == []
+    assert set(table.current.document["routes"]) == {"public", "secure"}
+    assert table.current.generation == before.generation + 1
