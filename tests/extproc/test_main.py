@@ -147,6 +147,22 @@ def test_listen_addresses_need_a_port_in_range(flag, address, capsys):
     )
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_metrics_dir_must_be_a_writable_directory(kind, tmp_path, capsys):
+    """Before: a --metrics-dir that did not exist (or was a file) ended the engine in a
+    FileNotFoundError traceback from prometheus-client, naming no flag."""
+    path = tmp_path / "metrics"
+    if kind == "file":
+        path.write_text("")
+    argv = ["--config", "x", "--metrics-listen", "127.0.0.1:0", "--metrics-dir", str(path)]
+    with pytest.raises(SystemExit) as info:
+        main(argv, registry=PolicyRegistry(()))
+    assert info.value.code == 2
+    assert f"--metrics-dir {path}: not a directory this process can write" in (
+        capsys.readouterr().err
+    )
+
+
 SCRIPT = (
     "import sys\n"
     "from engine.main import main\n"
