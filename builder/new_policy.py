@@ -248,8 +248,16 @@ def main(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | None =
             file=err,
         )
         return 2
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{VERSION}.", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{VERSION}.", dir=parent))
+    except OSError as exc:  # --dir is a file, read-only, ...
+        print(
+            f"new_policy: --dir: cannot create {parent}: {exc.strerror or exc}; "
+            "nothing was written",
+            file=err,
+        )
+        return 2
     try:
         for relative, text in files(args.name).items():
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,11 @@ def _failures(xml_file: Path) -> list[str]:
                 continue
             message = (problem.get("message") or problem.text or "").strip().splitlines()
             first = message[0] if message else ""
+            if first == "collection failure":  # pytest's fixed text: the cause is the last E line
+                text = (problem.text or "").splitlines()
+                causes = [line[1:].strip() for line in text if line.startswith("E ")]
+                if causes:
+                    first += f": {causes[-1]}"
             verb = "failed" if kind == "failure" else "error"
             lines.append(f"{case.get('name', '?')}: {verb}" + (f": {first}" if first else ""))
     return lines

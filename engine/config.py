@@ -66,6 +66,7 @@ from engine.errors import ConditionError, ConfigError, PolicyError, RegistryErro
 from engine.policy import ImmediateResponse
 from engine.registry import PolicyRegistry, RegisteredPolicy, instantiate
 from engine.secrets import parameters_secrets, scrub
+from engine.settle import checked_stat
 from engine.yamlsafe import YamlError, load_yaml
 
 __all__ = [
@@ -540,6 +541,7 @@ def load_config_file(
     """Read ``path`` and :func:`load_config` it; an unreadable file is a ConfigError too."""
     source = str(path)
     try:
+        checked_stat(path)  # not a FIFO or device, not over MAX_FILE_BYTES
         text = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from exc

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, TextIO
@@ -242,6 +243,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--grace must be 0 or more")
     if not args.drain >= 0:
         parser.error("--drain must be 0 or more")
+    # prometheus-client opens its files there only when the first metric exists: a
+    # traceback naming no flag, before this check.
+    if args.metrics_dir is not None and not (
+        os.path.isdir(args.metrics_dir) and os.access(args.metrics_dir, os.W_OK | os.X_OK)
+    ):
+        parser.error(f"--metrics-dir {args.metrics_dir}: not a directory this process can write")
     if args.workers > 1 and args.listen.rpartition(":")[2] == "0":
         parser.error("--workers > 1 needs a fixed port (port 0 would give each worker its own)")
     if args.workers > 1 and args.listen_http and args.listen_http.rpartition(":")[2] == "0":

@@ -23,18 +23,41 @@ Pure blocking file I/O: call :meth:`SettledFiles.poll` from a worker thread
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["DEFAULT_SETTLE", "FileSetState", "SettledFiles"]
+__all__ = ["DEFAULT_SETTLE", "MAX_FILE_BYTES", "FileSetState", "SettledFiles", "checked_stat"]
 
 DEFAULT_SETTLE: Final = 2.0
 """Seconds a changed file (set) must stay unchanged before it is handed over."""
+
+MAX_FILE_BYTES: Final = 64 << 20
+"""Largest watched file that is read (the xDS client's message limit, 64 MiB)."""
+
+
+def checked_stat(path: str | Path) -> os.stat_result:
+    """``os.stat(path)``, raising :class:`OSError` for a file that must not be read: one
+    that is not a regular file (a FIFO blocks its reader for good, ``/dev/zero`` never
+    ends) or is larger than :data:`MAX_FILE_BYTES` (read whole, it could exhaust memory).
+    """
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    if st.st_size > MAX_FILE_BYTES:
+        raise OSError(
+            errno.EFBIG, f"{st.st_size} bytes, over the limit of {MAX_FILE_BYTES}", str(path)
+        )
+    return st
+
 
 FileSetState = tuple[tuple[str, int, int, int], ...]
 """(path, st_ino, st_mtime_ns, st_size) of every file, in listing order."""
@@ -148,7 +171,7 @@ class SettledFiles:
     def _stat(self) -> FileSetState:
         rows = []
         for path in self.list_files():
-            st = os.stat(path)
+            st = checked_stat(path)
             rows.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(rows)
 

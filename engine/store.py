@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +45,7 @@ from engine.chain import Snapshot
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry
-from engine.settle import DEFAULT_SETTLE, SettledFiles
+from engine.settle import DEFAULT_SETTLE, SettledFiles, checked_stat
 
 __all__ = [
     "DEFAULT_SETTLE",
@@ -293,7 +292,7 @@ class FileConfigSource:
     # -- helpers --------------------------------------------------------------------------
 
     def _stat(self) -> _FileState:
-        st = os.stat(self.path)
+        st = checked_stat(self.path)
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _read(self) -> tuple[_FileState, bytes]:

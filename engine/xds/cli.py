@@ -68,8 +68,19 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Reject flag combinations that make no sense (exits 2 via ``parser.error``)."""
     if not args.xds_max_backoff > 0:
         parser.error("--xds-max-backoff must be greater than 0")
-    if args.xds is not None and args.xds.rpartition(":")[2] in ("", "0"):
-        parser.error("--xds needs HOST:PORT with a port")
+    if args.xds is not None:
+        # No colon at all made the whole address the "port"; 99999 or abc started the
+        # engine on a control plane it could never reach, retrying for ever.
+        head, colon, port = args.xds.rpartition(":")
+        if not (
+            head
+            and colon
+            and port.isascii()
+            and port.isdigit()
+            and len(port) <= 5
+            and 1 <= int(port) <= 65535
+        ):
+            parser.error(f"--xds {args.xds}: expected HOST:PORT, a port from 1 to 65535")
     if (args.xds_cert is None) != (args.xds_key is None):
         parser.error("--xds-cert and --xds-key go together")
     for flag in ("xds_cert", "xds_server_name"):

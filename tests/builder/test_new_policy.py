@@ -100,6 +100,20 @@ def test_refuses_to_overwrite(written: Path, tmp_path: Path) -> None:
     assert (written / "policy.py").read_text() == "# mine\n"
 
 
+def test_a_dir_that_cannot_hold_folders_is_an_error(tmp_path: Path) -> None:
+    """Before: --dir naming a file (or a place that cannot be written) ended in a
+    NotADirectoryError traceback from mkdir."""
+    (tmp_path / "file").write_text("")
+    code, out, err = scaffold(tmp_path, "--name", "greeting", "--dir", str(tmp_path / "file"))
+    assert code == 2
+    assert out == ""
+    assert err.startswith(
+        f"new_policy: --dir: cannot create {tmp_path / 'file' / 'greeting'}: Not a directory"
+    ), err
+    assert "nothing was written" in err
+    assert (tmp_path / "file").read_text() == ""
+
+
 def test_relative_dir_is_from_where_bazel_run_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

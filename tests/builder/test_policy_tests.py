@@ -116,6 +116,31 @@ def test_report_names_entry_folder_file_and_test(tmp_path: Path) -> None:
     ]
 
 
+def test_a_collection_error_is_reported_with_its_cause(tmp_path: Path) -> None:
+    """Before: a policy whose code raises at import was reported as
+    ``<module>: error: collection failure``, pytest's fixed message, and the cause was
+    only somewhere in Bazel's output above."""
+    manifest = _custom(tmp_path)
+    suites = policy_tests(validate(load_manifest(manifest)), ["//pkg:policy"])
+    logs = tmp_path / "testlogs" / "pkg" / "custom_test"
+    logs.mkdir(parents=True)
+    (logs / "test.log").write_text("")
+    (logs / "test.xml").write_text(
+        '<testsuite><testcase classname="" name="tests.test_custom">'
+        '<error message="collection failure">p/policy.py:12: in &lt;module&gt;\n'
+        '    raise RuntimeError("boom")\nE   RuntimeError: boom\n\nThe above exception'
+        " was the direct cause of the following exception:\n"
+        "engine/registry.py:234: in _import_policy_module\n"
+        "E   engine.errors.RegistryError: p/policy.py: import failed: RuntimeError: boom\n"
+        "</error></testcase></testsuite>"
+    )
+    assert failure_report(manifest, suites, tmp_path / "testlogs", time.time() - 5) == [
+        f"{manifest}: policies[0] (custom): {tmp_path}/p: tests/test_custom.py::"
+        "tests.test_custom: error: collection failure: engine.errors.RegistryError: "
+        "p/policy.py: import failed: RuntimeError: boom"
+    ]
+
+
 def test_failing_policy_test_builds_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from engine.chain import Snapshot
-from engine.config import load_config
+from engine.config import load_config, load_config_file
 from engine.errors import ConfigError
 from engine.registry import PolicyRegistry, load_policy
+from engine.settle import MAX_FILE_BYTES
 from engine.store import EMPTY_SNAPSHOT, ConfigSource, ConfigStore, FileConfigSource
 from engine.testing import FakeClock
 from tests.support import policy_folder, registry_from
@@ -198,6 +199,44 @@ def test_missing_file_keeps_old_snapshot_and_logs_once(
     ]
     write(config_file, TWO_ROUTES)
     assert source.check_once() is True
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "too-large"])
+def test_a_file_that_never_ends_keeps_old_snapshot(
+    source: FileConfigSource, config_file: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the config file replaced by a FIFO blocked the poll thread for good (no
+    reload ever again), a symlink to /dev/zero (or a file of gigabytes) was read whole
+    until the engine ran out of memory. Now such a file is unreadable: the snapshot
+    stays, and the reason is logged."""
+    first = source.load_initial()
+    config_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(config_file)
+        reason = "not a regular file"
+    elif kind == "device":
+        config_file.symlink_to("/dev/null")  # /dev/zero, before: read until out of memory
+        reason = "not a regular file"
+    else:
+        with config_file.open("wb") as f:  # sparse: no disk used
+            f.truncate(MAX_FILE_BYTES + 1)
+        reason = f"{MAX_FILE_BYTES + 1} bytes, over the limit of {MAX_FILE_BYTES}"
+    polled: list[bool] = []
+    with caplog.at_level(logging.ERROR, logger="engine.store"):
+        thread = threading.Thread(target=lambda: polled.append(source.check_once()), daemon=True)
+        thread.start()
+        thread.join(10)
+        if thread.is_alive() and kind == "fifo":  # unblock the reader, then fail
+            with open(config_file, "wb"):
+                pass
+    assert polled == [False], "the poll did not return"
+    assert source.store.current is first
+    assert caplog.messages == [
+        f"config file {config_file} unreadable ({reason}); keeping version 1"
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config_file(config_file, source.registry)
+    assert list(info.value.errors) == [f"cannot read: {reason}"]
 
 
 async def test_run_polls_until_cancelled(source: FileConfigSource, config_file: Path) -> None:

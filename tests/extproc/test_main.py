@@ -147,6 +147,37 @@ def test_listen_addresses_need_a_port_in_range(flag, address, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:99999", "127.0.0.1:abc"]
+)
+def test_xds_needs_a_port_in_range(address, capsys):
+    """Before: only an empty port or 0 was refused; 127.0.0.1 (no colon: the whole
+    address was taken for the port), 127.0.0.1:99999 and 127.0.0.1:abc started the
+    engine, which then failed to connect and retried for ever."""
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--xds", address])
+    assert info.value.code == 2
+    assert f"--xds {address}: expected HOST:PORT, a port from 1 to 65535" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_metrics_dir_must_be_a_writable_directory(kind, tmp_path, capsys):
+    """Before: a --metrics-dir that did not exist (or was a file) ended the engine in a
+    FileNotFoundError traceback from prometheus-client, naming no flag."""
+    path = tmp_path / "metrics"
+    if kind == "file":
+        path.write_text("")
+    argv = ["--config", "x", "--metrics-listen", "127.0.0.1:0", "--metrics-dir", str(path)]
+    with pytest.raises(SystemExit) as info:
+        main(argv, registry=PolicyRegistry(()))
+    assert info.value.code == 2
+    assert f"--metrics-dir {path}: not a directory this process can write" in (
+        capsys.readouterr().err
+    )
+
+
 SCRIPT = (
     "import sys\n"
     "from engine.main import main\n"
