@@ -349,6 +349,39 @@ def test_sidecar_envoy_is_deploy_envoy_where_the_engine_is_concerned() -> None:
     assert keys == chains
 
 
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o != "local"])
+def test_network_probes_target_a_port_the_container_serves_on_the_pod_network(
+    overlay: str,
+) -> None:
+    """The kubelet sends httpGet, tcpSocket and grpc probes to the pod's IP: the port must
+    be one the container declares (a named port must resolve), and the sidecar Envoy's must
+    be a listener bound beyond loopback (its admin API, 127.0.0.1:9901, is not reachable
+    there: a probe on it never succeeds and the pod never becomes Ready). The local overlay
+    is podman's, on the host network without containerPorts."""
+    for name, template in pod_specs(overlay):
+        for container in template["spec"]["containers"]:
+            where = f"{overlay}: {name}/{container['name']}"
+            declared = container.get("ports", [])
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = container.get(kind, {})
+                target = probe.get("httpGet") or probe.get("tcpSocket") or probe.get("grpc")
+                if target is None:
+                    continue
+                port = target["port"]
+                matching = [p for p in declared if port in (p.get("name"), p["containerPort"])]
+                assert matching, f"{where} {kind}: port {port!r} is not a containerPort"
+                if container["name"] == "envoy":
+                    number = matching[0]["containerPort"]
+                    listeners = [
+                        listener["address"]["socket_address"]
+                        for listener in _sidecar_bootstrap()["static_resources"]["listeners"]
+                    ]
+                    assert any(
+                        a["port_value"] == number and not a["address"].startswith("127.")
+                        for a in listeners
+                    ), f"{where} {kind}: no Envoy listener beyond loopback on {number}"
+
+
 GATEWAY_EXAMPLES: Final = [
     Path("deploy/gateways/envoy-gateway/policy-engine.yaml"),
     Path("deploy/gateways/istio/policy-engine.yaml"),
