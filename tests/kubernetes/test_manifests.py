@@ -414,3 +414,20 @@ def test_standalone_engine_service_is_headless() -> None:
         s for s in kinds("standalone", "Service") if s["metadata"]["name"] == "policy-engine"
     ]
     assert service["spec"]["clusterIP"] == "None"
+
+
+def test_the_http_transport_port_is_not_one_the_shipped_engine_already_listens_on() -> None:
+    """deploy/envoy/sidecar-http.yaml points the HTTP ext_proc filter at the engine's
+    ``--listen-http`` port; it was 9003, the port the image and every overlay give
+    ``--health-listen``: an operator adding the transport got "address already in use"."""
+    bootstrap = envoy_bootstrap.load("sidecar-http")
+    cluster = envoy_bootstrap.engine_cluster(bootstrap, envoy_bootstrap.HTTP_ENGINE_CLUSTER)
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    http_port = endpoint["endpoint"]["address"]["socket_address"]["port_value"]
+    for overlay in OVERLAYS:
+        engine = _engine(RENDERED[overlay])["spec"]["template"]["spec"]
+        args = next(c for c in engine["containers"] if c["name"] == "engine")["args"]
+        for flag in ("--listen", "--health-listen", "--metrics-listen"):
+            values = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+            ports = {int(v.rpartition(":")[2]) for v in values}
+            assert http_port not in ports, f"{overlay}: {flag} uses {http_port}"
