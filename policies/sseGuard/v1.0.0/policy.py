@@ -18,6 +18,9 @@ Contract:
   as a line) and metadata ``sseGuard.blocked`` is true. The client sees a complete
   response; Envoy cuts the upstream off.
 * A unit larger than ``maxEventBytes`` while incomplete fails the policy (``onError``).
+* An SSE or NDJSON body with a ``content-encoding`` other than ``identity`` (gzip, br,
+  ...) fails the policy (``onError``) at the response headers: its patterns cannot be
+  matched in coded bytes, and passing it would send every masked or blocked pattern on.
 * When the chain buffers the response instead (another body policy of the route has no
   chunk hook), ``on_response`` applies the same rules to the whole body.
 """
@@ -28,7 +31,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from engine.framing import Framer
+from engine.errors import PolicyError
+from engine.framing import Framer, FramingKind
 from engine.policy import ParameterError, ResponseContext, ResponseModifications
 from engine.streaming import Chunk, EndStream, Framing
 
@@ -61,6 +65,13 @@ def _media_type(ctx: ResponseContext) -> str:
     return ctx.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def _coding(ctx: ResponseContext) -> str:
+    """The response's content codings other than ``identity`` ("" when it has none)."""
+    header = ",".join(ctx.headers.get_all("content-encoding"))
+    codings = (c.strip().lower() for c in header.split(","))
+    return ", ".join(c for c in codings if c and c != "identity")
+
+
 class Policy:
     """Masks and blocks patterns per SSE event / NDJSON line."""
 
@@ -90,13 +101,23 @@ class Policy:
         self._final_line = text.replace("\n", " ").encode("utf-8") + b"\n"
 
     def response_framing(self, ctx: ResponseContext) -> Framing | None:
-        """Whole SSE events or NDJSON lines; None (pass untouched) for other bodies."""
+        """Whole SSE events or NDJSON lines; None (pass untouched) for other bodies. A
+        content-coded SSE or NDJSON body fails the policy (PolicyError: onError decides)."""
         media = _media_type(ctx)
+        kind: FramingKind
         if media in SSE_TYPES:
-            return Framing("sse", self._max_event)
-        if media in NDJSON_TYPES:
-            return Framing("lines", self._max_event)
-        return None
+            kind = "sse"
+        elif media in NDJSON_TYPES:
+            kind = "lines"
+        else:
+            return None
+        coding = _coding(ctx)
+        if coding:
+            raise PolicyError(
+                f"{media} response with content-encoding {coding!r}: patterns cannot be "
+                "matched in coded bytes"
+            )
+        return Framing(kind, self._max_event)
 
     def on_response(self, ctx: ResponseContext) -> ResponseModifications | None:
         """At the headers of a streamed body nothing to do; a buffered body (the chain

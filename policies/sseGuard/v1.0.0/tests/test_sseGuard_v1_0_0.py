@@ -3,12 +3,14 @@ by the engine's own pipeline (engine.streaming_testing.stream_body)."""
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine.errors import PolicyError
 from engine.policy import ParameterError, ResponseContext, ResponseModifications
 from engine.registry import load_policy
 from engine.streaming_testing import stream_body
@@ -116,3 +118,33 @@ def test_buffered_body_gets_the_same_rules() -> None:
     )
     assert policy.on_response(make_response_context(headers=SSE, body=b"data: x\n\n")) is None
     assert policy.on_response(make_response_context(headers=SSE)) is None
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip", "x-custom"])
+async def test_a_content_coded_body_fails_the_policy_not_passes_unmasked(coding: str) -> None:
+    # Before: a gzip-coded event stream was framed and matched as its compressed bytes,
+    # so no pattern matched and the e-mail address passed to the client unmasked.
+    event = b"data: write to bob@example.com\n\n"
+    body = gzip.compress(event)
+    policy = construct(POLICY, {"builtins": ["email"], "block": ["example"]})
+    headers = {**SSE, "content-encoding": coding}
+    out = await stream_body(policy, sse_ctx(headers), [body[:10], body[10:]])
+    assert out.immediate is not None
+    assert out.immediate.status == 500
+    ndjson = {**NDJSON, "content-encoding": coding}
+    out = await stream_body(policy, sse_ctx(ndjson), [b'{"to": "bob@example.com"}\n'])
+    assert out.immediate is not None
+    # The buffered path too (a route that cannot stream the body).
+    with pytest.raises(PolicyError, match="content-encoding"):
+        policy.on_response(make_response_context(headers=headers, body=body))
+
+
+async def test_identity_coding_is_read() -> None:
+    policy = construct(POLICY, {"builtins": ["email"]})
+    headers = {**SSE, "content-encoding": "identity"}
+    out = await stream_body(policy, sse_ctx(headers), [b"data: bob@example.com\n\n", b""])
+    assert out.body == b"data: [redacted]\n\n"
+    # Other content types still pass untouched, coded or not.
+    other = {"content-type": "application/json", "content-encoding": "gzip"}
+    out = await stream_body(policy, sse_ctx(other), [b"\x1f\x8b..", b""])
+    assert out.body == b"\x1f\x8b.."
