@@ -21,6 +21,8 @@ Contract:
 * An SSE or NDJSON body with a ``content-encoding`` other than ``identity`` (gzip, br,
   ...) fails the policy (``onError``) at the response headers: its patterns cannot be
   matched in coded bytes, and passing it would send every masked or blocked pattern on.
+  So every request gets ``accept-encoding: identity`` (static), and an upstream that
+  honours it never compresses what the policy reads.
 * When the chain buffers the response instead (another body policy of the route has no
   chunk hook), ``on_response`` applies the same rules to the whole body.
 """
@@ -33,7 +35,13 @@ from typing import Any, Final
 
 from engine.errors import PolicyError
 from engine.framing import Framer, FramingKind
-from engine.policy import ParameterError, ResponseContext, ResponseModifications
+from engine.policy import (
+    ParameterError,
+    RequestContext,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
 from engine.streaming import Chunk, EndStream, Framing
 
 __all__ = ["Policy"]
@@ -47,6 +55,8 @@ BUILTINS: Final = {
     # 13 to 19 digits, optionally grouped by spaces or dashes (PAN lengths).
     "cardNumber": rb"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])",
 }
+# Set on every request: the upstream must answer uncoded for the patterns to be matched.
+IDENTITY: Final = RequestModifications(set_headers={"accept-encoding": "identity"})
 SSE_TYPES: Final = frozenset({"text/event-stream"})
 NDJSON_TYPES: Final = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
@@ -91,6 +101,7 @@ class Policy:
             "onBlock": "the stream ends with a final event carrying blockEvent",
             "maxEventBytes": params["maxEventBytes"],
             "writesMetadata": ["sseGuard.masked", "sseGuard.blocked"],
+            "setsRequestHeaders": {"accept-encoding": "identity"},
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
@@ -103,6 +114,13 @@ class Policy:
         data = "".join(f"data: {line}\n" for line in text.split("\n"))
         self._final_sse = f"event: blocked\n{data}\n".encode()
         self._final_line = text.replace("\n", " ").encode("utf-8") + b"\n"
+
+    def static_request(self) -> RequestModifications:
+        """``accept-encoding: identity`` on every request (coded bodies fail the policy)."""
+        return IDENTITY
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return IDENTITY
 
     def response_framing(self, ctx: ResponseContext) -> Framing | None:
         """Whole SSE events or NDJSON lines; None (pass untouched) for other bodies. A

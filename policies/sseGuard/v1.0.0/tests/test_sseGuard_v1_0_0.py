@@ -12,10 +12,21 @@ from typing import Any
 import pytest
 
 from engine.errors import PolicyError
-from engine.policy import ParameterError, ResponseContext, ResponseModifications
+from engine.policy import (
+    ParameterError,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
 from engine.registry import load_policy
 from engine.streaming_testing import stream_body
-from engine.testing import construct, example_id, make_response_context, valid_examples
+from engine.testing import (
+    construct,
+    example_id,
+    make_request_context,
+    make_response_context,
+    valid_examples,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
@@ -166,3 +177,14 @@ async def test_email_matching_is_linear_in_the_event_size() -> None:
         policy, sse_ctx(), [b"data: z@q.io+bob@x.com " + b"x" * 80 + b"@ex.com\n\n", b""]
     )
     assert out.body == b"data: [redacted][redacted] " + b"x" * 16 + b"[redacted]\n\n"
+
+
+def test_every_request_asks_for_an_uncoded_answer() -> None:
+    # A coded body fails the policy (above): before, nothing asked the upstream not to
+    # code, so every client sending accept-encoding: gzip (every browser) to an upstream
+    # that compresses event streams got the failure instead of its answer.
+    assert "request" in POLICY.definition.phases
+    policy = construct(POLICY, {"builtins": ["email"]})
+    identity = RequestModifications(set_headers={"accept-encoding": "identity"})
+    assert policy.static_request() == identity
+    assert policy.on_request(make_request_context(headers={"accept-encoding": "gzip"})) == identity
