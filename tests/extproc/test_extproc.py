@@ -383,6 +383,37 @@ async def test_response_body_chain_buffers_only_the_response(engine, client):
     assert await stream.finish() == (grpc.StatusCode.OK, "")
 
 
+async def test_a_response_whose_body_never_comes_is_reported(engine, client, caplog):
+    # An upstream answer of headers and trailers without data (a gRPC stream of no
+    # messages): Envoy sends response_headers, then neither a body nor the trailers (the
+    # mode override skips them), so the response policies never run. Before, the stream
+    # ended with nothing logged or counted.
+    use(
+        engine,
+        public=[
+            entry(Upper(), has_request=False, requires_response_body=True),
+            entry(Respond(ResponseModifications(status=201))),
+        ],
+    )
+    replies = await client.exchange(
+        "public",
+        [request_headers("/", "GET"), response_headers(200, end_of_stream=False)],
+    )
+    assert [decode(r).kind for r in replies] == ["request_headers", "response_headers"]
+    assert engine.processor.stats.unpoliced_responses == 1
+    assert "response policies did not run" in caplog.text
+    # A response that got its body is not counted.
+    await client.exchange(
+        "public",
+        [
+            request_headers("/", "GET"),
+            response_headers(200, end_of_stream=False),
+            response_body(b"abc"),
+        ],
+    )
+    assert engine.processor.stats.unpoliced_responses == 1
+
+
 async def test_snapshot_is_taken_once_per_stream(engine, client):
     """Copy-on-write: a reload between request and response does not change the chain."""
     old = Respond(ResponseModifications(set_headers={"x-version": "old"}))
