@@ -76,7 +76,9 @@ class ProcessorStats:
     """Counters of one :class:`PolicyProcessor` (for tests and debugging; not thread-safe).
 
     ``messages`` counts received messages by ``(route key, message kind)``; the route key is
-    ``""`` for messages that arrive before the route is known.
+    ``""`` for messages that arrive before the route is known, and
+    ``engine.metrics.UNKNOWN_ROUTE`` for streams whose key no chain has (any key a peer
+    sends would otherwise add a counter for good).
     """
 
     streams: int = 0

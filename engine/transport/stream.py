@@ -277,8 +277,11 @@ class StreamMachine:
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
         self.route = msg.route_key(self._context, message, self._processor.route_names)
-        self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor.chain_for(self.route)
+        # Keys no chain has are counted together: they are the peer's words, and one
+        # counter per key grew the processor's memory with every new one.
+        counted = self.route if chain is not None else metrics.UNKNOWN_ROUTE
+        self._processor.stats.messages[(counted, "request_headers")] += 1
         if chain is None:
             self.phase = Phase.DONE
             if unknown is not None:

@@ -227,6 +227,18 @@ async def test_route_name_pattern_never_rewrites_the_metadata_key(engine, client
     assert [c.route for c in engine.seen.requests] == ["a.b"]
 
 
+async def test_unknown_route_keys_do_not_grow_the_counters(engine, client):
+    # Before: stats.messages kept one counter per route key a peer sent, so a client
+    # on the ext_proc port sending a new key per stream grew the engine's memory for good.
+    before = len(engine.processor.stats.messages)
+    for i in range(50):
+        replies = await client.exchange(f"no-such-route-{i}-" + "x" * 1000, [request_headers("/")])
+        assert decode(replies[0]).status == 404
+    assert len(engine.processor.stats.messages) <= before + 1
+    assert engine.processor.stats.count("request_headers") == 50
+    assert engine.processor.stats.unknown_routes == 50
+
+
 @pytest.mark.parametrize(
     "route", [pytest.param("nope", id="unknown"), pytest.param(None, id="missing")]
 )
