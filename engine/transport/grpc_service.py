@@ -76,7 +76,9 @@ class ProcessorStats:
     """Counters of one :class:`PolicyProcessor` (for tests and debugging; not thread-safe).
 
     ``messages`` counts received messages by ``(route key, message kind)``; the route key is
-    ``""`` for messages that arrive before the route is known.
+    ``""`` for messages that arrive before the route is known, and
+    ``engine.metrics.UNKNOWN_ROUTE`` for streams whose key no chain has (any key a peer
+    sends would otherwise add a counter for good).
     """
 
     streams: int = 0
@@ -93,6 +95,10 @@ class ProcessorStats:
     """Requests over the HTTP transport whose chain reads a body (answered 500)."""
     state_failures: int = 0
     """HTTP transport ``response_headers`` without valid carried state (answered 500)."""
+    unpoliced_responses: int = 0
+    """Streams that ended while the chain waited for the response body: its response
+    policies never ran (an upstream answer of headers and trailers without data, which
+    Envoy sends the engine neither of, or a peer that hung up)."""
 
     def count(self, kind: str, route: str | None = None) -> int:
         """Messages of ``kind`` received, for one route or (``route=None``) all routes."""
@@ -191,6 +197,14 @@ class PolicyProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 log.error(
                     "route %r: the stream ended before the request body the chain needs; "
                     "check that Envoy honours the mode_override (allow_mode_override: true)",
+                    stream.route,
+                )
+            elif stream.phase is Phase.RESPONSE_BODY:
+                self.stats.unpoliced_responses += 1
+                log.warning(
+                    "route %r: the stream ended before the response body the chain reads: "
+                    "its response policies did not run (an upstream answer of headers and "
+                    "trailers without data reaches the client so; or the client hung up)",
                     stream.route,
                 )
         except ProtocolError as exc:

@@ -56,7 +56,9 @@ Streamed bodies
     FULL_DUPLEX_STREAMED (:func:`engine.transport.messages.stream_modes`) and each piece
     goes through the stream's :class:`~engine.streaming.BodyStream`, one reply per piece
     (none for a piece after the end). The stream stays open while a request body still
-    flows or after a policy ended the response body, so nothing passes unprocessed.
+    flows or after a policy ended the response body, so nothing passes unprocessed. A piece
+    the policies made larger than ``max_body_bytes`` fails closed (500), as a buffered
+    body does: its reply could exceed the gRPC message limit and fail the stream.
 
 Mutations
     Headers are sent as ``HeaderValueOption{header{key, raw_value}, append=false}`` (Envoy
@@ -277,8 +279,11 @@ class StreamMachine:
     async def _on_request_headers(self, message: pb.ProcessingRequest) -> pb.ProcessingResponse:
         http = message.request_headers
         self.route = msg.route_key(self._context, message, self._processor.route_names)
-        self._processor.stats.messages[(self.route, "request_headers")] += 1
         chain, unknown = self._processor.chain_for(self.route)
+        # Keys no chain has are counted together: they are the peer's words, and one
+        # counter per key grew the processor's memory with every new one.
+        counted = self.route if chain is not None else metrics.UNKNOWN_ROUTE
+        self._processor.stats.messages[(counted, "request_headers")] += 1
         if chain is None:
             self.phase = Phase.DONE
             if unknown is not None:
@@ -658,7 +663,26 @@ class StreamMachine:
             self._processor.stats.pieces_after_end += 1
             return None
         step = await stream.push(bytes(body.body), body.end_of_stream)
+        if len(step.data) > self._processor.max_body_bytes:
+            return self._piece_too_large(side, len(step.data))
         return self._chunk_step(side, step.data, step.end, step.immediate, body.end_of_stream)
+
+    def _piece_too_large(self, side: str, size: int) -> pb.ProcessingResponse:
+        """The policies made one piece larger than ``max_body_bytes``: its reply could
+        exceed the gRPC message limit, which fails the whole stream (RESOURCE_EXHAUSTED;
+        with ``failure_mode_allow`` Envoy would pass the rest of the body unprocessed).
+        Fail closed, as a buffered body over the limit does (``_guarded``)."""
+        self._processor.stats.policy_failures += 1
+        log.error(
+            "route %r: the %s body policies made a %d-byte piece, over max_body_bytes: "
+            "failing closed",
+            self.route,
+            side,
+            size,
+        )
+        self.phase = Phase.DONE
+        self.request_stream = self.response_stream = None
+        return msg.INTERNAL_ERROR_REPLY
 
     async def _on_stream_trailers(self, side: str) -> list[pb.ProcessingResponse]:
         """Trailers end a streamed body (no piece had ``end_of_stream``): flush the policies,
@@ -668,6 +692,8 @@ class StreamMachine:
         replies: list[pb.ProcessingResponse] = []
         if not stream.ended:
             step = await stream.push(b"", True)
+            if len(step.data) > self._processor.max_body_bytes:
+                return [self._piece_too_large(side, len(step.data))]
             reply = self._chunk_step(side, step.data, True, step.immediate, True)
             if step.immediate is not None:
                 return [reply]

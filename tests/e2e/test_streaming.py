@@ -262,7 +262,8 @@ def test_usage_of_a_streamed_llm_answer_reaches_envoy_at_the_end(stack: StreamSt
 def test_timing_of_a_streamed_body_reaches_envoy_at_the_end(stack: StreamStack) -> None:
     """debug timing on a streamed SSE route: the events still stream, the response header
     is left out (the headers went before the body), and the access log gets sseGuard's
-    time at the headers and its chunk hook's time summed over the body."""
+    time at the request (accept-encoding: identity) and response headers and its chunk
+    hook's time summed over the body."""
     script = [(0.0, sse_event("a@example.com"))] + [(0.05, sse_event("x")) for _ in range(4)]
     stack.upstream.set_script(script, name="timed")
     status, pieces = read_stream(stack.envoy.port, "/timed-sse/a", {"x-sse-script": "timed"})
@@ -272,7 +273,8 @@ def test_timing_of_a_streamed_body_reaches_envoy_at_the_end(stack: StreamStack) 
     line = logged(stack, "/timed-sse/a")
     timing = line.partition(" timing=")[2]
     assert re.fullmatch(
-        r'sseGuard;desc=response;dur=\d+\.\d{3}, sseGuard;desc="response body";dur=\d+\.\d{3}',
+        r"sseGuard;dur=\d+\.\d{3}, sseGuard;desc=response;dur=\d+\.\d{3}, "
+        r'sseGuard;desc="response body";dur=\d+\.\d{3}',
         timing,
     ), line
 

@@ -227,6 +227,18 @@ async def test_route_name_pattern_never_rewrites_the_metadata_key(engine, client
     assert [c.route for c in engine.seen.requests] == ["a.b"]
 
 
+async def test_unknown_route_keys_do_not_grow_the_counters(engine, client):
+    # Before: stats.messages kept one counter per route key a peer sent, so a client
+    # on the ext_proc port sending a new key per stream grew the engine's memory for good.
+    before = len(engine.processor.stats.messages)
+    for i in range(50):
+        replies = await client.exchange(f"no-such-route-{i}-" + "x" * 1000, [request_headers("/")])
+        assert decode(replies[0]).status == 404
+    assert len(engine.processor.stats.messages) <= before + 1
+    assert engine.processor.stats.count("request_headers") == 50
+    assert engine.processor.stats.unknown_routes == 50
+
+
 @pytest.mark.parametrize(
     "route", [pytest.param("nope", id="unknown"), pytest.param(None, id="missing")]
 )
@@ -381,6 +393,37 @@ async def test_response_body_chain_buffers_only_the_response(engine, client):
     assert body_reply.body == b"ABC"
     assert body_reply.set_headers == {":status": "201", "content-length": "3"}
     assert await stream.finish() == (grpc.StatusCode.OK, "")
+
+
+async def test_a_response_whose_body_never_comes_is_reported(engine, client, caplog):
+    # An upstream answer of headers and trailers without data (a gRPC stream of no
+    # messages): Envoy sends response_headers, then neither a body nor the trailers (the
+    # mode override skips them), so the response policies never run. Before, the stream
+    # ended with nothing logged or counted.
+    use(
+        engine,
+        public=[
+            entry(Upper(), has_request=False, requires_response_body=True),
+            entry(Respond(ResponseModifications(status=201))),
+        ],
+    )
+    replies = await client.exchange(
+        "public",
+        [request_headers("/", "GET"), response_headers(200, end_of_stream=False)],
+    )
+    assert [decode(r).kind for r in replies] == ["request_headers", "response_headers"]
+    assert engine.processor.stats.unpoliced_responses == 1
+    assert "response policies did not run" in caplog.text
+    # A response that got its body is not counted.
+    await client.exchange(
+        "public",
+        [
+            request_headers("/", "GET"),
+            response_headers(200, end_of_stream=False),
+            response_body(b"abc"),
+        ],
+    )
+    assert engine.processor.stats.unpoliced_responses == 1
 
 
 async def test_snapshot_is_taken_once_per_stream(engine, client):

@@ -287,3 +287,35 @@ async def test_missing_streamed_body_fails_closed(channel: grpc.aio.Channel) -> 
     await call.exchange(request_headers("/", "POST", end_of_stream=False))
     reply = await call.exchange(response_headers(200))
     assert reply.immediate_response.status.code == 500
+
+
+class Grow:
+    """Response: every piece goes on four times over."""
+
+    def on_response(self, ctx: ResponseContext) -> None:
+        return None
+
+    def on_response_chunk(self, ctx: ResponseContext, chunk: Chunk) -> bytes:
+        return chunk.data * 4
+
+
+async def test_a_piece_grown_over_the_body_limit_fails_closed() -> None:
+    # Before: the grown piece was sent as it was; past the gRPC message limit (2 x
+    # max_body_bytes + 1 MiB) that failed the whole stream with RESOURCE_EXHAUSTED, and
+    # with failure_mode_allow Envoy passes the rest of the body unprocessed.
+    chain = Chain(route="grow", policies=(entry(Grow(), "response"),))
+    store = ConfigStore(
+        Snapshot(routes=MappingProxyType({"grow": chain}), source="test", version=1)
+    )
+    processor = PolicyProcessor(store, max_body_bytes=100)
+    async with serving(store, processor) as target, grpc.aio.insecure_channel(target) as ch:
+        call = Call(ch, "grow")
+        await call.exchange(request_headers())
+        await call.exchange(response_headers(200, end_of_stream=False))
+        small = await call.exchange(response_body(b"x" * 25, end_of_stream=False))
+        assert streamed(small, "response") == (b"x" * 100, False)
+        big = await call.exchange(response_body(b"x" * 26, end_of_stream=False))
+        assert big.WhichOneof("response") == "immediate_response"
+        assert big.immediate_response.status.code == 500
+        assert await call.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+    assert processor.stats.policy_failures == 1

@@ -14,6 +14,9 @@ Contract:
   the end of the body (JSON): Envoy receives listed keys with the reply ending the stream.
 * No usage (absent, unparsable, too large) is not a failure: nothing is written.
 * On a route that buffers the response, ``on_response`` reads the whole body the same way.
+* Every request gets ``accept-encoding: identity`` (static): a content-coded answer (gzip,
+  br) cannot be read, so the client's ``accept-encoding`` would decide whether usage is
+  written (and, with rateLimit's ``costMetadataKey: llmUsage.totalTokens``, charged).
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from engine.framing import Framer
-from engine.policy import ResponseContext
+from engine.policy import RequestContext, RequestModifications, ResponseContext
 from engine.streaming import Chunk, Framing
 
 __all__ = ["Policy"]
 
 log: Final = logging.getLogger(__name__)
+
+# Set on every request: the upstream must answer uncoded for the usage to be read.
+IDENTITY: Final = RequestModifications(set_headers={"accept-encoding": "identity"})
 
 FIELDS: Final = (
     ("prompt_tokens", "llmUsage.promptTokens"),
@@ -90,10 +96,18 @@ class Policy:
                 "llmUsage.model",
             ],
             "body": "passed on unchanged",
+            "setsRequestHeaders": {"accept-encoding": "identity"},
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         self._max = int(params["maxBodyBytes"])
+
+    def static_request(self) -> RequestModifications:
+        """``accept-encoding: identity`` on every request (see the module docstring)."""
+        return IDENTITY
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return IDENTITY
 
     def response_framing(self, ctx: ResponseContext) -> Framing | None:
         kind = _kind(ctx)

@@ -18,6 +18,11 @@ Contract:
   as a line) and metadata ``sseGuard.blocked`` is true. The client sees a complete
   response; Envoy cuts the upstream off.
 * A unit larger than ``maxEventBytes`` while incomplete fails the policy (``onError``).
+* An SSE or NDJSON body with a ``content-encoding`` other than ``identity`` (gzip, br,
+  ...) fails the policy (``onError``) at the response headers: its patterns cannot be
+  matched in coded bytes, and passing it would send every masked or blocked pattern on.
+  So every request gets ``accept-encoding: identity`` (static), and an upstream that
+  honours it never compresses what the policy reads.
 * When the chain buffers the response instead (another body policy of the route has no
   chunk hook), ``on_response`` applies the same rules to the whole body.
 """
@@ -28,17 +33,30 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from engine.framing import Framer
-from engine.policy import ParameterError, ResponseContext, ResponseModifications
+from engine.errors import PolicyError
+from engine.framing import Framer, FramingKind
+from engine.policy import (
+    ParameterError,
+    RequestContext,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
 from engine.streaming import Chunk, EndStream, Framing
 
 __all__ = ["Policy"]
 
 BUILTINS: Final = {
-    "email": rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+    # Bounded parts (RFC 5321: local part <= 64, domain <= 255 octets): with unbounded
+    # ones a search retried from every byte of a run of letters scanned to its end each
+    # time, quadratic in the event size (a 64 KiB event of letters: ~7 s of event loop).
+    # A local part over 64 characters is masked from its last 64 on.
+    "email": rb"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}",
     # 13 to 19 digits, optionally grouped by spaces or dashes (PAN lengths).
     "cardNumber": rb"(?<![0-9])(?:[0-9][ -]?){12,18}[0-9](?![0-9])",
 }
+# Set on every request: the upstream must answer uncoded for the patterns to be matched.
+IDENTITY: Final = RequestModifications(set_headers={"accept-encoding": "identity"})
 SSE_TYPES: Final = frozenset({"text/event-stream"})
 NDJSON_TYPES: Final = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
@@ -61,6 +79,13 @@ def _media_type(ctx: ResponseContext) -> str:
     return ctx.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def _coding(ctx: ResponseContext) -> str:
+    """The response's content codings other than ``identity`` ("" when it has none)."""
+    header = ",".join(ctx.headers.get_all("content-encoding"))
+    codings = (c.strip().lower() for c in header.split(","))
+    return ", ".join(c for c in codings if c and c != "identity")
+
+
 class Policy:
     """Masks and blocks patterns per SSE event / NDJSON line."""
 
@@ -76,6 +101,7 @@ class Policy:
             "onBlock": "the stream ends with a final event carrying blockEvent",
             "maxEventBytes": params["maxEventBytes"],
             "writesMetadata": ["sseGuard.masked", "sseGuard.blocked"],
+            "setsRequestHeaders": {"accept-encoding": "identity"},
         }
 
     def __init__(self, params: Mapping[str, Any]) -> None:
@@ -89,14 +115,31 @@ class Policy:
         self._final_sse = f"event: blocked\n{data}\n".encode()
         self._final_line = text.replace("\n", " ").encode("utf-8") + b"\n"
 
+    def static_request(self) -> RequestModifications:
+        """``accept-encoding: identity`` on every request (coded bodies fail the policy)."""
+        return IDENTITY
+
+    def on_request(self, ctx: RequestContext) -> RequestModifications:
+        return IDENTITY
+
     def response_framing(self, ctx: ResponseContext) -> Framing | None:
-        """Whole SSE events or NDJSON lines; None (pass untouched) for other bodies."""
+        """Whole SSE events or NDJSON lines; None (pass untouched) for other bodies. A
+        content-coded SSE or NDJSON body fails the policy (PolicyError: onError decides)."""
         media = _media_type(ctx)
+        kind: FramingKind
         if media in SSE_TYPES:
-            return Framing("sse", self._max_event)
-        if media in NDJSON_TYPES:
-            return Framing("lines", self._max_event)
-        return None
+            kind = "sse"
+        elif media in NDJSON_TYPES:
+            kind = "lines"
+        else:
+            return None
+        coding = _coding(ctx)
+        if coding:
+            raise PolicyError(
+                f"{media} response with content-encoding {coding!r}: patterns cannot be "
+                "matched in coded bytes"
+            )
+        return Framing(kind, self._max_event)
 
     def on_response(self, ctx: ResponseContext) -> ResponseModifications | None:
         """At the headers of a streamed body nothing to do; a buffered body (the chain

@@ -9,9 +9,16 @@ from typing import Any
 
 import pytest
 
+from engine.policy import RequestModifications
 from engine.registry import load_policy
 from engine.streaming_testing import stream_body
-from engine.testing import construct, example_id, make_response_context, valid_examples
+from engine.testing import (
+    construct,
+    example_id,
+    make_request_context,
+    make_response_context,
+    valid_examples,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
@@ -98,3 +105,15 @@ def test_buffered_bodies_are_read_whole() -> None:
 def test_other_content_types_are_left_alone() -> None:
     ctx = make_response_context(headers={"content-type": "text/plain"})
     assert construct(POLICY, {}).response_framing(ctx) is None
+
+
+def test_every_request_asks_for_an_uncoded_answer() -> None:
+    # Before: the policy had no request phase; a client sending accept-encoding: gzip got
+    # a gzip answer from a compressing upstream, which yields no usage, so rateLimit's
+    # costMetadataKey: llmUsage.totalTokens charged nothing (a token budget bypassed).
+    assert "request" in POLICY.definition.phases
+    policy = construct(POLICY, {})
+    identity = RequestModifications(set_headers={"accept-encoding": "identity"})
+    assert policy.static_request() == identity
+    ctx = make_request_context(headers={"accept-encoding": "gzip, br"})
+    assert policy.on_request(ctx) == identity

@@ -3,16 +3,30 @@ by the engine's own pipeline (engine.streaming_testing.stream_body)."""
 
 from __future__ import annotations
 
+import gzip
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.policy import ParameterError, ResponseContext, ResponseModifications
+from engine.errors import PolicyError
+from engine.policy import (
+    ParameterError,
+    RequestModifications,
+    ResponseContext,
+    ResponseModifications,
+)
 from engine.registry import load_policy
 from engine.streaming_testing import stream_body
-from engine.testing import construct, example_id, make_response_context, valid_examples
+from engine.testing import (
+    construct,
+    example_id,
+    make_request_context,
+    make_response_context,
+    valid_examples,
+)
 
 FOLDER = Path(__file__).resolve().parents[1]
 POLICY = load_policy(FOLDER)
@@ -116,3 +130,61 @@ def test_buffered_body_gets_the_same_rules() -> None:
     )
     assert policy.on_response(make_response_context(headers=SSE, body=b"data: x\n\n")) is None
     assert policy.on_response(make_response_context(headers=SSE)) is None
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate, gzip", "x-custom"])
+async def test_a_content_coded_body_fails_the_policy_not_passes_unmasked(coding: str) -> None:
+    # Before: a gzip-coded event stream was framed and matched as its compressed bytes,
+    # so no pattern matched and the e-mail address passed to the client unmasked.
+    event = b"data: write to bob@example.com\n\n"
+    body = gzip.compress(event)
+    policy = construct(POLICY, {"builtins": ["email"], "block": ["example"]})
+    headers = {**SSE, "content-encoding": coding}
+    out = await stream_body(policy, sse_ctx(headers), [body[:10], body[10:]])
+    assert out.immediate is not None
+    assert out.immediate.status == 500
+    ndjson = {**NDJSON, "content-encoding": coding}
+    out = await stream_body(policy, sse_ctx(ndjson), [b'{"to": "bob@example.com"}\n'])
+    assert out.immediate is not None
+    # The buffered path too (a route that cannot stream the body).
+    with pytest.raises(PolicyError, match="content-encoding"):
+        policy.on_response(make_response_context(headers=headers, body=body))
+
+
+async def test_identity_coding_is_read() -> None:
+    policy = construct(POLICY, {"builtins": ["email"]})
+    headers = {**SSE, "content-encoding": "identity"}
+    out = await stream_body(policy, sse_ctx(headers), [b"data: bob@example.com\n\n", b""])
+    assert out.body == b"data: [redacted]\n\n"
+    # Other content types still pass untouched, coded or not.
+    other = {"content-type": "application/json", "content-encoding": "gzip"}
+    out = await stream_body(policy, sse_ctx(other), [b"\x1f\x8b..", b""])
+    assert out.body == b"\x1f\x8b.."
+
+
+async def test_email_matching_is_linear_in_the_event_size() -> None:
+    # Before: the email pattern was retried from every byte of a run of letters, each try
+    # scanning to the run's end: one 64 KiB event (the default maxEventBytes) of letters
+    # held the engine's event loop for about 7 s, every other request of the worker with it.
+    policy = construct(POLICY, {"builtins": ["email", "cardNumber"]})
+    for filler in (b"a" * 65000, b"a@" + b"a" * 65000, (b"a" * 64 + b"@" + b"b" * 253) * 200):
+        started = time.perf_counter()
+        out = await stream_body(policy, sse_ctx(), [b"data: " + filler + b"\n\n", b""])
+        assert time.perf_counter() - started < 1.0
+        assert out.body == b"data: " + filler + b"\n\n"
+    # Still masked: addresses next to each other, and a local part of any length.
+    out = await stream_body(
+        policy, sse_ctx(), [b"data: z@q.io+bob@x.com " + b"x" * 80 + b"@ex.com\n\n", b""]
+    )
+    assert out.body == b"data: [redacted][redacted] " + b"x" * 16 + b"[redacted]\n\n"
+
+
+def test_every_request_asks_for_an_uncoded_answer() -> None:
+    # A coded body fails the policy (above): before, nothing asked the upstream not to
+    # code, so every client sending accept-encoding: gzip (every browser) to an upstream
+    # that compresses event streams got the failure instead of its answer.
+    assert "request" in POLICY.definition.phases
+    policy = construct(POLICY, {"builtins": ["email"]})
+    identity = RequestModifications(set_headers={"accept-encoding": "identity"})
+    assert policy.static_request() == identity
+    assert policy.on_request(make_request_context(headers={"accept-encoding": "gzip"})) == identity
