@@ -18,7 +18,7 @@ import pytest
 
 from builder import build
 from builder.manifest import load_manifest
-from builder.policy_tests import failure_report, policy_tests
+from builder.policy_tests import PolicyTests, failure_report, policy_tests
 from builder.testing import write_manifest, write_policy
 from builder.validate import validate
 
@@ -91,16 +91,23 @@ def test_targets_one_per_test_module(tmp_path: Path) -> None:
     assert suites[0].files == ("tests/test_a.py", "tests/test_b_c.py")
 
 
-def test_report_names_entry_folder_file_and_test(tmp_path: Path) -> None:
+def _logged(tmp_path: Path, report: str) -> tuple[Path, list[PolicyTests], Path]:
+    """The custom policy's manifest and suites, and its test's log folder as Bazel leaves
+    it: an empty test.log and ``report`` as test.xml."""
     manifest = _custom(tmp_path)
-    policies = validate(load_manifest(manifest))
-    suites = policy_tests(policies, ["//pkg:policy"])
+    suites = policy_tests(validate(load_manifest(manifest)), ["//pkg:policy"])
     logs = tmp_path / "testlogs" / "pkg" / "custom_test"
     logs.mkdir(parents=True)
     (logs / "test.log").write_text("")
-    (logs / "test.xml").write_text(
+    (logs / "test.xml").write_text(report)
+    return manifest, suites, logs
+
+
+def test_report_names_entry_folder_file_and_test(tmp_path: Path) -> None:
+    manifest, suites, logs = _logged(
+        tmp_path,
         '<testsuite><testcase name="test_header"><failure message="assert 1 == 2">x'
-        '</failure></testcase><testcase name="test_fine"/></testsuite>'
+        '</failure></testcase><testcase name="test_fine"/></testsuite>',
     )
     since = time.time() - 5
     assert failure_report(manifest, suites, tmp_path / "testlogs", since) == [
@@ -120,19 +127,15 @@ def test_a_collection_error_is_reported_with_its_cause(tmp_path: Path) -> None:
     """Before: a policy whose code raises at import was reported as
     ``<module>: error: collection failure``, pytest's fixed message, and the cause was
     only somewhere in Bazel's output above."""
-    manifest = _custom(tmp_path)
-    suites = policy_tests(validate(load_manifest(manifest)), ["//pkg:policy"])
-    logs = tmp_path / "testlogs" / "pkg" / "custom_test"
-    logs.mkdir(parents=True)
-    (logs / "test.log").write_text("")
-    (logs / "test.xml").write_text(
+    manifest, suites, _ = _logged(
+        tmp_path,
         '<testsuite><testcase classname="" name="tests.test_custom">'
         '<error message="collection failure">p/policy.py:12: in &lt;module&gt;\n'
         '    raise RuntimeError("boom")\nE   RuntimeError: boom\n\nThe above exception'
         " was the direct cause of the following exception:\n"
         "engine/registry.py:234: in _import_policy_module\n"
         "E   engine.errors.RegistryError: p/policy.py: import failed: RuntimeError: boom\n"
-        "</error></testcase></testsuite>"
+        "</error></testcase></testsuite>",
     )
     assert failure_report(manifest, suites, tmp_path / "testlogs", time.time() - 5) == [
         f"{manifest}: policies[0] (custom): {tmp_path}/p: tests/test_custom.py::"
