@@ -334,6 +334,14 @@ def _holds(values: list[str], secrets: frozenset[str]) -> bool:
     )
 
 
+def _state_text(request: _Request) -> str | None:
+    """The carried state the message brings back (its ``metadata_context``), if any."""
+    carried = request.metadata_context
+    namespace = carried.filter_metadata.get(STATE_NAMESPACE) if carried is not None else None
+    text = namespace.get(_STATE_KEY) if namespace else None
+    return text if isinstance(text, str) else None
+
+
 def _decode_state(text: str) -> dict[str, Any]:
     """The state the request phase left, or raise ``ValueError`` naming what is wrong."""
     try:
@@ -369,10 +377,8 @@ class HttpExtProc:
         self._route_states: dict[str, dict[str, Any]] = {}
 
     def _restore(self, request: _Request) -> dict[str, Any]:
-        carried = request.metadata_context
-        namespace = carried.filter_metadata.get(STATE_NAMESPACE) if carried is not None else None
-        text = namespace.get(_STATE_KEY) if namespace else None
-        if not isinstance(text, str):
+        text = _state_text(request)
+        if text is None:
             raise ValueError(
                 f"no {STATE_NAMESPACE} metadata (the filter must receive and forward that "
                 "namespace: metadata_options)"
@@ -481,10 +487,9 @@ class HttpExtProc:
             metrics.stream(route, has_chain=True)
             count_static_runs(chain, "request")
             return answer  # type: ignore[no-any-return]
-        if request.response_headers is not None and request.metadata_context is not None:
-            namespace = request.metadata_context.filter_metadata.get(STATE_NAMESPACE)
-            text = namespace.get(_STATE_KEY) if namespace else None
-            state = self._route_states.get(text) if isinstance(text, str) else None
+        if request.response_headers is not None:
+            text = _state_text(request)
+            state = self._route_states.get(text) if text is not None else None
             route = state["route"] if state is not None else ""
             chain = processor.store.current.chain_for(route) if route else None
             answer = chain.replies.get(_answer_key("response", route)) if chain else None
