@@ -29,14 +29,11 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Final
 
-from policies.jwtValidation.testing import JwksServer, KeySet, claims, make_pki
 from tools.bench.http_transport import PATHS, QUICK, Bench, Path_
 from tools.bench.loadtools import find_tools
-from tools.bench.paths import engine_config
 from tools.bench.procs import cpu_seconds, free_port
 
 __all__ = ["main"]
@@ -127,29 +124,26 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(directory)
         bench = Bench(find_tools(), work, QUICK)
         try:
-            bench.nginx = bench.procs.nginx()
-            keys = KeySet.generate()
-            pki = make_pki(work)
-            with JwksServer(pki, keys.published) as jwks:
-                config = engine_config(jwks.url, str(pki.ca_file))
-                token = keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600))
-                floor_grpc, _ = bench.procs.floor("grpcaio-uvloop")
-                floor_http, floor_pid = bench.procs.http_floor()
+            with bench.backends() as backends:
                 stacks: dict[str, tuple[int, int]] = {}
                 for stack, tree in (("old", old), ("new", None)):
                     http_port = free_port()
                     grpc_port, pid = bench.procs.engine(
-                        f"engine-{stack}", config, workers=1, http_port=http_port, tree=tree
+                        f"engine-{stack}",
+                        backends.config,
+                        workers=1,
+                        http_port=http_port,
+                        tree=tree,
                     )
                     listener = bench.start_envoy(
-                        f"envoy-{stack}", (grpc_port, http_port), (floor_grpc, floor_http), 2.0
+                        f"envoy-{stack}", (grpc_port, http_port), backends.floors, 2.0
                     )
                     stacks[stack] = (listener, pid)
                 runs = _measure(
                     bench,
                     stacks,
-                    floor_pid,
-                    token,
+                    backends.floor_pids["floor-http"],
+                    backends.token,
                     engine_paths=engine_paths,
                     rounds=args.rounds,
                     seconds=args.seconds,

@@ -28,6 +28,7 @@ Prints a table (and writes JSON); asserts no timing. Exit 1 if a path failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import http.client
 import json
@@ -36,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -218,6 +220,17 @@ FULL: Final = Mode(rounds=3, seconds=5, load_s=8, load_conns=(2000, 10000))
 QUICK: Final = Mode(rounds=1, seconds=2, load_s=3, load_conns=(2000,))
 
 
+@dataclass
+class Backends:
+    """What :meth:`Bench.backends` started: the engine's configuration, a valid token, the
+    trivial floors' ports (gRPC, HTTP) and their server pids by path server name."""
+
+    config: dict[str, Any]
+    token: str
+    floors: tuple[int, int]
+    floor_pids: dict[str, int]
+
+
 class Bench:
     def __init__(self, tools: Tools, workdir: Path, mode: Mode) -> None:
         self.tools = tools
@@ -337,34 +350,39 @@ class Bench:
                     )
         self.results["load"] = load
 
-    def run(self) -> None:
+    @contextlib.contextmanager
+    def backends(self) -> Iterator[Backends]:
+        """nginx, the JWKS server (for the block), both trivial floors; the engine's
+        configuration on them and a valid token (also tools/bench/ab_http.py's setup)."""
         self.nginx = self.procs.nginx()
         keys = KeySet.generate()
         pki = make_pki(self.workdir)
         with JwksServer(pki, keys.published) as jwks:
-            config = engine_config(jwks.url, str(pki.ca_file))
+            floor_grpc, floor_grpc_pid = self.procs.floor("grpcaio-uvloop")
+            floor_http, floor_http_pid = self.procs.http_floor()
+            yield Backends(
+                config=engine_config(jwks.url, str(pki.ca_file)),
+                token=keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600)),
+                floors=(floor_grpc, floor_http),
+                floor_pids={"floor-grpc": floor_grpc_pid, "floor-http": floor_http_pid},
+            )
+
+    def run(self) -> None:
+        with self.backends() as backends:
+            config, token, floors = backends.config, backends.token, backends.floors
             http_port = free_port()
             grpc_port, engine_pid = self.procs.engine(
                 "engine", config, workers=1, http_port=http_port
             )
-            floor_grpc, floor_grpc_pid = self.procs.floor("grpcaio-uvloop")
-            floor_http, floor_http_pid = self.procs.http_floor()
-            token = keys.rsa.sign(claims(sub="bench", exp=int(time.time()) + 3600))
-            listener = self.start_envoy(
-                "envoy", (grpc_port, http_port), (floor_grpc, floor_http), timeout_s=2.0
-            )
-            pids = {
-                "engine": engine_pid,
-                "floor-http": floor_http_pid,
-                "floor-grpc": floor_grpc_pid,
-            }
+            listener = self.start_envoy("envoy", (grpc_port, http_port), floors, timeout_s=2.0)
+            pids = {"engine": engine_pid, **backends.floor_pids}
             if not self.load_only:
                 self.table(listener, pids, token)
             self.procs.stop(engine_pid)
             http2 = free_port()
             grpc2, _ = self.procs.engine("engine2", config, workers=2, http_port=http2)
             load_listener = self.start_envoy(
-                "envoy-load", (grpc2, http2), (floor_grpc, floor_http), timeout_s=LOAD_TIMEOUT_S
+                "envoy-load", (grpc2, http2), floors, timeout_s=LOAD_TIMEOUT_S
             )
             self.load(load_listener, token)
 
